@@ -1,0 +1,175 @@
+"""The HTTP API: routes, lifespan, CORS, and the one place errors become HTTP answers.
+
+`create_app(settings)` builds the application and does nothing else; the broker starts in
+the lifespan. Routes never reach PostgreSQL themselves: they call the `Broker`'s store and hub.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+from starlette.staticfiles import StaticFiles
+
+from .config import Settings
+from .errors import RequestError, Unavailable
+from .service import Broker
+from .stream import EventStreamResponse
+from .validation import check_id, parse_last_event_id, parse_new_message
+
+__all__ = ["MAX_BODY_BYTES", "create_app"]
+
+MAX_BODY_BYTES = 1024 * 1024
+STATIC = Path(__file__).parent / "static"
+
+
+def create_app(settings: Settings) -> Starlette:
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with Broker.running(settings) as broker:
+            app.state.broker = broker
+            on_broker = getattr(app.state, "on_broker", None)
+            if on_broker is not None:
+                on_broker(broker)
+            yield
+
+    routes = [
+        Route("/api/sse/messages", stream_messages, methods=["GET"]),
+        Route("/api/sse/stats", stats, methods=["GET"]),
+        Route("/api/messages", post_message, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/", index, methods=["GET"]),
+    ]
+    middleware = []
+    if settings.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["Content-Type", "Last-Event-ID", "Authorization"],
+                max_age=600,
+            )
+        )
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        lifespan=lifespan,
+        exception_handlers={RequestError: request_error, HTTPException: http_error},
+    )
+    if STATIC.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _broker(request: Request) -> Broker:
+    broker: Broker = request.app.state.broker
+    return broker
+
+
+def failure(status: int, error: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"success": False, "error": error}, status_code=status, headers=headers)
+
+
+async def request_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestError)
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Unavailable) else None
+    return failure(exc.status, exc.message, headers)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return failure(exc.status_code, exc.detail, dict(exc.headers or {}))
+
+
+async def stream_messages(request: Request) -> Response:
+    broker = _broker(request)
+    params = request.query_params
+    session_id = check_id("sessionId", params.get("sessionId"))
+    robot_id = check_id("robotId", params.get("robotId"))
+    last_event_id = parse_last_event_id(
+        request.headers.get("last-event-id", params.get("lastEventId"))
+    )
+    subscriber = broker.hub.subscribe(session_id, robot_id)
+    return EventStreamResponse(
+        broker.hub,
+        broker.store,
+        subscriber,
+        last_event_id=last_event_id,
+        replay_limit=broker.settings.replay_limit,
+        retry_ms=broker.settings.retry_ms,
+    )
+
+
+async def stats(request: Request) -> Response:
+    broker = _broker(request)
+    listener = broker.listener
+    counters = broker.hub.counters
+    data: dict[str, Any] = {
+        "totalConnections": len(broker.hub),
+        "channels": broker.hub.channels(),
+        "listener": {
+            "connected": listener.connected,
+            "reconnects": listener.reconnects,
+            "notifications": listener.notifications,
+            "backfilled": listener.backfilled,
+        },
+        "counters": {
+            "messagesRouted": counters.messages_routed,
+            "eventsDelivered": counters.events_delivered,
+            "slowConsumerDisconnects": counters.slow_consumer_disconnects,
+            "rejectedConnections": counters.rejected_connections,
+        },
+        "uptimeSeconds": round(time.time() - broker.started_at, 3),
+    }
+    return JSONResponse({"success": True, "data": data})
+
+
+async def post_message(request: Request) -> Response:
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        raise RequestError(415, "Content-Type must be application/json")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise RequestError(413, f"body must be at most {MAX_BODY_BYTES} bytes")
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise RequestError(413, f"body must be at most {MAX_BODY_BYTES} bytes")
+    except ClientDisconnect:
+        return Response(status_code=400)
+    new = parse_new_message(bytes(body))
+    message = await _broker(request).store.insert(
+        new.session_id, new.content, new.robot_id, new.is_from_bot, new.is_human, new.intent
+    )
+    return JSONResponse({"success": True, "data": message.as_json()}, status_code=201)
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"success": True, "data": {"status": "ok"}})
+
+
+async def readyz(request: Request) -> Response:
+    if not _broker(request).listener.connected:
+        return failure(503, "listener not connected", {"Retry-After": "1"})
+    return JSONResponse({"success": True, "data": {"status": "ready"}})
+
+
+async def index(request: Request) -> Response:
+    page = STATIC / "index.html"
+    if not page.is_file():
+        return failure(404, "no demo page installed")
+    return FileResponse(page, media_type="text/html")

@@ -1,0 +1,152 @@
+"""`broker serve | migrate | publish`: the command line.
+
+Every `serve` flag mirrors a setting of `config.OPTIONS`; flags win over the environment.
+With no database URL, each command uses the embedded PostgreSQL under `--data-dir`, starting
+it if needed and stopping it at exit only if it started it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import signal
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from types import FrameType
+
+import orjson
+import structlog
+import uvicorn
+
+from .app import create_app
+from .config import OPTIONS, Settings
+from .database import EmbeddedPostgres, migrate
+from .errors import BrokerError
+from .log import configure
+from .service import Broker
+from .store import Store
+
+__all__ = ["main"]
+
+log = structlog.get_logger("broker.cli")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    overrides = {
+        option.field: getattr(args, option.field, None)
+        for option in OPTIONS
+        if getattr(args, option.field, None) is not None
+    }
+    try:
+        settings = Settings.load(os.environ, overrides)
+    except BrokerError as exc:
+        print(f"broker: {exc}", file=sys.stderr)
+        return 2
+    configure(settings.log_format)
+    try:
+        if args.command == "serve":
+            return _serve(settings)
+        if args.command == "migrate":
+            with _database(settings) as url:
+                migrate(url)
+            return 0
+        return _publish(settings, args.session, args.robot, args.text)
+    except BrokerError as exc:
+        print(f"broker: {exc}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="broker", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve the SSE API")
+    for option in OPTIONS:
+        serve.add_argument(
+            option.flag,
+            dest=option.field,
+            metavar=option.env,
+            help=f"{option.help} (env {option.env})",
+        )
+    for name, text in (
+        ("migrate", "apply sql/ idempotently"),
+        ("publish", "insert one message, for trying it out"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--database-url", dest="database_url", metavar="DATABASE_URL")
+        sub.add_argument("--data-dir", dest="data_dir", metavar="BROKER_DATA_DIR")
+    publish = commands.choices["publish"]
+    publish.add_argument("--session", required=True, help="sessionId of the message")
+    publish.add_argument("--robot", help="robotId of the message")
+    publish.add_argument("text", help="the message content")
+    return parser
+
+
+@contextmanager
+def _database(settings: Settings) -> Iterator[str]:
+    """The database URL: the configured one, or the embedded server's (started if needed)."""
+    if settings.database_url is not None:
+        yield settings.database_url
+        return
+    embedded = EmbeddedPostgres(settings.data_dir)
+    started = not embedded.is_running()
+    embedded.start()
+    try:
+        yield embedded.url
+    finally:
+        if started:
+            embedded.stop()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, plus: on the first SIGTERM/SIGINT, every stream is sent `error` and closed,
+    so that clients reconnect to another instance while this one drains."""
+
+    broker: Broker | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        first = not self.should_exit
+        super().handle_exit(sig, frame)
+        if first and self.broker is not None:
+            log.info("shutdown_requested", signal=signal.Signals(sig).name)
+            asyncio.get_running_loop().call_soon_threadsafe(self.broker.close_streams)
+
+
+def _serve(settings: Settings) -> int:
+    with _database(settings) as url:
+        settings = dataclasses.replace(settings, database_url=url)
+        if settings.migrate:
+            migrate(url)
+        app = create_app(settings)
+        config = uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or 1,
+            server_header=False,
+        )
+        server = _Server(config)
+        app.state.on_broker = lambda broker: setattr(server, "broker", broker)
+        # uvicorn re-raises the signal it caught once it has shut down; ignoring it then
+        # lets a graceful stop exit 0 as the contract says.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
+        server.run()
+        log.info("stopped")
+        return 0 if server.started else 1
+
+
+def _publish(settings: Settings, session: str, robot: str | None, text: str) -> int:
+    async def insert(url: str) -> None:
+        async with Store.open(url) as store:
+            message = await store.insert(session, text, robot)
+        sys.stdout.write(orjson.dumps(message.as_json()).decode() + "\n")
+
+    with _database(settings) as url:
+        asyncio.run(insert(url))
+    return 0

@@ -1,0 +1,191 @@
+"""Settings: read once from the environment (and `broker serve` flags), validated at once.
+
+Every setting has one `Option` below; the environment variable, the command-line flag, the
+default and the check all come from it, so the three can never drift apart. An invalid value
+raises `ConfigError` with a one-line message naming the setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["OPTIONS", "Option", "Settings"]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number from 0 to 65535")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    origins = tuple(part.strip() for part in text.split(",") if part.strip())
+    for origin in origins:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise ValueError(f"{origin!r} is not '*' or an http(s):// origin")
+    return origins
+
+
+def _log_format(text: str) -> str:
+    if text not in ("json", "console"):
+        raise ValueError("must be 'json' or 'console'")
+    return text
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _text(text: str) -> str:
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting: its field on `Settings`, environment variable and parser."""
+
+    field: str
+    env: str
+    parse: Callable[[str], Any]
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "database_url",
+        "DATABASE_URL",
+        _text,
+        "PostgreSQL URL; unset: an embedded PostgreSQL under --data-dir",
+    ),
+    Option("host", "BROKER_HOST", _text, "address to listen on"),
+    Option("port", "BROKER_PORT", _port, "port to listen on"),
+    Option(
+        "max_connections",
+        "BROKER_MAX_CONNECTIONS",
+        _positive_int,
+        "open streams at most; one more is answered 503",
+    ),
+    Option(
+        "heartbeat_seconds",
+        "BROKER_HEARTBEAT_SECONDS",
+        _positive_float,
+        "seconds between heartbeat events",
+    ),
+    Option(
+        "queue_size",
+        "BROKER_QUEUE_SIZE",
+        _positive_int,
+        "events queued per subscriber before it is closed as a slow consumer",
+    ),
+    Option("retry_ms", "BROKER_RETRY_MS", _positive_int, "the SSE retry: hint, milliseconds"),
+    Option(
+        "replay_limit", "BROKER_REPLAY_LIMIT", _positive_int, "most rows replayed on one connection"
+    ),
+    Option(
+        "cors_origins",
+        "BROKER_CORS_ORIGINS",
+        _origins,
+        "comma-separated origins allowed by CORS, '*' for any",
+    ),
+    Option("log_format", "BROKER_LOG_FORMAT", _log_format, "json or console"),
+    Option("data_dir", "BROKER_DATA_DIR", Path, "where the embedded PostgreSQL keeps its data"),
+    Option("migrate", "BROKER_MIGRATE", _boolean, "apply sql/ at start-up"),
+    Option(
+        "shutdown_grace_seconds",
+        "BROKER_SHUTDOWN_GRACE_SECONDS",
+        _positive_float,
+        "seconds given to streams to close on SIGTERM",
+    ),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The broker's configuration. Build it with `Settings.load`, or directly in tests."""
+
+    database_url: str | None = None
+    host: str = "0.0.0.0"
+    port: int = 5001
+    max_connections: int = 10_000
+    heartbeat_seconds: float = 30.0
+    queue_size: int = 1_000
+    retry_ms: int = 3_000
+    replay_limit: int = 10_000
+    cors_origins: tuple[str, ...] = ()
+    log_format: str = "console"
+    data_dir: Path = Path(".data")
+    migrate: bool = True
+    shutdown_grace_seconds: float = 10.0
+
+    @classmethod
+    def load(
+        cls, environ: Mapping[str, str], overrides: Mapping[str, str | None] | None = None
+    ) -> Settings:
+        """Settings from `environ`, then from `overrides` (flag values by field name).
+
+        Raises `ConfigError` naming the first invalid setting. `PGDATABASE_URL` is read when
+        `DATABASE_URL` is unset; an empty value counts as unset. The log format defaults to
+        `console` on a terminal and `json` otherwise, since a service's logs go to a collector.
+        """
+        raw: dict[str, str] = {}
+        for option in OPTIONS:
+            value = environ.get(option.env, "")
+            if option.field == "database_url" and not value:
+                value = environ.get("PGDATABASE_URL", "")
+            if value:
+                raw[option.field] = value
+        for field, override in (overrides or {}).items():
+            if override is not None:
+                raw[field] = override
+
+        values: dict[str, Any] = {}
+        if "log_format" not in raw:
+            values["log_format"] = "console" if sys.stderr.isatty() else "json"
+        for option in OPTIONS:
+            if option.field not in raw:
+                continue
+            try:
+                values[option.field] = option.parse(raw[option.field])
+            except ValueError as exc:
+                raise ConfigError(
+                    f"invalid {option.env}={raw[option.field]!r}: {_reason(exc)}"
+                ) from None
+        return dataclasses.replace(cls(), **values)
+
+
+def _reason(exc: ValueError) -> str:
+    text = str(exc)
+    if text.startswith(("invalid literal", "could not convert")):
+        return "not a number"
+    return text

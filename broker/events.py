@@ -1,0 +1,136 @@
+"""The wire format, pure: parse notification payloads, encode Server-Sent Events.
+
+Every function here is free of I/O. Events are encoded to bytes once and those bytes are
+shared by every subscriber that receives them. JSON never contains a raw newline, so each
+event's JSON fits on one `data:` line whatever the message content holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+__all__ = [
+    "Message",
+    "Reference",
+    "encode_connected",
+    "encode_error",
+    "encode_heartbeat",
+    "encode_message",
+    "encode_retry",
+    "parse_notification",
+    "utc_timestamp",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One row of `messages`, as the contract's `data` object names its fields."""
+
+    id: int
+    session_id: str
+    robot_id: str | None
+    content: str
+    is_from_bot: bool
+    is_human: bool
+    intent: str | None
+    created_at: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": str(self.id),
+            "sessionId": self.session_id,
+            "robotId": self.robot_id,
+            "content": self.content,
+            "isFromBot": self.is_from_bot,
+            "isHuman": self.is_human,
+            "intent": self.intent,
+            "createdAt": self.created_at,
+        }
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> Message:
+        """From `SELECT id, session_id, robot_id, content, is_from_bot, is_human, intent,
+        created_at` (see `store.COLUMNS`)."""
+        id_, session_id, robot_id, content, is_from_bot, is_human, intent, created_at = row
+        return cls(
+            id=int(id_),
+            session_id=session_id,
+            robot_id=robot_id,
+            content=content,
+            is_from_bot=bool(is_from_bot),
+            is_human=bool(is_human),
+            intent=intent,
+            created_at=utc_timestamp(created_at),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Reference:
+    """A row too large for NOTIFY: only its id (the broker reads the row)."""
+
+    id: int
+
+
+def parse_notification(payload: str | bytes) -> Message | Reference:
+    """Parse a payload written by `notify_new_message()`. Raises `ValueError` if malformed."""
+    try:
+        data = orjson.loads(payload)
+        id_ = int(data["id"])
+        if data.get("ref"):
+            return Reference(id_)
+        return Message(
+            id=id_,
+            session_id=data["sessionId"],
+            robot_id=data["robotId"],
+            content=data["content"],
+            is_from_bot=bool(data["isFromBot"]),
+            is_human=bool(data["isHuman"]),
+            intent=data["intent"],
+            created_at=data["createdAt"],
+        )
+    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"malformed notification payload: {exc}") from None
+
+
+def utc_timestamp(moment: datetime | None = None) -> str:
+    """`2026-01-01T00:00:00.000Z`: UTC with milliseconds, as JavaScript's toISOString()."""
+    moment = (moment or datetime.now(UTC)).astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def _data(obj: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def encode_message(message: Message, timestamp: str | None = None) -> bytes:
+    """The `message` event, with the row id as the SSE `id:` so clients can resume."""
+    body = {"type": "message", "data": message.as_json(), "timestamp": timestamp or utc_timestamp()}
+    return b"id: %d\n" % message.id + _data(body)
+
+
+def encode_connected(session_id: str | None, robot_id: str | None) -> bytes:
+    return _data(
+        {
+            "type": "connected",
+            "message": "SSE connected",
+            "timestamp": utc_timestamp(),
+            "sessionId": session_id,
+            "robotId": robot_id,
+        }
+    )
+
+
+def encode_heartbeat() -> bytes:
+    return _data({"type": "heartbeat", "timestamp": utc_timestamp()})
+
+
+def encode_error(error: str) -> bytes:
+    return _data({"type": "error", "error": error})
+
+
+def encode_retry(retry_ms: int) -> bytes:
+    return b"retry: %d\n\n" % retry_ms

@@ -1,0 +1,216 @@
+"""Subscribers and routing, with no I/O.
+
+The hub holds every open stream's `Subscriber`, indexed by session, and routes each message to
+the subscribers of its session and to the global ones, checking a subscriber's robot filter.
+Each event is encoded once; all its subscribers queue the same bytes. A subscriber's queue is
+bounded: when it is full the subscriber is closed (slow consumer) and its client resumes by
+replay, so one slow reader never delays the others and memory stays bounded.
+
+Everything here runs on the event loop thread and never awaits while routing, so a subscriber
+added between two notifications sees exactly the later one, which the replay merge relies on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from .errors import Unavailable
+from .events import Message, encode_heartbeat, encode_message
+
+__all__ = ["GLOBAL_CHANNEL", "Event", "Hub", "HubCounters", "Subscriber", "channel_of"]
+
+GLOBAL_CHANNEL = "session_messages:global"
+SLOW_CONSUMER = "slow consumer: reconnect to resume"
+
+
+def channel_of(session_id: str | None) -> str:
+    """The logical channel a stream is counted under in stats and logs."""
+    return GLOBAL_CHANNEL if session_id is None else f"session_messages:{session_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Encoded bytes of one event, shared by its subscribers; `id` is the row id or 0."""
+
+    id: int
+    data: bytes
+
+
+class Subscriber:
+    """One open stream's filter and bounded queue of encoded events."""
+
+    __slots__ = (
+        "_limit",
+        "_pending",
+        "_waiter",
+        "close_reason",
+        "closed",
+        "on_close",
+        "robot_id",
+        "session_id",
+    )
+
+    def __init__(self, session_id: str | None, robot_id: str | None, queue_size: int) -> None:
+        self.session_id = session_id
+        self.robot_id = robot_id
+        self.closed = False
+        self.close_reason: str | None = None
+        self.on_close: Callable[[], None] | None = None
+        self._pending: deque[Event] = deque()
+        self._limit = queue_size
+        self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def channel(self) -> str:
+        return channel_of(self.session_id)
+
+    def matches(self, message: Message) -> bool:
+        return (self.session_id is None or self.session_id == message.session_id) and (
+            self.robot_id is None or self.robot_id == message.robot_id
+        )
+
+    def push(self, event: Event) -> bool:
+        """Queue `event`; at a full queue close the subscriber instead. True if queued."""
+        if self.closed:
+            return False
+        if len(self._pending) >= self._limit:
+            self.close(SLOW_CONSUMER)
+            return False
+        self._pending.append(event)
+        self._wake()
+        return True
+
+    def take(self) -> list[Event]:
+        """Every queued event, oldest first, leaving the queue empty."""
+        events = list(self._pending)
+        self._pending.clear()
+        return events
+
+    async def wait(self) -> None:
+        """Return once an event is queued or the subscriber is closed."""
+        if self._pending or self.closed:
+            return
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def close(self, reason: str | None = None) -> None:
+        """Stop queueing; wake the stream so it can send `reason` (if any) and end.
+
+        `on_close` runs here, possibly while the hub iterates its subscribers: it may cancel
+        the stream's task but must not unsubscribe (the stream does that as it ends).
+        """
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        self._pending.clear()
+        self._wake()
+        if self.on_close is not None:
+            self.on_close()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+@dataclass(slots=True)
+class HubCounters:
+    """Monotonic counters, read by stats and `/metrics` at scrape time."""
+
+    messages_routed: int = 0
+    events_delivered: int = 0
+    slow_consumer_disconnects: int = 0
+    rejected_connections: int = 0
+
+
+@dataclass(slots=True)
+class Hub:
+    """Every subscriber of this process, and the routing of messages to them."""
+
+    max_subscribers: int
+    queue_size: int
+    counters: HubCounters = field(default_factory=HubCounters)
+    _by_session: dict[str, set[Subscriber]] = field(default_factory=dict)
+    _global: set[Subscriber] = field(default_factory=set)
+    _count: int = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def subscribe(self, session_id: str | None, robot_id: str | None) -> Subscriber:
+        """Register a subscriber. Raises `Unavailable` at `max_subscribers`."""
+        if self._count >= self.max_subscribers:
+            self.counters.rejected_connections += 1
+            raise Unavailable("too many connections: retry later")
+        subscriber = Subscriber(session_id, robot_id, self.queue_size)
+        if session_id is None:
+            self._global.add(subscriber)
+        else:
+            self._by_session.setdefault(session_id, set()).add(subscriber)
+        self._count += 1
+        return subscriber
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        """Remove a subscriber; safe to call more than once."""
+        if subscriber.session_id is None:
+            group = self._global
+        else:
+            group = self._by_session.get(subscriber.session_id, set())
+        if subscriber not in group:
+            return
+        group.discard(subscriber)
+        if not group and subscriber.session_id is not None:
+            del self._by_session[subscriber.session_id]
+        self._count -= 1
+
+    def publish(self, message: Message) -> int:
+        """Route one message to every matching subscriber; returns how many queued it."""
+        event = Event(message.id, encode_message(message))
+        delivered = 0
+        for subscriber in self._candidates(message.session_id):
+            if subscriber.robot_id is not None and subscriber.robot_id != message.robot_id:
+                continue
+            if subscriber.closed:
+                continue
+            if subscriber.push(event):
+                delivered += 1
+            else:
+                self.counters.slow_consumer_disconnects += 1
+        self.counters.messages_routed += 1
+        self.counters.events_delivered += delivered
+        return delivered
+
+    def heartbeat(self) -> None:
+        """Queue one heartbeat, encoded once, to every subscriber."""
+        event = Event(0, encode_heartbeat())
+        for subscriber in self.subscribers():
+            if not subscriber.closed and not subscriber.push(event):
+                self.counters.slow_consumer_disconnects += 1
+
+    def close_all(self, reason: str) -> None:
+        """Close every subscriber with `reason` (shutdown)."""
+        for subscriber in list(self.subscribers()):
+            subscriber.close(reason)
+
+    def subscribers(self) -> Iterator[Subscriber]:
+        yield from self._global
+        for group in self._by_session.values():
+            yield from group
+
+    def channels(self) -> dict[str, int]:
+        """Open streams per logical channel; channels with none are absent."""
+        counts = {channel_of(session): len(group) for session, group in self._by_session.items()}
+        if self._global:
+            counts[GLOBAL_CHANNEL] = len(self._global)
+        return counts
+
+    def _candidates(self, session_id: str) -> Iterator[Subscriber]:
+        yield from self._by_session.get(session_id, ())
+        yield from self._global

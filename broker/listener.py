@@ -1,0 +1,158 @@
+"""The one LISTENing PostgreSQL connection of this process, its recovery and backfill.
+
+`Listener.run` holds a single autocommit `AsyncConnection` that LISTENs on `CHANNEL`, parses
+each notification once and hands the message to the hub. When the connection dies
+(`pg_terminate_backend`, a restart, a network cut found by the periodic health check) it
+reconnects with capped, jittered backoff, LISTENs again, and then backfills from the table every
+row with an id above the highest it delivered, before any notification that arrived meanwhile:
+so rows committed during the outage reach their subscribers once, in order.
+
+A bounded set of recently delivered ids removes the overlap between the backfill and the
+notifications of rows committed while it ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+
+import psycopg
+import structlog
+
+from .backoff import Backoff
+from .errors import BrokerError
+from .events import Message, Reference, parse_notification
+from .hub import Hub
+from .store import Store
+
+__all__ = ["CHANNEL", "Listener"]
+
+CHANNEL = "pgsse_messages"
+HEALTH_CHECK_SECONDS = 5.0
+HEALTH_CHECK_TIMEOUT = 5.0
+BACKFILL_PAGE = 1_000
+RECENT_IDS = 100_000
+
+log = structlog.get_logger("broker.listener")
+
+
+class RecentIds:
+    """The last `size` ids delivered, for exactly-once delivery across a backfill."""
+
+    def __init__(self, size: int) -> None:
+        self._ids: OrderedDict[int, None] = OrderedDict()
+        self._size = size
+
+    def add(self, message_id: int) -> bool:
+        """Remember `message_id`; False if it was already there."""
+        if message_id in self._ids:
+            return False
+        self._ids[message_id] = None
+        if len(self._ids) > self._size:
+            self._ids.popitem(last=False)
+        return True
+
+
+class Listener:
+    """Feeds the hub from PostgreSQL. `connected` is what `/readyz` reports."""
+
+    def __init__(self, url: str, hub: Hub, store: Store) -> None:
+        self._url = url
+        self._hub = hub
+        self._store = store
+        self._recent = RecentIds(RECENT_IDS)
+        self._last_id: int | None = None
+        self.connected = False
+        self.reconnects = 0
+        self.notifications = 0
+        self.backfilled = 0
+        self.connected_since: float | None = None
+
+    async def run(self) -> None:
+        """Listen until cancelled, reconnecting after any failure."""
+        backoff = Backoff()
+        while True:
+            try:
+                await self._listen(backoff)
+            except asyncio.CancelledError:
+                raise
+            except (psycopg.Error, BrokerError, OSError, TimeoutError) as exc:
+                self._set_down(exc)
+            except Exception as exc:  # a bug must not end delivery: log it loudly, go on
+                log.exception("listener_crashed")
+                self._set_down(exc)
+            await asyncio.sleep(backoff.next())
+
+    async def _listen(self, backoff: Backoff) -> None:
+        async with await psycopg.AsyncConnection.connect(
+            self._url,
+            autocommit=True,
+            connect_timeout=5,
+            keepalives=1,
+            keepalives_idle=10,
+            keepalives_interval=5,
+            keepalives_count=3,
+        ) as conn:
+            await conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(CHANNEL)))
+            if self._last_id is None:
+                self._last_id = await self._store.last_id()
+            else:
+                await self._backfill()
+                self.reconnects += 1
+            self.connected = True
+            self.connected_since = time.time()
+            backoff.reset()
+            log.info(
+                "listener_up", channel=CHANNEL, last_id=self._last_id, reconnects=self.reconnects
+            )
+            while True:
+                async for notify in conn.notifies(timeout=HEALTH_CHECK_SECONDS):
+                    self.notifications += 1
+                    await self._handle(notify.payload)
+                await asyncio.wait_for(conn.execute("SELECT 1"), HEALTH_CHECK_TIMEOUT)
+
+    async def _backfill(self) -> None:
+        """Deliver every row committed after the last one seen (notifications wait meanwhile)."""
+        assert self._last_id is not None
+        start = cursor = self._last_id
+        rows = 0
+        while True:
+            page = await self._store.after(cursor, BACKFILL_PAGE)
+            for message in page:
+                self._deliver(message)
+            rows += len(page)
+            if len(page) < BACKFILL_PAGE:
+                break
+            cursor = page[-1].id
+        self.backfilled += rows
+        log.info("listener_backfilled", after_id=start, rows=rows)
+
+    async def _handle(self, payload: str) -> None:
+        try:
+            parsed = parse_notification(payload)
+        except ValueError as exc:
+            log.error("notification_malformed", error=str(exc), payload=payload[:200])
+            return
+        if isinstance(parsed, Reference):
+            message = await self._store.get(parsed.id)
+            if message is None:
+                log.warning("notification_row_missing", id=parsed.id)
+                return
+        else:
+            message = parsed
+        self._deliver(message)
+
+    def _deliver(self, message: Message) -> None:
+        if self._last_id is None or message.id > self._last_id:
+            self._last_id = message.id
+        if self._recent.add(message.id):
+            self._hub.publish(message)
+
+    def _set_down(self, exc: BaseException) -> None:
+        if self.connected:
+            log.warning("listener_down", error=f"{type(exc).__name__}: {exc}".strip())
+        else:
+            log.info("listener_connect_failed", error=f"{type(exc).__name__}: {exc}".strip())
+        self.connected = False
+        self.connected_since = None

@@ -1,0 +1,80 @@
+"""The running broker: store, hub, listener and heartbeat, as one async context manager.
+
+`Broker.running(settings)` opens the pool, starts the listener and heartbeat tasks and
+supervises them: a task that ends unexpectedly is logged and restarted at once, never found
+only at exit. On exit every stream gets an `error` event and the tasks are cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import structlog
+
+from .config import Settings
+from .hub import Hub
+from .listener import Listener
+from .store import Store
+
+__all__ = ["SHUTDOWN", "Broker"]
+
+SHUTDOWN = "server shutting down: reconnect to resume"
+RESTART_DELAY_SECONDS = 1.0
+
+log = structlog.get_logger("broker.service")
+
+
+class Broker:
+    """What the HTTP layer talks to: the hub, the store and the listener's state."""
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        if settings.database_url is None:
+            raise ValueError("settings.database_url must be resolved before the broker starts")
+        self.settings = settings
+        self.store = store
+        self.hub = Hub(max_subscribers=settings.max_connections, queue_size=settings.queue_size)
+        self.listener = Listener(settings.database_url, self.hub, store)
+        self.started_at = time.time()
+
+    @classmethod
+    @asynccontextmanager
+    async def running(cls, settings: Settings) -> AsyncIterator[Broker]:
+        assert settings.database_url is not None
+        async with Store.open(settings.database_url) as store:
+            broker = cls(settings, store)
+            tasks = [
+                asyncio.create_task(broker._supervise("listener", broker.listener.run)),
+                asyncio.create_task(broker._supervise("heartbeat", broker._heartbeat)),
+            ]
+            try:
+                yield broker
+            finally:
+                broker.close_streams()
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    def close_streams(self, reason: str = SHUTDOWN) -> None:
+        """Send every stream an `error` event and end it, so clients move elsewhere."""
+        if len(self.hub):
+            log.info("streams_closing", streams=len(self.hub), reason=reason)
+        self.hub.close_all(reason)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_seconds)
+            self.hub.heartbeat()
+
+    async def _supervise(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            try:
+                await run()
+                log.error("task_ended", task=name)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("task_crashed", task=name)
+            await asyncio.sleep(RESTART_DELAY_SECONDS)

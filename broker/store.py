@@ -1,0 +1,121 @@
+"""The queries on `messages`, through a small connection pool.
+
+The pool is sized for replay and publish traffic, never per subscriber: the broker's
+PostgreSQL connections are this pool (at most `POOL_SIZE`) plus the one listening connection.
+psycopg errors are translated here into `DatabaseUnavailable`, so callers see broker errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from .errors import Unavailable
+from .events import Message
+
+__all__ = ["COLUMNS", "DatabaseUnavailable", "Store"]
+
+POOL_SIZE = 4
+COLUMNS = sql.SQL("id, session_id, robot_id, content, is_from_bot, is_human, intent, created_at")
+
+
+class DatabaseUnavailable(Unavailable):
+    """PostgreSQL could not be reached or failed the query."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"database unavailable: {type(cause).__name__}", retry_after=2)
+
+
+class Store:
+    """Reads and writes rows of `messages`."""
+
+    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+        self._pool = pool
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, url: str, wait_seconds: float = 5.0) -> AsyncIterator[Store]:
+        """A store whose pool connects lazily: the broker starts even if PostgreSQL is down."""
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            url,
+            min_size=1,
+            max_size=POOL_SIZE,
+            timeout=wait_seconds,
+            open=False,
+            kwargs={"autocommit": True},
+            name="pgsse-store",
+        )
+        await pool.open(wait=False)
+        try:
+            yield cls(pool)
+        finally:
+            await pool.close()
+
+    async def insert(
+        self,
+        session_id: str,
+        content: str,
+        robot_id: str | None = None,
+        is_from_bot: bool = False,
+        is_human: bool = True,
+        intent: str | None = None,
+    ) -> Message:
+        query = sql.SQL(
+            "INSERT INTO messages (session_id, robot_id, content, is_from_bot, is_human, intent)"
+            " VALUES (%s, %s, %s, %s, %s, %s) RETURNING {}"
+        ).format(COLUMNS)
+        row = await self._one(query, (session_id, robot_id, content, is_from_bot, is_human, intent))
+        assert row is not None  # INSERT ... RETURNING always returns the row
+        return Message.from_row(row)
+
+    async def get(self, message_id: int) -> Message | None:
+        query = sql.SQL("SELECT {} FROM messages WHERE id = %s").format(COLUMNS)
+        row = await self._one(query, (message_id,))
+        return None if row is None else Message.from_row(row)
+
+    async def after(
+        self,
+        after_id: int,
+        limit: int,
+        session_id: str | None = None,
+        robot_id: str | None = None,
+    ) -> list[Message]:
+        """Rows with id > `after_id` matching the filter, in id order, at most `limit`."""
+        conditions = [sql.SQL("id > %s")]
+        params: list[Any] = [after_id]
+        if session_id is not None:
+            conditions.append(sql.SQL("session_id = %s"))
+            params.append(session_id)
+        if robot_id is not None:
+            conditions.append(sql.SQL("robot_id = %s"))
+            params.append(robot_id)
+        params.append(limit)
+        query = sql.SQL("SELECT {} FROM messages WHERE {} ORDER BY id LIMIT %s").format(
+            COLUMNS, sql.SQL(" AND ").join(conditions)
+        )
+        try:
+            async with self._pool.connection() as conn:
+                cursor = await conn.execute(query, params)
+                return [Message.from_row(row) for row in await cursor.fetchall()]
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise DatabaseUnavailable(exc) from exc
+
+    async def last_id(self) -> int:
+        """The highest id committed so far, 0 for an empty table."""
+        row = await self._one(sql.SQL("SELECT coalesce(max(id), 0) FROM messages"), ())
+        assert row is not None
+        return int(row[0])
+
+    async def _one(self, query: sql.Composable, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        try:
+            async with self._pool.connection() as conn:
+                cursor = await conn.execute(query, params)
+                row: tuple[Any, ...] | None = await cursor.fetchone()
+                return row
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise DatabaseUnavailable(exc) from exc

@@ -1,0 +1,171 @@
+"""One subscriber's Server-Sent Events response: replay, then live, until either side ends.
+
+`EventStreamResponse` is a Starlette `Response` whose ASGI call runs two things in one task
+group: the pump, which writes the subscriber's queued events to the socket, and a watcher
+that waits for `http.disconnect`, so a vanished client is noticed at once rather than at the
+next write. The subscriber is registered before the response starts (so the 503 of a full
+process is an ordinary answer) and removed when it ends, whatever ends it.
+
+Resume: the subscriber already queues live events when the replay query runs, so a row
+committed during the replay is either in the replay or in the queue; rows sent by the replay
+are dropped from the queue by id. Every event queued since the last write goes out in one
+write.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio
+import structlog
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from .events import encode_connected, encode_error, encode_message, encode_retry
+from .hub import Hub, Subscriber
+from .store import DatabaseUnavailable, Store
+
+__all__ = ["REPLAY_LIMIT_REACHED", "EventStreamResponse"]
+
+REPLAY_PAGE = 500
+REPLAY_LIMIT_REACHED = "replay limit reached: reconnect to resume"
+REPLAY_FAILED = "database unavailable: reconnect to resume"
+CLOSE_TIMEOUT_SECONDS = 1.0
+HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+log = structlog.get_logger("broker.stream")
+
+
+class EventStreamResponse(Response):
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        hub: Hub,
+        store: Store,
+        subscriber: Subscriber,
+        *,
+        last_event_id: int | None,
+        replay_limit: int,
+        retry_ms: int,
+    ) -> None:
+        # Not Response.__init__: with no body it would declare Content-Length: 0.
+        self.status_code = 200
+        self.background = None
+        self.init_headers(HEADERS)
+        self.hub = hub
+        self.store = store
+        self.subscriber = subscriber
+        self.last_event_id = last_event_id
+        self.replay_limit = replay_limit
+        self.retry_ms = retry_ms
+        self.events_sent = 0
+        self.replayed = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        subscriber = self.subscriber
+        started = time.monotonic()
+        log.info(
+            "stream_opened",
+            channel=subscriber.channel,
+            robot_id=subscriber.robot_id,
+            last_event_id=self.last_event_id,
+        )
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+            )
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._watch_disconnect, receive, group.cancel_scope)
+                await self._pump(send)
+                group.cancel_scope.cancel()
+        finally:
+            self.hub.unsubscribe(subscriber)
+            subscriber.close()
+            log.info(
+                "stream_closed",
+                channel=subscriber.channel,
+                robot_id=subscriber.robot_id,
+                duration_s=round(time.monotonic() - started, 3),
+                events=self.events_sent,
+                replayed=self.replayed,
+                reason=subscriber.close_reason or "client",
+            )
+
+    async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        scope.cancel()
+
+    async def _pump(self, send: Send) -> None:
+        subscriber = self.subscriber
+        with anyio.CancelScope() as live:
+            subscriber.on_close = live.cancel
+            if subscriber.closed:
+                live.cancel()
+            await self._write(
+                send,
+                encode_retry(self.retry_ms)
+                + encode_connected(subscriber.session_id, subscriber.robot_id),
+            )
+            replayed_ids: set[int] = set()
+            if self.last_event_id is not None:
+                try:
+                    replayed_ids = await self._replay(send)
+                except DatabaseUnavailable:
+                    subscriber.close(REPLAY_FAILED)
+            while not subscriber.closed:
+                await subscriber.wait()
+                events = subscriber.take()
+                if replayed_ids:
+                    events = [event for event in events if event.id not in replayed_ids]
+                    replayed_ids = set()
+                if events:
+                    self.events_sent += len(events)
+                    await self._write(send, b"".join(event.data for event in events))
+        await self._finish(send)
+
+    async def _replay(self, send: Send) -> set[int]:
+        """Send stored rows after `last_event_id`; returns their ids. At the replay limit,
+        closes the subscriber so the client reconnects from the last row it got."""
+        subscriber = self.subscriber
+        cursor = self.last_event_id or 0
+        sent: set[int] = set()
+        while True:
+            want = min(REPLAY_PAGE, self.replay_limit + 1 - self.replayed)
+            page = await self.store.after(cursor, want, subscriber.session_id, subscriber.robot_id)
+            over_limit = self.replayed + len(page) > self.replay_limit
+            if over_limit:
+                page = page[: self.replay_limit - self.replayed]
+            if page:
+                await self._write(send, b"".join(encode_message(message) for message in page))
+                cursor = page[-1].id
+                sent.update(message.id for message in page)
+                self.replayed += len(page)
+                self.events_sent += len(page)
+            if over_limit:
+                subscriber.close(REPLAY_LIMIT_REACHED)
+                return sent
+            if len(page) < want:
+                return sent
+
+    async def _finish(self, send: Send) -> None:
+        """Tell the client why the stream ends, if the broker ends it, then end the body."""
+        reason = self.subscriber.close_reason
+        with anyio.move_on_after(CLOSE_TIMEOUT_SECONDS):
+            if reason is not None:
+                await self._write(send, encode_error(reason))
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    @staticmethod
+    async def _write(send: Send, body: bytes) -> None:
+        message: dict[str, Any] = {"type": "http.response.body", "body": body, "more_body": True}
+        await send(message)

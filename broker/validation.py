@@ -1,0 +1,113 @@
+"""Checks of client input, pure: ids, `Last-Event-ID`, and the body of a new message.
+
+Each failure raises `RequestError(400, ...)` with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .errors import RequestError
+
+__all__ = ["MAX_ID_LENGTH", "NewMessage", "check_id", "parse_last_event_id", "parse_new_message"]
+
+MAX_ID_LENGTH = 255
+MAX_INTENT_LENGTH = 255
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc: C0, DEL and C1
+_LAST_EVENT_ID = re.compile(r"[0-9]{1,19}")
+_MAX_BIGINT = 2**63 - 1
+
+
+def check_id(name: str, value: str | None) -> str | None:
+    """`value` if it is a valid session or robot id, None if absent; else 400."""
+    if value is None:
+        return None
+    if not value:
+        raise RequestError(400, f"{name} must not be empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise RequestError(400, f"{name} must be at most {MAX_ID_LENGTH} characters")
+    if _CONTROL.search(value):
+        raise RequestError(400, f"{name} must not contain control characters")
+    return value
+
+
+def parse_last_event_id(value: str | None) -> int | None:
+    """The id to resume after, or None (no replay) for anything but 1 to 19 decimal digits.
+
+    A bad value never fails the request: the client keeps a working live stream.
+    """
+    if value is None or not _LAST_EVENT_ID.fullmatch(value):
+        return None
+    return min(int(value), _MAX_BIGINT)
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    session_id: str
+    content: str
+    robot_id: str | None = None
+    is_from_bot: bool = False
+    is_human: bool = True
+    intent: str | None = None
+
+
+_FIELDS = {"sessionId", "content", "robotId", "isFromBot", "isHuman", "intent"}
+
+
+def parse_new_message(body: bytes) -> NewMessage:
+    """The `POST /api/messages` body. Unknown fields are refused, so a typo is not ignored."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise RequestError(400, f"body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise RequestError(400, "body must be a JSON object")
+    unknown = sorted(set(data) - _FIELDS)
+    if unknown:
+        raise RequestError(400, f"unknown field(s): {', '.join(unknown)}")
+
+    session_id = _string(data, "sessionId", required=True)
+    content = _string(data, "content", required=True)
+    assert session_id is not None and content is not None
+    check_id("sessionId", session_id)
+    if not content:
+        raise RequestError(400, "content must not be empty")
+    if "\x00" in content:
+        raise RequestError(400, "content must not contain NUL characters")
+    intent = _string(data, "intent")
+    if intent is not None and (len(intent) > MAX_INTENT_LENGTH or _CONTROL.search(intent)):
+        raise RequestError(
+            400, f"intent must be at most {MAX_INTENT_LENGTH} characters, no control characters"
+        )
+    return NewMessage(
+        session_id=session_id,
+        content=content,
+        robot_id=check_id("robotId", _string(data, "robotId")),
+        is_from_bot=_boolean(data, "isFromBot", default=False),
+        is_human=_boolean(data, "isHuman", default=True),
+        intent=intent,
+    )
+
+
+def _string(data: dict[str, Any], name: str, required: bool = False) -> str | None:
+    value = data.get(name)
+    if value is None:
+        if required:
+            raise RequestError(400, f"{name} is required")
+        return None
+    if not isinstance(value, str):
+        raise RequestError(400, f"{name} must be a string")
+    return value
+
+
+def _boolean(data: dict[str, Any], name: str, default: bool) -> bool:
+    value = data.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise RequestError(400, f"{name} must be true or false")
+    return value
