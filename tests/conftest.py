@@ -1,0 +1,99 @@
+"""Fixtures: one real PostgreSQL cluster per test session, real broker processes.
+
+The cluster is the embedded server of `broker.database`, in a temporary directory, so tests
+may stop, restart or `pg_terminate_backend` it. Tests isolate themselves by using fresh
+session ids (`session_id`), never by emptying the table.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from broker.database import EmbeddedPostgres, migrate
+from tests.support.processes import BrokerProcess
+
+
+class Database:
+    """The test cluster: its URL, plain-SQL helpers, and stop/start for fault injection."""
+
+    def __init__(self, server: EmbeddedPostgres) -> None:
+        self.server = server
+        self.url = server.url
+
+    def connect(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.url, autocommit=True)
+
+    def insert(
+        self, session_id: str, content: str = "hello", robot_id: str | None = None, **columns: Any
+    ) -> int:
+        """INSERT with plain SQL, as an application would; returns the row id."""
+        names = ["session_id", "content", "robot_id", *columns]
+        values = [session_id, content, robot_id, *columns.values()]
+        query = psycopg.sql.SQL("INSERT INTO messages ({}) VALUES ({}) RETURNING id").format(
+            psycopg.sql.SQL(", ").join(map(psycopg.sql.Identifier, names)),
+            psycopg.sql.SQL(", ").join(psycopg.sql.Placeholder() * len(values)),
+        )
+        with self.connect() as conn:
+            row = conn.execute(query, values).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self.connect() as conn:
+            return conn.execute(sql.encode(), params).fetchall()
+
+    def listening_backends(self) -> int:
+        """Backends LISTENing on the broker's channel (a LISTEN is its last query)."""
+        rows = self.query(
+            "SELECT count(*) FROM pg_stat_activity WHERE query ILIKE 'LISTEN %%'"
+            " AND backend_type = 'client backend'"
+        )
+        return int(rows[0][0])
+
+
+@pytest.fixture(scope="session")
+def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
+    server.start()
+    migrate(server.url)
+    try:
+        yield Database(server)
+    finally:
+        server.stop("immediate")
+
+
+@pytest.fixture
+def session_id() -> str:
+    return f"s-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def start_broker(database: Database, tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
+    """Start a broker process with extra environment settings; all are stopped at teardown."""
+    started: list[BrokerProcess] = []
+
+    def start(wait_ready: bool = True, **env: str) -> BrokerProcess:
+        settings = {
+            "DATABASE_URL": database.url,
+            "BROKER_MIGRATE": "false",
+            "BROKER_LOG_FORMAT": "json",
+            **env,
+        }
+        broker = BrokerProcess(settings, tmp_path / f"broker-{len(started)}.log")
+        started.append(broker)
+        return broker.start(wait_ready=wait_ready)
+
+    yield start
+    for broker in started:
+        broker.stop()
+
+
+@pytest.fixture
+def broker(start_broker: Callable[..., BrokerProcess]) -> BrokerProcess:
+    return start_broker()
