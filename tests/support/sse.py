@@ -7,6 +7,7 @@ is read as a browser reads it. Every read is bounded by a timeout, so a hang fai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -141,10 +142,8 @@ class SSEClient:
 
     async def close(self) -> None:
         self.writer.close()
-        try:
+        with contextlib.suppress(OSError, TimeoutError):
             await asyncio.wait_for(self.writer.wait_closed(), 5)
-        except (OSError, TimeoutError):
-            pass
 
 
 def parse_frame(frame: bytes) -> SSEEvent:
