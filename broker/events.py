@@ -92,7 +92,7 @@ def parse_notification(payload: str | bytes) -> Message | Reference:
             intent=data["intent"],
             created_at=data["createdAt"],
         )
-    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
         raise ValueError(f"malformed notification payload: {exc}") from None
 
 

@@ -1,0 +1,72 @@
+"""Settings: defaults, environment, flags, and one clear line per invalid value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from broker.config import OPTIONS, Settings
+from broker.errors import ConfigError
+
+
+def test_defaults_match_the_contract() -> None:
+    settings = Settings.load({"BROKER_LOG_FORMAT": "json"})
+    assert settings.database_url is None
+    assert (settings.host, settings.port) == ("0.0.0.0", 5001)
+    assert settings.heartbeat_seconds == 30
+    assert settings.retry_ms == 3000
+    assert settings.replay_limit == 10_000
+    assert settings.cors_origins == ()
+    assert settings.data_dir == Path(".data")
+
+
+def test_environment_is_parsed() -> None:
+    settings = Settings.load({
+        "DATABASE_URL": "postgresql://x/y",
+        "BROKER_PORT": "6000",
+        "BROKER_MAX_CONNECTIONS": "7",
+        "BROKER_HEARTBEAT_SECONDS": "0.5",
+        "BROKER_CORS_ORIGINS": "http://a.example:3000, https://b.example",
+        "BROKER_MIGRATE": "false",
+        "BROKER_LOG_FORMAT": "console",
+    })
+    assert settings.database_url == "postgresql://x/y"
+    assert settings.port == 6000 and settings.max_connections == 7
+    assert settings.heartbeat_seconds == 0.5
+    assert settings.cors_origins == ("http://a.example:3000", "https://b.example")
+    assert settings.migrate is False and settings.log_format == "console"
+
+
+def test_pgdatabase_url_is_the_fallback_and_flags_win() -> None:
+    assert Settings.load({"PGDATABASE_URL": "postgresql://p"}).database_url == "postgresql://p"
+    both = Settings.load({"DATABASE_URL": "postgresql://d", "PGDATABASE_URL": "postgresql://p"})
+    assert both.database_url == "postgresql://d"
+    assert Settings.load({"BROKER_PORT": "1"}, {"port": "2"}).port == 2
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "fragment"),
+    [
+        ("BROKER_PORT", "http", "not a number"),
+        ("BROKER_PORT", "70000", "port number"),
+        ("BROKER_MAX_CONNECTIONS", "0", "at least 1"),
+        ("BROKER_HEARTBEAT_SECONDS", "-1", "positive"),
+        ("BROKER_HEARTBEAT_SECONDS", "nan", "positive"),
+        ("BROKER_QUEUE_SIZE", "1.5", "not a number"),
+        ("BROKER_CORS_ORIGINS", "app.example", "origin"),
+        ("BROKER_LOG_FORMAT", "xml", "json"),
+        ("BROKER_MIGRATE", "maybe", "true or false"),
+    ],
+)
+def test_invalid_value_names_the_setting(env: str, value: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.load({env: value})
+    message = str(caught.value)
+    assert env in message and fragment in message and "\n" not in message
+
+
+def test_every_option_is_a_settings_field() -> None:
+    fields = set(Settings.__dataclass_fields__)
+    assert {option.field for option in OPTIONS} <= fields
+    assert len({option.env for option in OPTIONS}) == len(OPTIONS)

@@ -1,0 +1,58 @@
+"""The wire format, pure."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from broker.events import (
+    Message,
+    Reference,
+    encode_connected,
+    encode_error,
+    encode_message,
+    encode_retry,
+    parse_notification,
+    utc_timestamp,
+)
+
+MESSAGE = Message(7, "s", None, "a\nb\r\nc 你好", True, False, None, "2026-01-01T00:00:00.000Z")
+
+
+def test_timestamps_are_utc_with_milliseconds() -> None:
+    moment = datetime(2026, 1, 1, 8, 0, 0, 123_999, tzinfo=timezone(timedelta(hours=8)))
+    assert utc_timestamp(moment) == "2026-01-01T00:00:00.123Z"
+    assert utc_timestamp(datetime(2026, 5, 6, 7, 8, 9, tzinfo=UTC)) == "2026-05-06T07:08:09.000Z"
+
+
+def test_message_event_is_one_data_line_with_id() -> None:
+    encoded = encode_message(MESSAGE, "2026-01-01T00:00:00.001Z")
+    lines = encoded.split(b"\n")
+    assert lines[0] == b"id: 7" and lines[1].startswith(b"data: ") and lines[2:] == [b"", b""]
+    body = json.loads(lines[1][len(b"data: "):])
+    assert body == {"type": "message", "timestamp": "2026-01-01T00:00:00.001Z",
+                    "data": {"id": "7", "sessionId": "s", "robotId": None,
+                             "content": "a\nb\r\nc 你好", "isFromBot": True, "isHuman": False,
+                             "intent": None, "createdAt": "2026-01-01T00:00:00.000Z"}}
+    assert "你好".encode() in encoded  # UTF-8, not \\u escapes
+
+
+def test_control_events() -> None:
+    assert encode_retry(3000) == b"retry: 3000\n\n"
+    assert json.loads(encode_error("bye")[6:]) == {"type": "error", "error": "bye"}
+    connected = json.loads(encode_connected(None, "r")[6:])
+    assert connected["sessionId"] is None and connected["robotId"] == "r"
+
+
+def test_parse_notification_round_trips_the_trigger_shape() -> None:
+    payload = json.dumps(MESSAGE.as_json())
+    assert parse_notification(payload) == MESSAGE
+    assert parse_notification('{"id": "9", "ref": true}') == Reference(9)
+
+
+@pytest.mark.parametrize("payload", ["", "nope", "[]", '{"id": "x"}', '{"id": "1"}'])
+def test_malformed_notifications_raise_value_error(payload: str) -> None:
+    with pytest.raises(ValueError, match="malformed"):
+        parse_notification(payload)

@@ -1,0 +1,99 @@
+"""Routing and bounded queues, pure: no I/O, no event loop needed except for `wait`."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from broker.errors import Unavailable
+from broker.events import Message
+from broker.hub import GLOBAL_CHANNEL, Hub
+
+
+def message(id_: int, session: str = "a", robot: str | None = None) -> Message:
+    return Message(id_, session, robot, f"m{id_}", False, True, None, "2026-01-01T00:00:00.000Z")
+
+
+def ids(subscriber) -> list[int]:  # type: ignore[no-untyped-def]
+    return [event.id for event in subscriber.take()]
+
+
+def test_routes_by_session_robot_and_global() -> None:
+    hub = Hub(max_subscribers=10, queue_size=10)
+    a = hub.subscribe("a", None)
+    a_r1 = hub.subscribe("a", "r1")
+    everything = hub.subscribe(None, None)
+    r1 = hub.subscribe(None, "r1")
+    hub.publish(message(1, "a", "r1"))
+    hub.publish(message(2, "b", "r1"))
+    hub.publish(message(3, "a", "r2"))
+    hub.publish(message(4, "b"))
+    assert ids(a) == [1, 3]
+    assert ids(a_r1) == [1]
+    assert ids(everything) == [1, 2, 3, 4]
+    assert ids(r1) == [1, 2]
+
+
+def test_event_bytes_are_encoded_once_and_shared() -> None:
+    hub = Hub(max_subscribers=10, queue_size=10)
+    first, second = hub.subscribe("a", None), hub.subscribe(None, None)
+    hub.publish(message(1))
+    assert first.take()[0].data is second.take()[0].data
+
+
+def test_channels_and_capacity() -> None:
+    hub = Hub(max_subscribers=3, queue_size=10)
+    subs = [hub.subscribe("a", None), hub.subscribe("a", "r"), hub.subscribe(None, "r")]
+    assert hub.channels() == {"session_messages:a": 2, GLOBAL_CHANNEL: 1}
+    with pytest.raises(Unavailable):
+        hub.subscribe("b", None)
+    assert hub.counters.rejected_connections == 1
+    hub.unsubscribe(subs[0])
+    hub.unsubscribe(subs[0])
+    assert len(hub) == 2 and hub.channels() == {"session_messages:a": 1, GLOBAL_CHANNEL: 1}
+    for subscriber in subs:
+        hub.unsubscribe(subscriber)
+    assert len(hub) == 0 and hub.channels() == {}
+
+
+def test_full_queue_closes_only_the_slow_subscriber() -> None:
+    hub = Hub(max_subscribers=10, queue_size=3)
+    slow, fast = hub.subscribe("a", None), hub.subscribe("a", None)
+    closed = []
+    slow.on_close = lambda: closed.append(True)
+    for n in range(1, 4):
+        hub.publish(message(n))
+        ids(fast)
+    assert not slow.closed
+    hub.publish(message(4))
+    assert slow.closed and slow.close_reason and "slow consumer" in slow.close_reason
+    assert closed == [True] and slow.take() == []
+    assert ids(fast) == [4]
+    hub.publish(message(5))
+    assert hub.counters.slow_consumer_disconnects == 1
+    assert ids(fast) == [5]
+
+
+def test_heartbeat_reaches_everyone_once_encoded() -> None:
+    hub = Hub(max_subscribers=10, queue_size=10)
+    subs = [hub.subscribe("a", None), hub.subscribe(None, None)]
+    hub.heartbeat()
+    events = [s.take() for s in subs]
+    assert events[0][0].data is events[1][0].data and b"heartbeat" in events[0][0].data
+
+
+async def test_wait_wakes_on_push_and_on_close() -> None:
+    hub = Hub(max_subscribers=10, queue_size=10)
+    subscriber = hub.subscribe("a", None)
+    waiter = asyncio.ensure_future(subscriber.wait())
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    hub.publish(message(1))
+    await asyncio.wait_for(waiter, 1)
+    subscriber.take()
+    waiter = asyncio.ensure_future(subscriber.wait())
+    await asyncio.sleep(0)
+    subscriber.close("bye")
+    await asyncio.wait_for(waiter, 1)
+    assert subscriber.close_reason == "bye"

@@ -1,0 +1,42 @@
+"""Client input checks, pure."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.errors import RequestError
+from broker.validation import check_id, parse_last_event_id, parse_new_message
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("1", 1), ("42", 42), ("0", 0), ("9" * 19, 2**63 - 1), ("0000000000000000042", 42),
+     (None, None), ("", None), ("-1", None), ("abc", None), ("1.5", None), (" 1", None),
+     ("9" * 20, None), ("99999999999999999999", None), ("١٢", None), ("1\n", None)],
+)
+def test_last_event_id(value: str | None, expected: int | None) -> None:
+    assert parse_last_event_id(value) == expected
+
+
+@pytest.mark.parametrize("value", ["", "x" * 256, "a\x00", "\x1fb", "a\x7f", "\x9f", "a\u0085"])
+def test_bad_ids(value: str) -> None:
+    with pytest.raises(RequestError) as caught:
+        check_id("sessionId", value)
+    assert caught.value.status == 400 and "sessionId" in caught.value.message
+
+
+@pytest.mark.parametrize("value", ["x" * 255, "中" * 255, "a b", "😀", "a\u200bb", "\u2028"])
+def test_good_ids(value: str) -> None:
+    assert check_id("robotId", value) == value
+
+
+def test_new_message_defaults() -> None:
+    message = parse_new_message(b'{"sessionId": "s", "content": "c"}')
+    assert (message.robot_id, message.is_from_bot, message.is_human, message.intent) == (
+        None, False, True, None)
+
+
+def test_new_message_null_optionals_are_defaults() -> None:
+    message = parse_new_message(
+        b'{"sessionId": "s", "content": "c", "robotId": null, "isFromBot": null}')
+    assert message.robot_id is None and message.is_from_bot is False
