@@ -21,8 +21,11 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.staticfiles import StaticFiles
 
+from .auth import Authenticator, authenticate
 from .config import Settings
-from .errors import RequestError, Unavailable
+from .errors import RequestError
+from .guard import Guard
+from .metrics import create_registry, render
 from .service import Broker
 from .stream import EventStreamResponse
 from .validation import check_id, parse_last_event_id, parse_new_message
@@ -38,6 +41,7 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with Broker.running(settings) as broker:
             app.state.broker = broker
+            app.state.metrics = create_registry(broker)
             on_broker = getattr(app.state, "on_broker", None)
             if on_broker is not None:
                 on_broker(broker)
@@ -49,6 +53,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/api/messages", post_message, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
         Route("/", index, methods=["GET"]),
     ]
     middleware = []
@@ -62,12 +67,14 @@ def create_app(settings: Settings) -> Starlette:
                 max_age=600,
             )
         )
+    middleware.append(Middleware(Guard, settings=settings))  # admin surface, per-client cap
     app = Starlette(
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,
         exception_handlers={RequestError: request_error, HTTPException: http_error},
     )
+    app.state.auth = Authenticator(settings.auth_secret)
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
@@ -84,8 +91,7 @@ def failure(status: int, error: str, headers: dict[str, str] | None = None) -> J
 
 async def request_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestError)
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Unavailable) else None
-    return failure(exc.status, exc.message, headers)
+    return failure(exc.status, exc.message, exc.headers or None)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -95,18 +101,27 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 async def stream_messages(request: Request) -> Response:
     broker = _broker(request)
+    grant = authenticate(request, query=True)
     params = request.query_params
     session_id = check_id("sessionId", params.get("sessionId"))
     robot_id = check_id("robotId", params.get("robotId"))
+    grant.check_read(session_id, robot_id)
     last_event_id = parse_last_event_id(
         request.headers.get("last-event-id", params.get("lastEventId"))
     )
     subscriber = broker.hub.subscribe(session_id, robot_id)
+    # No await between subscribing and reading the journal: no row can fall between them.
+    journal = broker.hub.journal
+    journal_ids = None
+    if last_event_id is not None:
+        journal_ids = journal.after(last_event_id, session_id, robot_id)
     return EventStreamResponse(
         broker.hub,
         broker.store,
         subscriber,
         last_event_id=last_event_id,
+        journal_ids=journal_ids,
+        journal_mark=journal.end,
         replay_limit=broker.settings.replay_limit,
         retry_ms=broker.settings.retry_ms,
     )
@@ -130,6 +145,7 @@ async def stats(request: Request) -> Response:
             "eventsDelivered": counters.events_delivered,
             "slowConsumerDisconnects": counters.slow_consumer_disconnects,
             "rejectedConnections": counters.rejected_connections,
+            "replayedEvents": counters.replayed_events,
         },
         "uptimeSeconds": round(time.time() - broker.started_at, 3),
     }
@@ -137,6 +153,8 @@ async def stats(request: Request) -> Response:
 
 
 async def post_message(request: Request) -> Response:
+    grant = authenticate(request)
+    grant.check_publish()  # 401/403 before the body is read
     content_type = request.headers.get("content-type", "")
     if content_type.split(";")[0].strip().lower() != "application/json":
         raise RequestError(415, "Content-Type must be application/json")
@@ -152,6 +170,7 @@ async def post_message(request: Request) -> Response:
     except ClientDisconnect:
         return Response(status_code=400)
     new = parse_new_message(bytes(body))
+    grant.check_write(new.session_id, new.robot_id)
     message = await _broker(request).store.insert(
         new.session_id, new.content, new.robot_id, new.is_from_bot, new.is_human, new.intent
     )
@@ -166,6 +185,11 @@ async def readyz(request: Request) -> Response:
     if not _broker(request).listener.connected:
         return failure(503, "listener not connected", {"Retry-After": "1"})
     return JSONResponse({"success": True, "data": {"status": "ready"}})
+
+
+async def metrics(request: Request) -> Response:
+    body, content_type = render(request.app.state.metrics, request.headers.get("accept", ""))
+    return Response(body, media_type=content_type)
 
 
 async def index(request: Request) -> Response:

@@ -1,4 +1,4 @@
-"""`broker serve | migrate | publish`: the command line.
+"""`broker serve | migrate | publish | token`: the command line.
 
 Every `serve` flag mirrors a setting of `config.OPTIONS`; flags win over the environment.
 With no database URL, each command uses the embedded PostgreSQL under `--data-dir`, starting
@@ -22,12 +22,15 @@ import structlog
 import uvicorn
 
 from .app import create_app
+from .auth import Authenticator
 from .config import OPTIONS, Settings
 from .database import EmbeddedPostgres, migrate
 from .errors import BrokerError
+from .guard import log_exposure
 from .log import configure
 from .service import Broker
 from .store import Store
+from .transport import limited_protocol, listen_sockets
 
 __all__ = ["main"]
 
@@ -54,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             with _database(settings) as url:
                 migrate(url)
             return 0
+        if args.command == "token":
+            return _token(settings, args)
         return _publish(settings, args.session, args.robot, args.text)
     except BrokerError as exc:
         print(f"broker: {exc}", file=sys.stderr)
@@ -82,6 +87,13 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("--session", required=True, help="sessionId of the message")
     publish.add_argument("--robot", help="robotId of the message")
     publish.add_argument("text", help="the message content")
+    token = commands.add_parser(
+        "token", help="print a signed token (signed with the first BROKER_AUTH_SECRET)"
+    )
+    token.add_argument("--sessions", required=True, help="comma-separated sessionIds, or '*'")
+    token.add_argument("--robots", default="*", help="comma-separated robotIds, or '*' (default)")
+    token.add_argument("--publish", action="store_true", help="allow POST /api/messages")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds until expiry (3600)")
     return parser
 
 
@@ -125,6 +137,8 @@ def _serve(settings: Settings) -> int:
             app,
             host=settings.host,
             port=settings.port,
+            http=limited_protocol(settings),  # header timeout and size (slowloris)
+            proxy_headers=False,  # X-Forwarded-For: only BROKER_TRUSTED_PROXIES (guard.py)
             log_config=None,
             access_log=False,
             timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or 1,
@@ -136,9 +150,23 @@ def _serve(settings: Settings) -> int:
         # lets a graceful stop exit 0 as the contract says.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)
-        server.run()
+        log_exposure(settings)
+        server.run(sockets=listen_sockets(settings))  # public + admin port, if any
         log.info("stopped")
         return 0 if server.started else 1
+
+
+def _token(settings: Settings, args: argparse.Namespace) -> int:
+    def ids(text: str) -> list[str] | str:
+        return "*" if text.strip() == "*" else [p.strip() for p in text.split(",") if p.strip()]
+
+    if args.ttl < 1:
+        raise BrokerError("--ttl must be at least 1 second")
+    token = Authenticator(settings.auth_secret).mint(
+        ids(args.sessions), ids(args.robots), publish=args.publish, ttl_seconds=args.ttl
+    )
+    sys.stdout.write(token + "\n")
+    return 0
 
 
 def _publish(settings: Settings, session: str, robot: str | None, text: str) -> int:

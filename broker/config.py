@@ -8,11 +8,13 @@ raises `ConfigError` with a one-line message naming the setting.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
@@ -43,9 +45,74 @@ def _positive_float(text: str) -> float:
 def _origins(text: str) -> tuple[str, ...]:
     origins = tuple(part.strip() for part in text.split(",") if part.strip())
     for origin in origins:
-        if origin != "*" and not origin.startswith(("http://", "https://")):
-            raise ValueError(f"{origin!r} is not '*' or an http(s):// origin")
+        if origin != "*" and not _is_origin(origin):
+            raise ValueError(f"{origin!r} is not '*' or an exact origin like https://host[:port]")
     return origins
+
+
+def _is_origin(text: str) -> bool:
+    """An exact browser origin: scheme and host (and port), nothing else. The CORS check
+    compares strings, so a trailing slash or a path would silently never match."""
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 -- raises ValueError on a bad port
+    except ValueError:
+        return False
+    return (
+        parts.scheme in ("http", "https")
+        and bool(parts.hostname)
+        and "@" not in parts.netloc
+        and not (parts.path or parts.query or parts.fragment)
+        and text == f"{parts.scheme}://{parts.netloc}"
+    )
+
+
+MIN_SECRET_BYTES = 32  # HS256: a key shorter than the hash output weakens it
+MIN_ADMIN_TOKEN_LENGTH = 16
+
+
+def _secrets(text: str) -> tuple[str, ...]:
+    # Messages here never quote the value: it is a secret.
+    secrets = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not secrets:
+        raise ValueError("must list at least one secret")
+    if any(len(secret.encode()) < MIN_SECRET_BYTES for secret in secrets):
+        raise ValueError(f"each comma-separated secret must be at least {MIN_SECRET_BYTES} bytes")
+    return secrets
+
+
+def _admin_token(text: str) -> str:
+    if len(text) < MIN_ADMIN_TOKEN_LENGTH:
+        raise ValueError(f"must be at least {MIN_ADMIN_TOKEN_LENGTH} characters")
+    if not all("!" <= char <= "~" for char in text):
+        raise ValueError("must be printable ASCII without spaces (it travels in a header)")
+    return text
+
+
+def _admin_port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise ValueError("must be a port number from 1 to 65535")
+    return value
+
+
+def _networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for part in (part.strip() for part in text.split(",")):
+        if not part:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ValueError(f"{part!r} is not an IP address or CIDR network") from None
+    return tuple(networks)
+
+
+def _header_bytes(text: str) -> int:
+    value = int(text)
+    if value < 1024:
+        raise ValueError("must be at least 1024")
+    return value
 
 
 def _log_format(text: str) -> str:
@@ -75,6 +142,7 @@ class Option:
     env: str
     parse: Callable[[str], Any]
     help: str
+    secret: bool = False  # never echo the value in an error message
 
     @property
     def flag(self) -> str:
@@ -127,6 +195,51 @@ OPTIONS: tuple[Option, ...] = (
         _positive_float,
         "seconds given to streams to close on SIGTERM",
     ),
+    Option(
+        "auth_secret",
+        "BROKER_AUTH_SECRET",
+        _secrets,
+        "comma-separated HS256 secrets: the first signs, all verify; unset: no auth",
+        secret=True,
+    ),
+    Option(
+        "admin_token",
+        "BROKER_ADMIN_TOKEN",
+        _admin_token,
+        "bearer token required by /api/sse/stats and /metrics",
+        secret=True,
+    ),
+    Option(
+        "admin_port",
+        "BROKER_ADMIN_PORT",
+        _admin_port,
+        "separate port serving /api/sse/stats and /metrics (404 on the public port)",
+    ),
+    Option("admin_host", "BROKER_ADMIN_HOST", _text, "address of the admin port (default: host)"),
+    Option(
+        "max_streams_per_ip",
+        "BROKER_MAX_STREAMS_PER_IP",
+        _positive_int,
+        "open streams per client address; one more is answered 429",
+    ),
+    Option(
+        "trusted_proxies",
+        "BROKER_TRUSTED_PROXIES",
+        _networks,
+        "comma-separated CIDRs whose X-Forwarded-For is believed",
+    ),
+    Option(
+        "header_timeout_seconds",
+        "BROKER_HEADER_TIMEOUT_SECONDS",
+        _positive_float,
+        "seconds a client has to send its request line and headers",
+    ),
+    Option(
+        "max_header_bytes",
+        "BROKER_MAX_HEADER_BYTES",
+        _header_bytes,
+        "largest request line plus headers; larger is answered 431",
+    ),
 )
 
 
@@ -147,6 +260,26 @@ class Settings:
     data_dir: Path = Path(".data")
     migrate: bool = True
     shutdown_grace_seconds: float = 10.0
+    auth_secret: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+    admin_token: str | None = dataclasses.field(default=None, repr=False)
+    admin_port: int | None = None
+    admin_host: str | None = None
+    max_streams_per_ip: int | None = None
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    header_timeout_seconds: float = 10.0
+    max_header_bytes: int = 16 * 1024
+
+    def __post_init__(self) -> None:
+        """Checks that span settings; each message names the setting to change."""
+        if self.auth_secret and "*" in self.cors_origins:
+            raise ConfigError(
+                "invalid BROKER_CORS_ORIGINS='*': refused while BROKER_AUTH_SECRET is set;"
+                " list the exact origins allowed"
+            )
+        if self.admin_port is not None and self.admin_port == self.port:
+            raise ConfigError(
+                f"invalid BROKER_ADMIN_PORT={self.admin_port}: must differ from BROKER_PORT"
+            )
 
     @classmethod
     def load(
@@ -178,9 +311,8 @@ class Settings:
             try:
                 values[option.field] = option.parse(raw[option.field])
             except ValueError as exc:
-                raise ConfigError(
-                    f"invalid {option.env}={raw[option.field]!r}: {_reason(exc)}"
-                ) from None
+                shown = "<hidden>" if option.secret else repr(raw[option.field])
+                raise ConfigError(f"invalid {option.env}={shown}: {_reason(exc)}") from None
         return dataclasses.replace(cls(), **values)
 
 

@@ -13,17 +13,21 @@ added between two notifications sees exactly the later one, which the replay mer
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from .errors import Unavailable
 from .events import Message, encode_heartbeat, encode_message
+from .journal import Journal
+from .latency import LatencyHistogram
 
 __all__ = ["GLOBAL_CHANNEL", "Event", "Hub", "HubCounters", "Subscriber", "channel_of"]
 
 GLOBAL_CHANNEL = "session_messages:global"
 SLOW_CONSUMER = "slow consumer: reconnect to resume"
+JOURNAL_SIZE = 50_000
 
 
 def channel_of(session_id: str | None) -> str:
@@ -33,10 +37,12 @@ def channel_of(session_id: str | None) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """Encoded bytes of one event, shared by its subscribers; `id` is the row id or 0."""
+    """Encoded bytes of one event, shared by its subscribers; `id` is the row id or 0.
+    `born` is the `time.perf_counter()` of its routing (0 for heartbeats), for latency."""
 
     id: int
     data: bytes
+    born: float = 0.0
 
 
 class Subscriber:
@@ -128,6 +134,8 @@ class HubCounters:
     events_delivered: int = 0
     slow_consumer_disconnects: int = 0
     rejected_connections: int = 0
+    replayed_events: int = 0
+    delivery_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
 
 @dataclass(slots=True)
@@ -136,6 +144,7 @@ class Hub:
 
     max_subscribers: int
     queue_size: int
+    journal: Journal = field(default_factory=lambda: Journal(JOURNAL_SIZE))
     counters: HubCounters = field(default_factory=HubCounters)
     _by_session: dict[str, set[Subscriber]] = field(default_factory=dict)
     _global: set[Subscriber] = field(default_factory=set)
@@ -172,7 +181,8 @@ class Hub:
 
     def publish(self, message: Message) -> int:
         """Route one message to every matching subscriber; returns how many queued it."""
-        event = Event(message.id, encode_message(message))
+        self.journal.append(message.id, message.session_id, message.robot_id)
+        event = Event(message.id, encode_message(message), time.perf_counter())
         delivered = 0
         for subscriber in self._candidates(message.session_id):
             if subscriber.robot_id is not None and subscriber.robot_id != message.robot_id:

@@ -7,7 +7,7 @@ reconnects with capped, jittered backoff, LISTENs again, and then backfills from
 row with an id above the highest it delivered, before any notification that arrived meanwhile:
 so rows committed during the outage reach their subscribers once, in order.
 
-A bounded set of recently delivered ids removes the overlap between the backfill and the
+The hub's journal of delivered rows removes the overlap between the backfill and the
 notifications of rows committed while it ran.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
 
 import psycopg
 import structlog
@@ -32,26 +31,8 @@ CHANNEL = "pgsse_messages"
 HEALTH_CHECK_SECONDS = 5.0
 HEALTH_CHECK_TIMEOUT = 5.0
 BACKFILL_PAGE = 1_000
-RECENT_IDS = 100_000
 
 log = structlog.get_logger("broker.listener")
-
-
-class RecentIds:
-    """The last `size` ids delivered, for exactly-once delivery across a backfill."""
-
-    def __init__(self, size: int) -> None:
-        self._ids: OrderedDict[int, None] = OrderedDict()
-        self._size = size
-
-    def add(self, message_id: int) -> bool:
-        """Remember `message_id`; False if it was already there."""
-        if message_id in self._ids:
-            return False
-        self._ids[message_id] = None
-        if len(self._ids) > self._size:
-            self._ids.popitem(last=False)
-        return True
 
 
 class Listener:
@@ -61,8 +42,8 @@ class Listener:
         self._url = url
         self._hub = hub
         self._store = store
-        self._recent = RecentIds(RECENT_IDS)
         self._last_id: int | None = None
+        self._floor = 0  # rows up to this id were committed before the first LISTEN
         self.connected = False
         self.reconnects = 0
         self.notifications = 0
@@ -96,7 +77,7 @@ class Listener:
         ) as conn:
             await conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(CHANNEL)))
             if self._last_id is None:
-                self._last_id = await self._store.last_id()
+                self._last_id = self._floor = await self._store.last_id()
             else:
                 await self._backfill()
                 self.reconnects += 1
@@ -113,20 +94,25 @@ class Listener:
                 await asyncio.wait_for(conn.execute("SELECT 1"), HEALTH_CHECK_TIMEOUT)
 
     async def _backfill(self) -> None:
-        """Deliver every row committed after the last one seen (notifications wait meanwhile)."""
+        """Deliver every row committed while the connection was down, in id order.
+
+        Rows are looked for above the oldest id the journal still holds, not only above the
+        last id delivered: a transaction that drew its id before that row and committed
+        during the outage is found too. Notifications wait in the connection meanwhile; the
+        journal drops the ones the backfill already delivered.
+        """
         assert self._last_id is not None
-        start = cursor = self._last_id
-        rows = 0
-        while True:
-            page = await self._store.after(cursor, BACKFILL_PAGE)
-            for message in page:
-                self._deliver(message)
-            rows += len(page)
-            if len(page) < BACKFILL_PAGE:
-                break
-            cursor = page[-1].id
-        self.backfilled += rows
-        log.info("listener_backfilled", after_id=start, rows=rows)
+        oldest = self._hub.journal.oldest_id
+        floor = self._last_id if oldest is None else max(self._floor, oldest)
+        missing = [i for i in await self._store.ids_after(floor) if i not in self._hub.journal]
+        for start in range(0, len(missing), BACKFILL_PAGE):
+            page = missing[start : start + BACKFILL_PAGE]
+            rows = await self._store.by_ids(page)
+            for message_id in page:
+                if message_id in rows:
+                    self._deliver(rows[message_id])
+        self.backfilled += len(missing)
+        log.info("listener_backfilled", after_id=floor, rows=len(missing))
 
     async def _handle(self, payload: str) -> None:
         try:
@@ -146,7 +132,7 @@ class Listener:
     def _deliver(self, message: Message) -> None:
         if self._last_id is None or message.id > self._last_id:
             self._last_id = message.id
-        if self._recent.add(message.id):
+        if message.id not in self._hub.journal:
             self._hub.publish(message)
 
     def _set_down(self, exc: BaseException) -> None:

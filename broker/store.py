@@ -49,6 +49,8 @@ class Store:
             open=False,
             kwargs={"autocommit": True},
             name="pgsse-store",
+            # A connection that died while idle (PostgreSQL restarted) is replaced on checkout.
+            check=AsyncConnectionPool.check_connection,
         )
         await pool.open(wait=False)
         try:
@@ -98,18 +100,33 @@ class Store:
         query = sql.SQL("SELECT {} FROM messages WHERE {} ORDER BY id LIMIT %s").format(
             COLUMNS, sql.SQL(" AND ").join(conditions)
         )
-        try:
-            async with self._pool.connection() as conn:
-                cursor = await conn.execute(query, params)
-                return [Message.from_row(row) for row in await cursor.fetchall()]
-        except (psycopg.Error, PoolTimeout) as exc:
-            raise DatabaseUnavailable(exc) from exc
+        return [Message.from_row(row) for row in await self._all(query, tuple(params))]
+
+    async def by_ids(self, ids: list[int]) -> dict[int, Message]:
+        """The rows of `ids` that exist, by id."""
+        query = sql.SQL("SELECT {} FROM messages WHERE id = ANY(%s)").format(COLUMNS)
+        rows = await self._all(query, (ids,))
+        return {message.id: message for message in map(Message.from_row, rows)}
+
+    async def ids_after(self, after_id: int) -> list[int]:
+        """Every id above `after_id`, in order (for the listener's backfill)."""
+        query = sql.SQL("SELECT id FROM messages WHERE id > %s ORDER BY id")
+        return [int(row[0]) for row in await self._all(query, (after_id,))]
 
     async def last_id(self) -> int:
         """The highest id committed so far, 0 for an empty table."""
         row = await self._one(sql.SQL("SELECT coalesce(max(id), 0) FROM messages"), ())
         assert row is not None
         return int(row[0])
+
+    async def _all(self, query: sql.Composable, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        try:
+            async with self._pool.connection() as conn:
+                cursor = await conn.execute(query, params)
+                rows: list[tuple[Any, ...]] = await cursor.fetchall()
+                return rows
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise DatabaseUnavailable(exc) from exc
 
     async def _one(self, query: sql.Composable, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
         try:

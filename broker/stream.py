@@ -6,15 +6,19 @@ that waits for `http.disconnect`, so a vanished client is noticed at once rather
 next write. The subscriber is registered before the response starts (so the 503 of a full
 process is an ordinary answer) and removed when it ends, whatever ends it.
 
-Resume: the subscriber already queues live events when the replay query runs, so a row
-committed during the replay is either in the replay or in the queue; rows sent by the replay
-are dropped from the queue by id. Every event queued since the last write goes out in one
-write.
+Resume: the subscriber already queues live events when the replay runs, so a row committed
+during the replay is either in the replay or in the queue; rows sent by the replay are dropped
+from the queue by id. When the hub's journal holds the resume id, the replay is the journal's
+list of rows delivered after it (exact, in commit order), taken in the same event-loop step as
+the subscription; otherwise it reads the table by id. Every event queued since the last write
+goes out in one write.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Any
 
 import anyio
@@ -22,7 +26,7 @@ import structlog
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from .events import encode_connected, encode_error, encode_message, encode_retry
+from .events import Message, encode_connected, encode_error, encode_message, encode_retry
 from .hub import Hub, Subscriber
 from .store import DatabaseUnavailable, Store
 
@@ -50,6 +54,8 @@ class EventStreamResponse(Response):
         subscriber: Subscriber,
         *,
         last_event_id: int | None,
+        journal_ids: list[int] | None,
+        journal_mark: int,
         replay_limit: int,
         retry_ms: int,
     ) -> None:
@@ -61,6 +67,8 @@ class EventStreamResponse(Response):
         self.store = store
         self.subscriber = subscriber
         self.last_event_id = last_event_id
+        self.journal_ids = journal_ids
+        self.journal_mark = journal_mark
         self.replay_limit = replay_limit
         self.retry_ms = retry_ms
         self.events_sent = 0
@@ -116,46 +124,74 @@ class EventStreamResponse(Response):
                 encode_retry(self.retry_ms)
                 + encode_connected(subscriber.session_id, subscriber.robot_id),
             )
-            replayed_ids: set[int] = set()
+            queued_twice: set[int] = set()
             if self.last_event_id is not None:
                 try:
-                    replayed_ids = await self._replay(send)
+                    queued_twice = self._published_since_subscribed(await self._replay(send))
                 except DatabaseUnavailable:
                     subscriber.close(REPLAY_FAILED)
             while not subscriber.closed:
                 await subscriber.wait()
                 events = subscriber.take()
-                if replayed_ids:
-                    events = [event for event in events if event.id not in replayed_ids]
-                    replayed_ids = set()
+                if queued_twice:
+                    events = [event for event in events if not _seen(event.id, queued_twice)]
                 if events:
                     self.events_sent += len(events)
                     await self._write(send, b"".join(event.data for event in events))
+                    latency = self.hub.counters.delivery_latency
+                    latency.observe_since(event.born for event in events if event.born)
         await self._finish(send)
 
     async def _replay(self, send: Send) -> set[int]:
-        """Send stored rows after `last_event_id`; returns their ids. At the replay limit,
-        closes the subscriber so the client reconnects from the last row it got."""
-        subscriber = self.subscriber
-        cursor = self.last_event_id or 0
+        """Send the rows the client missed; returns their ids. At the replay limit, closes
+        the subscriber so the client reconnects from the last row it got."""
         sent: set[int] = set()
+        async with aclosing(self._missed_rows()) as pages:
+            async for page in pages:
+                room = self.replay_limit - self.replayed
+                over_limit = len(page) > room
+                page = page[:room]
+                if page:
+                    await self._write(send, b"".join(encode_message(row) for row in page))
+                    sent.update(row.id for row in page)
+                    self.replayed += len(page)
+                    self.hub.counters.replayed_events += len(page)
+                    self.events_sent += len(page)
+                if over_limit:
+                    self.subscriber.close(REPLAY_LIMIT_REACHED)
+                    break
+        return sent
+
+    def _published_since_subscribed(self, replayed: set[int]) -> set[int]:
+        """The replayed rows that also reach the queue: those the hub published after this
+        subscriber joined, or has yet to publish (a row is often read by the replay before
+        its notification arrives). Rows published before it joined never will."""
+        journal = self.hub.journal
+        return {
+            row_id
+            for row_id in replayed
+            if (position := journal.position(row_id)) is None or position >= self.journal_mark
+        }
+
+    async def _missed_rows(self) -> AsyncGenerator[list[Message], None]:
+        """Pages of rows after `last_event_id` that match the filter, in delivery order:
+        from the journal's ids when it holds `last_event_id`, else by id from the table."""
+        subscriber = self.subscriber
+        if self.journal_ids is not None:
+            ids = self.journal_ids[: self.replay_limit + 1]
+            for start in range(0, len(ids), REPLAY_PAGE):
+                wanted = ids[start : start + REPLAY_PAGE]
+                rows = await self.store.by_ids(wanted)
+                yield [rows[i] for i in wanted if i in rows]
+            return
+        cursor = self.last_event_id or 0
         while True:
             want = min(REPLAY_PAGE, self.replay_limit + 1 - self.replayed)
             page = await self.store.after(cursor, want, subscriber.session_id, subscriber.robot_id)
-            over_limit = self.replayed + len(page) > self.replay_limit
-            if over_limit:
-                page = page[: self.replay_limit - self.replayed]
-            if page:
-                await self._write(send, b"".join(encode_message(message) for message in page))
-                cursor = page[-1].id
-                sent.update(message.id for message in page)
-                self.replayed += len(page)
-                self.events_sent += len(page)
-            if over_limit:
-                subscriber.close(REPLAY_LIMIT_REACHED)
-                return sent
+            yield page
             if len(page) < want:
-                return sent
+                return
+            cursor = page[-1].id
 
     async def _finish(self, send: Send) -> None:
         """Tell the client why the stream ends, if the broker ends it, then end the body."""
@@ -169,3 +205,11 @@ class EventStreamResponse(Response):
     async def _write(send: Send, body: bytes) -> None:
         message: dict[str, Any] = {"type": "http.response.body", "body": body, "more_body": True}
         await send(message)
+
+
+def _seen(event_id: int, ids: set[int]) -> bool:
+    """True, once, for each id in `ids`, which shrinks to nothing as they arrive."""
+    if event_id in ids:
+        ids.discard(event_id)
+        return True
+    return False

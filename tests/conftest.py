@@ -7,6 +7,8 @@ session ids (`session_id`), never by emptying the table.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -58,14 +60,18 @@ class Database:
 
 
 @pytest.fixture(scope="session")
-def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
-    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
+def database() -> Iterator[Database]:
+    # Not in pytest's numbered temp dirs: pytest prunes old ones, and a concurrent session
+    # (two developers' runs on one machine) could prune the directory of a running cluster.
+    root = Path(tempfile.mkdtemp(prefix="pgsse-test-"))
+    server = EmbeddedPostgres(root / "data")
     server.start()
     migrate(server.url)
     try:
         yield Database(server)
     finally:
         server.stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
@@ -51,8 +52,11 @@ class SSEClient:
         headers: dict[str, str] | None = None,
         host: str = "127.0.0.1",
         timeout: float = 10.0,
+        tls: ssl.SSLContext | None = None,
     ) -> SSEClient:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=tls), timeout
+        )
         target = path + ("?" + urlencode(params) if params else "")
         lines = [f"GET {target} HTTP/1.1", f"Host: {host}:{port}", "Accept: text/event-stream"]
         lines += [f"{name}: {value}" for name, value in (headers or {}).items()]

@@ -1,0 +1,212 @@
+"""Signed subscription tokens: who may read which sessions and robots, and who may publish.
+
+A token is a JWT signed with HS256 by one of the secrets of `BROKER_AUTH_SECRET` (the first
+signs, every one verifies, so a secret can be rotated without cutting anyone off). Its claims:
+
+    sessions  list of session ids, or "*" for every session (needed by the global stream)
+    robots    list of robot ids, or "*" (the default) for every robot
+    publish   true to allow `POST /api/messages` within the same sessions and robots
+    exp       expiry, seconds since the epoch (required)
+
+With no secret configured the broker runs open: `Authenticator.authenticate` grants
+everything. The token itself is never logged; `fingerprint` gives the first 8 hex digits of its
+SHA-256, which is bound to the request's log lines as `token`.
+
+Failures raise `Unauthorized` (401: missing, malformed, expired, wrong signature, bad claims)
+or `Forbidden` (403: a valid token that does not cover the request), whose messages are fixed
+strings that never quote the token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+import structlog
+from starlette.requests import Request
+
+from .errors import ConfigError, Forbidden, Unauthorized
+
+__all__ = ["ALGORITHM", "OPEN", "Authenticator", "Grant", "authenticate", "fingerprint"]
+
+ALGORITHM = "HS256"
+LEEWAY_SECONDS = 5  # clock skew between the app backend that mints and this broker
+MAX_CLAIM_ITEMS = 1000
+
+log = structlog.get_logger("broker.auth")
+
+
+def fingerprint(token: str) -> str:
+    """A short, stable, non-reversible name for a token, safe to log."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a request may do. `None` for sessions or robots means every one ("*")."""
+
+    sessions: frozenset[str] | None
+    robots: frozenset[str] | None
+    publish: bool
+    token: str | None = None  # the fingerprint, for logs
+
+    def check_read(self, session_id: str | None, robot_id: str | None) -> None:
+        """Allow a stream of `session_id` (None: global) narrowed to `robot_id`, or 403."""
+        if session_id is None and self.sessions is not None:
+            raise Forbidden('token does not allow the global stream: it needs sessions "*"')
+        if session_id is not None and not _covers(self.sessions, session_id):
+            raise Forbidden("token does not allow this sessionId")
+        if robot_id is None and self.robots is not None:
+            raise Forbidden("token allows only some robots: give a robotId it lists")
+        if robot_id is not None and not _covers(self.robots, robot_id):
+            raise Forbidden("token does not allow this robotId")
+
+    def check_publish(self) -> None:
+        """Allow publishing at all, or 403 (before the body is read)."""
+        if not self.publish:
+            raise Forbidden("token does not allow publishing")
+
+    def check_write(self, session_id: str, robot_id: str | None) -> None:
+        """Allow one new message in `session_id` from `robot_id`, or 403."""
+        self.check_publish()
+        if not _covers(self.sessions, session_id):
+            raise Forbidden("token does not allow publishing to this sessionId")
+        if self.robots is not None and (robot_id is None or robot_id not in self.robots):
+            raise Forbidden("token does not allow publishing as this robotId")
+
+
+OPEN = Grant(sessions=None, robots=None, publish=True)
+
+
+def _covers(allowed: frozenset[str] | None, value: str) -> bool:
+    return allowed is None or value in allowed
+
+
+class Authenticator:
+    """Verifies and mints tokens with the configured secrets; open when there are none."""
+
+    def __init__(self, secrets: Sequence[str]) -> None:
+        self.secrets = tuple(secrets)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.secrets)
+
+    def mint(
+        self,
+        sessions: Iterable[str] | str,
+        robots: Iterable[str] | str = "*",
+        publish: bool = False,
+        ttl_seconds: float = 3600,
+        now: float | None = None,
+    ) -> str:
+        """A token signed with the first secret. Raises `ConfigError` with no secret."""
+        if not self.secrets:
+            raise ConfigError("BROKER_AUTH_SECRET is not set: there is no secret to sign with")
+        issued = int(time.time() if now is None else now)
+        claims = {
+            "sessions": sessions if isinstance(sessions, str) else list(sessions),
+            "robots": robots if isinstance(robots, str) else list(robots),
+            "publish": publish,
+            "iat": issued,
+            "exp": issued + int(ttl_seconds),
+        }
+        return jwt.encode(claims, self.secrets[0], algorithm=ALGORITHM)
+
+    def verify(self, token: str) -> Grant:
+        """The grant a token carries. Raises `Unauthorized` for anything but a valid token."""
+        claims = self._decode(token)
+        return Grant(
+            sessions=_scope(claims, "sessions", default=[]),
+            robots=_scope(claims, "robots", default="*"),
+            publish=_flag(claims, "publish"),
+            token=fingerprint(token),
+        )
+
+    def _decode(self, token: str) -> dict[str, Any]:
+        for secret in self.secrets:
+            try:
+                claims: dict[str, Any] = jwt.decode(
+                    token,
+                    secret,
+                    algorithms=[ALGORITHM],  # never "none", never an algorithm the token picks
+                    options={"require": ["exp"]},
+                    leeway=LEEWAY_SECONDS,
+                )
+            except jwt.InvalidSignatureError:
+                continue  # maybe signed with another of the secrets
+            except jwt.ExpiredSignatureError:
+                raise Unauthorized("token expired") from None
+            except jwt.MissingRequiredClaimError:
+                raise Unauthorized("token has no exp claim") from None
+            except (jwt.PyJWTError, ValueError, TypeError, OverflowError):
+                raise Unauthorized("token malformed") from None
+            if not isinstance(claims, dict):
+                raise Unauthorized("token malformed")
+            return claims
+        raise Unauthorized("token signature invalid")
+
+    def authenticate(self, request: Request, *, query: bool) -> Grant:
+        """The grant of the request's token: from `Authorization: Bearer`, or (when `query`)
+        from the `token` query parameter, which `EventSource` needs since it cannot send
+        headers. Open mode grants everything. Raises `Unauthorized`."""
+        if not self.enabled:
+            return OPEN
+        token: str | None = None
+        try:
+            token = _bearer(request.headers.get("authorization"))
+            if token is None and query:
+                token = request.query_params.get("token") or None
+            if token is None:
+                where = "Authorization: Bearer <token> or ?token=" if query else "Authorization"
+                raise Unauthorized(f"token required: {where}")
+            grant = self.verify(token)
+        except Unauthorized as exc:
+            log.info(
+                "auth_refused",
+                reason=exc.message,
+                token=None if token is None else fingerprint(token),
+                path=request.scope.get("path"),
+            )
+            raise
+        structlog.contextvars.bind_contextvars(token=grant.token)
+        return grant
+
+
+def authenticate(request: Request, *, query: bool = False) -> Grant:
+    """The grant of `request` under the app's `Authenticator` (`app.state.auth`)."""
+    authenticator: Authenticator = request.app.state.auth
+    return authenticator.authenticate(request, query=query)
+
+
+def _bearer(header: str | None) -> str | None:
+    if header is None:
+        return None
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise Unauthorized("Authorization must be: Bearer <token>")
+    return value.strip()
+
+
+def _scope(claims: dict[str, Any], name: str, default: Any) -> frozenset[str] | None:
+    value = claims.get(name, default)
+    if value == "*":
+        return None
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_CLAIM_ITEMS
+        or not all(isinstance(item, str) for item in value)
+    ):
+        raise Unauthorized(f'token claim {name} must be "*" or a list of strings')
+    return frozenset(value)
+
+
+def _flag(claims: dict[str, Any], name: str) -> bool:
+    value = claims.get(name, False)
+    if not isinstance(value, bool):
+        raise Unauthorized(f"token claim {name} must be true or false")
+    return value

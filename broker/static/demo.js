@@ -1,0 +1,194 @@
+// The demo page at GET /: one sse-client.js client, rendered into plain DOM.
+// The URL query sets the form (?sessionId=…&robotId=…) and, for trying failure modes,
+// the client's reconnectInterval, maxReconnectInterval and maxReconnectAttempts.
+
+import { createSSEClient } from "./sse-client.js";
+
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+const number = (name, fallback) => {
+  const value = Number(params.get(name));
+  return params.has(name) && Number.isFinite(value) && value >= 0 ? value : fallback;
+};
+const settings = {
+  reconnectInterval: number("reconnectInterval", 1000),
+  maxReconnectInterval: number("maxReconnectInterval", 15000),
+  maxReconnectAttempts: number("maxReconnectAttempts", 10),
+};
+
+let client = null;
+let unsubscribe = null;
+let wanted = false;
+const items = new Map(); // message id -> its <li>
+
+const timeFormat = new Intl.DateTimeFormat(undefined, {
+  hour: "2-digit",
+  minute: "2-digit",
+  second: "2-digit",
+});
+
+function start() {
+  stop();
+  const sessionId = $("session").value.trim();
+  const robotId = $("robot").value.trim();
+  const query = new URLSearchParams(params);
+  query.set("sessionId", sessionId);
+  if (robotId) query.set("robotId", robotId);
+  else query.delete("robotId");
+  history.replaceState(null, "", `?${query}`);
+
+  for (const li of items.values()) li.remove();
+  items.clear();
+  client = createSSEClient({ sessionId, robotId: robotId || null, ...settings });
+  unsubscribe = client.subscribe(render);
+  wanted = true;
+  client.connect();
+}
+
+function stop() {
+  wanted = false;
+  if (client) client.disconnect();
+  if (unsubscribe) unsubscribe();
+  unsubscribe = null;
+  render(client ? client.getSnapshot() : null);
+}
+
+function render(state) {
+  const status = $("status");
+  const text = $("status-text");
+  if (!state) {
+    status.dataset.state = "idle";
+    text.textContent = "Not connected";
+    return;
+  }
+  if (state.connected) {
+    status.dataset.state = "connected";
+    text.textContent = "Connected";
+  } else if (wanted && client.reconnecting) {
+    status.dataset.state = "reconnecting";
+    text.textContent = "Reconnecting…";
+  } else if (wanted && state.reconnectAttempts === 0 && !state.error) {
+    status.dataset.state = "connecting";
+    text.textContent = "Connecting…";
+  } else {
+    status.dataset.state = state.error ? "failed" : "idle";
+    text.textContent = "Disconnected";
+  }
+  $("reconnects").textContent = String(state.reconnectAttempts);
+  const error = $("error");
+  error.hidden = !state.error;
+  error.textContent = state.error || "";
+  renderMessages(state.messages);
+}
+
+function renderMessages(messages) {
+  const list = $("messages");
+  const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
+  const keep = new Set(messages.map((message) => message.id));
+  for (const [id, li] of items) {
+    if (!keep.has(id)) {
+      li.remove();
+      items.delete(id);
+    }
+  }
+  let previous = null;
+  for (const message of messages) {
+    let li = items.get(message.id);
+    if (!li) {
+      li = messageItem(message);
+      items.set(message.id, li);
+    }
+    const expected = previous ? previous.nextSibling : list.firstChild;
+    if (expected !== li) list.insertBefore(li, expected);
+    previous = li;
+  }
+  $("count").textContent = String(messages.length);
+  if (nearBottom) list.scrollTop = list.scrollHeight;
+}
+
+function element(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function messageItem(message) {
+  const li = element("li", `message ${message.isFromBot ? "bot" : "human"}`);
+  li.dataset.id = message.id;
+  const meta = element("div", "meta");
+  meta.append(element("span", "author", message.isFromBot ? "Bot" : "Human"));
+  if (message.robotId) meta.append(element("span", "tag robot", message.robotId));
+  if (message.intent) meta.append(element("span", "tag intent", message.intent));
+  const time = element("time");
+  const created = new Date(message.createdAt);
+  time.dateTime = message.createdAt;
+  time.title = message.createdAt;
+  time.textContent = Number.isNaN(created.getTime()) ? "" : timeFormat.format(created);
+  meta.append(time);
+  li.append(meta, element("p", "content", message.content));
+  return li;
+}
+
+async function send(event) {
+  event.preventDefault();
+  const sessionId = $("session").value.trim();
+  const content = $("content").value;
+  if (!sessionId || !content.trim()) return;
+  const asBot = $("as-bot").checked;
+  const body = { sessionId, content, isFromBot: asBot, isHuman: !asBot };
+  const robotId = $("robot").value.trim();
+  const intent = $("intent").value.trim();
+  if (robotId) body.robotId = robotId;
+  if (intent) body.intent = intent;
+
+  const button = $("send-button");
+  const status = $("send-status");
+  button.disabled = true;
+  status.classList.remove("failed");
+  status.textContent = "Sending…";
+  try {
+    const response = await fetch("/api/messages", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    const answer = await response.json().catch(() => ({}));
+    if (response.status !== 201 || !answer.success) {
+      throw new Error(answer.error || `HTTP ${response.status}`);
+    }
+    status.textContent = `Sent as message ${answer.data.id}.`;
+    $("content").value = "";
+  } catch (error) {
+    status.classList.add("failed");
+    status.textContent = `Not sent: ${error.message}`;
+  } finally {
+    button.disabled = false;
+    $("content").focus();
+  }
+}
+
+$("session").value = params.get("sessionId") || "demo";
+$("robot").value = params.get("robotId") || "";
+$("subscribe").addEventListener("submit", (event) => {
+  event.preventDefault();
+  start();
+});
+$("disconnect").addEventListener("click", stop);
+$("clear").addEventListener("click", () => client && client.clearMessages());
+$("send").addEventListener("submit", send);
+$("content").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    $("send").requestSubmit();
+  }
+});
+
+// For tests and the browser console.
+window.pgsse = {
+  get client() {
+    return client;
+  },
+};
+
+start();

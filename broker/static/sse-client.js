@@ -1,0 +1,255 @@
+// pgsse browser client: a dependency-free ES module over EventSource.
+//
+//   import { createSSEClient } from "/static/sse-client.js";
+//   const client = createSSEClient({ sessionId: "123", onMessage: (m) => console.log(m) });
+//   client.connect();
+//
+// Why not rely on EventSource's own reconnect: it gives up for good on an HTTP error (the
+// broker's 503 at its connection cap, a 502 from a proxy) and after such a failure nobody
+// resumes. So on every failure this client closes the EventSource itself and opens a new one
+// after a delay (backoff with jitter), up to `maxReconnectAttempts` consecutive failures, and
+// every new stream asks the broker to replay from the last id seen (`lastEventId` query
+// parameter), so neither an outage nor a manual disconnect()/connect() loses a message.
+// The broker's own `error` events ("slow consumer", "server shutting down", "replay limit
+// reached") end a stream on purpose; the client reconnects from its last id in the same way.
+//
+// Messages are kept deduplicated by id, in id order, at most `maxMessages` of them (the
+// oldest go first). State: `connected`, `messages`, `error` (a string or null),
+// `reconnectAttempts` (consecutive failed attempts, 0 once connected).
+
+const DEFAULTS = {
+  baseUrl: "",
+  sessionId: null,
+  robotId: null,
+  reconnectInterval: 3000,
+  maxReconnectInterval: 30000,
+  maxReconnectAttempts: 5,
+  autoReconnect: true,
+  maxMessages: 500,
+  lastEventId: null,
+  onMessage: null,
+  onConnected: null,
+  onDisconnected: null,
+  onError: null,
+  EventSource: null,
+};
+
+// Row ids are decimal strings of up to 19 digits, beyond a double's exact range: compare them
+// as strings (a longer canonical decimal is larger).
+export function compareIds(a, b) {
+  const x = String(a);
+  const y = String(b);
+  if (x.length !== y.length) return x.length - y.length;
+  return x < y ? -1 : x > y ? 1 : 0;
+}
+
+const RESUMABLE = /^[0-9]{1,19}$/;
+
+export function createSSEClient(options = {}) {
+  const opts = { ...DEFAULTS };
+  for (const [key, value] of Object.entries(options)) {
+    if (value !== undefined) opts[key] = value;
+  }
+  const EventSourceImpl = opts.EventSource || globalThis.EventSource;
+
+  let source = null; // the open EventSource, if any
+  let timer = null; // the pending reconnect, if any
+  let wanted = false; // connect() called and not disconnect()
+  let lastEventId = RESUMABLE.test(String(opts.lastEventId ?? "")) ? String(opts.lastEventId) : null;
+  let messages = [];
+  const ids = new Set();
+  let state = freeze({ connected: false, messages, error: null, reconnectAttempts: 0, lastEventId });
+  const listeners = new Set();
+
+  function freeze(value) {
+    return Object.freeze(value);
+  }
+
+  function update(changes) {
+    state = freeze({ ...state, ...changes, lastEventId });
+    for (const listener of [...listeners]) listener(state);
+  }
+
+  function call(name, ...args) {
+    const handler = opts[name];
+    if (typeof handler !== "function") return;
+    try {
+      handler(...args);
+    } catch (error) {
+      // A throwing callback must not break the stream; report it where developers look.
+      console.error(`pgsse: ${name} threw`, error);
+    }
+  }
+
+  function streamUrl() {
+    const params = new URLSearchParams();
+    if (opts.sessionId != null && opts.sessionId !== "") params.set("sessionId", opts.sessionId);
+    if (opts.robotId != null && opts.robotId !== "") params.set("robotId", opts.robotId);
+    if (lastEventId !== null) params.set("lastEventId", lastEventId);
+    const query = params.toString();
+    return `${String(opts.baseUrl).replace(/\/+$/, "")}/api/sse/messages${query ? `?${query}` : ""}`;
+  }
+
+  function open() {
+    timer = null;
+    const es = new EventSourceImpl(streamUrl());
+    let opened = false;
+    source = es;
+    es.onopen = () => {
+      opened = true;
+    };
+    es.onmessage = (event) => {
+      if (source === es) receive(event);
+    };
+    // EventSource cannot tell why: refused, unreachable, or an HTTP error such as 503.
+    es.onerror = () => {
+      if (source === es) lost(opened ? "connection lost" : "could not connect");
+    };
+  }
+
+  function close() {
+    if (source) {
+      source.onopen = null;
+      source.onmessage = null;
+      source.onerror = null;
+      source.close();
+      source = null;
+    }
+    if (timer !== null) {
+      clearTimeout(timer);
+      timer = null;
+    }
+  }
+
+  function receive(event) {
+    let body;
+    try {
+      body = JSON.parse(event.data);
+    } catch {
+      return; // not ours; the broker only sends JSON objects
+    }
+    switch (body && body.type) {
+      case "connected":
+        update({ connected: true, error: null, reconnectAttempts: 0 });
+        call("onConnected", body);
+        break;
+      case "message":
+        if (body.data) add(body.data, event.lastEventId);
+        break;
+      case "error":
+        // The broker ends this stream on purpose; resume from the last id on a new one.
+        lost(String(body.error || "stream closed by the server"), /^replay limit/.test(body.error));
+        break;
+      default:
+        break; // heartbeat, or a type this client does not know yet
+    }
+  }
+
+  function add(message, sseId) {
+    const id = String(message.id ?? sseId ?? "");
+    if (!RESUMABLE.test(id)) return;
+    if (lastEventId === null || compareIds(id, lastEventId) > 0) lastEventId = id;
+    if (ids.has(id)) return;
+    const full = messages.length >= opts.maxMessages;
+    if (full && messages.length > 0 && compareIds(id, messages[0].id) < 0) return;
+    const next = messages.slice();
+    let at = next.length;
+    while (at > 0 && compareIds(next[at - 1].id, id) > 0) at -= 1;
+    next.splice(at, 0, message);
+    ids.add(id);
+    while (next.length > Math.max(0, opts.maxMessages)) ids.delete(String(next.shift().id));
+    messages = next;
+    update({ messages });
+    call("onMessage", message);
+  }
+
+  function lost(reason, immediately = false) {
+    const wasConnected = state.connected;
+    close();
+    const changes = { connected: false };
+    let error = null;
+    if (wanted) {
+      const attempt = state.reconnectAttempts + 1;
+      const max = opts.maxReconnectAttempts;
+      if (opts.autoReconnect && attempt <= max) {
+        timer = setTimeout(open, immediately && attempt === 1 ? 0 : delay(attempt));
+        error = `${reason}: reconnecting (attempt ${attempt} of ${max})`;
+        changes.reconnectAttempts = attempt;
+      } else {
+        wanted = false;
+        error = opts.autoReconnect ? `${reason}: gave up after ${max} reconnect attempts` : reason;
+      }
+      changes.error = error;
+    }
+    update(changes);
+    if (wasConnected) call("onDisconnected", reason);
+    if (error !== null) call("onError", error);
+  }
+
+  // Exponential backoff from reconnectInterval, capped, with "equal jitter": a random delay
+  // in [d/2, d], so clients dropped together (a broker restart) do not return together.
+  function delay(attempt) {
+    const base = Math.min(opts.reconnectInterval * 2 ** (attempt - 1), opts.maxReconnectInterval);
+    return base / 2 + Math.random() * (base / 2);
+  }
+
+  const client = {
+    /** Open the stream (resuming after the last id seen). Resets the attempt count. */
+    connect() {
+      const wasConnected = state.connected;
+      wanted = true;
+      close();
+      update({ error: null, reconnectAttempts: 0, connected: false });
+      if (wasConnected) call("onDisconnected", "reconnecting");
+      open();
+    },
+    /** Close the stream and stop reconnecting; messages and the last id are kept. */
+    disconnect() {
+      const wasConnected = state.connected;
+      wanted = false;
+      close();
+      if (wasConnected || state.reconnectAttempts !== 0) {
+        update({ connected: false, reconnectAttempts: 0 });
+        if (wasConnected) call("onDisconnected", "disconnected");
+      }
+    },
+    /** Forget the messages held; the stream still resumes after the last id seen. */
+    clearMessages() {
+      messages = [];
+      ids.clear();
+      update({ messages });
+    },
+    /** Call `listener(state)` on every change; returns the function that unsubscribes. */
+    subscribe(listener) {
+      listeners.add(listener);
+      return () => listeners.delete(listener);
+    },
+    /** The current state, an immutable object that changes identity on every update. */
+    getSnapshot() {
+      return state;
+    },
+    /** True while a reconnect is scheduled. */
+    get reconnecting() {
+      return timer !== null;
+    },
+    get connected() {
+      return state.connected;
+    },
+    get messages() {
+      return state.messages;
+    },
+    get error() {
+      return state.error;
+    },
+    get reconnectAttempts() {
+      return state.reconnectAttempts;
+    },
+    get lastEventId() {
+      return lastEventId;
+    },
+    get url() {
+      return streamUrl();
+    },
+  };
+  return client;
+}

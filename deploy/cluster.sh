@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# The pool on one machine: N broker instances and nginx least_conn in front, one database.
+#
+#   deploy/cluster.sh [N] [PUBLIC_PORT] [FIRST_PORT]
+#       Starts N instances (default 3) on FIRST_PORT, FIRST_PORT+1, ... (default 5001) and
+#       nginx on 127.0.0.1:PUBLIC_PORT (default 8080), all in the foreground: Ctrl-C (or
+#       SIGTERM) stops them all. DATABASE_URL names the database; unset, the embedded
+#       PostgreSQL under .data/ is started (and stopped again at exit if this script started
+#       it). Other BROKER_* variables reach every instance. Files go to $PGSSE_RUN_DIR
+#       (default .run/cluster): nginx's configuration and logs, one log per instance.
+#
+#   deploy/cluster.sh render RUN_DIR PUBLIC_PORT PORT...
+#       Only writes the nginx configuration for those instance ports into RUN_DIR, from
+#       deploy/nginx/: nginx.conf (nginx-local.conf listening on PUBLIC_PORT),
+#       pgsse/pgsse-locations.conf as is, pgsse/pgsse-upstream.conf with one `server` line
+#       per port. Start nginx on it with
+#           nginx -p RUN_DIR/ -c RUN_DIR/nginx.conf -e stderr -g 'daemon off;'
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+NGINX_CONF_DIR="$ROOT/deploy/nginx"
+NGINX=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
+PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
+
+render() {
+    local run_dir=$1 public_port=$2
+    shift 2
+    [ $# -gt 0 ] || { echo "cluster.sh render: no instance ports given" >&2; return 2; }
+    mkdir -p "$run_dir/pgsse" "$run_dir/temp"
+    sed "s/listen 127\.0\.0\.1:8080;/listen 127.0.0.1:$public_port;/" \
+        "$NGINX_CONF_DIR/nginx-local.conf" >"$run_dir/nginx.conf"
+    grep -q "listen 127.0.0.1:$public_port;" "$run_dir/nginx.conf"
+    cp "$NGINX_CONF_DIR/pgsse-locations.conf" "$run_dir/pgsse/pgsse-locations.conf"
+    # The template's first `server host:port params;` line stands for all: one line per port.
+    awk -v ports="$*" '
+        /^[ \t]*server[ \t]+[^ \t;]+:[0-9]+/ {
+            if (!done) {
+                n = split(ports, list, " ")
+                for (i = 1; i <= n; i++) {
+                    line = $0
+                    sub(/:[0-9]+/, ":" list[i], line)
+                    print line
+                }
+                done = 1
+            }
+            next
+        }
+        { print }
+    ' "$NGINX_CONF_DIR/pgsse-upstream.conf" >"$run_dir/pgsse/pgsse-upstream.conf"
+}
+
+if [ "${1:-}" = "render" ]; then
+    shift
+    [ $# -ge 3 ] || { echo "usage: cluster.sh render RUN_DIR PUBLIC_PORT PORT..." >&2; exit 2; }
+    render "$@"
+    exit 0
+fi
+
+COUNT=${1:-3}
+PUBLIC_PORT=${2:-8080}
+FIRST_PORT=${3:-5001}
+RUN_DIR=${PGSSE_RUN_DIR:-$ROOT/.run/cluster}
+[ -x "$NGINX" ] || { echo "cluster.sh: nginx not found (apt-get install nginx)" >&2; exit 1; }
+[ -x "$PYTHON" ] || { echo "cluster.sh: no $PYTHON (run make cluster)" >&2; exit 1; }
+
+mkdir -p "$RUN_DIR"
+cd "$ROOT"
+
+pids=()
+embedded_started=""
+cleanup() {
+    trap - INT TERM EXIT
+    for pid in "${pids[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${pids[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if [ -n "$embedded_started" ]; then
+        "$PYTHON" -c 'import sys; from pathlib import Path; from broker.database import EmbeddedPostgres as E; E(Path(sys.argv[1])).stop()' \
+            "${BROKER_DATA_DIR:-.data}"
+    fi
+    echo "cluster stopped"
+}
+trap cleanup EXIT
+trap 'exit 0' INT TERM
+
+if [ -z "${DATABASE_URL:-}${PGDATABASE_URL:-}" ]; then
+    # Start the embedded PostgreSQL once, here: instances starting it together would race.
+    read -r embedded_started DATABASE_URL < <("$PYTHON" - "${BROKER_DATA_DIR:-.data}" <<'EOF'
+import sys
+from pathlib import Path
+from broker.database import EmbeddedPostgres
+server = EmbeddedPostgres(Path(sys.argv[1]))
+started = not server.is_running()
+server.start()
+print("yes" if started else "no", server.url)
+EOF
+)
+    [ "$embedded_started" = "yes" ] || embedded_started=""
+fi
+export DATABASE_URL=${DATABASE_URL:-$PGDATABASE_URL}
+"$PYTHON" -m broker migrate
+export BROKER_MIGRATE=false
+
+ports=()
+for ((i = 0; i < COUNT; i++)); do
+    port=$((FIRST_PORT + i))
+    ports+=("$port")
+    "$PYTHON" -m broker serve --host 127.0.0.1 --port "$port" >"$RUN_DIR/broker-$port.log" 2>&1 &
+    pids+=("$!")
+done
+
+# Wait until every instance is ready (its listener connected): GET /readyz answers 200.
+"$PYTHON" - "${ports[@]}" <<'EOF'
+import sys, time, urllib.request
+deadline = time.monotonic() + 30
+for port in sys.argv[1:]:
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2):
+                break
+        except OSError:
+            if time.monotonic() > deadline:
+                sys.exit(f"cluster.sh: instance on port {port} not ready after 30 s")
+            time.sleep(0.1)
+EOF
+
+render "$RUN_DIR/nginx" "$PUBLIC_PORT" "${ports[@]}"
+"$NGINX" -q -t -p "$RUN_DIR/nginx/" -c "$RUN_DIR/nginx/nginx.conf" -e stderr
+"$NGINX" -p "$RUN_DIR/nginx/" -c "$RUN_DIR/nginx/nginx.conf" -e stderr -g 'daemon off;' &
+pids+=("$!")
+
+echo "pgsse cluster: ${COUNT} instances on ports ${ports[*]}, nginx on http://127.0.0.1:${PUBLIC_PORT}/"
+echo "logs in $RUN_DIR; Ctrl-C stops everything"
+# Exit as soon as any process ends: a pool with a dead member is not what was asked for.
+wait -n "${pids[@]}"
+echo "cluster.sh: a process of the cluster ended; stopping the others" >&2
+exit 1

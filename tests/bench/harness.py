@@ -1,0 +1,327 @@
+"""The processes a benchmark runs: PostgreSQL, the broker, and what /proc says about them.
+
+CPU placement: the bench process moves itself to the load CPU (1) before it starts anything,
+so PostgreSQL, the writers and the clients inherit it; the broker alone runs on CPU 0 under
+`taskset -c 0`. On a machine with one CPU nothing is pinned.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from broker.database import EmbeddedPostgres, migrate
+from tests.support.processes import free_port, http_json
+
+BROKER_CPU = 0
+LOAD_CPU = 1
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def pinning_available() -> bool:
+    return hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) >= 2
+
+
+def pin_self_to_load_cpu() -> bool:
+    """Move this process (and so every child it starts from now on) to the load CPU."""
+    if not pinning_available():
+        return False
+    os.sched_setaffinity(0, {LOAD_CPU})
+    return True
+
+
+def raise_file_limit() -> int:
+    """Raise RLIMIT_NOFILE's soft limit to the hard one (children inherit it); returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory_kb = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory_kb = int(line.split()[1])
+    except OSError:
+        pass
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": round(memory_kb / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "pinned": pinning_available(),
+        "file_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+    }
+
+
+class Database:
+    """The embedded PostgreSQL of a run, in a temporary directory, with the schema applied."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.server = EmbeddedPostgres(data_dir)
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def start(self) -> Database:
+        self.server.start()
+        migrate(self.url)
+        return self
+
+    def stop(self) -> None:
+        self.server.stop("fast")
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            return conn.execute(sql.encode(), params).fetchall()
+
+    def last_id(self) -> int:
+        return int(self.query("SELECT coalesce(max(id), 0) FROM messages")[0][0])
+
+    def backends(self) -> dict[str, int]:
+        """Client backends other than this query's own: all of them, and those LISTENing."""
+        rows = self.query(
+            "SELECT count(*), count(*) FILTER (WHERE query ILIKE 'LISTEN %%')"
+            " FROM pg_stat_activity"
+            " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        )
+        return {"client_backends": int(rows[0][0]), "listening_backends": int(rows[0][1])}
+
+
+@dataclass
+class ProcessSample:
+    at: float
+    rss_kb: int
+    cpu_seconds: float
+
+
+@dataclass
+class BrokerProcess:
+    """`python -m broker serve` on a free 127.0.0.1 port, pinned to the broker CPU."""
+
+    database_url: str
+    log_path: Path
+    queue_size: int = 1_000
+    max_connections: int = 20_000
+    extra_env: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self, timeout: float = 30.0) -> BrokerProcess:
+        env = {
+            **os.environ,
+            "DATABASE_URL": self.database_url,
+            "BROKER_MIGRATE": "false",
+            "BROKER_LOG_FORMAT": "json",
+            "BROKER_HOST": "127.0.0.1",
+            "BROKER_PORT": str(self.port),
+            "BROKER_MAX_CONNECTIONS": str(self.max_connections),
+            "BROKER_QUEUE_SIZE": str(self.queue_size),
+            **self.extra_env,
+        }
+        argv = [sys.executable, "-m", "broker", "serve"]
+        taskset = shutil.which("taskset")
+        if taskset and pinning_available():
+            argv = [taskset, "-c", str(BROKER_CPU), *argv]  # taskset execs: same pid
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                argv, env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL
+            )
+        deadline = time.monotonic() + timeout
+        while not self._ready():
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"broker not ready after {timeout}s; log: {self.log_path}")
+            time.sleep(0.05)
+        return self
+
+    def _ready(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"broker exited {self.process.returncode}; log: {self.log_path}")
+        try:
+            return http_json(f"http://127.0.0.1:{self.port}/readyz", timeout=2)[0] == 200
+        except OSError:
+            return False
+
+    def stats(self) -> dict[str, Any]:
+        status, body = http_json(f"http://127.0.0.1:{self.port}/api/sse/stats", timeout=10)
+        if status != 200:
+            raise RuntimeError(f"stats answered {status}: {body}")
+        data: dict[str, Any] = body["data"]
+        return data
+
+    def status(self) -> dict[str, int]:
+        """VmRSS, VmHWM (kB) and thread count from /proc/PID/status."""
+        values: dict[str, int] = {}
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            name, _, rest = line.partition(":")
+            if name in ("VmRSS", "VmHWM", "Threads"):
+                values[name] = int(rest.split()[0])
+        return values
+
+    def rss_kb(self) -> int:
+        return self.status()["VmRSS"]
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def sample(self) -> ProcessSample:
+        return ProcessSample(time.monotonic(), self.rss_kb(), self.cpu_seconds())
+
+    def stop(self) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        return self.process.returncode
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+class Sampler:
+    """Samples a broker's RSS and CPU time every `interval` seconds in a thread."""
+
+    def __init__(self, broker: BrokerProcess, interval: float = 0.25) -> None:
+        self.broker = broker
+        self.interval = interval
+        self.samples: list[ProcessSample] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.samples.append(self.broker.sample())
+            except (OSError, IndexError, KeyError):
+                return
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def peak_rss_kb(self) -> int:
+        return max((s.rss_kb for s in self.samples), default=0)
+
+    def cpu_share(self, start: float, end: float) -> float | None:
+        """The broker's CPU use between two monotonic times, as a share of one core."""
+        inside = [s for s in self.samples if start <= s.at <= end]
+        if len(inside) < 2 or inside[-1].at <= inside[0].at:
+            return None
+        return (inside[-1].cpu_seconds - inside[0].cpu_seconds) / (inside[-1].at - inside[0].at)
+
+
+@contextmanager
+def profiled(pid: int, out: Path, seconds: float, rate: int = 200) -> Iterator[Path | None]:
+    """py-spy samples `pid` for up to `seconds` into `out` (collapsed stacks), if installed."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        yield None
+        return
+    command = [
+        spy,
+        "record",
+        "--pid",
+        str(pid),
+        "--duration",
+        str(max(1, round(seconds))),
+        "--rate",
+        str(rate),
+        "--format",
+        "raw",
+        "--output",
+        str(out),
+    ]
+    with (out.with_suffix(".log")).open("wb") as log:
+        spy_process = subprocess.Popen(command, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    try:
+        yield out
+    finally:
+        try:
+            spy_process.wait(seconds + 30)
+        except subprocess.TimeoutExpired:
+            spy_process.terminate()
+            spy_process.wait(10)
+
+
+def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
+    """Self and inclusive sample shares per function from py-spy's collapsed stacks."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = [_short_frame(frame) for frame in stack.split(";")]
+        if frames:
+            own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + count
+
+    def ranked(counts: dict[str, int]) -> list[list[Any]]:
+        best = sorted(counts.items(), key=lambda item: item[1], reverse=True)[:top]
+        return [[name, round(100 * n / total, 1)] for name, n in best]
+
+    return {"samples": total, "self_percent": ranked(own), "inclusive_percent": ranked(inclusive)}
+
+
+def _short_frame(frame: str) -> str:
+    """`send (uvicorn/protocols/http/httptools_impl.py:123)` -> `send (httptools_impl.py)`."""
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")")
+    file = where.rsplit(":", 1)[0]
+    parts = file.split("/")
+    short = "/".join(parts[-2:]) if len(parts) >= 2 else file
+    return f"{name} ({short})"

@@ -1,0 +1,44 @@
+"""The commit-order journal, pure."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.journal import Journal
+
+
+def test_after_follows_delivery_order_not_id_order() -> None:
+    journal = Journal(10)
+    for row_id in (10, 12, 11, 13):  # 12 committed before 11
+        journal.append(row_id, "a", None)
+    assert journal.after(12, "a", None) == [11, 13]
+    assert journal.after(11, "a", None) == [13]  # 12 is not sent twice
+    assert journal.after(10, None, None) == [12, 11, 13]
+    assert journal.after(13, "a", None) == []
+
+
+def test_after_filters_by_session_and_robot() -> None:
+    journal = Journal(10)
+    rows = [(1, "a", "r1"), (2, "b", "r1"), (3, "a", None), (4, "a", "r2"), (5, "b", None)]
+    for row in rows:
+        journal.append(*row)
+    assert journal.after(1, "a", None) == [3, 4]
+    assert journal.after(1, None, "r1") == [2]
+    assert journal.after(1, "a", "r2") == [4]
+    assert journal.after(2, None, None) == [3, 4, 5]
+
+
+def test_unknown_or_evicted_id_gives_none() -> None:
+    journal = Journal(3)
+    for row_id in range(1, 6):
+        journal.append(row_id, "a", None)
+    assert len(journal) == 3 and journal.oldest_id == 3
+    assert journal.after(2, "a", None) is None
+    assert journal.after(99, "a", None) is None
+    assert journal.after(3, "a", None) == [4, 5]
+    assert 2 not in journal and 3 in journal
+
+
+def test_size_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        Journal(0)
