@@ -7,10 +7,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml tests/browser/package-lock.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test,lint]'
+	if command -v npm >/dev/null; then npm install --prefix tests/browser --no-audit --no-fund --silent; fi
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -57,29 +57,34 @@ class Grant:
     def check_read(self, session_id: str | None, robot_id: str | None) -> None:
         """Allow a stream of `session_id` (None: global) narrowed to `robot_id`, or 403."""
         if session_id is None and self.sessions is not None:
-            raise Forbidden('token does not allow the global stream: it needs sessions "*"')
+            raise _forbidden('token does not allow the global stream: it needs sessions "*"')
         if session_id is not None and not _covers(self.sessions, session_id):
-            raise Forbidden("token does not allow this sessionId")
+            raise _forbidden("token does not allow this sessionId")
         if robot_id is None and self.robots is not None:
-            raise Forbidden("token allows only some robots: give a robotId it lists")
+            raise _forbidden("token allows only some robots: give a robotId it lists")
         if robot_id is not None and not _covers(self.robots, robot_id):
-            raise Forbidden("token does not allow this robotId")
+            raise _forbidden("token does not allow this robotId")
 
     def check_publish(self) -> None:
         """Allow publishing at all, or 403 (before the body is read)."""
         if not self.publish:
-            raise Forbidden("token does not allow publishing")
+            raise _forbidden("token does not allow publishing")
 
     def check_write(self, session_id: str, robot_id: str | None) -> None:
         """Allow one new message in `session_id` from `robot_id`, or 403."""
         self.check_publish()
         if not _covers(self.sessions, session_id):
-            raise Forbidden("token does not allow publishing to this sessionId")
+            raise _forbidden("token does not allow publishing to this sessionId")
         if self.robots is not None and (robot_id is None or robot_id not in self.robots):
-            raise Forbidden("token does not allow publishing as this robotId")
+            raise _forbidden("token does not allow publishing as this robotId")
 
 
 OPEN = Grant(sessions=None, robots=None, publish=True)
+
+
+def _forbidden(message: str) -> Forbidden:
+    log.info("auth_forbidden", reason=message)  # `token` (the fingerprint) is bound already
+    return Forbidden(message)
 
 
 def _covers(allowed: frozenset[str] | None, value: str) -> bool:

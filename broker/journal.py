@@ -30,6 +30,7 @@ class Journal:
         self._rows: deque[tuple[int, str, str | None]] = deque()
         self._position: dict[int, int] = {}
         self._first = 0  # position of self._rows[0]; positions only grow
+        self.forgotten_up_to = 0  # the highest id that was dropped to keep the size
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -57,6 +58,7 @@ class Journal:
             old_id, _, _ = self._rows.popleft()
             del self._position[old_id]
             self._first += 1
+            self.forgotten_up_to = max(self.forgotten_up_to, old_id)
 
     def after(
         self, message_id: int, session_id: str | None, robot_id: str | None

@@ -42,8 +42,7 @@ class Listener:
         self._url = url
         self._hub = hub
         self._store = store
-        self._last_id: int | None = None
-        self._floor = 0  # rows up to this id were committed before the first LISTEN
+        self._floor: int | None = None  # rows up to this id committed before the first LISTEN
         self.connected = False
         self.reconnects = 0
         self.notifications = 0
@@ -76,17 +75,15 @@ class Listener:
             keepalives_count=3,
         ) as conn:
             await conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(CHANNEL)))
-            if self._last_id is None:
-                self._last_id = self._floor = await self._store.last_id()
+            if self._floor is None:
+                self._floor = await self._store.last_id()
             else:
                 await self._backfill()
                 self.reconnects += 1
             self.connected = True
             self.connected_since = time.time()
             backoff.reset()
-            log.info(
-                "listener_up", channel=CHANNEL, last_id=self._last_id, reconnects=self.reconnects
-            )
+            log.info("listener_up", channel=CHANNEL, floor=self._floor, reconnects=self.reconnects)
             while True:
                 async for notify in conn.notifies(timeout=HEALTH_CHECK_SECONDS):
                     self.notifications += 1
@@ -96,15 +93,14 @@ class Listener:
     async def _backfill(self) -> None:
         """Deliver every row committed while the connection was down, in id order.
 
-        Rows are looked for above the oldest id the journal still holds, not only above the
-        last id delivered: a transaction that drew its id before that row and committed
-        during the outage is found too. Notifications wait in the connection meanwhile; the
-        journal drops the ones the backfill already delivered.
+        Every id the journal does not hold is looked for, down to the first LISTEN or the
+        journal's horizon, not only above the last id delivered: a transaction that drew its
+        id before that row and committed during the outage is found too. Notifications wait
+        in the connection meanwhile; the journal drops the ones the backfill delivered.
         """
-        assert self._last_id is not None
-        oldest = self._hub.journal.oldest_id
-        floor = self._last_id if oldest is None else max(self._floor, oldest)
-        missing = [i for i in await self._store.ids_after(floor) if i not in self._hub.journal]
+        journal = self._hub.journal
+        floor = max(self._floor or 0, journal.forgotten_up_to)
+        missing = [i for i in await self._store.ids_after(floor) if i not in journal]
         for start in range(0, len(missing), BACKFILL_PAGE):
             page = missing[start : start + BACKFILL_PAGE]
             rows = await self._store.by_ids(page)
@@ -130,8 +126,6 @@ class Listener:
         self._deliver(message)
 
     def _deliver(self, message: Message) -> None:
-        if self._last_id is None or message.id > self._last_id:
-            self._last_id = message.id
         if message.id not in self._hub.journal:
             self._hub.publish(message)
 

@@ -48,3 +48,11 @@ def configure(log_format: str, level: int = logging.INFO) -> None:
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True
+    logging.getLogger("uvicorn.error").addFilter(_drop_cut_stream_report)
+
+
+def _drop_cut_stream_report(record: logging.LogRecord) -> bool:
+    """uvicorn reports a response ended without its last chunk as an error; the broker does
+    that on purpose to a client that stopped reading (it cannot be sent anything more) and
+    logs `stream_closed` with the reason itself."""
+    return record.getMessage() != "ASGI callable returned without completing response."

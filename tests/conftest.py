@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import pytest
 
 from broker.database import EmbeddedPostgres, migrate
 from tests.support.processes import BrokerProcess
+from tests.support.sse import OPEN_CLIENTS
 
 
 class Database:
@@ -72,6 +73,14 @@ def database() -> Iterator[Database]:
     finally:
         server.stop("immediate")
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+async def close_clients() -> AsyncIterator[None]:
+    """Close the SSE clients a test left open (after a failed assertion, say)."""
+    yield
+    while OPEN_CLIENTS:
+        await OPEN_CLIENTS[-1].close()
 
 
 @pytest.fixture

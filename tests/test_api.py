@@ -19,13 +19,20 @@ from tests.test_stream import subscribe
 
 
 async def request(
-    broker: BrokerProcess, method: str, path: str, body: bytes = b"",
+    broker: BrokerProcess,
+    method: str,
+    path: str,
+    body: bytes = b"",
     headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
     """One raw HTTP/1.1 request; (status, headers, body)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
-    head = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{broker.port}", "Connection: close",
-            f"Content-Length: {len(body)}"]
+    head = [
+        f"{method} {path} HTTP/1.1",
+        f"Host: 127.0.0.1:{broker.port}",
+        "Connection: close",
+        f"Content-Length: {len(body)}",
+    ]
     head += [f"{name}: {value}" for name, value in (headers or {}).items()]
     writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
     await writer.drain()
@@ -39,8 +46,9 @@ async def request(
 
 def post_json(broker: BrokerProcess, body: object) -> tuple[int, dict[str, str], bytes]:
     data = json.dumps(body).encode()
-    return asyncio.run(request(broker, "POST", "/api/messages", data,
-                               {"Content-Type": "application/json"}))
+    return asyncio.run(
+        request(broker, "POST", "/api/messages", data, {"Content-Type": "application/json"})
+    )
 
 
 async def test_stats_counts_streams_per_logical_channel(
@@ -56,9 +64,11 @@ async def test_stats_counts_streams_per_logical_channel(
     ]
     stats = broker.stats()
     assert stats["totalConnections"] == 5
-    assert stats["channels"] == {f"session_messages:{session_id}": 2,
-                                 f"session_messages:{other}": 1,
-                                 "session_messages:global": 2}
+    assert stats["channels"] == {
+        f"session_messages:{session_id}": 2,
+        f"session_messages:{other}": 1,
+        "session_messages:global": 2,
+    }
     for client in clients:
         await client.close()
     broker.wait_until(lambda: broker.stats()["totalConnections"] == 0, 1.0, "stats at zero")
@@ -68,7 +78,8 @@ async def test_stats_counts_streams_per_logical_channel(
 CLIENT_SCRIPT = """
 import socket, sys, time
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
-s.sendall(b"GET /api/sse/messages?sessionId=" + sys.argv[2].encode() + b" HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+request = "GET /api/sse/messages?sessionId=%s HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n"
+s.sendall((request % sys.argv[2]).encode())
 s.recv(1)
 print("connected", flush=True)
 time.sleep(60)
@@ -79,8 +90,10 @@ async def test_stats_return_to_zero_when_client_process_is_killed(
     broker: BrokerProcess, session_id: str
 ) -> None:
     clients = [
-        subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT, str(broker.port), session_id],
-                         stdout=subprocess.PIPE)
+        subprocess.Popen(  # noqa: ASYNC220 - starting a process does not block for long
+            [sys.executable, "-c", CLIENT_SCRIPT, str(broker.port), session_id],
+            stdout=subprocess.PIPE,
+        )
         for _ in range(3)
     ]
     for client in clients:
@@ -144,8 +157,9 @@ async def test_ids_of_255_code_points_are_accepted(broker: BrokerProcess) -> Non
 
 
 def count_rows(database: Database, session_id: str) -> int:
-    return int(database.query("SELECT count(*) FROM messages WHERE session_id = %s",
-                              (session_id,))[0][0])
+    return int(
+        database.query("SELECT count(*) FROM messages WHERE session_id = %s", (session_id,))[0][0]
+    )
 
 
 async def test_post_stores_the_row_and_subscribers_see_it(
@@ -153,17 +167,30 @@ async def test_post_stores_the_row_and_subscribers_see_it(
 ) -> None:
     client = await subscribe(broker, sessionId=session_id)
     status, _, raw = await request(
-        broker, "POST", "/api/messages",
-        json.dumps({"sessionId": session_id, "content": "hi 你好", "robotId": "r9",
-                    "isFromBot": True, "isHuman": False, "intent": "greet"}).encode(),
+        broker,
+        "POST",
+        "/api/messages",
+        json.dumps(
+            {
+                "sessionId": session_id,
+                "content": "hi 你好",
+                "robotId": "r9",
+                "isFromBot": True,
+                "isHuman": False,
+                "intent": "greet",
+            }
+        ).encode(),
         {"Content-Type": "application/json; charset=utf-8"},
     )
     assert status == 201
     answer = json.loads(raw)
     assert answer["success"] is True
     stored = answer["data"]
-    row = database.query("SELECT session_id, content, robot_id, is_from_bot, is_human, intent"
-                         " FROM messages WHERE id = %s", (int(stored["id"]),))
+    row = database.query(
+        "SELECT session_id, content, robot_id, is_from_bot, is_human, intent"
+        " FROM messages WHERE id = %s",
+        (int(stored["id"]),),
+    )
     assert row == [(session_id, "hi 你好", "r9", True, False, "greet")]
     event = await client.message()
     assert event.id == stored["id"]
@@ -179,8 +206,7 @@ BAD_BODIES = [
     (b'{"sessionId": "S", "content": ""}', "application/json", 400, "content"),
     (b'{"sessionId": "S", "content": 5}', "application/json", 400, "content must be a string"),
     (b'{"sessionId": "", "content": "x"}', "application/json", 400, "sessionId"),
-    (b'{"sessionId": "S", "content": "x", "isHuman": "yes"}', "application/json", 400,
-     "isHuman"),
+    (b'{"sessionId": "S", "content": "x", "isHuman": "yes"}', "application/json", 400, "isHuman"),
     (b'{"sessionId": "S", "content": "x", "colour": 1}', "application/json", 400, "colour"),
     (b'{"sessionId": "S", "content": "a\\u0000b"}', "application/json", 400, "NUL"),
     (b'{"sessionId": "S", "content": "\\ud800"}', "application/json", 400, "JSON"),
@@ -191,8 +217,13 @@ BAD_BODIES = [
 
 @pytest.mark.parametrize(("body", "content_type", "status", "fragment"), BAD_BODIES)
 async def test_bad_post_is_refused_and_writes_nothing(
-    broker: BrokerProcess, database: Database, session_id: str,
-    body: bytes, content_type: str, status: int, fragment: str,
+    broker: BrokerProcess,
+    database: Database,
+    session_id: str,
+    body: bytes,
+    content_type: str,
+    status: int,
+    fragment: str,
 ) -> None:
     body = body.replace(b'"S"', json.dumps(session_id).encode())
     headers = {"Content-Type": content_type} if content_type else {}
@@ -208,8 +239,10 @@ async def test_oversized_post_is_413_before_the_body_is_read(
     broker: BrokerProcess, database: Database, session_id: str
 ) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
-    writer.write(b"POST /api/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: 2000000\r\n\r\n")
+    writer.write(
+        b"POST /api/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 2000000\r\n\r\n"
+    )
     await writer.drain()
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     assert head.startswith(b"HTTP/1.1 413 ")
@@ -223,8 +256,10 @@ async def test_oversized_post_is_413_before_the_body_is_read(
 
 async def test_oversized_chunked_post_is_413(broker: BrokerProcess) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
-    writer.write(b"POST /api/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Transfer-Encoding: chunked\r\n\r\n")
+    writer.write(
+        b"POST /api/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
     chunk = b"x" * 65536
     try:
         for _ in range(40):  # 2.5 MB, more than the limit
@@ -251,12 +286,14 @@ async def test_unknown_path_and_method_use_the_error_body(broker: BrokerProcess)
 
 
 async def test_cors_allows_configured_origin_only(
-    start_broker: Callable[..., BrokerProcess]
+    start_broker: Callable[..., BrokerProcess],
 ) -> None:
     broker = start_broker(BROKER_CORS_ORIGINS="http://app.example:3000")
-    status, headers, _ = await request(broker, "GET", "/healthz",
-                                       headers={"Origin": "http://app.example:3000"})
+    _, headers, _ = await request(
+        broker, "GET", "/healthz", headers={"Origin": "http://app.example:3000"}
+    )
     assert headers.get("access-control-allow-origin") == "http://app.example:3000"
-    status, headers, _ = await request(broker, "GET", "/healthz",
-                                       headers={"Origin": "http://evil.example"})
+    _, headers, _ = await request(
+        broker, "GET", "/healthz", headers={"Origin": "http://evil.example"}
+    )
     assert "access-control-allow-origin" not in headers

@@ -5,27 +5,30 @@ Without it these tests skip, unless `CI` is set: CI installs Chromium, so there 
 The async API is used because the tests share pytest-asyncio's running loop.
 
 The demo page is served by the broker under test. The React fixture (tests/browser/react.html,
-React from the npm-installed UMD builds) is served by the test itself through `page.route` on
-an origin of its own, so its streams are cross-origin, as for a frontend on another port.
+React from the npm-installed UMD builds) is served by a static server of the test's own, on
+another origin, so its streams are cross-origin, as for a frontend on another port.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.server
 import os
+import posixpath
 import re
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import pytest
-from playwright.async_api import Browser, BrowserContext, Locator, Page, Route, async_playwright
+from playwright.async_api import Browser, BrowserContext, Locator, Page, async_playwright
 from playwright.async_api import expect as playwright_expect
 
 from tests.conftest import Database
-from tests.support.processes import BrokerProcess, free_port
+from tests.support.processes import BrokerProcess
 from tests.support.sse import SSEClient
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -129,33 +132,48 @@ def stream_requests(page: Page) -> list[str]:
     return urls
 
 
-# The React fixture and the client module are served from this origin by `serve_app`. A
-# localhost origin, so that Chromium's local-network rules treat it like the broker's.
-APP_ORIGIN = f"http://localhost:{free_port()}"
-CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
+class AppFiles(http.server.SimpleHTTPRequestHandler):
+    """A frontend on its own origin: `/static/...` from broker/static, the rest from
+    tests/browser (react.html, node_modules); `/` is an empty page."""
+
+    def translate_path(self, path: str) -> str:
+        path = posixpath.normpath(urlsplit(path).path)
+        if path.startswith("/static/"):
+            root, relative = STATIC, path.removeprefix("/static/")
+        else:
+            root, relative = FIXTURES, path.lstrip("/") or "empty.html"
+        file = (root / relative).resolve()
+        return str(file) if file.is_relative_to(root) else str(root / "missing")
+
+    def do_GET(self) -> None:
+        if urlsplit(self.path).path == "/":
+            body = b"<!doctype html><title>app</title>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        super().do_GET()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
 
 
-async def serve_app(route: Route) -> None:
-    """`/static/...` from broker/static, the rest from tests/browser (node_modules too); `/` is
-    an empty page."""
-    path = urlsplit(route.request.url).path
-    if path == "/":
-        await route.fulfill(status=200, body="<!doctype html><title>app</title>")
-        return
-    root, relative = (STATIC, path[8:]) if path.startswith("/static/") else (FIXTURES, path[1:])
-    file = (root / relative).resolve()
-    if not file.is_relative_to(root) or not file.is_file():
-        await route.fulfill(status=404, body="not found")
-        return
-    content_type = CONTENT_TYPES.get(file.suffix, "application/octet-stream")
-    await route.fulfill(status=200, path=file, content_type=content_type)
-
-
-async def open_app_page(context: BrowserContext, path: str) -> Page:
-    page = await context.new_page()
-    await page.route(f"{APP_ORIGIN}/**", serve_app)
-    await page.goto(APP_ORIGIN + path)
-    return page
+@pytest.fixture(scope="session")
+def app_origin() -> Iterator[str]:
+    """The origin of a real static server for the React fixture. A real server on 127.0.0.1,
+    not `page.route`: Chromium lets only a page of the loopback address space open streams to
+    the loopback broker (Local Network Access), as for a dev server on localhost:3000."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AppFiles)
+    thread = threading.Thread(target=server.serve_forever, name="app-files", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,6 +330,7 @@ async def test_client_retries_through_503_and_gives_up_when_attempts_run_out(
         "could not connect: gave up after 2 reconnect attempts"
     )
     await expect(late.locator("#status")).to_have_attribute("data-state", "failed")
+    await expect(late.locator("#status")).to_have_text("Connection failed")
     await expect(late.locator("#reconnects")).to_have_text("2")
     assert len(late_attempts) == 3
     assert await late.evaluate("window.pgsse.client.reconnecting") is False
@@ -320,6 +339,35 @@ async def test_client_retries_through_503_and_gives_up_when_attempts_run_out(
     await late.wait_for_timeout(500)
     assert len(late_attempts) == 3
     await expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+
+
+async def test_demo_disconnect_connect_and_clear(
+    context: BrowserContext,
+    start_broker: Callable[..., BrokerProcess],
+    database: Database,
+    session_id: str,
+) -> None:
+    broker = start_broker()
+    page = await open_demo(context, broker, session_id)
+    first = await insert(database, session_id, "first")
+    await expect(item(page, first)).to_be_visible()
+
+    await page.click("#disconnect")
+    await expect(page.locator("#status")).to_have_attribute("data-state", "idle")
+    await wait_for_streams(broker, 0)
+    missed = await insert(database, session_id, "sent while disconnected")
+    await page.click("#connect")
+    await expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+    await expect(item(page, missed)).to_be_visible()
+    assert await shown_ids(page) == [first, missed]
+    await wait_for_streams(broker, 1)
+
+    await page.click("#clear")
+    await expect(page.locator("#messages li")).to_have_count(0)
+    await expect(page.locator("#count")).to_have_text("0")
+    after = await insert(database, session_id, "after the clear")
+    await expect(item(page, after)).to_be_visible()
+    assert await shown_ids(page) == [after]
 
 
 async def test_demo_page_screenshot_accessible_and_phone_sized(
@@ -349,7 +397,7 @@ async def test_demo_page_screenshot_accessible_and_phone_sized(
     await expect(page.locator("#messages li")).to_have_count(len(ids))
     assert await shown_ids(page) == ids
     await page.fill("#content", "One more question about the invoice…")
-    await page.set_viewport_size({"width": 860, "height": 640})
+    await page.set_viewport_size({"width": 860, "height": 720})
 
     SCREENSHOT.parent.mkdir(exist_ok=True)
     await page.screenshot(path=str(SCREENSHOT), full_page=True)
@@ -389,9 +437,10 @@ async def test_demo_page_screenshot_accessible_and_phone_sized(
 
 
 async def test_client_keeps_messages_unique_ordered_bounded_and_resumes_from_last_id(
-    context: BrowserContext,
+    context: BrowserContext, app_origin: str
 ) -> None:
-    page = await open_app_page(context, "/")
+    page = await context.new_page()
+    await page.goto(app_origin + "/")
     result = await page.evaluate(
         """async () => {
         const { createSSEClient } = await import('/static/sse-client.js');
@@ -400,45 +449,66 @@ async def test_client_keeps_messages_unique_ordered_bounded_and_resumes_from_las
             constructor(url) { this.url = url; this.closed = false; sources.push(this); }
             close() { this.closed = true; }
         }
-        const seen = [];
+        const reported = [];
+        let tokens = 0;
         const client = createSSEClient({
             baseUrl: 'http://broker.test/', sessionId: 's 1', robotId: 'r1', maxMessages: 3,
-            reconnectInterval: 20, EventSource: ScriptedEventSource,
-            onMessage: (m) => seen.push(m.id),
+            token: () => `t${++tokens}`, reconnectInterval: 20, EventSource: ScriptedEventSource,
+            onMessage: (m) => reported.push(m.id),
         });
         const send = (body, id = '') => sources.at(-1).onmessage(
             { data: JSON.stringify(body), lastEventId: id });
         const message = (id) => send({ type: 'message', data: { id: String(id) } }, String(id));
+        const ids = () => client.messages.map(m => m.id);
         const until = async (condition) => {
             for (let i = 0; i < 200 && !condition(); i++) await new Promise(r => setTimeout(r, 10));
         };
         client.connect();
         send({ type: 'connected', sessionId: 's 1' });
-        for (const id of [5, 3, 5, 4, 10, 9, 3]) message(id);
-        const held = client.messages.map(m => m.id);
+        for (const id of [5, 3, 5, 4, 10, 9, 2]) message(id);
+        const held = ids();
+        const lastId = client.lastEventId;
         send({ type: 'error', error: 'slow consumer: reconnect to resume' });
         const afterError = { connected: client.connected, closed: sources[0].closed,
-                             attempts: client.reconnectAttempts };
+                             attempts: client.reconnectAttempts, error: client.error };
         await until(() => sources.length === 2);
         send({ type: 'connected' });
-        message(10);
+        const reconnected = { connected: client.connected, attempts: client.reconnectAttempts,
+                              error: client.error };
+        message(10);  // replayed again: not shown twice
         message(11);
+        const afterReplay = ids();
         client.clearMessages();
+        message(11);  // a row received before the clear does not come back
+        const afterClear = ids();
         client.disconnect();
         client.connect();
-        return { held, afterError, urls: sources.map(s => s.url), seen,
-                 final: client.messages.map(m => m.id), attempts: client.reconnectAttempts };
+        return { held, lastId, afterError, reconnected, afterReplay, afterClear, reported,
+                 urls: sources.map(s => s.url), closed: sources.map(s => s.closed) };
     }"""
     )
-    # Unique, in id order (10 sorts after 9), the oldest dropped beyond maxMessages: 3, then
-    # a late 3 that would be dropped at once is ignored.
+    # Unique and in id order (10 after 9, though a shorter string), the oldest dropped beyond
+    # maxMessages (3 and 4); 2, older than all of a full history, is reported but not kept.
     assert result["held"] == ["5", "9", "10"]
-    assert result["seen"] == ["5", "3", "4", "10", "9", "11"]
-    assert result["afterError"] == {"connected": False, "closed": True, "attempts": 1}
+    assert result["reported"] == ["5", "3", "4", "10", "9", "2", "11"]
+    # The resume point is the last id received (the broker's delivery order), not the largest.
+    assert result["lastId"] == "2"
+    assert result["afterError"] == {
+        "connected": False,
+        "closed": True,
+        "attempts": 1,
+        "error": "slow consumer: reconnect to resume: reconnecting (attempt 1 of 5)",
+    }
+    assert result["reconnected"] == {"connected": True, "attempts": 0, "error": None}
+    assert result["afterReplay"] == ["9", "10", "11"]
+    assert result["afterClear"] == []
     base = "http://broker.test/api/sse/messages?sessionId=s+1&robotId=r1"
-    assert result["urls"] == [base, base + "&lastEventId=10", base + "&lastEventId=11"]
-    assert result["final"] == []
-    assert result["attempts"] == 0
+    assert result["urls"] == [
+        base + "&token=t1",
+        base + "&lastEventId=2&token=t2",
+        base + "&lastEventId=11&token=t3",
+    ]
+    assert result["closed"] == [True, True, False]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,17 +520,18 @@ async def test_react_hook_and_component_stream_resume_and_clean_up(
     start_broker: Callable[..., BrokerProcess],
     database: Database,
     session_id: str,
+    app_origin: str,
 ) -> None:
     if not (FIXTURES / "node_modules" / "react" / "umd").is_dir():
         if os.environ.get("CI"):
             pytest.fail("React is not installed: run `npm install --prefix tests/browser`")
         pytest.skip("React is not installed: run `npm install --prefix tests/browser`")
-    broker = start_broker(BROKER_CORS_ORIGINS=APP_ORIGIN)
-    page = await open_app_page(
-        context, "/react.html?" + urlencode({"baseUrl": broker.base_url, "sessionId": session_id})
-    )
+    broker = start_broker(BROKER_CORS_ORIGINS=app_origin)
+    page = await context.new_page()
     console_errors: list[str] = []
     page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+    query = urlencode({"baseUrl": broker.base_url, "sessionId": session_id})
+    await page.goto(f"{app_origin}/react.html?{query}")
     component = page.locator("section.pgsse-stream")
 
     await expect(page.locator("#connected")).to_have_text("true")

@@ -22,15 +22,17 @@ def test_defaults_match_the_contract() -> None:
 
 
 def test_environment_is_parsed() -> None:
-    settings = Settings.load({
-        "DATABASE_URL": "postgresql://x/y",
-        "BROKER_PORT": "6000",
-        "BROKER_MAX_CONNECTIONS": "7",
-        "BROKER_HEARTBEAT_SECONDS": "0.5",
-        "BROKER_CORS_ORIGINS": "http://a.example:3000, https://b.example",
-        "BROKER_MIGRATE": "false",
-        "BROKER_LOG_FORMAT": "console",
-    })
+    settings = Settings.load(
+        {
+            "DATABASE_URL": "postgresql://x/y",
+            "BROKER_PORT": "6000",
+            "BROKER_MAX_CONNECTIONS": "7",
+            "BROKER_HEARTBEAT_SECONDS": "0.5",
+            "BROKER_CORS_ORIGINS": "http://a.example:3000, https://b.example",
+            "BROKER_MIGRATE": "false",
+            "BROKER_LOG_FORMAT": "console",
+        }
+    )
     assert settings.database_url == "postgresql://x/y"
     assert settings.port == 6000 and settings.max_connections == 7
     assert settings.heartbeat_seconds == 0.5

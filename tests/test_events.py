@@ -31,11 +31,21 @@ def test_message_event_is_one_data_line_with_id() -> None:
     encoded = encode_message(MESSAGE, "2026-01-01T00:00:00.001Z")
     lines = encoded.split(b"\n")
     assert lines[0] == b"id: 7" and lines[1].startswith(b"data: ") and lines[2:] == [b"", b""]
-    body = json.loads(lines[1][len(b"data: "):])
-    assert body == {"type": "message", "timestamp": "2026-01-01T00:00:00.001Z",
-                    "data": {"id": "7", "sessionId": "s", "robotId": None,
-                             "content": "a\nb\r\nc 你好", "isFromBot": True, "isHuman": False,
-                             "intent": None, "createdAt": "2026-01-01T00:00:00.000Z"}}
+    body = json.loads(lines[1][len(b"data: ") :])
+    assert body == {
+        "type": "message",
+        "timestamp": "2026-01-01T00:00:00.001Z",
+        "data": {
+            "id": "7",
+            "sessionId": "s",
+            "robotId": None,
+            "content": "a\nb\r\nc 你好",
+            "isFromBot": True,
+            "isHuman": False,
+            "intent": None,
+            "createdAt": "2026-01-01T00:00:00.000Z",
+        },
+    }
     assert "你好".encode() in encoded  # UTF-8, not \\u escapes
 
 

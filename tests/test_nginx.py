@@ -8,22 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import http.client
-import os
 import re
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import pytest
 
 from tests.conftest import Database
-from tests.support.nginx import DEPLOY, ROOT, Nginx, require_nginx, wait_for_port
+from tests.support.nginx import DEPLOY, ClusterScript, Nginx, require_nginx
 from tests.support.processes import BrokerProcess, free_port, http_json
 from tests.support.sse import SSEClient
 
@@ -58,9 +57,7 @@ def start_instances(start_broker: StartBroker, *envs: dict[str, str]) -> list[Br
     return brokers
 
 
-async def open_stream(
-    port: int, headers: dict[str, str] | None = None, **params: str
-) -> SSEClient:
+async def open_stream(port: int, headers: dict[str, str] | None = None, **params: str) -> SSEClient:
     """A stream through `port`, read up to its `connected` event; it must not be refused."""
     client = await SSEClient.open(port, params=params, headers=headers)
     if client.status != 200:
@@ -119,7 +116,7 @@ class Follower:
 
     async def run(self) -> None:
         while True:
-            headers = {"Last-Event-ID": str(self.ids[-1])} if self.ids else {}
+            headers: dict[str, str] = {}
             client = await SSEClient.open(
                 self.port, params={"sessionId": self.session}, headers=headers
             )
@@ -307,36 +304,11 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
 
 @pytest.mark.slow
 async def test_make_cluster_as_documented(database: Database, session_id: str) -> None:
-    """docs/deployment.md, "Try it on one machine", step by step."""
+    """docs/deployment.md, "Try it on one machine", step by step, on free ports."""
     require_nginx()
     public, first = free_port(), consecutive_free_ports(2)
-    run_dir = Path(tempfile.mkdtemp(prefix="pgsse-cluster-"))
-    run_dir.chmod(0o755)
-    env = {
-        **os.environ,
-        "DATABASE_URL": database.url,
-        "PGSSE_RUN_DIR": str(run_dir),
-        "BROKER_LOG_FORMAT": "json",
-    }
-    with (run_dir / "cluster.out").open("wb") as out:
-        cluster = subprocess.Popen(
-            ["deploy/cluster.sh", "2", str(public), str(first)],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-
-    def output() -> str:
-        return (run_dir / "cluster.out").read_text(errors="replace")
-
+    cluster = ClusterScript({"DATABASE_URL": database.url}, 2, public, first).start()
     try:
-        try:
-            wait_for_port(public, 45, cluster)
-        except (TimeoutError, RuntimeError) as exc:
-            raise AssertionError(f"{exc}\n{output()}") from None
         assert http_json(f"http://127.0.0.1:{public}/readyz") == (
             200,
             {"success": True, "data": {"status": "ready"}},
@@ -347,8 +319,9 @@ async def test_make_cluster_as_documented(database: Database, session_id: str) -
         client = await open_stream(public, sessionId=session_id)
         # curl -X POST http://127.0.0.1:8080/api/messages -H 'Content-Type: ...' -d '...'
         body = f'{{"sessionId": "{session_id}", "content": "hello"}}'.encode()
+        json_type = {"Content-Type": "application/json"}
         status, _, answer = await asyncio.to_thread(
-            raw_request, public, "POST", "/api/messages", body, **{"Content-Type": "application/json"}
+            raw_request, public, "POST", "/api/messages", body, **json_type
         )
         assert status == 201, answer
         event = await client.message(timeout=10)
@@ -359,17 +332,10 @@ async def test_make_cluster_as_documented(database: Database, session_id: str) -
         assert (await asyncio.to_thread(raw_request, public, "GET", "/metrics"))[0] == 403
         assert (await asyncio.to_thread(raw_request, first, "GET", "/metrics"))[0] == 200
     finally:
-        if cluster.poll() is None:
-            cluster.send_signal(signal.SIGTERM)
-            try:
-                code = cluster.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(cluster.pid, signal.SIGKILL)
-                raise
-        else:
-            code = cluster.returncode
-        shutil.rmtree(run_dir, ignore_errors=True)
-    assert code == 0, output()
+        code = cluster.stop()
+        output = cluster.output()
+        cluster.remove()
+    assert code == 0, output
     assert not any(port_open(port) for port in (public, first, first + 1))
     wait_for(lambda: database.listening_backends() == 0, 10, "listeners gone")
 
@@ -379,13 +345,9 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
     if openssl is None:
         pytest.skip("openssl is not installed: no certificate for the TLS server")
     cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-        + ["-subj", "/CN=pgsse.example.com", "-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    argv = [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    argv += ["-subj", "/CN=pgsse.example.com", "-keyout", str(key), "-out", str(cert)]
+    subprocess.run(argv, check=True, capture_output=True, timeout=60)
     return cert, key
 
 
@@ -419,9 +381,11 @@ async def test_public_server_speaks_tls_and_http2_and_streams(
         site = (DEPLOY / "nginx" / "pgsse.conf").read_text()
         site = site.replace("/etc/letsencrypt/live/pgsse.example.com/fullchain.pem", str(cert))
         site = site.replace("/etc/letsencrypt/live/pgsse.example.com/privkey.pem", str(key))
-        site = re.sub(r"\n\s*listen \[::\]:\d+[^;]*;", "", site)
-        site, tls = re.subn(r"listen 443 ", f"listen 127.0.0.1:{nginx.port} ", site)
-        site, plain = re.subn(r"listen 80;", f"listen 127.0.0.1:{redirect_port};", site)
+        site = re.sub(r"(?m)^\s*listen \[::\]:\d+[^;]*;\n", "", site)
+        site, tls = re.subn(r"(?m)^(\s*)listen 443 ", rf"\1listen 127.0.0.1:{nginx.port} ", site)
+        site, plain = re.subn(
+            r"(?m)^(\s*)listen 80;", rf"\1listen 127.0.0.1:{redirect_port};", site
+        )
         assert (tls, plain) == (1, 1)
         (nginx.run_dir / "conf.d").mkdir()
         (nginx.run_dir / "conf.d" / "pgsse.conf").write_text(site)
@@ -448,10 +412,16 @@ async def test_public_server_speaks_tls_and_http2_and_streams(
         # MAIN_CONF compresses event streams, as a careless global gzip_types would: the
         # stream's location turns it off.
         assert "content-encoding" not in client.headers
+        once = {**gzip, "Connection": "close"}
+        stats = await SSEClient.open(nginx.port, "/api/sse/stats", headers=once, tls=context)
+        assert stats.headers.get("content-encoding") == "gzip"  # where it is not turned off
+        await stats.close()
         await client.events_until(lambda event: event.type == "connected")
         row_id = database.insert(session_id, "over TLS")
         assert (await client.message()).id == str(row_id)
-        await client.close()
+        # Drop the connection, as a closed tab does: an orderly TLS shutdown of a stream
+        # still being written waits seconds for the peer's close_notify.
+        client.writer.transport.abort()
 
         status, headers, _ = await asyncio.to_thread(raw_request, redirect_port, "GET", "/x")
         assert status == 301 and headers["location"].startswith("https://")

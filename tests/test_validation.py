@@ -10,9 +10,23 @@ from broker.validation import check_id, parse_last_event_id, parse_new_message
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("1", 1), ("42", 42), ("0", 0), ("9" * 19, 2**63 - 1), ("0000000000000000042", 42),
-     (None, None), ("", None), ("-1", None), ("abc", None), ("1.5", None), (" 1", None),
-     ("9" * 20, None), ("99999999999999999999", None), ("١٢", None), ("1\n", None)],
+    [
+        ("1", 1),
+        ("42", 42),
+        ("0", 0),
+        ("9" * 19, 2**63 - 1),
+        ("0000000000000000042", 42),
+        (None, None),
+        ("", None),
+        ("-1", None),
+        ("abc", None),
+        ("1.5", None),
+        (" 1", None),
+        ("9" * 20, None),
+        ("99999999999999999999", None),
+        ("١٢", None),
+        ("1\n", None),
+    ],
 )
 def test_last_event_id(value: str | None, expected: int | None) -> None:
     assert parse_last_event_id(value) == expected
@@ -33,10 +47,15 @@ def test_good_ids(value: str) -> None:
 def test_new_message_defaults() -> None:
     message = parse_new_message(b'{"sessionId": "s", "content": "c"}')
     assert (message.robot_id, message.is_from_bot, message.is_human, message.intent) == (
-        None, False, True, None)
+        None,
+        False,
+        True,
+        None,
+    )
 
 
 def test_new_message_null_optionals_are_defaults() -> None:
     message = parse_new_message(
-        b'{"sessionId": "s", "content": "c", "robotId": null, "isFromBot": null}')
+        b'{"sessionId": "s", "content": "c", "robotId": null, "isFromBot": null}'
+    )
     assert message.robot_id is None and message.is_from_bot is False

@@ -14,6 +14,14 @@
 
 import { createUseSSE } from "./useSSE.js";
 
+const STATUS_TEXT = {
+  idle: "Disconnected",
+  connecting: "Connecting…",
+  connected: "Connected",
+  reconnecting: "Reconnecting…",
+  failed: "Connection failed",
+};
+
 function formatTime(iso) {
   const date = new Date(iso);
   return Number.isNaN(date.getTime()) ? "" : date.toLocaleTimeString();
@@ -22,12 +30,6 @@ function formatTime(iso) {
 export function createMessageStream(React) {
   const h = React.createElement;
   const useSSE = createUseSSE(React);
-
-  function status({ connected, error, reconnectAttempts }) {
-    if (connected) return "Connected";
-    if (reconnectAttempts > 0) return `Reconnecting (attempt ${reconnectAttempts})`;
-    return error ? "Disconnected" : "Connecting…";
-  }
 
   return function MessageStream(props) {
     const { title = "Messages", className = "", showControls = true, renderMessage } = props;
@@ -54,8 +56,9 @@ export function createMessageStream(React) {
         h("h2", null, title),
         h(
           "span",
-          { className: "pgsse-status", role: "status", "data-connected": String(connected) },
-          status(sse),
+          { className: "pgsse-status", role: "status", "data-status": sse.status },
+          STATUS_TEXT[sse.status],
+          sse.reconnectAttempts > 0 ? ` (attempt ${sse.reconnectAttempts})` : null,
         ),
         controls,
       ),

@@ -1,6 +1,7 @@
 // The demo page at GET /: one sse-client.js client, rendered into plain DOM.
-// The URL query sets the form (?sessionId=…&robotId=…) and, for trying failure modes,
-// the client's reconnectInterval, maxReconnectInterval and maxReconnectAttempts.
+// The URL query sets the form (?sessionId=…&robotId=…), a `token` for a broker that requires
+// one (used for the stream and for sending), and, for trying failure modes, the client's
+// reconnectInterval, maxReconnectInterval and maxReconnectAttempts.
 
 import { createSSEClient } from "./sse-client.js";
 
@@ -14,11 +15,12 @@ const settings = {
   reconnectInterval: number("reconnectInterval", 1000),
   maxReconnectInterval: number("maxReconnectInterval", 15000),
   maxReconnectAttempts: number("maxReconnectAttempts", 10),
+  token: params.get("token") || null,
 };
 
 let client = null;
+let current = null; // the session and robot `client` streams
 let unsubscribe = null;
-let wanted = false;
 const items = new Map(); // message id -> its <li>
 
 const timeFormat = new Intl.DateTimeFormat(undefined, {
@@ -27,53 +29,46 @@ const timeFormat = new Intl.DateTimeFormat(undefined, {
   second: "2-digit",
 });
 
+// Connect: a new client for a new session or robot; the same one otherwise, so that a
+// Disconnect then Connect resumes after the last message shown and loses nothing.
 function start() {
-  stop();
   const sessionId = $("session").value.trim();
-  const robotId = $("robot").value.trim();
+  const robotId = $("robot").value.trim() || null;
   const query = new URLSearchParams(params);
   query.set("sessionId", sessionId);
   if (robotId) query.set("robotId", robotId);
   else query.delete("robotId");
   history.replaceState(null, "", `?${query}`);
 
-  for (const li of items.values()) li.remove();
-  items.clear();
-  client = createSSEClient({ sessionId, robotId: robotId || null, ...settings });
-  unsubscribe = client.subscribe(render);
-  wanted = true;
+  if (!client || current.sessionId !== sessionId || current.robotId !== robotId) {
+    if (client) client.disconnect();
+    if (unsubscribe) unsubscribe();
+    for (const li of items.values()) li.remove();
+    items.clear();
+    client = createSSEClient({ sessionId, robotId, ...settings });
+    current = { sessionId, robotId };
+    unsubscribe = client.subscribe(render);
+  }
   client.connect();
 }
 
 function stop() {
-  wanted = false;
   if (client) client.disconnect();
-  if (unsubscribe) unsubscribe();
-  unsubscribe = null;
-  render(client ? client.getSnapshot() : null);
 }
+
+const STATUS_TEXT = {
+  idle: "Disconnected",
+  connecting: "Connecting…",
+  connected: "Connected",
+  reconnecting: "Reconnecting…",
+  failed: "Connection failed",
+};
 
 function render(state) {
   const status = $("status");
   const text = $("status-text");
-  if (!state) {
-    status.dataset.state = "idle";
-    text.textContent = "Not connected";
-    return;
-  }
-  if (state.connected) {
-    status.dataset.state = "connected";
-    text.textContent = "Connected";
-  } else if (wanted && client.reconnecting) {
-    status.dataset.state = "reconnecting";
-    text.textContent = "Reconnecting…";
-  } else if (wanted && state.reconnectAttempts === 0 && !state.error) {
-    status.dataset.state = "connecting";
-    text.textContent = "Connecting…";
-  } else {
-    status.dataset.state = state.error ? "failed" : "idle";
-    text.textContent = "Disconnected";
-  }
+  status.dataset.state = state.status;
+  text.textContent = STATUS_TEXT[state.status];
   $("reconnects").textContent = String(state.reconnectAttempts);
   const error = $("error");
   error.hidden = !state.error;
@@ -148,9 +143,11 @@ async function send(event) {
   status.classList.remove("failed");
   status.textContent = "Sending…";
   try {
+    const headers = { "Content-Type": "application/json" };
+    if (settings.token) headers.Authorization = `Bearer ${settings.token}`;
     const response = await fetch("/api/messages", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers,
       body: JSON.stringify(body),
     });
     const answer = await response.json().catch(() => ({}));

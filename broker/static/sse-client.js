@@ -13,14 +13,24 @@
 // The broker's own `error` events ("slow consumer", "server shutting down", "replay limit
 // reached") end a stream on purpose; the client reconnects from its last id in the same way.
 //
-// Messages are kept deduplicated by id, in id order, at most `maxMessages` of them (the
-// oldest go first). State: `connected`, `messages`, `error` (a string or null),
-// `reconnectAttempts` (consecutive failed attempts, 0 once connected).
+// Options: baseUrl ("" = same origin), sessionId and robotId (null = any), token (a string,
+// or a function called at each connect, for a broker with BROKER_AUTH_SECRET),
+// reconnectInterval (ms, 3000), maxReconnectInterval (ms, 30000), maxReconnectAttempts (5),
+// autoReconnect (true), maxMessages (500), lastEventId (resume point of a new client),
+// onMessage(message), onConnected(event), onDisconnected(reason), onError(error), and
+// EventSource (a replacement constructor, e.g. a polyfill).
+//
+// Messages are kept deduplicated by id (the last 10000 ids received are remembered, across
+// reconnects and clearMessages()), in id order, at most `maxMessages` of them (the oldest go
+// first). State: `connected`, `messages`, `error` (a string or null), `reconnectAttempts`
+// (consecutive failed attempts, 0 once connected), `lastEventId`, and `status`: "idle",
+// "connecting", "connected", "reconnecting" or "failed" (attempts exhausted).
 
 const DEFAULTS = {
   baseUrl: "",
   sessionId: null,
   robotId: null,
+  token: null,
   reconnectInterval: 3000,
   maxReconnectInterval: 30000,
   maxReconnectAttempts: 5,
@@ -44,6 +54,7 @@ export function compareIds(a, b) {
 }
 
 const RESUMABLE = /^[0-9]{1,19}$/;
+const SEEN_LIMIT = 10000;
 
 export function createSSEClient(options = {}) {
   const opts = { ...DEFAULTS };
@@ -57,16 +68,20 @@ export function createSSEClient(options = {}) {
   let wanted = false; // connect() called and not disconnect()
   let lastEventId = RESUMABLE.test(String(opts.lastEventId ?? "")) ? String(opts.lastEventId) : null;
   let messages = [];
-  const ids = new Set();
-  let state = freeze({ connected: false, messages, error: null, reconnectAttempts: 0, lastEventId });
+  const seen = new Set(); // ids received lately, so a replayed row is never shown twice
+  let state = snapshot({ connected: false, messages, error: null, reconnectAttempts: 0 });
   const listeners = new Set();
 
-  function freeze(value) {
-    return Object.freeze(value);
+  function snapshot(fields) {
+    let status = "idle";
+    if (fields.connected) status = "connected";
+    else if (wanted) status = fields.reconnectAttempts > 0 ? "reconnecting" : "connecting";
+    else if (fields.error) status = "failed";
+    return Object.freeze({ ...fields, status, lastEventId });
   }
 
   function update(changes) {
-    state = freeze({ ...state, ...changes, lastEventId });
+    state = snapshot({ ...state, ...changes });
     for (const listener of [...listeners]) listener(state);
   }
 
@@ -86,6 +101,10 @@ export function createSSEClient(options = {}) {
     if (opts.sessionId != null && opts.sessionId !== "") params.set("sessionId", opts.sessionId);
     if (opts.robotId != null && opts.robotId !== "") params.set("robotId", opts.robotId);
     if (lastEventId !== null) params.set("lastEventId", lastEventId);
+    // EventSource cannot send an Authorization header; a function is asked again on every
+    // reconnect, so an expiring token can be renewed.
+    const token = typeof opts.token === "function" ? opts.token() : opts.token;
+    if (token) params.set("token", token);
     const query = params.toString();
     return `${String(opts.baseUrl).replace(/\/+$/, "")}/api/sse/messages${query ? `?${query}` : ""}`;
   }
@@ -148,18 +167,26 @@ export function createSSEClient(options = {}) {
   function add(message, sseId) {
     const id = String(message.id ?? sseId ?? "");
     if (!RESUMABLE.test(id)) return;
-    if (lastEventId === null || compareIds(id, lastEventId) > 0) lastEventId = id;
-    if (ids.has(id)) return;
-    const full = messages.length >= opts.maxMessages;
-    if (full && messages.length > 0 && compareIds(id, messages[0].id) < 0) return;
-    const next = messages.slice();
-    let at = next.length;
-    while (at > 0 && compareIds(next[at - 1].id, id) > 0) at -= 1;
-    next.splice(at, 0, message);
-    ids.add(id);
-    while (next.length > Math.max(0, opts.maxMessages)) ids.delete(String(next.shift().id));
-    messages = next;
-    update({ messages });
+    // The last id received, as EventSource keeps it: the broker resumes after that row in
+    // its delivery (commit) order, which is not always id order.
+    lastEventId = id;
+    if (seen.has(id)) return;
+    seen.add(id);
+    if (seen.size > SEEN_LIMIT) seen.delete(seen.values().next().value);
+    const limit = Math.max(0, opts.maxMessages);
+    // Kept in id order and trimmed from the oldest: a row older than all of a full history
+    // would go at once, but it is still reported.
+    if (messages.length < limit || (limit > 0 && compareIds(id, messages[0].id) > 0)) {
+      const next = messages.slice();
+      let at = next.length;
+      while (at > 0 && compareIds(next[at - 1].id, id) > 0) at -= 1;
+      next.splice(at, 0, message);
+      if (next.length > limit) next.splice(0, next.length - limit);
+      messages = next;
+      update({ messages });
+    } else {
+      update({});
+    }
     call("onMessage", message);
   }
 
@@ -208,15 +235,13 @@ export function createSSEClient(options = {}) {
       const wasConnected = state.connected;
       wanted = false;
       close();
-      if (wasConnected || state.reconnectAttempts !== 0) {
-        update({ connected: false, reconnectAttempts: 0 });
-        if (wasConnected) call("onDisconnected", "disconnected");
-      }
+      update({ connected: false, reconnectAttempts: 0, error: null });
+      if (wasConnected) call("onDisconnected", "disconnected");
     },
-    /** Forget the messages held; the stream still resumes after the last id seen. */
+    /** Forget the messages held; the stream still resumes after the last id seen, and a
+     * row already received does not come back. */
     clearMessages() {
       messages = [];
-      ids.clear();
       update({ messages });
     },
     /** Call `listener(state)` on every change; returns the function that unsubscribes. */
@@ -224,13 +249,18 @@ export function createSSEClient(options = {}) {
       listeners.add(listener);
       return () => listeners.delete(listener);
     },
-    /** The current state, an immutable object that changes identity on every update. */
+    /** The current state, an immutable object that changes identity on every update. Its
+     * `messages` array changes identity only when the messages do. */
     getSnapshot() {
       return state;
     },
     /** True while a reconnect is scheduled. */
     get reconnecting() {
       return timer !== null;
+    },
+    /** "idle", "connecting", "connected", "reconnecting" or "failed" (gave up). */
+    get status() {
+      return state.status;
     },
     get connected() {
       return state.connected;

@@ -10,11 +10,11 @@
 //   const { connected, messages, error, reconnectAttempts, connect, disconnect, clearMessages }
 //     = useSSE({ sessionId: "123", robotId: "r1", onMessage: (m) => console.log(m) });
 //
-// Options: baseUrl, sessionId, robotId, reconnectInterval, maxReconnectInterval,
+// Options: baseUrl, sessionId, robotId, token, reconnectInterval, maxReconnectInterval,
 // maxReconnectAttempts, autoReconnect, maxMessages, onMessage, onConnected, onDisconnected,
 // onError (see sse-client.js), and `enabled` (default true: connect on mount). A change of
-// baseUrl, sessionId, robotId or a reconnect setting starts a new stream; new callbacks do
-// not. Unmounting closes the stream.
+// baseUrl, sessionId, robotId, a token string or a reconnect setting starts a new stream; new
+// callbacks (and a new token function) do not. Unmounting closes the stream.
 
 import { createSSEClient } from "./sse-client.js";
 
@@ -26,6 +26,7 @@ export function createUseSSE(React) {
       baseUrl = "",
       sessionId = null,
       robotId = null,
+      token = null,
       reconnectInterval,
       maxReconnectInterval,
       maxReconnectAttempts,
@@ -45,6 +46,8 @@ export function createUseSSE(React) {
           baseUrl,
           sessionId,
           robotId,
+          // A token function is read through the ref: a new one need not reconnect.
+          token: typeof token === "function" ? () => callbacks.current.token() : token,
           reconnectInterval,
           maxReconnectInterval,
           maxReconnectAttempts,
@@ -59,6 +62,7 @@ export function createUseSSE(React) {
         baseUrl,
         sessionId,
         robotId,
+        typeof token === "function" ? "function" : token,
         reconnectInterval,
         maxReconnectInterval,
         maxReconnectAttempts,
@@ -79,6 +83,8 @@ export function createUseSSE(React) {
       messages: state.messages,
       error: state.error,
       reconnectAttempts: state.reconnectAttempts,
+      // Beyond the seed's values: "idle", "connecting", "connected", "reconnecting", "failed".
+      status: state.status,
       lastEventId: state.lastEventId,
       connect: client.connect,
       disconnect: client.disconnect,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import os
 import random
 import resource
 import socket
@@ -26,7 +27,7 @@ from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import orjson
@@ -80,7 +81,9 @@ class Stream:
         self.reconnect = reconnect
         self.record = StreamRecord(spec.session_id, last_id=spec.last_event_id or 0)
         self.resume_from = spec.last_event_id
-        self.expected_session = spec.session_id.encode() if spec.session_id else None
+        self.session_key = (
+            b'"sessionId":' + orjson.dumps(spec.session_id) if spec.session_id else None
+        )
         self.connection: SSEConnection | None = None
         self.connected = asyncio.get_running_loop().create_future()
         self.active = True
@@ -129,21 +132,8 @@ class Stream:
 
     def on_message(self, event_id: int, data: bytes, now: float) -> None:
         record = self.record
-        if self.verify:
-            try:
-                body = orjson.loads(data)
-                inner = body["data"]
-                if (
-                    body["type"] != "message"
-                    or inner["id"] != str(event_id)
-                    or (
-                        self.expected_session is not None
-                        and inner["sessionId"].encode() != self.expected_session
-                    )
-                ):
-                    record.malformed += 1
-            except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-                record.malformed += 1
+        if self.verify and not self._valid(event_id, data):
+            record.malformed += 1
         if event_id <= record.last_id:
             if event_id in set(record.ids[-1000:]):
                 record.duplicates += 1
@@ -155,6 +145,27 @@ class Stream:
         record.ids.append(event_id)
         record.times.append(now)
         self.client.events += 1
+
+    def _valid(self, event_id: int, data: bytes) -> bool:
+        """A message's JSON says type `message`, the frame's id and the stream's session.
+
+        Checked on the bytes first, in the broker's key order (a session key cannot occur
+        unescaped inside a JSON string value); anything else gets a full parse.
+        """
+        if data.startswith(b'{"type":"message","data":{"id":"%d"' % event_id) and (
+            self.session_key is None or self.session_key in data
+        ):
+            return True
+        try:
+            body = orjson.loads(data)
+            inner = body["data"]
+            return bool(
+                body["type"] == "message"
+                and inner["id"] == str(event_id)
+                and (self.spec.session_id is None or inner["sessionId"] == self.spec.session_id)
+            )
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return False
 
     def on_event(self, body: dict[str, Any], now: float) -> None:
         kind = body.get("type")
@@ -213,8 +224,8 @@ class SSEConnection(asyncio.Protocol):
         self.ended = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports do not subclass asyncio.Transport, hence no isinstance check.
+        self.transport = cast(asyncio.Transport, transport)
         self.stream.connection = self
         transport.write(self.stream.request())
 
@@ -238,9 +249,21 @@ class SSEConnection(asyncio.Protocol):
             self.in_body = True
             if not data:
                 return
-        payload = self._dechunk(data) if self.chunked else data
-        if payload:
-            self._feed(payload, now)
+        if self.chunked:
+            # Fast path: the read is exactly one whole chunk (one write of the broker).
+            line_end = data.find(b"\r\n")
+            if not (self.raw or self.chunk_left or self.skip) and 0 < line_end < 9:
+                try:
+                    size = int(data[:line_end], 16)
+                except ValueError:
+                    size = 0
+                start = line_end + 2
+                if size and len(data) == start + size + 2 and data.endswith(b"\r\n"):
+                    self._feed(data[start : start + size], now)
+                    return
+            data = self._dechunk(data)
+        if data:
+            self._feed(data, now)
 
     def _parse_head(self, head: bytes) -> bool:
         lines = head.decode("latin-1").split("\r\n")
@@ -297,6 +320,18 @@ class SSEConnection(asyncio.Protocol):
 
     def _feed(self, payload: bytes, now: float) -> None:
         text = self.text + payload if self.text else payload
+        # Fast path: exactly one `id: N` / `data: ...` frame.
+        if text.startswith(b"id: ") and text.find(b"\n\n") == len(text) - 2:
+            line_end = text.find(b"\n")
+            if (
+                text.startswith(b"data: ", line_end + 1)
+                and text.find(b"\n", line_end + 1) == len(text) - 2
+                and b"\r" not in text
+                and text[4:line_end].isdigit()
+            ):
+                self.text = b""
+                self.stream.on_message(int(text[4:line_end]), text[line_end + 7 : -2], now)
+                return
         if b"\r" in text:
             # SSE allows CRLF and CR line ends; this broker sends LF, so this is the slow path.
             keep = text.endswith(b"\r")
@@ -490,6 +525,9 @@ async def _serve(pipe: Connection, host: str, port: int) -> None:
     loop = asyncio.get_running_loop()
     commands: asyncio.Queue[Any] = asyncio.Queue()
     loop.add_reader(pipe.fileno(), lambda: commands.put_nowait(pipe.recv()))
+    # uvloop makes a watched descriptor non-blocking; answers (records) are large, and
+    # multiprocessing's send expects blocking writes.
+    os.set_blocking(pipe.fileno(), True)
     started_cpu = time.process_time()
     while True:
         command, args = await commands.get()

@@ -120,6 +120,22 @@ class ProcessSample:
     at: float
     rss_kb: int
     cpu_seconds: float
+    cpus: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+
+
+def cpu_ticks() -> dict[str, tuple[int, int, int]]:
+    """Per CPU from /proc/stat: (busy, steal, total) clock ticks since boot."""
+    ticks: dict[str, tuple[int, int, int]] = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        if not line.startswith("cpu") or line.startswith("cpu "):
+            continue
+        name, *values = line.split()
+        numbers = [int(v) for v in values[:8]]
+        idle = numbers[3] + numbers[4]  # idle + iowait
+        steal = numbers[7] if len(numbers) > 7 else 0
+        total = sum(numbers)
+        ticks[name] = (total - idle - steal, steal, total)
+    return ticks
 
 
 @dataclass
@@ -202,7 +218,7 @@ class BrokerProcess:
         return cpu_seconds(self.pid)
 
     def sample(self) -> ProcessSample:
-        return ProcessSample(time.monotonic(), self.rss_kb(), self.cpu_seconds())
+        return ProcessSample(time.monotonic(), self.rss_kb(), self.cpu_seconds(), cpu_ticks())
 
     def stop(self) -> int | None:
         if self.process is None:
@@ -252,12 +268,32 @@ class Sampler:
     def peak_rss_kb(self) -> int:
         return max((s.rss_kb for s in self.samples), default=0)
 
-    def cpu_share(self, start: float, end: float) -> float | None:
-        """The broker's CPU use between two monotonic times, as a share of one core."""
+    def window(self, start: float, end: float) -> dict[str, float | None]:
+        """CPU use between two monotonic times, as shares of one core: the broker's, and each
+        CPU's whole (every process on it, other people's too), and the hypervisor's steal."""
         inside = [s for s in self.samples if start <= s.at <= end]
         if len(inside) < 2 or inside[-1].at <= inside[0].at:
-            return None
-        return (inside[-1].cpu_seconds - inside[0].cpu_seconds) / (inside[-1].at - inside[0].at)
+            return {"broker_cpu": None}
+        first, last = inside[0], inside[-1]
+        span = last.at - first.at
+        result: dict[str, float | None] = {
+            "broker_cpu_seconds": round(last.cpu_seconds - first.cpu_seconds, 3),
+            "broker_cpu": round((last.cpu_seconds - first.cpu_seconds) / span, 3),
+        }
+        for name, (busy, steal, total) in last.cpus.items():
+            before = first.cpus.get(name)
+            if before is None or total <= before[2]:
+                continue
+            result[f"{name}_busy"] = round((busy - before[0]) / (total - before[2]), 3)
+            result[f"{name}_steal"] = round((steal - before[1]) / (total - before[2]), 3)
+        if "cpu0_busy" in result and pinning_available():
+            others = (result["cpu0_busy"] or 0) - (result["broker_cpu"] or 0)
+            result["cpu0_others"] = round(max(0.0, others), 3)
+        return result
+
+    def cpu_share(self, start: float, end: float) -> float | None:
+        """The broker's CPU use between two monotonic times, as a share of one core."""
+        return self.window(start, end)["broker_cpu"]
 
 
 @contextmanager

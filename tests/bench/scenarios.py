@@ -71,8 +71,23 @@ class Context:
             self.profiles[name] = {"file": str(path.name), **summarize_profile(path)}
 
 
+def per_cpu_second(figures: dict[str, Any], cpu: dict[str, Any]) -> float | None:
+    """Deliveries per second of broker CPU: the per-core figure, robust to a busy machine."""
+    seconds = cpu.get("broker_cpu_seconds")
+    delivered = figures.get("delivered")
+    return round(delivered / seconds) if seconds and delivered else None
+
+
 def target(description: str, value: Any, ok: bool | None) -> dict[str, Any]:
     return {"target": description, "value": value, "ok": ok}
+
+
+def open_all(client: LoadClient, specs: list[StreamSpec]) -> dict[str, Any]:
+    """Open every stream or fail the scenario: its figures would mean nothing otherwise."""
+    opened = client.open(specs)
+    if opened["opened"] != len(specs):
+        raise RuntimeError(f"only {opened['opened']} of {len(specs)} streams opened: {opened}")
+    return opened
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
@@ -172,7 +187,7 @@ def fanout(ctx: Context) -> dict[str, Any]:
     client = ctx.client(broker)
     phases: list[tuple[str, float | None, Writes, dict[str, Any]]] = []
     try:
-        opened = client.open([StreamSpec(session) for _ in range(subscribers)])
+        opened = open_all(client, [StreamSpec(session) for _ in range(subscribers)])
         time.sleep(1)
         base = broker.status()
         with Sampler(broker) as sampler:
@@ -183,7 +198,7 @@ def fanout(ctx: Context) -> dict[str, Any]:
                 extra = {
                     "drained": done,
                     "drain_wait_s": round(waited, 2),
-                    "broker_cpu": sampler.cpu_share(started, time.monotonic()),
+                    **sampler.window(started, time.monotonic()),
                 }
                 phases.append((f"{rate}/s", rate, writes, extra))
             started = time.monotonic()
@@ -203,7 +218,7 @@ def fanout(ctx: Context) -> dict[str, Any]:
             extra = {
                 "drained": done,
                 "drain_wait_s": round(waited, 2),
-                "broker_cpu": sampler.cpu_share(started, time.monotonic()),
+                **sampler.window(started, time.monotonic()),
             }
             phases.append(("max", None, writes, extra))
             time.sleep(0.5)
@@ -219,8 +234,7 @@ def fanout(ctx: Context) -> dict[str, Any]:
         figures.update(extra)
         figures["offered_rows_per_s"] = rate
         figures["offered_deliveries_per_s"] = None if rate is None else rate * subscribers
-        if extra["broker_cpu"] is not None:
-            figures["broker_cpu"] = round(extra["broker_cpu"], 3)
+        figures["deliveries_per_broker_cpu_s"] = per_cpu_second(figures, extra)
         results[name] = figures
     bound_kb = (subscribers * queue_size * 8 + burst_rows * EVENT_BYTES_ESTIMATE) // 1024
     headline = results.get("50/s", {})
@@ -272,14 +286,14 @@ def spread(ctx: Context) -> dict[str, Any]:
     broker = ctx.broker("spread").start()
     client = ctx.client(broker)
     try:
-        opened = client.open([StreamSpec(name) for name in sessions])
+        opened = open_all(client, [StreamSpec(name) for name in sessions])
         time.sleep(1)
         with Sampler(broker) as sampler:
             started = time.monotonic()
             with ctx.profile(broker, "spread", seconds + 2):
                 writes = Writer(ctx.database.url, sessions, rate=rate, duration=seconds).run()
             done, waited = client.wait_delivered(writes.last_id_by_session(sessions), timeout=30)
-            cpu = sampler.cpu_share(started, time.monotonic())
+            cpu = sampler.window(started, time.monotonic())
         records, client_cpu = client.close()
     finally:
         client.terminate()
@@ -294,7 +308,8 @@ def spread(ctx: Context) -> dict[str, Any]:
         **figures,
         "drained": done,
         "drain_wait_s": round(waited, 2),
-        "broker_cpu": None if cpu is None else round(cpu, 3),
+        **cpu,
+        "deliveries_per_broker_cpu_s": per_cpu_second(figures, cpu),
         "streams_summary": summarize_records(records),
         "client_cpu_seconds": round(client_cpu, 2),
         "targets": [
@@ -395,7 +410,7 @@ def relay(ctx: Context) -> dict[str, Any]:
     broker = ctx.broker("relay", queue_size=200_000).start()
     client = ctx.client(broker, processes=1)
     try:
-        client.open([StreamSpec(session)])
+        open_all(client, [StreamSpec(session)])
         time.sleep(1)
         with Sampler(broker) as sampler:
             started = time.monotonic()
@@ -408,7 +423,7 @@ def relay(ctx: Context) -> dict[str, Any]:
                     connections=connections,
                 ).run()
             done, waited = client.wait_delivered({session: writes.ids[-1]}, timeout=60)
-            cpu = sampler.cpu_share(started, time.monotonic())
+            cpu = sampler.window(started, time.monotonic())
         records, client_cpu = client.close()
     finally:
         client.terminate()
@@ -429,7 +444,8 @@ def relay(ctx: Context) -> dict[str, Any]:
         "latency_trend": trend(writes, records),
         "drained": done,
         "drain_wait_s": round(waited, 2),
-        "broker_cpu": None if cpu is None else round(cpu, 3),
+        **cpu,
+        "deliveries_per_broker_cpu_s": per_cpu_second(figures, cpu),
         "client_cpu_seconds": round(client_cpu, 2),
         "streams_summary": summarize_records(records),
         "targets": [

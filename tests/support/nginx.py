@@ -98,7 +98,9 @@ class Nginx:
     def set_directive(self, name: str, value: str) -> None:
         """Change the one `name ...;` line of the locations file (a test's only deviation)."""
         text = self.locations.read_text()
-        text, count = re.subn(rf"(?m)^(\s*){re.escape(name)}\s[^;]*;", rf"\g<1>{name} {value};", text)
+        text, count = re.subn(
+            rf"(?m)^(\s*){re.escape(name)}\s[^;]*;", rf"\g<1>{name} {value};", text
+        )
         assert count == 1, f"{name} appears {count} times in {self.locations}"
         self.locations.write_text(text)
 
@@ -141,3 +143,54 @@ class Nginx:
             if path.exists():
                 parts.append(f"--- nginx {name}\n" + path.read_text(errors="replace")[-3000:])
         return "\n".join(parts)
+
+
+@dataclass
+class ClusterScript:
+    """`deploy/cluster.sh COUNT PUBLIC_PORT FIRST_PORT` running in a session of its own."""
+
+    env: dict[str, str]
+    count: int
+    public_port: int
+    first_port: int
+    run_dir: Path = field(default_factory=run_directory)
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 45.0) -> ClusterScript:
+        env = {**os.environ, **self.env, "PGSSE_RUN_DIR": str(self.run_dir)}
+        argv = [str(CLUSTER_SH), str(self.count), str(self.public_port), str(self.first_port)]
+        with (self.run_dir / "cluster.out").open("wb") as out:
+            self.process = subprocess.Popen(
+                argv,
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        try:
+            wait_for_port(self.public_port, timeout, self.process)
+        except (TimeoutError, RuntimeError) as exc:
+            self.stop()
+            raise RuntimeError(f"{exc}\n{self.output()}") from None
+        return self
+
+    def stop(self) -> int:
+        """SIGTERM, as Ctrl-C would; the script's exit code. Kills its group if it hangs."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+                raise
+        return self.process.returncode
+
+    def output(self) -> str:
+        return (self.run_dir / "cluster.out").read_text(errors="replace")[-5000:]
+
+    def remove(self) -> None:
+        shutil.rmtree(self.run_dir, ignore_errors=True)

@@ -101,6 +101,14 @@ class BrokerProcess:
                 self.process.kill()
                 self.process.wait(5)
 
+    def rss_kib(self) -> int:
+        """The broker process's resident memory, KiB."""
+        assert self.process is not None
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:]
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
+OPEN_CLIENTS: list[SSEClient] = []  # closed by the `close_clients` fixture after each test
+
 
 @dataclass
 class SSEEvent:
@@ -63,6 +65,7 @@ class SSEClient:
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
         await writer.drain()
         client = cls(reader, writer)
+        OPEN_CLIENTS.append(client)
         await asyncio.wait_for(client._read_head(), timeout)
         return client
 
@@ -145,6 +148,8 @@ class SSEClient:
         return (await self.events_until(lambda e: e.type == "message", timeout))[-1]
 
     async def close(self) -> None:
+        if self in OPEN_CLIENTS:
+            OPEN_CLIENTS.remove(self)
         self.writer.close()
         with contextlib.suppress(OSError, TimeoutError):
             await asyncio.wait_for(self.writer.wait_closed(), 5)

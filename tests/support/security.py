@@ -1,0 +1,195 @@
+"""Helpers for the security tests: tokens, raw HTTP requests, and the log scan for secrets.
+
+Tokens are minted here with PyJWT directly, not with `broker.auth`, so the tests check the
+contract (what an app backend would sign) rather than the broker's own minting. Every token
+and secret made here is remembered, and `no_secret_in_logs` (an autouse fixture for the
+modules that import it) fails a test whose broker logs printed any of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+
+from tests.support.sse import SSEClient
+
+# Every token and secret handed to a broker during the run: none may appear in a log line.
+SENSITIVE: set[str] = set()
+
+
+def new_secret(nbytes: int = 32) -> str:
+    secret = secrets.token_urlsafe(nbytes)
+    SENSITIVE.add(secret)
+    return secret
+
+
+def mint(
+    secret: str,
+    sessions: list[str] | str,
+    robots: list[str] | str | None = "*",
+    publish: bool | None = None,
+    ttl: float = 3600,
+    algorithm: str = "HS256",
+    **claims: Any,
+) -> str:
+    """A token as an app backend would sign it; `None` leaves a claim out."""
+    now = int(time.time())
+    payload: dict[str, Any] = {"sessions": sessions, "iat": now, "exp": now + int(ttl), **claims}
+    if robots is not None:
+        payload["robots"] = robots
+    if publish is not None:
+        payload["publish"] = publish
+    token = jwt.encode(payload, secret, algorithm=algorithm)
+    remember(token)
+    return token
+
+
+def unsigned(sessions: list[str] | str) -> str:
+    """An `alg: none` token, which must never be accepted."""
+    token = jwt.encode(
+        {"sessions": sessions, "exp": int(time.time()) + 3600}, None, algorithm="none"
+    )
+    remember(token)
+    return token
+
+
+def remember(token: str) -> None:
+    SENSITIVE.add(token)
+    parts = token.split(".")
+    if len(parts) == 3 and len(parts[2]) >= 16:
+        SENSITIVE.add(parts[2])  # the signature alone is token text too
+
+
+def leaked(log_text: str) -> list[str]:
+    """Each sensitive string found in `log_text`, shortened for the failure message."""
+    return [value[:12] + "..." for value in SENSITIVE if value in log_text]
+
+
+def assert_no_secret_in(paths: list[Path]) -> int:
+    """Fail if any file holds a sensitive string; returns the number of lines scanned."""
+    lines = 0
+    for path in paths:
+        text = path.read_text(errors="replace")
+        lines += text.count("\n")
+        found = leaked(text)
+        assert not found, f"{path.name} logs token or secret text: {found}"
+    return lines
+
+
+@pytest.fixture(autouse=True)
+def no_secret_in_logs(tmp_path: Path) -> Iterator[None]:
+    """After each test (and after `start_broker` stopped its brokers, since an autouse
+    fixture is set up first and torn down last), scan every broker log of the test."""
+    yield
+    assert_no_secret_in(sorted(tmp_path.glob("*.log")))
+
+
+@dataclass
+class Answer:
+    """A complete, finite HTTP response."""
+
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def request(
+    port: int,
+    method: str = "GET",
+    target: str = "/",
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
+    timeout: float = 5.0,
+) -> Answer:
+    """One request on a fresh connection (`Connection: close`); the whole answer, read
+    until the server closes. Bounded by `timeout`: a hang raises `TimeoutError`."""
+
+    async def exchange() -> Answer:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Connection: close"]
+            lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+            if body is not None:
+                lines.append(f"Content-Length: {len(body)}")
+            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b""))
+            await writer.drain()
+            raw = await reader.read()
+        finally:
+            writer.close()
+        return parse_answer(raw)
+
+    return await asyncio.wait_for(exchange(), timeout)
+
+
+def parse_answer(raw: bytes) -> Answer:
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    answer = Answer(int(status_line.split()[1]))
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        answer.headers[name.strip().lower()] = value.strip()
+    if answer.headers.get("transfer-encoding", "").lower() == "chunked":
+        body = b""
+        while rest:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line.split(b";")[0] or b"0", 16)
+            if size == 0:
+                break
+            body, rest = body + rest[:size], rest[size + 2 :]
+        rest = body
+    answer.body = rest
+    return answer
+
+
+async def open_stream(
+    port: int,
+    params: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None,
+    local_host: str | None = None,
+    timeout: float = 10.0,
+) -> SSEClient:
+    """`SSEClient.open`, optionally from another loopback source address (127.0.0.2, ...)."""
+    if local_host is None:
+        return await SSEClient.open(port, params=params, headers=headers, timeout=timeout)
+    from urllib.parse import urlencode
+
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection("127.0.0.1", port, local_addr=(local_host, 0)), timeout
+    )
+    target = "/api/sse/messages" + ("?" + urlencode(params) if params else "")
+    lines = [f"GET {target} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Accept: text/event-stream"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    await writer.drain()
+    client = SSEClient(reader, writer)
+    await asyncio.wait_for(client._read_head(), timeout)
+    return client
+
+
+async def connected(client: SSEClient) -> SSEClient:
+    """Check that `client` is a live stream: 200, then `retry` and `connected` events."""
+    assert client.status == 200, await client.body()
+    assert client.headers["content-type"].startswith("text/event-stream")
+    await client.events_until(lambda event: event.type == "connected", timeout=5)
+    return client
+
+
+async def refused(client: SSEClient) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """Status, headers and JSON body of a stream request that must not become a stream."""
+    assert not client.headers.get("content-type", "").startswith("text/event-stream")
+    body = json.loads(await client.body(timeout=5))
+    await client.close()
+    return client.status, client.headers, body
