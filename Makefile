@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run cluster test lint bench clean
 
 $(STAMP): pyproject.toml tests/browser/package-lock.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml tests/browser/package-lock.json
 run: $(STAMP)
 	$(BIN)/broker serve
 
+# N instances (default 3) on ports 5001.. and nginx on 8080, one database: docs/deployment.md.
+cluster: $(STAMP)
+	deploy/cluster.sh $(N)
+
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -26,4 +30,4 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .data .run .pytest_cache .mypy_cache .ruff_cache

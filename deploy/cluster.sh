@@ -91,6 +91,8 @@ if [ -z "${DATABASE_URL:-}${PGDATABASE_URL:-}" ]; then
 import sys
 from pathlib import Path
 from broker.database import EmbeddedPostgres
+from broker.log import configure
+configure("console")  # logs to stderr: stdout carries only the answer
 server = EmbeddedPostgres(Path(sys.argv[1]))
 started = not server.is_running()
 server.start()

@@ -331,6 +331,7 @@ async def test_client_retries_through_503_and_gives_up_when_attempts_run_out(
     )
     await expect(late.locator("#status")).to_have_attribute("data-state", "failed")
     await expect(late.locator("#status")).to_have_text("Connection failed")
+    await expect(late.locator("#error")).to_have_attribute("role", "alert")
     await expect(late.locator("#reconnects")).to_have_text("2")
     assert len(late_attempts) == 3
     assert await late.evaluate("window.pgsse.client.reconnecting") is False

@@ -116,7 +116,7 @@ class Follower:
 
     async def run(self) -> None:
         while True:
-            headers: dict[str, str] = {}
+            headers = {"Last-Event-ID": str(self.ids[-1])} if self.ids else {}
             client = await SSEClient.open(
                 self.port, params={"sessionId": self.session}, headers=headers
             )

@@ -70,8 +70,14 @@ function render(state) {
   status.dataset.state = state.status;
   text.textContent = STATUS_TEXT[state.status];
   $("reconnects").textContent = String(state.reconnectAttempts);
+  // A retry in progress is a warning shown quietly (the status says "Reconnecting…"); only
+  // giving up is an alert that screen readers announce at once.
   const error = $("error");
+  const failed = state.status === "failed";
   error.hidden = !state.error;
+  error.classList.toggle("warning", !failed);
+  if (failed) error.setAttribute("role", "alert");
+  else error.removeAttribute("role");
   error.textContent = state.error || "";
   renderMessages(state.messages);
 }

@@ -36,6 +36,9 @@ OPEN_CONCURRENCY = 256
 CONNECT_TIMEOUT = 20.0
 MAX_RECONNECTS = 20
 MAX_HEAD_BYTES = 16_384
+MESSAGE_PREFIX = b'{"type":"message","data":{"id":"'
+PREFIX_LENGTH = len(MESSAGE_PREFIX)
+QUOTE = ord('"')
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,6 @@ class Stream:
         self.verify = verify
         self.reconnect = reconnect
         self.record = StreamRecord(spec.session_id, last_id=spec.last_event_id or 0)
-        self.resume_from = spec.last_event_id
         self.session_key = (
             b'"sessionId":' + orjson.dumps(spec.session_id) if spec.session_id else None
         )
@@ -101,8 +103,9 @@ class Stream:
             "Accept: text/event-stream",
             "Cache-Control: no-cache",
         ]
-        if self.resume_from:
-            lines.append(f"Last-Event-ID: {self.resume_from}")
+        resume = self.record.last_id or self.spec.last_event_id
+        if resume:
+            lines.append(f"Last-Event-ID: {resume}")
         return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
     async def connect(self) -> None:
@@ -130,9 +133,9 @@ class Stream:
         if not self.connected.done():
             self.connected.set_result(True)
 
-    def on_message(self, event_id: int, data: bytes, now: float) -> None:
+    def on_message(self, event_id: int, id_text: bytes, data: bytes, now: float) -> None:
         record = self.record
-        if self.verify and not self._valid(event_id, data):
+        if self.verify and not self._valid(event_id, id_text, data):
             record.malformed += 1
         if event_id <= record.last_id:
             if event_id in set(record.ids[-1000:]):
@@ -141,19 +144,20 @@ class Stream:
                 record.out_of_order += 1
         else:
             record.last_id = event_id
-        self.resume_from = record.last_id
         record.ids.append(event_id)
         record.times.append(now)
-        self.client.events += 1
 
-    def _valid(self, event_id: int, data: bytes) -> bool:
+    def _valid(self, event_id: int, id_text: bytes, data: bytes) -> bool:
         """A message's JSON says type `message`, the frame's id and the stream's session.
 
         Checked on the bytes first, in the broker's key order (a session key cannot occur
         unescaped inside a JSON string value); anything else gets a full parse.
         """
-        if data.startswith(b'{"type":"message","data":{"id":"%d"' % event_id) and (
-            self.session_key is None or self.session_key in data
+        if (
+            data.startswith(MESSAGE_PREFIX)
+            and data.startswith(id_text, PREFIX_LENGTH)
+            and data[PREFIX_LENGTH + len(id_text)] == QUOTE
+            and (self.session_key is None or self.session_key in data)
         ):
             return True
         try:
@@ -330,7 +334,8 @@ class SSEConnection(asyncio.Protocol):
                 and text[4:line_end].isdigit()
             ):
                 self.text = b""
-                self.stream.on_message(int(text[4:line_end]), text[line_end + 7 : -2], now)
+                id_text = text[4:line_end]
+                self.stream.on_message(int(id_text), id_text, text[line_end + 7 : -2], now)
                 return
         if b"\r" in text:
             # SSE allows CRLF and CR line ends; this broker sends LF, so this is the slow path.
@@ -353,12 +358,9 @@ class SSEConnection(asyncio.Protocol):
                     and frame.startswith(b"data: ", line_end + 1)
                     and frame.find(b"\n", line_end + 1) < 0
                 ):
-                    try:
-                        event_id = int(frame[4:line_end])
-                    except ValueError:
-                        event_id = -1
-                    if event_id >= 0:
-                        stream.on_message(event_id, frame[line_end + 7 :], now)
+                    id_text = frame[4:line_end]
+                    if id_text.isdigit():
+                        stream.on_message(int(id_text), id_text, frame[line_end + 7 :], now)
                         continue
             self._frame(frame.lstrip(b"\n"), now)
 
@@ -385,9 +387,9 @@ class SSEConnection(asyncio.Protocol):
             self.stream.record.malformed += 1
             return
         if isinstance(body, dict) and body.get("type") == "message" and event_id is not None:
-            try:
-                self.stream.on_message(int(event_id), joined, now)
-            except ValueError:
+            if event_id.isdigit():
+                self.stream.on_message(int(event_id), event_id, joined, now)
+            else:
                 self.stream.record.malformed += 1
         elif isinstance(body, dict):
             self.stream.on_event(body, now)
@@ -402,7 +404,6 @@ class WorkerClient:
         self.host = host
         self.port = port
         self.streams: list[Stream] = []
-        self.events = 0
         self.tasks: set[asyncio.Task[Any]] = set()
 
     def spawn(self, coroutine: Any) -> None:
@@ -440,7 +441,8 @@ class WorkerClient:
             want = targets.get(stream.spec.session_id or "", default)
             if want and stream.record.last_id < want:
                 lagging += 1
-        return {"lagging": lagging, "events": self.events, "streams": len(self.streams)}
+        events = sum(len(stream.record.ids) for stream in self.streams)
+        return {"lagging": lagging, "events": events, "streams": len(self.streams)}
 
     async def churn(
         self,
