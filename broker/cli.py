@@ -20,6 +20,7 @@ from types import FrameType
 import orjson
 import structlog
 import uvicorn
+from starlette.applications import Starlette
 
 from .app import create_app
 from .auth import Authenticator
@@ -117,14 +118,17 @@ class _Server(uvicorn.Server):
     """uvicorn, plus: on the first SIGTERM/SIGINT, every stream is sent `error` and closed,
     so that clients reconnect to another instance while this one drains."""
 
-    broker: Broker | None = None
+    def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
+        super().__init__(config)
+        self.app = app
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         first = not self.should_exit
         super().handle_exit(sig, frame)
-        if first and self.broker is not None:
+        broker: Broker | None = getattr(self.app.state, "broker", None)  # set by the lifespan
+        if first and broker is not None:
             log.info("shutdown_requested", signal=signal.Signals(sig).name)
-            asyncio.get_running_loop().call_soon_threadsafe(self.broker.close_streams)
+            asyncio.get_running_loop().call_soon_threadsafe(broker.close_streams)
 
 
 def _serve(settings: Settings) -> int:
@@ -144,8 +148,7 @@ def _serve(settings: Settings) -> int:
             timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or 1,
             server_header=False,
         )
-        server = _Server(config)
-        app.state.on_broker = lambda broker: setattr(server, "broker", broker)
+        server = _Server(config, app)
         # uvicorn re-raises the signal it caught once it has shut down; ignoring it then
         # lets a graceful stop exit 0 as the contract says.
         for sig in (signal.SIGTERM, signal.SIGINT):
