@@ -19,13 +19,20 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import pytest
-from playwright.async_api import Browser, BrowserContext, Locator, Page, async_playwright
-from playwright.async_api import expect as playwright_expect
+from playwright.async_api import (
+    Browser,
+    BrowserContext,
+    Locator,
+    Page,
+    async_playwright,
+    expect,
+)
 
 from tests.conftest import Database
 from tests.support.processes import BrokerProcess
@@ -52,8 +59,7 @@ if not CHROMIUM.exists() and not os.environ.get("CI"):
         allow_module_level=True,
     )
 
-playwright_expect.set_options(timeout=TIMEOUT_MS)
-expect = playwright_expect
+expect.set_options(timeout=TIMEOUT_MS)
 
 # ---------------------------------------------------------------------------------------------
 # Fixtures and helpers
@@ -141,7 +147,7 @@ class AppFiles(http.server.SimpleHTTPRequestHandler):
         if path.startswith("/static/"):
             root, relative = STATIC, path.removeprefix("/static/")
         else:
-            root, relative = FIXTURES, path.lstrip("/") or "empty.html"
+            root, relative = FIXTURES, path.lstrip("/")
         file = (root / relative).resolve()
         return str(file) if file.is_relative_to(root) else str(root / "missing")
 
@@ -242,7 +248,8 @@ async def test_message_sent_from_one_page_appears_once_in_both(
         await expect(item(page, first)).to_have_class(re.compile(r"\bhuman\b"))
         await expect(item(page, second)).to_have_class(re.compile(r"\bbot\b"))
         await expect(item(page, second).locator(".intent")).to_have_text("greet")
-    rows = database.query("SELECT count(*) FROM messages WHERE session_id = %s", (session_id,))
+    count = "SELECT count(*) FROM messages WHERE session_id = %s"
+    rows = await asyncio.to_thread(database.query, count, (session_id,))
     assert rows[0][0] == 2
 
 
@@ -375,26 +382,34 @@ async def test_demo_page_screenshot_accessible_and_phone_sized(
     context: BrowserContext,
     start_broker: Callable[..., BrokerProcess],
     database: Database,
-    session_id: str,
 ) -> None:
+    # A fixed session and fixed times make the same picture on every run, so the committed
+    # docs/screenshot.png only changes when the page does. The session is still fresh: the
+    # test cluster is new for every test session and no other test uses this id.
+    session = "support-1042"
     broker = start_broker()
-    page = await open_demo(context, broker, session_id)
+    page = await open_demo(context, broker, session)
+    bot = {"robot_id": "support-bot", "is_from_bot": True, "is_human": False}
     conversation: list[tuple[str, dict[str, Any]]] = [
         ("Hi! Has my order #1042 shipped yet?", {}),
         (
             "It left the warehouse this morning and should arrive on Thursday.",
-            {"robot_id": "support-bot", "is_from_bot": True, "intent": "order_status"},
+            {**bot, "intent": "order_status"},
         ),
         ("Great. Can I still change the delivery address?", {"intent": "change_address"}),
         (
             "Of course. Reply with the new address and I will update the courier.",
-            {"robot_id": "support-bot", "is_from_bot": True, "intent": "change_address"},
+            {**bot, "intent": "change_address"},
         ),
         ("12 Rue de la Paix, Paris. Thanks, that was quick!", {}),
     ]
     # Latin text only: Debian's Chromium comes with no CJK or emoji font, and the screenshot
     # is made wherever the tests run.
-    ids = [await insert(database, session_id, text, **columns) for text, columns in conversation]
+    start = datetime(2026, 1, 5, 9, 41, 7, tzinfo=UTC)
+    ids = [
+        await insert(database, session, text, created_at=start + timedelta(seconds=23 * n), **cols)
+        for n, (text, cols) in enumerate(conversation)
+    ]
     await expect(page.locator("#messages li")).to_have_count(len(ids))
     assert await shown_ids(page) == ids
     await page.fill("#content", "One more question about the invoice…")
