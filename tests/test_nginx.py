@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import random
 import re
 import shutil
 import signal
@@ -257,14 +258,17 @@ async def test_without_heartbeats_nginx_ends_an_idle_stream_at_its_read_timeout(
 
 
 def consecutive_free_ports(count: int) -> int:
-    """The first of `count` consecutive ports that are free now."""
-    for _ in range(50):
-        first = free_port()
-        if first + count > 65535:
-            continue
+    """The first of `count` consecutive ports that are free now.
+
+    Drawn below Linux's ephemeral range (32768 and up), where the connections of earlier
+    tests linger in TIME_WAIT; SO_REUSEADDR as uvicorn and nginx set it.
+    """
+    for _ in range(100):
+        first = random.randrange(20000, 32768 - count)
         try:
-            for port in range(first + 1, first + count):
+            for port in range(first, first + count):
                 with socket.socket() as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     sock.bind(("127.0.0.1", port))
         except OSError:
             continue
