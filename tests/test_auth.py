@@ -91,6 +91,7 @@ def test_verify_accepts_every_listed_secret_and_nothing_else() -> None:
         (lambda s: mint(s, [1, 2]), "sessions"),
         (lambda s: mint(s, ["a"], robots={"r": 1}), "robots"),
         (lambda s: mint(s, ["a"], publish="yes"), "publish"),
+        (lambda s: mint(s, "*", aud="some-other-service"), "malformed"),
         (lambda s: "not.a.token", "malformed"),
         (lambda s: "", "malformed"),
     ],
@@ -103,6 +104,7 @@ def test_verify_accepts_every_listed_secret_and_nothing_else() -> None:
         "sessions-ints",
         "bad-robots",
         "bad-publish",
+        "audience",
         "garbage",
         "empty",
     ],
@@ -147,8 +149,8 @@ async def test_open_mode_needs_no_token_and_warns_once(
     status, _ = broker.get("/api/sse/stats")
     assert status == 200  # open mode keeps the admin surface public, as before
     broker.stop()
-    warnings = [e for e in broker.log_events() if e.get("level") == "warning"]
-    assert [e["event"] for e in warnings] == ["auth_disabled"]
+    exposure = [e for e in broker.log_events() if e["event"] in ("auth_disabled", "admin_hidden")]
+    assert [(e["event"], e["level"]) for e in exposure] == [("auth_disabled", "warning")]
 
 
 def _secured(start_broker: StartBroker, *secrets: str, **env: str) -> BrokerProcess:
@@ -372,6 +374,8 @@ async def test_tokens_are_logged_by_fingerprint_only(
     assert {fingerprint(good), fingerprint(expired), fingerprint(foreign)} <= fingerprints
     refusals = [e for e in events if e["event"] == "auth_refused"]
     assert {e["reason"] for e in refusals} == {"token expired", "token signature invalid"}
+    forbidden = [e for e in events if e["event"] == "auth_forbidden"]
+    assert [e["token"] for e in forbidden] == [fingerprint(good)]
     opened = [e for e in events if e["event"] == "stream_opened"]
     assert opened and all(e["token"] == fingerprint(good) for e in opened)
 

@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import Database
@@ -228,6 +228,15 @@ message_bodies = st.one_of(
     json_values,
 ).map(lambda value: json.dumps(value).encode())
 bodies = st.one_of(message_bodies, st.binary(max_size=200), st.none())
+valid_messages = st.fixed_dictionaries(
+    {"sessionId": st.sampled_from([SESSION, "elsewhere"]), "content": st.text(min_size=1)},
+    optional={
+        "robotId": st.just(ROBOT),
+        "isFromBot": st.booleans(),
+        "isHuman": st.booleans(),
+        "intent": st.text(max_size=20),
+    },
+).map(lambda value: json.dumps(value).encode())
 
 
 @dataclass
@@ -285,7 +294,8 @@ def requests(draw: st.DrawFn) -> FuzzRequest:
 
     headers: list[tuple[bytes, bytes]] = []
     bearer = None
-    kind = draw(st.sampled_from([None, *TOKENS]))
+    kinds = [None, *TOKENS] + (["publisher", "publisher_star"] * 3 if plausible else [])
+    kind = draw(st.sampled_from(kinds))
     if kind is not None:
         token = TOKENS[kind].encode()
         where = "header" if plausible else draw(st.sampled_from(["header", "query"]))
@@ -300,13 +310,13 @@ def requests(draw: st.DrawFn) -> FuzzRequest:
     if draw(st.booleans()):
         headers.append((b"Last-Event-ID", draw(last_event_ids).encode("utf-8", "replace")))
     if method == "POST" or draw(st.booleans()):
-        kinds = content_types if plausible else content_types | header_values
+        kinds = st.just(b"application/json") if plausible else content_types | header_values
         headers.append((b"Content-Type", draw(kinds)))
     if draw(st.booleans()):
         headers.append((b"Origin", draw(st.sampled_from(ORIGINS) | header_values)))
     headers += draw(st.lists(st.tuples(header_names, header_values), max_size=3))
     if plausible:
-        body = draw(message_bodies) if method == "POST" else None
+        body = draw(valid_messages | message_bodies) if method == "POST" else None
     else:
         body = draw(bodies) if method in ("POST", "PUT") or draw(st.booleans()) else None
     version = draw(st.sampled_from(["HTTP/1.1", "HTTP/1.1", "HTTP/1.0"]))
@@ -326,8 +336,39 @@ def _check(answer: Answer, raw: bytes) -> None:
     assert answer.status < 500, f"{answer.status} for {raw[:300]!r}: {answer.body[:300]!r}"
 
 
+def _bearer(kind: str) -> tuple[bytes, bytes]:
+    return (b"Authorization", b"Bearer " + TOKENS[kind].encode())
+
+
+JSON = (b"Content-Type", b"application/json")
+MESSAGE = json.dumps({"sessionId": SESSION, "content": "pinned"}).encode()
+ELSEWHERE = json.dumps({"sessionId": "elsewhere", "content": "pinned"}).encode()
+STREAM = f"/api/sse/messages?sessionId={SESSION}"
+
+
 @FUZZ_SETTINGS
 @given(request=requests())
+# Pinned examples, so the success paths are always among those run:
+@example(
+    FuzzRequest(
+        "POST", "/api/messages", [_bearer("publisher"), JSON], MESSAGE, "HTTP/1.1", "publisher"
+    )
+)
+@example(
+    FuzzRequest("POST", "/api/messages", [_bearer("reader"), JSON], MESSAGE, "HTTP/1.1", "reader")
+)
+@example(
+    FuzzRequest(
+        "POST", "/api/messages", [_bearer("publisher"), JSON], ELSEWHERE, "HTTP/1.1", "publisher"
+    )
+)
+@example(
+    FuzzRequest(
+        "GET", STREAM, [_bearer("reader"), (b"Last-Event-ID", b"0")], None, "HTTP/1.1", "reader"
+    )
+)
+@example(FuzzRequest("GET", f"{STREAM}&token={TOKENS['reader']}", [], None, "HTTP/1.0", None))
+@example(FuzzRequest("HEAD", STREAM, [_bearer("reader")], None, "HTTP/1.1", "reader"))
 def test_arbitrary_requests_never_fail_hang_or_write_without_a_right(
     fuzzed: Fuzzed, request: FuzzRequest
 ) -> None:
@@ -397,6 +438,18 @@ def _allows_writing(payload: Any, header: Any) -> bool:
     header=jose_headers,
     raw_payload=st.none() | st.binary(max_size=60),
     stream=st.booleans(),
+)
+@example(
+    payload={"sessions": "*", "publish": True, "exp": VALID_EXP},
+    header={"alg": "HS256"},
+    raw_payload=None,
+    stream=False,
+)
+@example(
+    payload={"sessions": [SESSION], "exp": VALID_EXP},
+    header={"alg": "HS256"},
+    raw_payload=None,
+    stream=True,
 )
 def test_signed_tokens_with_arbitrary_claims_are_refused_cleanly(
     fuzzed: Fuzzed, payload: Any, header: dict[str, Any], raw_payload: bytes | None, stream: bool
