@@ -417,9 +417,9 @@ async def test_public_server_speaks_tls_and_http2_and_streams(
         # stream's location turns it off.
         assert "content-encoding" not in client.headers
         once = {**gzip, "Connection": "close"}
-        stats = await SSEClient.open(nginx.port, "/api/sse/stats", headers=once, tls=context)
-        assert stats.headers.get("content-encoding") == "gzip"  # where it is not turned off
-        await stats.close()
+        health = await SSEClient.open(nginx.port, "/healthz", headers=once, tls=context)
+        assert health.headers.get("content-encoding") == "gzip"  # where it is not turned off
+        await health.close()
         await client.events_until(lambda event: event.type == "connected")
         row_id = database.insert(session_id, "over TLS")
         assert (await client.message()).id == str(row_id)
