@@ -42,9 +42,6 @@ def create_app(settings: Settings) -> Starlette:
         async with Broker.running(settings) as broker:
             app.state.broker = broker
             app.state.metrics = create_registry(broker)
-            on_broker = getattr(app.state, "on_broker", None)
-            if on_broker is not None:
-                on_broker(broker)
             yield
 
     routes = [
