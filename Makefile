@@ -24,6 +24,14 @@ cluster: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Benchmarks, see docs/benchmarks.md; e.g. make bench BENCH_ARGS="--scenario fanout --quick".
+$(VENV)/.bench-installed: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	touch $@
+
+bench: $(VENV)/.bench-installed
+	$(BIN)/python -m tests.bench $(BENCH_ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check broker tests
 	$(BIN)/ruff format --check broker tests

@@ -33,11 +33,12 @@ def main(argv: list[str] | None = None) -> int:
         "--scenario",
         action="append",
         choices=list(SCENARIOS),
-        help="run only this scenario (repeatable); default: all, in this order: "
-        + ", ".join(SCENARIOS),
+        help="run this scenario (repeatable; a scenario named twice runs twice, the second "
+        "as NAME#2); default: all, in this order: " + ", ".join(SCENARIOS),
     )
     parser.add_argument("--quick", action="store_true", help="shorter, smaller runs")
     parser.add_argument("--profile", action="store_true", help="py-spy the broker's key phases")
+    parser.add_argument("--native", action="store_true", help="with --profile: C frames too")
     parser.add_argument("--client-processes", type=int, default=2, help="SSE client processes")
     parser.add_argument(
         "--writer-connections", type=int, default=1, help="parallel writers for max-rate phases"
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         quick=args.quick,
         client_processes=args.client_processes,
         writer_connections=args.writer_connections,
-        profile=args.profile,
+        profile=args.profile or args.native,
+        native=args.native,
     )
 
     file_limit = raise_file_limit()
@@ -76,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         database.start()
         context = Context(options, database, workdir, args.results)
-        for name in names:
-            print(f"== {name} ...", flush=True)
+        for index, name in enumerate(names):
+            runs = names[:index].count(name)
+            key = name if not runs else f"{name}#{runs + 1}"
+            print(f"== {key} ...", flush=True)
             began = time.monotonic()
             try:
                 result = SCENARIOS[name](context)
@@ -85,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
                 result = {"error": f"{type(exc).__name__}: {exc}"}
             result["seconds"] = round(time.monotonic() - began, 1)
-            results["scenarios"][name] = result
-            print(f"   {name} done in {result['seconds']} s", flush=True)
+            result["load_average"] = [round(x, 2) for x in _loadavg()]
+            results["scenarios"][key] = result
+            print(f"   {key} done in {result['seconds']} s", flush=True)
         if context.profiles:
             results["profiles"] = context.profiles
     finally:

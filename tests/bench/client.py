@@ -526,7 +526,15 @@ async def _serve(pipe: Connection, host: str, port: int) -> None:
     client = WorkerClient(host, port)
     loop = asyncio.get_running_loop()
     commands: asyncio.Queue[Any] = asyncio.Queue()
-    loop.add_reader(pipe.fileno(), lambda: commands.put_nowait(pipe.recv()))
+
+    def on_command() -> None:
+        try:
+            commands.put_nowait(pipe.recv())
+        except (EOFError, OSError):  # the bench process is gone: close everything and exit
+            loop.remove_reader(pipe.fileno())
+            commands.put_nowait(("exit", {}))
+
+    loop.add_reader(pipe.fileno(), on_command)
     # uvloop makes a watched descriptor non-blocking; answers (records) are large, and
     # multiprocessing's send expects blocking writes.
     os.set_blocking(pipe.fileno(), True)
@@ -541,6 +549,9 @@ async def _serve(pipe: Connection, host: str, port: int) -> None:
             pipe.send(await client.churn(**args))
         elif command == "cpu":
             pipe.send(time.process_time() - started_cpu)
+        elif command == "exit":
+            client.close()
+            return
         elif command == "close":
             client.close()
             await asyncio.sleep(0.2)

@@ -7,6 +7,7 @@ so PostgreSQL, the writers and the clients inherit it; the broker alone runs on 
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import platform
 import resource
@@ -18,6 +19,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -105,14 +107,29 @@ class Database:
     def last_id(self) -> int:
         return int(self.query("SELECT coalesce(max(id), 0) FROM messages")[0][0])
 
-    def backends(self) -> dict[str, int]:
-        """Client backends other than this query's own: all of them, and those LISTENing."""
+    def backends(self) -> dict[str, Any]:
+        """Client backends other than this query's own, by their last statement.
+
+        PostgreSQL shows no other session's LISTEN state, so the listening backend is told by
+        its last statement: the LISTEN itself, or the listener's periodic `SELECT 1` health
+        check (no other broker connection runs that statement).
+        """
         rows = self.query(
-            "SELECT count(*), count(*) FILTER (WHERE query ILIKE 'LISTEN %%')"
-            " FROM pg_stat_activity"
+            "SELECT left(query, 60), count(*) FROM pg_stat_activity"
             " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+            " GROUP BY 1 ORDER BY 2 DESC"
         )
-        return {"client_backends": int(rows[0][0]), "listening_backends": int(rows[0][1])}
+        by_query = {str(query): int(count) for query, count in rows}
+        listening = sum(
+            count
+            for query, count in by_query.items()
+            if query.upper().startswith("LISTEN ") or query.strip() == "SELECT 1"
+        )
+        return {
+            "client_backends": sum(by_query.values()),
+            "listening_backends": listening,
+            "by_last_statement": by_query,
+        }
 
 
 @dataclass
@@ -149,6 +166,8 @@ class BrokerProcess:
     extra_env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    # What runs the broker; the default is the real command line.
+    command: tuple[str, ...] = ("-m", "broker", "serve")
 
     @property
     def pid(self) -> int:
@@ -167,7 +186,7 @@ class BrokerProcess:
             "BROKER_QUEUE_SIZE": str(self.queue_size),
             **self.extra_env,
         }
-        argv = [sys.executable, "-m", "broker", "serve"]
+        argv = [sys.executable, *self.command]
         taskset = shutil.which("taskset")
         if taskset and pinning_available():
             argv = [taskset, "-c", str(BROKER_CPU), *argv]  # taskset execs: same pid
@@ -213,6 +232,26 @@ class BrokerProcess:
 
     def open_fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def tcp_sockets(self) -> int:
+        """TCP sockets the broker holds (its listening socket and client connections; its
+        PostgreSQL connections are Unix sockets here)."""
+        inodes = set()
+        for fd in os.listdir(f"/proc/{self.pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{self.pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        tcp = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                lines = Path(table).read_text().splitlines()[1:]
+            except OSError:
+                continue
+            tcp.update(line.split()[9] for line in lines if len(line.split()) > 9)
+        return len(inodes & tcp)
 
     def cpu_seconds(self) -> float:
         return cpu_seconds(self.pid)
@@ -297,8 +336,11 @@ class Sampler:
 
 
 @contextmanager
-def profiled(pid: int, out: Path, seconds: float, rate: int = 200) -> Iterator[Path | None]:
-    """py-spy samples `pid` for up to `seconds` into `out` (collapsed stacks), if installed."""
+def profiled(
+    pid: int, out: Path, seconds: float, rate: int = 200, native: bool = False
+) -> Iterator[Path | None]:
+    """py-spy samples `pid` for up to `seconds` into `out` (collapsed stacks), if installed;
+    `native` adds C frames (uvloop, httptools, the write syscalls)."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists():
         yield None
@@ -316,6 +358,7 @@ def profiled(pid: int, out: Path, seconds: float, rate: int = 200) -> Iterator[P
         "raw",
         "--output",
         str(out),
+        *(["--native"] if native else []),
     ]
     with (out.with_suffix(".log")).open("wb") as log:
         spy_process = subprocess.Popen(command, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
@@ -361,3 +404,42 @@ def _short_frame(frame: str) -> str:
     parts = file.split("/")
     short = "/".join(parts[-2:]) if len(parts) >= 2 else file
     return f"{name} ({short})"
+
+
+def _bare_listen(url: str, channel: str, seconds: float, pipe: Connection) -> None:
+    if pinning_available():
+        os.sched_setaffinity(0, {BROKER_CPU})
+    received = 0
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel)))
+        pipe.send("listening")
+        for _ in conn.notifies(timeout=seconds):
+            received += 1
+    pipe.send(received)
+
+
+class BareListener:
+    """A plain psycopg connection that LISTENs and only counts, on the broker's CPU: what
+    PostgreSQL's NOTIFY delivery costs the writer, with no broker work at all."""
+
+    def __init__(self, url: str, channel: str, seconds: float) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._pipe, theirs = context.Pipe(duplex=False)
+        self._process = context.Process(
+            target=_bare_listen, args=(url, channel, seconds, theirs), daemon=True
+        )
+        self.seconds = seconds
+
+    def __enter__(self) -> BareListener:
+        self._process.start()
+        if not self._pipe.poll(30) or self._pipe.recv() != "listening":
+            raise RuntimeError("bare listener did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._process.join(self.seconds + 30)
+        if self._process.is_alive():
+            self._process.terminate()
+
+    def received(self) -> int:
+        return int(self._pipe.recv()) if self._pipe.poll(self.seconds + 30) else -1

@@ -23,9 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from broker.listener import CHANNEL
 from tests.bench.analysis import deliveries, summarize_records, trend
 from tests.bench.client import LoadClient, StreamRecord, StreamSpec
-from tests.bench.harness import BrokerProcess, Database, Sampler, profiled, summarize_profile
+from tests.bench.harness import (
+    BareListener,
+    BrokerProcess,
+    Database,
+    Sampler,
+    profiled,
+    summarize_profile,
+)
 from tests.bench.writer import Writer, Writes
 
 EVENT_BYTES_ESTIMATE = 420  # one encoded `message` event of the writer's rows
@@ -37,6 +45,7 @@ class Options:
     client_processes: int = 2
     writer_connections: int = 1
     profile: bool = False
+    native: bool = False
 
 
 class Context:
@@ -65,7 +74,7 @@ class Context:
             yield
             return
         out = self.results / f"profile-{name}.txt"
-        with profiled(broker.pid, out, seconds) as path:
+        with profiled(broker.pid, out, seconds, native=self.options.native) as path:
             yield
         if path is not None and path.exists():
             self.profiles[name] = {"file": str(path.name), **summarize_profile(path)}
@@ -76,6 +85,19 @@ def per_cpu_second(figures: dict[str, Any], cpu: dict[str, Any]) -> float | None
     seconds = cpu.get("broker_cpu_seconds")
     delivered = figures.get("delivered")
     return round(delivered / seconds) if seconds and delivered else None
+
+
+def bottleneck(window: dict[str, Any]) -> str:
+    """What most likely limited a phase, from the CPU shares of its window."""
+    broker = window.get("broker_cpu") or 0.0
+    if broker >= 0.9:
+        return "broker CPU (saturated)"
+    others = window.get("cpu0_others") or 0.0
+    if others >= 0.2:
+        return f"CPU 0 shared: other processes took {others:.0%} of it"
+    if (window.get("cpu1_busy") or 0.0) >= 0.95:
+        return "load CPU 1 saturated (clients, PostgreSQL, writer, others)"
+    return "none: idle CPU left"
 
 
 def target(description: str, value: Any, ok: bool | None) -> dict[str, Any]:
@@ -112,20 +134,23 @@ def idle(ctx: Context) -> dict[str, Any]:
         time.sleep(1)
         base = broker.status()
         base_fds = broker.open_fds()
+        base_backends = ctx.database.backends()
         points = []
-        opened = 0
+        requested = opened = failed = 0
         for step in steps:
-            specs = [StreamSpec(f"idle-{index}") for index in range(opened, step)]
+            specs = [StreamSpec(f"idle-{index}") for index in range(requested, step)]
             with ctx.profile(broker, "idle-connect", 20) if step == steps[-1] else _nothing():
                 result = client.open(specs, reconnect=False, timeout=240)
-            opened = step
+            requested = step
+            opened += result["opened"]
+            failed += result["failed"]
             time.sleep(2)
             status = broker.status()
             points.append(
                 {
                     "streams": step,
-                    "opened": result["opened"],
-                    "failed": result["failed"],
+                    "opened": opened,
+                    "failed": failed,
                     "connects_per_s": round(len(specs) / result["seconds"], 1),
                     "rss_kb": status["VmRSS"],
                     "growth_kb_per_stream": round((status["VmRSS"] - base["VmRSS"]) / step, 2),
@@ -154,6 +179,7 @@ def idle(ctx: Context) -> dict[str, Any]:
         "steps": points,
         "growth_kb_per_stream": per_stream,
         "marginal_kb_per_stream": slope,
+        "backends_at_zero_streams": base_backends,
         "backends": backends,
         "closed_all": closed,
         "rss_after_close_kb": after["VmRSS"],
@@ -166,6 +192,11 @@ def idle(ctx: Context) -> dict[str, Any]:
                 "one listening backend",
                 backends["listening_backends"],
                 backends["listening_backends"] == 1,
+            ),
+            target(
+                "backends independent of streams",
+                f"{base_backends['client_backends']} -> {backends['client_backends']}",
+                backends["client_backends"] <= base_backends["client_backends"],
             ),
         ],
     }
@@ -193,7 +224,8 @@ def fanout(ctx: Context) -> dict[str, Any]:
         with Sampler(broker) as sampler:
             for rate, seconds in rates:
                 started = time.monotonic()
-                writes = Writer(ctx.database.url, [session], rate=rate, duration=seconds).run()
+                with ctx.profile(broker, "fanout-50", seconds + 2) if rate == 50 else _nothing():
+                    writes = Writer(ctx.database.url, [session], rate=rate, duration=seconds).run()
                 done, waited = client.wait_delivered({session: writes.ids[-1]}, timeout=30)
                 extra = {
                     "drained": done,
@@ -235,6 +267,7 @@ def fanout(ctx: Context) -> dict[str, Any]:
         figures["offered_rows_per_s"] = rate
         figures["offered_deliveries_per_s"] = None if rate is None else rate * subscribers
         figures["deliveries_per_broker_cpu_s"] = per_cpu_second(figures, extra)
+        figures["bottleneck"] = bottleneck(extra)
         results[name] = figures
     bound_kb = (subscribers * queue_size * 8 + burst_rows * EVENT_BYTES_ESTIMATE) // 1024
     headline = results.get("50/s", {})
@@ -310,6 +343,7 @@ def spread(ctx: Context) -> dict[str, Any]:
         "drain_wait_s": round(waited, 2),
         **cpu,
         "deliveries_per_broker_cpu_s": per_cpu_second(figures, cpu),
+        "bottleneck": bottleneck(cpu),
         "streams_summary": summarize_records(records),
         "client_cpu_seconds": round(client_cpu, 2),
         "targets": [
@@ -353,6 +387,7 @@ def churn(ctx: Context) -> dict[str, Any]:
                 "rss_kb": status["VmRSS"],
                 "threads": status["Threads"],
                 "open_fds": broker.open_fds(),
+                "tcp_sockets": broker.tcp_sockets(),
                 "total_connections": stats["totalConnections"],
                 "channels": len(stats["channels"]),
                 "tasks": stats.get("tasks"),
@@ -373,7 +408,7 @@ def churn(ctx: Context) -> dict[str, Any]:
     back_to_zero = after["total_connections"] == 0 and after["channels"] == 0
     return {
         "rate_per_s": rate,
-        "seconds": seconds,
+        "churn_seconds": seconds,
         "lifetime_s": list(lifetime),
         "rows_written": len(writes),
         "warmup": warm,
@@ -387,9 +422,9 @@ def churn(ctx: Context) -> dict[str, Any]:
             target("RSS after within 5% of before", growth, growth <= 5),
             target("stats back to zero", back_to_zero, back_to_zero),
             target(
-                "descriptors back to before",
-                after["open_fds"] - before["open_fds"],
-                after["open_fds"] <= before["open_fds"],
+                "TCP sockets back to before",
+                f"{before['tcp_sockets']} -> {after['tcp_sockets']}",
+                after["tcp_sockets"] <= before["tcp_sockets"],
             ),
             target(
                 "tasks back to before (stats 'tasks', if the broker reports it)",
@@ -407,6 +442,13 @@ def relay(ctx: Context) -> dict[str, Any]:
     alone = Writer(
         ctx.database.url, [session], rate=None, duration=seconds, connections=connections
     ).run()
+    # The same with a bare LISTEN connection draining the notifications (no broker): the part
+    # of any slowdown that is PostgreSQL's own cost of delivering NOTIFY to a listener.
+    with BareListener(ctx.database.url, CHANNEL, seconds + 15) as bare:
+        listened = Writer(
+            ctx.database.url, [session], rate=None, duration=seconds, connections=connections
+        ).run()
+    bare_received = bare.received()
     broker = ctx.broker("relay", queue_size=200_000).start()
     client = ctx.client(broker, processes=1)
     try:
@@ -436,6 +478,12 @@ def relay(ctx: Context) -> dict[str, Any]:
     return {
         "writer_connections": connections,
         "db_alone_rows_per_s": round(alone.rate, 1),
+        "db_with_bare_listener_rows_per_s": round(listened.rate, 1),
+        "bare_listener_received": bare_received,
+        "bare_listener_rows": len(listened),
+        "with_broker_over_bare_listener": round(writes.rate / listened.rate, 3)
+        if listened.rate
+        else None,
         "with_broker_rows_per_s": round(writes.rate, 1),
         "delivered_rows_per_s": delivered_rate,
         "delivered_over_db_alone": ratio,
@@ -446,6 +494,7 @@ def relay(ctx: Context) -> dict[str, Any]:
         "drain_wait_s": round(waited, 2),
         **cpu,
         "deliveries_per_broker_cpu_s": per_cpu_second(figures, cpu),
+        "bottleneck": bottleneck(cpu),
         "client_cpu_seconds": round(client_cpu, 2),
         "streams_summary": summarize_records(records),
         "targets": [
