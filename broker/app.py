@@ -6,6 +6,7 @@ the lifespan. Routes never reach PostgreSQL themselves: they call the `Broker`'s
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -145,6 +146,7 @@ async def stats(request: Request) -> Response:
             "replayedEvents": counters.replayed_events,
         },
         "uptimeSeconds": round(time.time() - broker.started_at, 3),
+        "tasks": len(asyncio.all_tasks()),
     }
     return JSONResponse({"success": True, "data": data})
 

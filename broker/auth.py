@@ -37,7 +37,7 @@ ALGORITHM = "HS256"
 LEEWAY_SECONDS = 5  # clock skew between the app backend that mints and this broker
 MAX_CLAIM_ITEMS = 1000
 
-log = structlog.get_logger("broker.auth")
+log = structlog.get_logger(logger_name="broker.auth")
 
 
 def fingerprint(token: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import os
 import signal
 import sys
@@ -35,7 +36,7 @@ from .transport import limited_protocol, listen_sockets
 
 __all__ = ["main"]
 
-log = structlog.get_logger("broker.cli")
+log = structlog.get_logger(logger_name="broker.cli")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -154,9 +155,20 @@ def _serve(settings: Settings) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)
         log_exposure(settings)
+        _tune_gc()
         server.run(sockets=listen_sockets(settings))  # public + admin port, if any
         log.info("stopped")
         return 0 if server.started else 1
+
+
+def _tune_gc() -> None:
+    """Fewer, cheaper collections: the objects of start-up (modules, app, settings) live for
+    the whole run, so freeze them out of every collection; and let the young generation grow
+    before it is collected, since each delivery allocates a few short-lived objects
+    (py-spy under `make bench` fanout showed 6-9% of the broker's CPU in the collector)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
 
 
 def _token(settings: Settings, args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ __all__ = ["EmbeddedPostgres", "migrate", "sql_files"]
 MIGRATION_LOCK = 0x70677373  # "pgss": the advisory lock key migrations serialise on
 SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; keep room for "/.s.PGSQL.5432"
 
-log = structlog.get_logger("broker.database")
+log = structlog.get_logger(logger_name="broker.database")
 
 
 def sql_dir() -> Path:

@@ -37,7 +37,7 @@ STREAM_PATH = "/api/sse/messages"
 _WATCHED = ADMIN_PATHS | PROBE_PATHS | {STREAM_PATH}
 _READS = ("GET", "HEAD")  # Starlette answers HEAD with the GET endpoint: a stream too
 
-log = structlog.get_logger("broker.guard")
+log = structlog.get_logger(logger_name="broker.guard")
 
 
 class Guard:

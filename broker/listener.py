@@ -32,7 +32,7 @@ HEALTH_CHECK_SECONDS = 5.0
 HEALTH_CHECK_TIMEOUT = 5.0
 BACKFILL_PAGE = 1_000
 
-log = structlog.get_logger("broker.listener")
+log = structlog.get_logger(logger_name="broker.listener")
 
 
 class Listener:

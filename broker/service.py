@@ -24,7 +24,7 @@ __all__ = ["SHUTDOWN", "Broker"]
 SHUTDOWN = "server shutting down: reconnect to resume"
 RESTART_DELAY_SECONDS = 1.0
 
-log = structlog.get_logger("broker.service")
+log = structlog.get_logger(logger_name="broker.service")
 
 
 class Broker:

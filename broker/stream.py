@@ -41,7 +41,7 @@ HEADERS = {
     "X-Accel-Buffering": "no",
 }
 
-log = structlog.get_logger("broker.stream")
+log = structlog.get_logger(logger_name="broker.stream")
 
 
 class EventStreamResponse(Response):

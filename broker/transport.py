@@ -40,7 +40,7 @@ RESPONSE_431 = (
     b"connection: close\r\n\r\n" + _BODY_431
 )
 
-log = structlog.get_logger("broker.transport")
+log = structlog.get_logger(logger_name="broker.transport")
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):

@@ -75,6 +75,15 @@ async def test_stats_counts_streams_per_logical_channel(
     assert broker.stats()["channels"] == {}
 
 
+async def test_closed_streams_leave_no_task_behind(broker: BrokerProcess, session_id: str) -> None:
+    baseline = broker.stats()["tasks"]
+    clients = [await subscribe(broker, sessionId=f"{session_id}-{n}") for n in range(20)]
+    assert broker.stats()["tasks"] >= baseline + 20
+    for client in clients:
+        await client.close()
+    broker.wait_until(lambda: broker.stats()["tasks"] <= baseline, 2.0, "tasks back to baseline")
+
+
 CLIENT_SCRIPT = """
 import socket, sys, time
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
