@@ -18,6 +18,7 @@ from .config import Settings
 from .hub import Hub
 from .listener import Listener
 from .store import Store
+from .stream import SocketFlusher
 
 __all__ = ["SHUTDOWN", "Broker"]
 
@@ -45,6 +46,10 @@ class Broker:
         assert settings.database_url is not None
         async with Store.open(settings.database_url) as store:
             broker = cls(settings, store)
+            flusher = SocketFlusher(
+                asyncio.get_running_loop(), broker.hub.counters.delivery_latency
+            )
+            broker.hub.on_idle_ready = flusher.mark
             tasks = [
                 asyncio.create_task(broker._supervise("listener", broker.listener.run)),
                 asyncio.create_task(broker._supervise("heartbeat", broker._heartbeat)),

@@ -10,7 +10,9 @@ their size (with httptools), so one client holding thousands of half-sent reques
   (`BROKER_HEADER_TIMEOUT_SECONDS`); nothing is sent, as nginx does, since the peer may be
   a browser's idle pre-connection;
 - answers 431 and closes once the request line plus headers exceed `BROKER_MAX_HEADER_BYTES`,
-  counting raw bytes while the head is incomplete so an endless header is cut off too.
+  counting raw bytes while the head is incomplete so an endless header is cut off too;
+- puts the connection's transport in the request scope (`scope["extensions"]`), so an idle
+  event stream can be written to without a task switch (see `stream.py`).
 
 The admin port (`BROKER_ADMIN_PORT`) is a second listening socket of the same uvicorn server,
 not a second server: one event loop, one lifespan and so one broker (one LISTEN connection,
@@ -30,7 +32,9 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from .config import Settings
 from .errors import ConfigError
 
-__all__ = ["LimitedHttpToolsProtocol", "limited_protocol", "listen_sockets"]
+__all__ = ["TRANSPORT_EXTENSION", "LimitedHttpToolsProtocol", "limited_protocol", "listen_sockets"]
+
+TRANSPORT_EXTENSION = "pgsse.transport"
 
 _BODY_431 = b'{"success":false,"error":"request headers too large"}'
 RESPONSE_431 = (
@@ -109,6 +113,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._head_parsed > self.max_header_bytes:
             self._refuse_head()
             return
+        # The socket, for the streams' direct writes (stream.py, `TRANSPORT_EXTENSION`).
+        extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
+        extensions[TRANSPORT_EXTENSION] = self.transport
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
