@@ -82,11 +82,6 @@ class Subscriber:
     def channel(self) -> str:
         return channel_of(self.session_id)
 
-    def matches(self, message: Message) -> bool:
-        return (self.session_id is None or self.session_id == message.session_id) and (
-            self.robot_id is None or self.robot_id == message.robot_id
-        )
-
     def push(self, event: Event) -> bool:
         """Queue `event`; at a full queue close the subscriber instead. True if queued."""
         if self.closed:
@@ -96,7 +91,7 @@ class Subscriber:
             return False
         self._pending.append(event)
         if len(self._pending) == 1:  # a waiting stream has an empty queue: wake it once
-            self._wake()
+            self.wake()
         return True
 
     def take(self) -> list[Event]:
@@ -121,10 +116,6 @@ class Subscriber:
     def queued(self) -> int:
         return len(self._pending)
 
-    def wake(self) -> None:
-        """Wake the stream's task if it waits (it then writes what is queued)."""
-        self._wake()
-
     def close(self, reason: str | None = None) -> None:
         """Stop queueing; wake the stream so it can send `reason` (if any) and end.
 
@@ -136,11 +127,12 @@ class Subscriber:
         self.closed = True
         self.close_reason = reason
         self._pending.clear()
-        self._wake()
+        self.wake()
         if self.on_close is not None:
             self.on_close()
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
+        """Wake the stream's task if it waits (it then writes what is queued)."""
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

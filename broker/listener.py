@@ -14,7 +14,6 @@ notifications of rows committed while it ran.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import psycopg
 import structlog
@@ -47,7 +46,6 @@ class Listener:
         self.reconnects = 0
         self.notifications = 0
         self.backfilled = 0
-        self.connected_since: float | None = None
 
     async def run(self) -> None:
         """Listen until cancelled, reconnecting after any failure."""
@@ -81,7 +79,6 @@ class Listener:
                 await self._backfill()
                 self.reconnects += 1
             self.connected = True
-            self.connected_since = time.time()
             backoff.reset()
             log.info("listener_up", channel=CHANNEL, floor=self._floor, reconnects=self.reconnects)
             while True:
@@ -135,4 +132,3 @@ class Listener:
         else:
             log.info("listener_connect_failed", error=f"{type(exc).__name__}: {exc}".strip())
         self.connected = False
-        self.connected_since = None
