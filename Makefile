@@ -5,13 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run cluster test lint bench clean
+.PHONY: run cluster test lint bench clean npm-packages
 
-$(STAMP): pyproject.toml tests/browser/package-lock.json
+$(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test,lint]'
-	if command -v npm >/dev/null; then npm install --prefix tests/browser --no-audit --no-fund --silent; fi
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -23,6 +22,26 @@ cluster: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The npm side of `make test`: the browser fixtures' packages, and pgsse-client as an app gets
+# it: `npm pack client/`, then that tarball installed (again whenever client/ changes). Without
+# npm it is left out, and the tests needing it skip (they fail instead with CI=true).
+test: npm-packages
+NPM_STAMP := tests/browser/node_modules/.installed
+NPM_APP := tests/browser/app
+NPM_INSTALL := npm install --no-audit --no-fund --silent
+npm-packages:
+	@if command -v npm >/dev/null; then $(MAKE) -s --no-print-directory $(NPM_STAMP); \
+	else echo "npm not found: the browser package tests skip"; fi
+$(NPM_STAMP): client/package.json $(wildcard client/src/*) tests/browser/package-lock.json \
+		$(NPM_APP)/package-lock.json
+	@echo "npm: installing tests/browser's packages, packing client/ into $(NPM_APP)"
+	$(NPM_INSTALL) --prefix tests/browser
+	$(NPM_INSTALL) --prefix $(NPM_APP)
+	rm -rf $(NPM_APP)/node_modules/pgsse-client $(NPM_APP)/pgsse-client*.tgz
+	cd $(NPM_APP) && mv "$$(npm pack ../../../client --silent)" pgsse-client.tgz
+	cd $(NPM_APP) && $(NPM_INSTALL) --no-save ./pgsse-client.tgz
+	touch $@
 
 # Benchmarks, see docs/benchmarks.md; e.g. make bench BENCH_ARGS="--scenario fanout --quick".
 $(VENV)/.bench-installed: $(STAMP)

@@ -35,6 +35,9 @@ __all__ = ["MAX_BODY_BYTES", "create_app"]
 
 MAX_BODY_BYTES = 1024 * 1024
 STATIC = Path(__file__).parent / "static"
+# The browser client's modules are the npm package's own files (client/src), served beside the
+# demo page as /static/sse-client.js etc.; a wheel has them in broker/static (force-include).
+CLIENT = Path(__file__).parents[1] / "client" / "src"
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -74,7 +77,10 @@ def create_app(settings: Settings) -> Starlette:
     )
     app.state.auth = Authenticator(settings.auth_secret)
     if STATIC.is_dir():
-        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+        static = StaticFiles(directory=STATIC)
+        if CLIENT.is_dir():
+            static.all_directories.append(CLIENT)  # looked up in order, after STATIC
+        app.mount("/static", static, name="static")
     return app
 
 
