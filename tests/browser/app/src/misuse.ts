@@ -23,3 +23,6 @@ export function useMisuse(message: Message): void {
   // @ts-expect-error: onNewMessage takes a function
   void MessageStream({ sessionId: 's', onNewMessage: 'log' });
 }
+
+// And what they must accept: the browser's own EventSource as the replacement constructor.
+createSSEClient({ EventSource, token: () => undefined, maxReconnectAttempts: Infinity });
