@@ -21,7 +21,6 @@ Run by any other user, the server runs as that user and every file stays where i
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import importlib.util
 import os
 import pwd
@@ -41,6 +40,7 @@ SERVER_USER = "pgserver"
 # What the server needs of the pgserver wheel, relative to site-packages: the build, and the
 # libraries auditwheel moved out of it (the binaries' RPATH points there).
 _WHEEL_PARTS = (Path("pgserver/pginstall"), Path("pgserver.libs"))
+_SOURCE = "source"  # in a mirror: the site-packages it mirrors
 _OTHERS_READ = stat.S_IRGRP | stat.S_IROTH
 _OTHERS_EXEC = stat.S_IXGRP | stat.S_IXOTH
 
@@ -191,7 +191,7 @@ def _can_create_for(user: ServerUser, requested: Path) -> bool:
     """A data directory `requested` may stay where it is: it is the user's already, or it is
     to be created (by us) below directories the user may enter."""
     if requested.exists():
-        return requested.is_dir() and requested.stat().st_uid == user.uid
+        return requested.stat().st_uid == user.uid and user.can_traverse(requested)
     existing = next(parent for parent in requested.parents if parent.exists())
     return user.can_traverse(existing)
 
@@ -199,8 +199,7 @@ def _can_create_for(user: ServerUser, requested: Path) -> bool:
 def _fingerprint(pginstall: Path) -> str:
     """Changes when pgserver is reinstalled, so a stale mirror is never used."""
     postgres = (pginstall / "bin" / "postgres").stat()
-    version = importlib.metadata.version("pgserver")
-    return f"{version}:{pginstall}:{postgres.st_ino}:{postgres.st_mtime_ns}"
+    return f"{pginstall}:{postgres.st_ino}:{postgres.st_mtime_ns}"
 
 
 def _digest(text: str) -> str:
@@ -221,7 +220,8 @@ def _make_dirs(path: Path) -> None:
 
 def _mirror(site: Path, target: Path) -> None:
     """`target`: the wheel's parts from `site`, built beside it and renamed into place, so
-    that processes starting together never see half of it."""
+    that processes starting together never see half of it. Mirrors of installations that
+    are gone (a removed virtualenv) are removed."""
     _make_dirs(target.parent)
     building = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
@@ -230,6 +230,7 @@ def _mirror(site: Path, target: Path) -> None:
             if (site / part).exists():
                 _make_dirs((building / part).parent)
                 _copy_tree(site / part, building / part)
+        (building / _SOURCE).write_text(str(site))
         try:
             building.rename(target)
         except OSError:  # another process finished first; its copy is as good
@@ -237,6 +238,10 @@ def _mirror(site: Path, target: Path) -> None:
                 raise
     finally:
         shutil.rmtree(building, ignore_errors=True)
+    for other in target.parent.glob("pginstall-*"):
+        source = other / _SOURCE
+        if source.is_file() and not Path(source.read_text()).is_dir():
+            shutil.rmtree(other, ignore_errors=True)
 
 
 def _copy_tree(source: Path, target: Path) -> None:

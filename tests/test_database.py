@@ -52,17 +52,9 @@ def test_the_test_suite_cluster_changed_no_directory(database: Database) -> None
     assert chain_modes(database.root) == database.modes_before
 
 
-@as_root
-def test_binaries_the_server_user_cannot_reach_are_linked_where_it_can(home: Path) -> None:
-    """pgserver installed in a mode-700 home (a virtualenv in /root): the server runs from
-    links under /var/lib/pgsse, laid out so the binaries still find their libraries."""
-    site = home / "site-packages"
-    installed = installed_pginstall().parent.parent
-    site.mkdir()
-    for part in ("pgserver", "pgserver.libs"):
-        if (installed / part).exists():
-            shutil.copytree(installed / part, site / part, symlinks=True, copy_function=os.link)
-    before = chain_modes(site)
+def start_from(site: Path, data_dir: Path) -> tuple[Path, str]:
+    """Start, query and destroy a cluster in a process whose pgserver is the one in `site`;
+    the mirror its binaries ran from, and the query's answer."""
     script = (
         "import sys; from pathlib import Path; from broker.database import EmbeddedPostgres\n"
         "import psycopg; from broker.log import configure\n"
@@ -76,7 +68,7 @@ def test_binaries_the_server_user_cannot_reach_are_linked_where_it_can(home: Pat
         "    server.destroy()\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", script, str(home / ".data")],
+        [sys.executable, "-c", script, str(data_dir)],
         env={**os.environ, "PYTHONPATH": str(site), "BROKER_LOG_FORMAT": "json"},
         capture_output=True,
         text=True,
@@ -84,13 +76,35 @@ def test_binaries_the_server_user_cannot_reach_are_linked_where_it_can(home: Pat
     )
     assert done.returncode == 0, done.stderr
     pginstall, answer = done.stdout.split()
-    mirror = Path(pginstall).parents[1]
+    return Path(pginstall).parents[1], answer
+
+
+@as_root
+def test_binaries_the_server_user_cannot_reach_are_linked_where_it_can(home: Path) -> None:
+    """pgserver installed in a mode-700 home (a virtualenv in /root): the server runs from
+    links under /var/lib/pgsse, laid out so the binaries still find their libraries; the
+    links of an installation that is gone are removed."""
+    installed = installed_pginstall().parent.parent
+    sites = [home / "old-venv", home / "venv"]
+    for site in sites:
+        site.mkdir()
+        for part in ("pgserver", "pgserver.libs"):
+            if (installed / part).exists():
+                shutil.copytree(installed / part, site / part, symlinks=True, copy_function=os.link)
+    before = chain_modes(sites[1])
+    mirrors = []
     try:
-        assert mirror.parent == BASE and answer == "42"
-        assert (mirror / "pgserver.libs").is_dir() == (installed / "pgserver.libs").is_dir()
+        for site in sites:
+            mirror, answer = start_from(site, home / ".data")
+            mirrors.append(mirror)
+            assert mirror.parent == BASE and answer == "42"
+            assert (mirror / "pgserver.libs").is_dir() == (installed / "pgserver.libs").is_dir()
+            shutil.rmtree(sites[0], ignore_errors=True)  # the first virtualenv is removed
+        assert not mirrors[0].exists() and mirrors[1].is_dir()
     finally:
-        shutil.rmtree(mirror)
-    assert chain_modes(site) == before
+        for mirror in mirrors:
+            shutil.rmtree(mirror, ignore_errors=True)
+    assert chain_modes(sites[1]) == before
 
 
 @as_root
