@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import logging
+import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -16,9 +18,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
 from .errors import ConfigError
 
-__all__ = ["OPTIONS", "Option", "Settings"]
+__all__ = ["LOG_LEVELS", "OPTIONS", "Option", "Settings", "redact_url"]
 
 
 def _positive_int(text: str) -> int:
@@ -115,6 +120,44 @@ def _header_bytes(text: str) -> int:
     return value
 
 
+_DRIVER_SCHEME = re.compile(r"^postgres(?:ql)?(?:\+[a-z0-9_]+)?://", re.IGNORECASE)
+
+
+def _database_url(text: str) -> str:
+    """A libpq connection string. SQLAlchemy-style `postgresql+psycopg://` and Heroku-style
+    `postgres://` URLs are accepted and normalised to `postgresql://`."""
+    text = text.strip()
+    if "://" in text:
+        if not _DRIVER_SCHEME.match(text):
+            raise ValueError("must be a postgresql:// URL (or libpq key=value pairs)")
+        text = _DRIVER_SCHEME.sub("postgresql://", text, count=1)
+    try:
+        conninfo_to_dict(text)
+    except psycopg.Error as exc:
+        raise ValueError(redact_url(" ".join(str(exc).split()))) from None
+    return text
+
+
+def redact_url(text: str) -> str:
+    """`text` with any password replaced by `***`, fit for a log line or an error message."""
+    text = re.sub(r"(://[^:/?#@]*:)[^@/?#]*@", r"\1***@", text)
+    return re.sub(r"(password=)('(?:[^'\\]|\\.)*'|[^\s&]*)", r"\1***", text)
+
+
+LOG_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+def _log_level(text: str) -> str:
+    if text.lower() not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+    return text.lower()
+
+
 def _log_format(text: str) -> str:
     if text not in ("json", "console"):
         raise ValueError("must be 'json' or 'console'")
@@ -143,20 +186,49 @@ class Option:
     parse: Callable[[str], Any]
     help: str
     secret: bool = False  # never echo the value in an error message
+    redact: Callable[[str], str] | None = None  # what of the value an error message may show
+    default: str | None = None  # the default, in words, when the field's value does not say it
 
     @property
     def flag(self) -> str:
         return "--" + self.field.replace("_", "-")
+
+    def default_text(self) -> str:
+        """The default as help shows it: `default`, else the `Settings` field's value."""
+        if self.default is not None:
+            return self.default
+        value = Settings.__dataclass_fields__[self.field].default
+        if value is None or value == ():
+            return "unset"
+        if isinstance(value, bool):
+            return str(value).lower()
+        if isinstance(value, float):
+            return f"{value:g}"
+        return str(value)
+
+    def shown(self, value: str) -> str:
+        """`value` as an error message may quote it."""
+        if self.secret:
+            return "<hidden>"
+        return repr(value if self.redact is None else self.redact(value))
 
 
 OPTIONS: tuple[Option, ...] = (
     Option(
         "database_url",
         "DATABASE_URL",
-        _text,
-        "PostgreSQL URL; unset: an embedded PostgreSQL under --data-dir",
+        _database_url,
+        "PostgreSQL URL (postgresql://, postgres:// or postgresql+psycopg://)",
+        redact=redact_url,
+        default="unset: an embedded PostgreSQL under BROKER_DATA_DIR",
     ),
-    Option("host", "BROKER_HOST", _text, "address to listen on"),
+    Option(
+        "host",
+        "BROKER_HOST",
+        _text,
+        "address to listen on",
+        default="127.0.0.1 with the embedded PostgreSQL, else 0.0.0.0",
+    ),
     Option("port", "BROKER_PORT", _port, "port to listen on"),
     Option(
         "max_connections",
@@ -186,7 +258,19 @@ OPTIONS: tuple[Option, ...] = (
         _origins,
         "comma-separated origins allowed by CORS, '*' for any",
     ),
-    Option("log_format", "BROKER_LOG_FORMAT", _log_format, "json or console"),
+    Option(
+        "log_format",
+        "BROKER_LOG_FORMAT",
+        _log_format,
+        "json or console",
+        default="console on a terminal, else json",
+    ),
+    Option(
+        "log_level",
+        "BROKER_LOG_LEVEL",
+        _log_level,
+        "debug, info, warning or error; streams opening and closing are logged at debug",
+    ),
     Option("data_dir", "BROKER_DATA_DIR", Path, "where the embedded PostgreSQL keeps its data"),
     Option("migrate", "BROKER_MIGRATE", _boolean, "apply sql/ at start-up"),
     Option(
@@ -215,7 +299,13 @@ OPTIONS: tuple[Option, ...] = (
         _admin_port,
         "separate port serving /api/sse/stats and /metrics (404 on the public port)",
     ),
-    Option("admin_host", "BROKER_ADMIN_HOST", _text, "address of the admin port (default: host)"),
+    Option(
+        "admin_host",
+        "BROKER_ADMIN_HOST",
+        _text,
+        "address of the admin port",
+        default="BROKER_HOST",
+    ),
     Option(
         "max_streams_per_ip",
         "BROKER_MAX_STREAMS_PER_IP",
@@ -257,6 +347,7 @@ class Settings:
     replay_limit: int = 10_000
     cors_origins: tuple[str, ...] = ()
     log_format: str = "console"
+    log_level: str = "info"
     data_dir: Path = Path(".data")
     migrate: bool = True
     shutdown_grace_seconds: float = 10.0
@@ -290,6 +381,8 @@ class Settings:
         Raises `ConfigError` naming the first invalid setting. `PGDATABASE_URL` is read when
         `DATABASE_URL` is unset; an empty value counts as unset. The log format defaults to
         `console` on a terminal and `json` otherwise, since a service's logs go to a collector.
+        The host defaults to 127.0.0.1 with the embedded database, which is for trying pgsse
+        out and has no auth, and to 0.0.0.0 with a `DATABASE_URL`.
         """
         raw: dict[str, str] = {}
         for option in OPTIONS:
@@ -305,13 +398,15 @@ class Settings:
         values: dict[str, Any] = {}
         if "log_format" not in raw:
             values["log_format"] = "console" if sys.stderr.isatty() else "json"
+        if "host" not in raw and "database_url" not in raw:
+            values["host"] = "127.0.0.1"
         for option in OPTIONS:
             if option.field not in raw:
                 continue
             try:
                 values[option.field] = option.parse(raw[option.field])
             except ValueError as exc:
-                shown = "<hidden>" if option.secret else repr(raw[option.field])
+                shown = option.shown(raw[option.field])
                 raise ConfigError(f"invalid {option.env}={shown}: {_reason(exc)}") from None
         return dataclasses.replace(cls(), **values)
 

@@ -131,7 +131,7 @@ class EventStreamResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         subscriber = self.subscriber
         started = time.monotonic()
-        log.info(
+        log.debug(
             "stream_opened",
             channel=subscriber.channel,
             robot_id=subscriber.robot_id,
@@ -154,7 +154,7 @@ class EventStreamResponse(Response):
         finally:
             self.hub.unsubscribe(subscriber)
             subscriber.close()
-            log.info(
+            log.debug(
                 "stream_closed",
                 channel=subscriber.channel,
                 robot_id=subscriber.robot_id,

@@ -83,12 +83,13 @@ def parse_new_message(body: bytes) -> NewMessage:
         raise RequestError(
             400, f"intent must be at most {MAX_INTENT_LENGTH} characters, no control characters"
         )
+    is_from_bot = _boolean(data, "isFromBot", default=False)
     return NewMessage(
         session_id=session_id,
         content=content,
         robot_id=check_id("robotId", _string(data, "robotId")),
-        is_from_bot=_boolean(data, "isFromBot", default=False),
-        is_human=_boolean(data, "isHuman", default=True),
+        is_from_bot=is_from_bot,
+        is_human=_boolean(data, "isHuman", default=not is_from_bot),  # a bot's is not a human's
         intent=intent,
     )
 

@@ -338,7 +338,7 @@ async def test_tokens_are_logged_by_fingerprint_only(
     start_broker: StartBroker, database: Database, session_id: str
 ) -> None:
     secret = new_secret()
-    broker = _secured(start_broker, secret)
+    broker = _secured(start_broker, secret, BROKER_LOG_LEVEL="debug")  # stream_opened is debug
     good = mint(secret, [session_id], publish=True)
     expired = mint(secret, [session_id], ttl=-60)
     foreign = mint(new_secret(), [session_id])

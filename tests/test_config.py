@@ -13,7 +13,8 @@ from broker.errors import ConfigError
 def test_defaults_match_the_contract() -> None:
     settings = Settings.load({"BROKER_LOG_FORMAT": "json"})
     assert settings.database_url is None
-    assert (settings.host, settings.port) == ("0.0.0.0", 5001)
+    assert (settings.host, settings.port) == ("127.0.0.1", 5001)
+    assert settings.log_level == "info"
     assert settings.heartbeat_seconds == 30
     assert settings.retry_ms == 3000
     assert settings.replay_limit == 10_000
@@ -47,6 +48,42 @@ def test_pgdatabase_url_is_the_fallback_and_flags_win() -> None:
     assert Settings.load({"BROKER_PORT": "1"}, {"port": "2"}).port == 2
 
 
+def test_the_embedded_database_listens_on_loopback_unless_told() -> None:
+    """The embedded database is for trying pgsse out, with auth off: not on the network."""
+    assert Settings.load({}).host == "127.0.0.1"
+    assert Settings.load({"DATABASE_URL": "postgresql://h/db"}).host == "0.0.0.0"
+    assert Settings.load({"BROKER_HOST": "0.0.0.0"}).host == "0.0.0.0"
+    assert Settings.load({}, {"host": "::"}).host == "::"
+
+
+@pytest.mark.parametrize(
+    ("url", "normalised"),
+    [
+        ("postgresql+psycopg://u:p@h:5432/db", "postgresql://u:p@h:5432/db"),
+        ("postgresql+psycopg2://u@h/db", "postgresql://u@h/db"),
+        ("postgres://u@h/db?sslmode=require", "postgresql://u@h/db?sslmode=require"),
+        ("postgresql://u@/db?host=/run/postgresql", "postgresql://u@/db?host=/run/postgresql"),
+        ("host=h dbname=db user=u", "host=h dbname=db user=u"),
+    ],
+)
+def test_database_urls_of_other_tools_are_normalised(url: str, normalised: str) -> None:
+    assert Settings.load({"DATABASE_URL": url}).database_url == normalised
+
+
+def test_a_bad_database_url_is_named_without_its_password() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.load({"DATABASE_URL": "postgresql://u:hunter2@h/db?nope=1"})
+    message = str(caught.value)
+    assert "DATABASE_URL" in message and "nope" in message and "hunter2" not in message
+
+
+def test_every_option_has_a_default_to_show() -> None:
+    shown = {option.env: option.default_text() for option in OPTIONS}
+    assert shown["BROKER_PORT"] == "5001" and shown["BROKER_HEARTBEAT_SECONDS"] == "30"
+    assert shown["BROKER_MIGRATE"] == "true" and shown["BROKER_AUTH_SECRET"] == "unset"
+    assert all(shown.values())
+
+
 @pytest.mark.parametrize(
     ("env", "value", "fragment"),
     [
@@ -59,6 +96,8 @@ def test_pgdatabase_url_is_the_fallback_and_flags_win() -> None:
         ("BROKER_CORS_ORIGINS", "app.example", "origin"),
         ("BROKER_LOG_FORMAT", "xml", "json"),
         ("BROKER_MIGRATE", "maybe", "true or false"),
+        ("BROKER_LOG_LEVEL", "verbose", "debug, info"),
+        ("DATABASE_URL", "mysql://h/db", "postgresql://"),
     ],
 )
 def test_invalid_value_names_the_setting(env: str, value: str, fragment: str) -> None:

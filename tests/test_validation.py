@@ -54,6 +54,21 @@ def test_new_message_defaults() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("fields", "is_human"),
+    [
+        ('"isFromBot": true', False),
+        ('"isFromBot": false', True),
+        ('"isFromBot": true, "isHuman": true', True),
+        ('"isFromBot": false, "isHuman": false', False),
+        ('"isFromBot": true, "isHuman": null', False),
+    ],
+)
+def test_is_human_defaults_to_not_from_bot(fields: str, is_human: bool) -> None:
+    message = parse_new_message(f'{{"sessionId": "s", "content": "c", {fields}}}'.encode())
+    assert message.is_human is is_human
+
+
 def test_new_message_null_optionals_are_defaults() -> None:
     message = parse_new_message(
         b'{"sessionId": "s", "content": "c", "robotId": null, "isFromBot": null}'
