@@ -28,8 +28,8 @@ from .errors import RequestError
 from .guard import Guard
 from .metrics import create_registry, render
 from .service import Broker
-from .stream import EventStreamResponse
-from .validation import check_id, parse_last_event_id, parse_new_message
+from .stream import EventStreamHead, EventStreamResponse
+from .validation import check_id, check_session_id, parse_last_event_id, parse_new_message
 
 __all__ = ["MAX_BODY_BYTES", "create_app"]
 
@@ -75,6 +75,9 @@ def create_app(settings: Settings) -> Starlette:
         lifespan=lifespan,
         exception_handlers={RequestError: request_error, HTTPException: http_error},
     )
+    # No redirects: Starlette's trailing-slash redirect builds its Location from the request's
+    # Host and query string (a token included). An unknown path is 404.
+    app.router.redirect_slashes = False
     app.state.auth = Authenticator(settings.auth_secret)
     if STATIC.is_dir():
         static = StaticFiles(directory=STATIC)
@@ -107,13 +110,17 @@ async def stream_messages(request: Request) -> Response:
     broker = _broker(request)
     grant = authenticate(request, query=True)
     params = request.query_params
-    session_id = check_id("sessionId", params.get("sessionId"))
+    session_id = check_session_id(params.get("sessionId"))
     robot_id = check_id("robotId", params.get("robotId"))
     grant.check_read(session_id, robot_id)
     last_event_id = parse_last_event_id(
         request.headers.get("last-event-id", params.get("lastEventId"))
     )
-    subscriber = broker.hub.subscribe(session_id, robot_id)
+    subscriber = broker.hub.subscribe(session_id, robot_id)  # 503 when full
+    if request.method == "HEAD":
+        # The status and headers a GET would get; nothing is held past this line.
+        broker.hub.unsubscribe(subscriber)
+        return EventStreamHead()
     # No await between subscribing and reading the journal: no row can fall between them.
     journal = broker.hub.journal
     journal_ids = None
@@ -128,6 +135,7 @@ async def stream_messages(request: Request) -> Response:
         journal_mark=journal.end,
         replay_limit=broker.settings.replay_limit,
         retry_ms=broker.settings.retry_ms,
+        valid_until=grant.valid_until,
     )
 
 

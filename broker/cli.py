@@ -36,8 +36,9 @@ from .errors import BrokerError
 from .guard import log_exposure
 from .log import configure
 from .service import Broker
+from .sockets import listen_sockets
 from .store import Store
-from .transport import limited_protocol, listen_sockets
+from .transport import server_options
 
 __all__ = ["main"]
 
@@ -166,8 +167,7 @@ def _serve(settings: Settings) -> int:
             app = create_app(settings)
             config = uvicorn.Config(
                 app,
-                http=limited_protocol(settings),  # header timeout and size (slowloris)
-                proxy_headers=False,  # X-Forwarded-For: only BROKER_TRUSTED_PROXIES (guard.py)
+                **server_options(settings),  # request limits; client address behind proxies
                 log_config=None,
                 access_log=False,
                 timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or 1,

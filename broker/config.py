@@ -325,6 +325,12 @@ OPTIONS: tuple[Option, ...] = (
         "seconds a client has to send its request line and headers",
     ),
     Option(
+        "body_timeout_seconds",
+        "BROKER_BODY_TIMEOUT_SECONDS",
+        _positive_float,
+        "seconds a client has to send a request body once its headers are in; else 408",
+    ),
+    Option(
         "max_header_bytes",
         "BROKER_MAX_HEADER_BYTES",
         _header_bytes,
@@ -358,6 +364,7 @@ class Settings:
     max_streams_per_ip: int | None = None
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 10.0
     max_header_bytes: int = 16 * 1024
 
     def __post_init__(self) -> None:

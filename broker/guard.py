@@ -9,9 +9,10 @@ router itself, so `/api/sse/stats%0A` or a trailing slash cannot slip past a str
   require `Authorization: Bearer <admin token>` (401 otherwise). With auth on and neither set
   they are hidden (404): stats name every open session, which is not for the internet. With
   auth off and neither set they stay public, as before this module existed.
-- Streams: at most `BROKER_MAX_STREAMS_PER_IP` concurrent streams per client address
-  (`limits.client_address`); one more is answered 429 with `Retry-After`. The slot is held for
-  as long as the request runs, whatever ends it.
+- Streams: at most `BROKER_MAX_STREAMS_PER_IP` concurrent streams per client address (the
+  request's `client`, which uvicorn takes from `X-Forwarded-For` only behind
+  `BROKER_TRUSTED_PROXIES`: `transport.server_options`); one more is answered 429 with
+  `Retry-After`. The slot is held for as long as the request runs, whatever ends it.
 
 Refusals use the API's error body, `{"success": false, "error": ...}`.
 """
@@ -27,7 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .config import Settings
 from .errors import RequestError, TooManyStreams, Unauthorized
-from .limits import StreamCounter, client_address
+from .limits import StreamCounter
 
 __all__ = ["ADMIN_PATHS", "PROBE_PATHS", "STREAM_PATH", "Guard", "log_exposure"]
 
@@ -50,7 +51,6 @@ class Guard:
         self.hide_admin = settings.admin_port is not None or (
             bool(settings.auth_secret) and settings.admin_token is None
         )
-        self.trusted = settings.trusted_proxies
         self.streams = (
             None
             if settings.max_streams_per_ip is None
@@ -96,11 +96,7 @@ class Guard:
         self, scope: Scope, receive: Receive, send: Send, streams: StreamCounter
     ) -> None:
         client = scope.get("client")
-        headers = scope["headers"]
-        forwarded = [
-            value.decode("latin-1") for name, value in headers if name == b"x-forwarded-for"
-        ]
-        address = client_address(client[0] if client else None, forwarded, self.trusted)
+        address = str(client[0]) if client else "unknown"
         if not streams.acquire(address):
             log.info("stream_refused", reason="per_client_limit", client=address)
             limit = streams.limit

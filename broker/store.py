@@ -22,6 +22,7 @@ __all__ = ["COLUMNS", "DatabaseUnavailable", "Store"]
 
 POOL_SIZE = 4
 COLUMNS = sql.SQL("id, session_id, robot_id, content, is_from_bot, is_human, intent, created_at")
+ROW_OVERHEAD_BYTES = 512  # an encoded row's bytes besides its content, about (the other fields)
 
 
 class DatabaseUnavailable(Unavailable):
@@ -86,8 +87,10 @@ class Store:
         limit: int,
         session_id: str | None = None,
         robot_id: str | None = None,
+        max_bytes: int | None = None,
     ) -> list[Message]:
-        """Rows with id > `after_id` matching the filter, in id order, at most `limit`."""
+        """Rows with id > `after_id` matching the filter, in id order, at most `limit`; with
+        `max_bytes`, only as many as fit in about that many bytes (always one at least)."""
         conditions = [sql.SQL("id > %s")]
         params: list[Any] = [after_id]
         if session_id is not None:
@@ -100,7 +103,20 @@ class Store:
         query = sql.SQL("SELECT {} FROM messages WHERE {} ORDER BY id LIMIT %s").format(
             COLUMNS, sql.SQL(" AND ").join(conditions)
         )
+        if max_bytes is not None:
+            query = _within(query, sql.Identifier("id"))
+            params.append(max_bytes)
         return [Message.from_row(row) for row in await self._all(query, tuple(params))]
+
+    async def in_order(self, ids: list[int], max_bytes: int) -> list[Message]:
+        """The rows of `ids` that exist, in the order of `ids`, as many as fit in about
+        `max_bytes` (always one at least)."""
+        candidates = sql.SQL(
+            "SELECT {}, position FROM unnest(%s::bigint[]) WITH ORDINALITY AS wanted (id, position)"
+            " JOIN messages USING (id)"
+        ).format(COLUMNS)
+        query = _within(candidates, sql.Identifier("position"))
+        return [Message.from_row(row) for row in await self._all(query, (ids, max_bytes))]
 
     async def by_ids(self, ids: list[int]) -> dict[int, Message]:
         """The rows of `ids` that exist, by id."""
@@ -136,3 +152,21 @@ class Store:
                 return row
         except (psycopg.Error, PoolTimeout) as exc:
             raise DatabaseUnavailable(exc) from exc
+
+
+def _within(candidates: sql.Composable, order: sql.Identifier) -> sql.Composed:
+    """`candidates` (COLUMNS and `order`), in `order`, cut where their running size passes a
+    last parameter of bytes; the first row always stays. Sizes come from PostgreSQL
+    (`octet_length` reads a stored value's length without fetching it), so rows past the
+    budget never reach the broker's memory."""
+    return sql.SQL(
+        "SELECT {columns} FROM (SELECT *,"
+        " sum(octet_length(content) + {overhead}) OVER (ORDER BY {order}) AS running,"
+        " row_number() OVER (ORDER BY {order}) AS n FROM ({candidates}) AS candidates) AS page"
+        " WHERE n = 1 OR running <= %s ORDER BY {order}"
+    ).format(
+        columns=COLUMNS,
+        order=order,
+        overhead=sql.Literal(ROW_OVERHEAD_BYTES),
+        candidates=candidates,
+    )

@@ -11,6 +11,15 @@ idles it hands its socket to the `SocketFlusher` (`Subscriber.transport`): event
 it are then written by one callback per event-loop turn, for all idle streams, instead of by
 waking each stream's task. See `SocketFlusher` for why and when.
 
+Replay writes go at the pace the socket drains: a page of at most `REPLAY_PAGE` rows and
+about `REPLAY_PAGE_BYTES` is written, and the next is read from PostgreSQL only once the
+socket has taken it. A client that takes nothing for `STALL_SECONDS` is cut as a slow
+consumer, so a reader that stops mid-replay holds one page and its queue, not the replay.
+
+A stream opened with a token that expires (`Grant.valid_until`) ends then, with an `error`
+event, so the client reconnects with a new token. HEAD on the stream is `EventStreamHead`:
+the stream's status and headers, and no subscription.
+
 Resume: the subscriber already queues live events when the replay runs, so a row committed
 during the replay is either in the replay or in the queue; rows sent by the replay are dropped
 from the queue by id. When the hub's journal holds the resume id, the replay is the journal's
@@ -32,17 +41,28 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from .events import Message, encode_connected, encode_error, encode_message, encode_retry
-from .hub import Hub, Subscriber
+from .hub import SLOW_CONSUMER, Hub, Subscriber
 from .latency import LatencyHistogram
 from .store import DatabaseUnavailable, Store
 from .transport import TRANSPORT_EXTENSION
 
-__all__ = ["REPLAY_LIMIT_REACHED", "EventStreamResponse", "SocketFlusher"]
+__all__ = [
+    "REPLAY_LIMIT_REACHED",
+    "TOKEN_EXPIRED",
+    "EventStreamHead",
+    "EventStreamResponse",
+    "SocketFlusher",
+]
 
 REPLAY_PAGE = 500
+REPLAY_PAGE_BYTES = 1024 * 1024
 REPLAY_LIMIT_REACHED = "replay limit reached: reconnect to resume"
 REPLAY_FAILED = "database unavailable: reconnect to resume"
+TOKEN_EXPIRED = "token expired: reconnect with a new token"
 CLOSE_TIMEOUT_SECONDS = 1.0
+# A replay write that makes no progress (the socket takes not one byte) for this long cuts
+# the stream as a slow consumer.
+STALL_SECONDS = 5.0
 HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
@@ -97,6 +117,19 @@ class SocketFlusher:
                     observe(now - event.born)
 
 
+class EventStreamHead(Response):
+    """HEAD of a stream: its status and headers, no body, and nothing held."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self) -> None:
+        # Not Response.__init__: a Content-Length: 0 would misstate the stream's length.
+        self.status_code = 200
+        self.background = None
+        self.init_headers(HEADERS)
+        self.body = b""
+
+
 class EventStreamResponse(Response):
     media_type = "text/event-stream"
 
@@ -111,6 +144,7 @@ class EventStreamResponse(Response):
         journal_mark: int,
         replay_limit: int,
         retry_ms: int,
+        valid_until: float | None = None,
     ) -> None:
         # Not Response.__init__: with no body it would declare Content-Length: 0.
         self.status_code = 200
@@ -124,8 +158,9 @@ class EventStreamResponse(Response):
         self.journal_mark = journal_mark
         self.replay_limit = replay_limit
         self.retry_ms = retry_ms
+        self.valid_until = valid_until
         self.events_sent = 0
-        self._direct: asyncio.WriteTransport | None = None
+        self._direct: asyncio.WriteTransport | None = None  # the socket (transport.py)
         self.replayed = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -137,6 +172,10 @@ class EventStreamResponse(Response):
             robot_id=subscriber.robot_id,
             last_event_id=self.last_event_id,
         )
+        expiry = None
+        if self.valid_until is not None:
+            delay = max(0.0, self.valid_until - time.time())
+            expiry = asyncio.get_running_loop().call_later(delay, subscriber.close, TOKEN_EXPIRED)
         try:
             await send(
                 {
@@ -145,13 +184,14 @@ class EventStreamResponse(Response):
                     "headers": self.raw_headers,
                 }
             )
-            if scope["method"] == "GET":  # HEAD has no body to write to
-                self._direct = scope.get("extensions", {}).get(TRANSPORT_EXTENSION)
+            self._direct = scope.get("extensions", {}).get(TRANSPORT_EXTENSION)
             async with anyio.create_task_group() as group:
                 group.start_soon(self._watch_disconnect, receive, group.cancel_scope)
                 await self._pump(send)
                 group.cancel_scope.cancel()
         finally:
+            if expiry is not None:
+                expiry.cancel()
             self.hub.unsubscribe(subscriber)
             subscriber.close()
             log.debug(
@@ -212,7 +252,10 @@ class EventStreamResponse(Response):
                 over_limit = len(page) > room
                 page = page[:room]
                 if page:
-                    await self._write(send, b"".join(encode_message(row) for row in page))
+                    if not await self._write_drained(send, b"".join(map(encode_message, page))):
+                        self.hub.counters.slow_consumer_disconnects += 1
+                        self.subscriber.close(SLOW_CONSUMER)
+                        break
                     sent.update(row.id for row in page)
                     self.replayed += len(page)
                     self.hub.counters.replayed_events += len(page)
@@ -239,27 +282,52 @@ class EventStreamResponse(Response):
         subscriber = self.subscriber
         if self.journal_ids is not None:
             ids = self.journal_ids[: self.replay_limit + 1]
-            for start in range(0, len(ids), REPLAY_PAGE):
-                wanted = ids[start : start + REPLAY_PAGE]
-                rows = await self.store.by_ids(wanted)
-                yield [rows[i] for i in wanted if i in rows]
+            while ids:
+                wanted = ids[:REPLAY_PAGE]
+                page = await self.store.in_order(wanted, REPLAY_PAGE_BYTES)
+                yield page
+                ids = ids[wanted.index(page[-1].id) + 1 if page else len(wanted) :]
             return
         cursor = self.last_event_id or 0
         while True:
             want = min(REPLAY_PAGE, self.replay_limit + 1 - self.replayed)
-            page = await self.store.after(cursor, want, subscriber.session_id, subscriber.robot_id)
-            yield page
-            if len(page) < want:
+            page = await self.store.after(
+                cursor, want, subscriber.session_id, subscriber.robot_id, REPLAY_PAGE_BYTES
+            )
+            if not page:  # a short page may only have been cut at its size: ask again
                 return
+            yield page
             cursor = page[-1].id
 
+    async def _write_drained(self, send: Send, events: bytes) -> bool:
+        """Write `events`, then wait until the socket has taken them (an empty body message
+        returns once uvicorn's flow control lets writing resume). False if the socket takes
+        not one byte for `STALL_SECONDS`: the client has stopped reading."""
+        for body in (events, b""):
+            while True:
+                buffered = self._buffered()
+                with anyio.move_on_after(STALL_SECONDS):
+                    await self._write(send, body)
+                    break
+                if self._buffered() >= buffered:
+                    return False
+        return True
+
+    def _buffered(self) -> int:
+        """Bytes written to the socket that the client has yet to take."""
+        return 0 if self._direct is None else self._direct.get_write_buffer_size()
+
     async def _finish(self, send: Send) -> None:
-        """Tell the client why the stream ends, if the broker ends it, then end the body."""
+        """Tell the client why the stream ends, if the broker ends it, then end the body.
+        A client that takes neither in time is cut off: abort, since closing would wait for
+        it to read what is buffered, holding that memory for as long as it likes."""
         reason = self.subscriber.close_reason
-        with anyio.move_on_after(CLOSE_TIMEOUT_SECONDS):
+        with anyio.move_on_after(CLOSE_TIMEOUT_SECONDS) as ending:
             if reason is not None:
                 await self._write(send, encode_error(reason))
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if ending.cancelled_caught and self._direct is not None:
+            self._direct.abort()
 
     @staticmethod
     async def _write(send: Send, body: bytes) -> None:

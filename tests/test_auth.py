@@ -31,6 +31,7 @@ from tests.support.security import (
     no_secret_in_logs,  # noqa: F401 -- autouse: no token or secret in any broker log
     open_stream,
     refused,
+    remember,
     request,
     unsigned,
 )
@@ -80,6 +81,13 @@ def test_verify_accepts_every_listed_secret_and_nothing_else() -> None:
         authenticator.verify(mint(stranger, ["a"]))
 
 
+def _signed(secret: str, **claims: Any) -> str:
+    """A token with exactly these claims besides `sessions: "*"`, types unchecked."""
+    token = jwt.encode({"sessions": "*", "exp": 2**40, **claims}, secret, algorithm="HS256")
+    remember(token)
+    return token
+
+
 @pytest.mark.parametrize(
     ("make", "reason"),
     [
@@ -91,7 +99,12 @@ def test_verify_accepts_every_listed_secret_and_nothing_else() -> None:
         (lambda s: mint(s, [1, 2]), "sessions"),
         (lambda s: mint(s, ["a"], robots={"r": 1}), "robots"),
         (lambda s: mint(s, ["a"], publish="yes"), "publish"),
-        (lambda s: mint(s, "*", aud="some-other-service"), "malformed"),
+        (lambda s: mint(s, "*", aud="some-other-service"), "aud"),
+        (lambda s: mint(s, "*", aud=""), "aud"),
+        (lambda s: mint(s, "*", aud=[]), "aud"),
+        (lambda s: _signed(s, exp="99999999999"), "exp must be a number"),
+        (lambda s: _signed(s, iat="0"), "iat must be a number"),
+        (lambda s: _signed(s, nbf="0"), "nbf must be a number"),
         (lambda s: "not.a.token", "malformed"),
         (lambda s: "", "malformed"),
     ],
@@ -105,6 +118,11 @@ def test_verify_accepts_every_listed_secret_and_nothing_else() -> None:
         "bad-robots",
         "bad-publish",
         "audience",
+        "audience-empty",
+        "audience-empty-list",
+        "exp-string",
+        "iat-string",
+        "nbf-string",
         "garbage",
         "empty",
     ],
