@@ -1,6 +1,6 @@
 """`pgsse serve | migrate | publish | token`: the command line (`broker` is the same command).
 
-Every `serve` flag mirrors a setting of `config.OPTIONS`; flags win over the environment.
+Every `serve` flag is a `Settings` field (`config.OPTIONS`); flags win over the environment.
 With no database URL, each command uses the embedded PostgreSQL under `--data-dir`, starting
 it if needed and stopping it at exit only if it started it. A failure to start is one line on
 stderr naming the setting to change, found before the embedded database starts where it can be

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 from pathlib import Path
 
 import pytest
 
+from broker.cli import _parser
 from broker.config import OPTIONS, Settings
 from broker.errors import ConfigError
 
@@ -107,7 +110,58 @@ def test_invalid_value_names_the_setting(env: str, value: str, fragment: str) ->
     assert env in message and fragment in message and "\n" not in message
 
 
-def test_every_option_is_a_settings_field() -> None:
-    fields = set(Settings.__dataclass_fields__)
-    assert {option.field for option in OPTIONS} <= fields
+def test_every_settings_field_is_one_option_with_its_own_env() -> None:
+    fields = dataclasses.fields(Settings)
+    assert [option.field for option in OPTIONS] == [field.name for field in fields]
+    assert [option.value for option in OPTIONS] == [field.default for field in fields]
     assert len({option.env for option in OPTIONS}) == len(OPTIONS)
+
+
+def _serve_flags() -> dict[str, argparse.Action]:
+    parser = _parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    serve = commands.choices["serve"]
+    return {action.dest: action for action in serve._actions if action.dest != "help"}
+
+
+def test_flags_and_env_derive_from_the_one_declaration() -> None:
+    """Each `serve` flag is a field's name, shows its env and default, and parses like the
+    env var: a field added to `Settings` needs nothing else to reach the command line."""
+    flags = _serve_flags()
+    assert set(flags) == {option.field for option in OPTIONS}
+    for option in OPTIONS:
+        flag = flags[option.field]
+        assert flag.option_strings == ["--" + option.field.replace("_", "-")]
+        assert flag.metavar == option.env
+        help_text = (flag.help or "").replace("%%", "%")
+        assert f"env {option.env}; default: {option.default_text()}" in help_text
+
+
+@pytest.mark.parametrize(
+    ("env", "value"),
+    [
+        ("BROKER_PORT", "6001"),
+        ("BROKER_HEARTBEAT_SECONDS", "2.5"),
+        ("BROKER_TRUSTED_PROXIES", "10.0.0.0/8"),
+        ("BROKER_MIGRATE", "off"),
+        ("BROKER_ADMIN_TOKEN", "t" * 16),
+    ],
+)
+def test_a_flag_and_its_env_give_the_same_setting(env: str, value: str) -> None:
+    option = next(option for option in OPTIONS if option.env == env)
+    from_env = Settings.load({env: value})
+    from_flag = Settings.load({}, {option.field: value})
+    assert getattr(from_env, option.field) == getattr(from_flag, option.field) != option.value
+
+
+def test_secrets_are_declared_secret_and_stay_out_of_repr_and_errors() -> None:
+    secret = "s" * 40
+    settings = Settings.load({"BROKER_AUTH_SECRET": secret, "BROKER_ADMIN_TOKEN": "a" * 16})
+    assert secret not in repr(settings) and "a" * 16 not in repr(settings)
+    assert {option.env for option in OPTIONS if option.secret} == {
+        "BROKER_AUTH_SECRET",
+        "BROKER_ADMIN_TOKEN",
+    }
+    with pytest.raises(ConfigError) as caught:
+        Settings.load({"BROKER_ADMIN_TOKEN": "short secret"})
+    assert "short secret" not in str(caught.value) and "<hidden>" in str(caught.value)
