@@ -1,4 +1,4 @@
-"""The HTTP API: routes, lifespan, CORS, and the one place errors become HTTP answers.
+"""The HTTP API: routes, lifespan, CORS; errors become HTTP answers in `answers.py`.
 
 `create_app(settings)` builds the application and does nothing else; the broker starts in
 the lifespan. Routes never reach PostgreSQL themselves: they call the `Broker`'s store and hub.
@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
@@ -22,9 +21,10 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.staticfiles import StaticFiles
 
+from .answers import HANDLERS
 from .auth import Authenticator, authenticate
 from .config import Settings
-from .errors import RequestError
+from .errors import RequestError, Unavailable
 from .guard import Guard
 from .metrics import create_registry, render
 from .service import Broker
@@ -73,7 +73,7 @@ def create_app(settings: Settings) -> Starlette:
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,
-        exception_handlers={RequestError: request_error, HTTPException: http_error},
+        exception_handlers=dict(HANDLERS),  # answers.py: errors become HTTP answers there
     )
     # No redirects: Starlette's trailing-slash redirect builds its Location from the request's
     # Host and query string (a token included). An unknown path is 404.
@@ -90,20 +90,6 @@ def create_app(settings: Settings) -> Starlette:
 def _broker(request: Request) -> Broker:
     broker: Broker = request.app.state.broker
     return broker
-
-
-def failure(status: int, error: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"success": False, "error": error}, status_code=status, headers=headers)
-
-
-async def request_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestError)
-    return failure(exc.status, exc.message, exc.headers or None)
-
-
-async def http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    return failure(exc.status_code, exc.detail, dict(exc.headers or {}))
 
 
 async def stream_messages(request: Request) -> Response:
@@ -196,7 +182,7 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     if not _broker(request).listener.connected:
-        return failure(503, "listener not connected", {"Retry-After": "1"})
+        raise Unavailable("listener not connected", retry_after=1)
     return JSONResponse({"success": True, "data": {"status": "ready"}})
 
 
@@ -208,5 +194,5 @@ async def metrics(request: Request) -> Response:
 async def index(request: Request) -> Response:
     page = STATIC / "index.html"
     if not page.is_file():
-        return failure(404, "no demo page installed")
+        raise RequestError(404, "no demo page installed")
     return FileResponse(page, media_type="text/html")

@@ -33,7 +33,15 @@ from starlette.requests import Request
 
 from .errors import ConfigError, Forbidden, Unauthorized
 
-__all__ = ["ALGORITHM", "OPEN", "Authenticator", "Grant", "authenticate", "fingerprint"]
+__all__ = [
+    "ALGORITHM",
+    "OPEN",
+    "Authenticator",
+    "Grant",
+    "authenticate",
+    "bearer",
+    "fingerprint",
+]
 
 ALGORITHM = "HS256"
 LEEWAY_SECONDS = 5  # clock skew between the app backend that mints and this broker
@@ -170,7 +178,7 @@ class Authenticator:
             return OPEN
         token: str | None = None
         try:
-            token = _bearer(request.headers.get("authorization"))
+            token = bearer(request.headers.get("authorization"))
             if token is None and query:
                 token = request.query_params.get("token") or None
             if token is None:
@@ -180,7 +188,7 @@ class Authenticator:
         except Unauthorized as exc:
             log.info(
                 "auth_refused",
-                reason=exc.message,
+                reason=str(exc),
                 token=None if token is None else fingerprint(token),
                 path=request.scope.get("path"),
             )
@@ -195,7 +203,9 @@ def authenticate(request: Request, *, query: bool = False) -> Grant:
     return authenticator.authenticate(request, query=query)
 
 
-def _bearer(header: str | None) -> str | None:
+def bearer(header: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header; None without the header.
+    Raises `Unauthorized` for any other form."""
     if header is None:
         return None
     scheme, _, value = header.strip().partition(" ")

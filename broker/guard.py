@@ -22,12 +22,13 @@ from __future__ import annotations
 import hmac
 
 import structlog
-from starlette.responses import JSONResponse
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .answers import answer
+from .auth import bearer
 from .config import Settings
-from .errors import RequestError, TooManyStreams, Unauthorized
+from .errors import BrokerError, RequestError, TooManyStreams, Unauthorized
 from .limits import StreamCounter
 
 __all__ = ["ADMIN_PATHS", "PROBE_PATHS", "STREAM_PATH", "Guard", "log_exposure"]
@@ -62,7 +63,7 @@ class Guard:
             await self.app(scope, receive, send)
             return
         route = _route_path(scope)
-        refusal: RequestError | None = None
+        refusal: BrokerError | None = None
         if self.admin_port is not None and _local_port(scope) == self.admin_port:
             if route in ADMIN_PATHS:
                 refusal = self._check_admin_token(scope)
@@ -81,13 +82,14 @@ class Guard:
             return
         await self.app(scope, receive, send)
 
-    def _check_admin_token(self, scope: Scope) -> RequestError | None:
+    def _check_admin_token(self, scope: Scope) -> BrokerError | None:
         if self.admin_token is None:
             return None
-        given = _header(scope, b"authorization") or ""
-        scheme, _, value = given.partition(" ")
-        expected = self.admin_token.encode()
-        if scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), expected):
+        try:
+            given = bearer(_header(scope, b"authorization"))
+        except Unauthorized:
+            given = None
+        if given is not None and hmac.compare_digest(given.encode(), self.admin_token.encode()):
             return None
         log.info("admin_refused", path=scope.get("path"))
         return Unauthorized("admin token required: Authorization: Bearer <BROKER_ADMIN_TOKEN>")
@@ -149,7 +151,5 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def _refuse(error: RequestError, scope: Scope, receive: Receive, send: Send) -> None:
-    body = {"success": False, "error": error.message}
-    response = JSONResponse(body, status_code=error.status, headers=error.headers or None)
-    await response(scope, receive, send)
+async def _refuse(error: BrokerError, scope: Scope, receive: Receive, send: Send) -> None:
+    await answer(error)(scope, receive, send)

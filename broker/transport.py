@@ -37,12 +37,12 @@ import ipaddress
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import orjson
 import structlog
 import uvicorn
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from .answers import error_body
 from .config import Settings
 
 __all__ = [
@@ -93,7 +93,7 @@ UVICORN_HOOKS: dict[type, tuple[str, ...]] = {
 
 def _answer(status: int, error: str) -> bytes:
     """A complete JSON error answer that closes the connection, for refusals made here."""
-    body = orjson.dumps({"success": False, "error": error})
+    body = error_body(error)
     phrase = http.HTTPStatus(status).phrase
     return (
         f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\n"

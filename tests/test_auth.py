@@ -19,7 +19,7 @@ from typing import Any
 import jwt
 import pytest
 
-from broker.auth import Authenticator
+from broker.auth import Authenticator, bearer
 from broker.config import Settings
 from broker.errors import ConfigError, Forbidden, Unauthorized
 from tests.conftest import Database
@@ -156,6 +156,22 @@ def test_grants_cover_exactly_their_scope() -> None:
 
 
 # End to end: a real broker, real PostgreSQL
+
+
+@pytest.mark.parametrize(
+    ("header", "token"),
+    [(None, None), ("Bearer abc", "abc"), ("bearer  abc ", "abc"), (" BEARER abc", "abc")],
+)
+def test_bearer_reads_the_token_of_an_authorization_header(
+    header: str | None, token: str | None
+) -> None:
+    assert bearer(header) == token
+
+
+@pytest.mark.parametrize("header", ["", "Bearer", "Bearer  ", "Basic abc", "abc", "Token abc"])
+def test_bearer_refuses_any_other_authorization(header: str) -> None:
+    with pytest.raises(Unauthorized, match="Bearer <token>"):
+        bearer(header)
 
 
 async def test_open_mode_needs_no_token_and_warns_once(

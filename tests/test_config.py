@@ -154,14 +154,9 @@ def test_a_flag_and_its_env_give_the_same_setting(env: str, value: str) -> None:
     assert getattr(from_env, option.field) == getattr(from_flag, option.field) != option.value
 
 
-def test_secrets_are_declared_secret_and_stay_out_of_repr_and_errors() -> None:
-    secret = "s" * 40
-    settings = Settings.load({"BROKER_AUTH_SECRET": secret, "BROKER_ADMIN_TOKEN": "a" * 16})
-    assert secret not in repr(settings) and "a" * 16 not in repr(settings)
-    assert {option.env for option in OPTIONS if option.secret} == {
-        "BROKER_AUTH_SECRET",
-        "BROKER_ADMIN_TOKEN",
-    }
-    with pytest.raises(ConfigError) as caught:
-        Settings.load({"BROKER_ADMIN_TOKEN": "short secret"})
-    assert "short secret" not in str(caught.value) and "<hidden>" in str(caught.value)
+def test_only_the_secrets_are_declared_secret() -> None:
+    """Secret fields are kept out of repr and error messages (test_auth checks both)."""
+    secret = {option.env for option in OPTIONS if option.secret}
+    assert secret == {"BROKER_AUTH_SECRET", "BROKER_ADMIN_TOKEN"}
+    hidden = {field.name for field in dataclasses.fields(Settings) if not field.repr}
+    assert hidden == {"auth_secret", "admin_token"}

@@ -36,7 +36,7 @@ def test_last_event_id(value: str | None, expected: int | None) -> None:
 def test_bad_ids(value: str) -> None:
     with pytest.raises(RequestError) as caught:
         check_id("sessionId", value)
-    assert caught.value.status == 400 and "sessionId" in caught.value.message
+    assert caught.value.status == 400 and "sessionId" in str(caught.value)
 
 
 @pytest.mark.parametrize("value", ["x" * 255, "中" * 255, "a b", "😀", "a\u200bb", "\u2028"])
