@@ -18,7 +18,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute
 from starlette.staticfiles import StaticFiles
 
 from .answers import HANDLERS
@@ -48,15 +48,22 @@ def create_app(settings: Settings) -> Starlette:
             app.state.metrics = create_registry(broker)
             yield
 
-    routes = [
-        Route("/api/sse/messages", stream_messages, methods=["GET"]),
-        Route("/api/sse/stats", stats, methods=["GET"]),
-        Route("/api/messages", post_message, methods=["POST"]),
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/readyz", readyz, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/", index, methods=["GET"]),
+    # Each route once, with its checks (guard.py): where it is served, admin token, stream cap.
+    guard = Guard(settings)
+    routes: list[BaseRoute] = [
+        guard.stream("/api/sse/messages", stream_messages),
+        guard.admin("/api/sse/stats", stats),
+        guard.public("/api/messages", post_message, methods=["POST"]),
+        guard.probe("/healthz", healthz),
+        guard.probe("/readyz", readyz),
+        guard.admin("/metrics", metrics),
+        guard.public("/", index, methods=["GET"]),
     ]
+    if STATIC.is_dir():
+        static = StaticFiles(directory=STATIC)
+        if CLIENT.is_dir():
+            static.all_directories.append(CLIENT)  # looked up in order, after STATIC
+        routes.append(guard.mount("/static", static))
     middleware = []
     if settings.cors_origins:
         middleware.append(
@@ -68,7 +75,6 @@ def create_app(settings: Settings) -> Starlette:
                 max_age=600,
             )
         )
-    middleware.append(Middleware(Guard, settings=settings))  # admin surface, per-client cap
     app = Starlette(
         routes=routes,
         middleware=middleware,
@@ -79,11 +85,6 @@ def create_app(settings: Settings) -> Starlette:
     # Host and query string (a token included). An unknown path is 404.
     app.router.redirect_slashes = False
     app.state.auth = Authenticator(settings.auth_secret)
-    if STATIC.is_dir():
-        static = StaticFiles(directory=STATIC)
-        if CLIENT.is_dir():
-            static.all_directories.append(CLIENT)  # looked up in order, after STATIC
-        app.mount("/static", static, name="static")
     return app
 
 
