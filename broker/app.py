@@ -6,12 +6,9 @@ the lifespan. Routes never reach PostgreSQL themselves: they call the `Broker`'s
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -28,6 +25,7 @@ from .errors import RequestError, Unavailable
 from .guard import Guard
 from .metrics import create_registry, render
 from .service import Broker
+from .stats import snapshot
 from .stream import EventStreamHead, EventStreamResponse
 from .validation import check_id, check_session_id, parse_last_event_id, parse_new_message
 
@@ -127,29 +125,7 @@ async def stream_messages(request: Request) -> Response:
 
 
 async def stats(request: Request) -> Response:
-    broker = _broker(request)
-    listener = broker.listener
-    counters = broker.hub.counters
-    data: dict[str, Any] = {
-        "totalConnections": len(broker.hub),
-        "channels": broker.hub.channels(),
-        "listener": {
-            "connected": listener.connected,
-            "reconnects": listener.reconnects,
-            "notifications": listener.notifications,
-            "backfilled": listener.backfilled,
-        },
-        "counters": {
-            "messagesRouted": counters.messages_routed,
-            "eventsDelivered": counters.events_delivered,
-            "slowConsumerDisconnects": counters.slow_consumer_disconnects,
-            "rejectedConnections": counters.rejected_connections,
-            "replayedEvents": counters.replayed_events,
-        },
-        "uptimeSeconds": round(time.time() - broker.started_at, 3),
-        "tasks": len(asyncio.all_tasks()),
-    }
-    return JSONResponse({"success": True, "data": data})
+    return JSONResponse({"success": True, "data": snapshot(_broker(request)).as_json()})
 
 
 async def post_message(request: Request) -> Response:
