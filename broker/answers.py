@@ -67,7 +67,8 @@ def answer(error: BrokerError | HTTPException) -> Response:
 
 
 async def _handle(request: Request, error: Exception) -> Response:
-    assert isinstance(error, BrokerError | HTTPException)  # registered for these only
+    if not isinstance(error, BrokerError | HTTPException):  # registered for these only
+        raise error
     return answer(error)
 
 

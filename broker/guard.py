@@ -53,7 +53,7 @@ class Guard:
         self.admin_token = settings.admin_token
         # Without an admin port, admin routes are on the public port unless auth is on with
         # no admin token to guard them by.
-        self.admin_public = settings.admin_port is None and not (
+        self.admin_on_public_port = settings.admin_port is None and not (
             settings.auth_secret and settings.admin_token is None
         )
         self.max_streams_per_ip = settings.max_streams_per_ip
@@ -82,7 +82,7 @@ class Guard:
     def _admin(self, scope: Scope) -> bool:
         if self.admin_port is not None:
             return _local_port(scope) == self.admin_port
-        return self.admin_public or self.admin_token is not None
+        return self.admin_on_public_port
 
 
 class _ServedOnly(BaseRoute):

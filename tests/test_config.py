@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,12 @@ def test_only_the_secrets_are_declared_secret() -> None:
     assert secret == {"BROKER_AUTH_SECRET", "BROKER_ADMIN_TOKEN"}
     hidden = {field.name for field in dataclasses.fields(Settings) if not field.repr}
     assert hidden == {"auth_secret", "admin_token"}
+
+
+def test_the_readme_table_lists_every_setting_and_no_other() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("## Settings", 1)[1].split("\n\n| variable", 1)[1].split("\n\n", 1)[0]
+    listed = set(re.findall(r"`((?:BROKER_|DATABASE_|PGDATABASE_)[A-Z_]+)`", table))
+    declared = {option.env for option in OPTIONS}
+    declared |= {option.fallback_env for option in OPTIONS if option.fallback_env}
+    assert listed == declared
