@@ -9,6 +9,7 @@ session ids (`session_id`), never by emptying the table. The directory is mkdtem
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import tempfile
@@ -22,6 +23,7 @@ import pytest
 
 from broker.database import EmbeddedPostgres, migrate
 from tests.support.processes import BrokerProcess
+from tests.support.redis import RedisServer, available
 from tests.support.sse import OPEN_CLIENTS
 
 
@@ -144,3 +146,15 @@ def start_broker(database: Database, tmp_path: Path) -> Iterator[Callable[..., B
 @pytest.fixture
 def broker(start_broker: Callable[..., BrokerProcess]) -> BrokerProcess:
     return start_broker()
+
+
+@pytest.fixture
+def redis() -> Iterator[RedisServer]:
+    """A fresh redis-server on a free port; skip locally without one, fail under CI."""
+    if not available():
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed, but CI is set: .ci/run must install it")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    server = RedisServer().start()
+    yield server
+    server.destroy()
