@@ -1,17 +1,27 @@
-"""The queries on `messages`, through a small connection pool.
+"""The queries on `messages`, through a small connection pool or on one given connection.
 
 The pool is sized for replay and publish traffic, never per subscriber: the broker's
-PostgreSQL connections are this pool (at most `POOL_SIZE`) plus the one listening connection.
-psycopg errors are translated here into `DatabaseUnavailable`, so callers see broker errors.
+PostgreSQL connections are this pool (at most `POOL_SIZE`) plus the one listening connection,
+which runs the same queries through `Store.using(conn)` (its backfill must not wait for the
+pool). psycopg errors are translated here into `DatabaseUnavailable`, so callers see broker
+errors.
+
+Recovery: psycopg_pool retries a failed connection with its own backoff (1 s doubling, for up
+to `reconnect_timeout`), so after a 3 s outage the pool came back up to 7 s after PostgreSQL
+did and replays failed with `PoolTimeout` meanwhile (issue 14). A failed attempt here gives up
+after `RECONNECT_SECONDS` instead (the next request starts a new one at once), and the
+listener calls `revive` as soon as it is back, so the pool reconnects within the same second.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import Any
 
 import psycopg
+import structlog
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
@@ -21,7 +31,12 @@ from .events import Message
 __all__ = ["COLUMNS", "DatabaseUnavailable", "Store"]
 
 POOL_SIZE = 4
+RECONNECT_SECONDS = 0.5
+APPLICATION_NAME = "pgsse-store"
+Query = sql.SQL | sql.Composed
 COLUMNS = sql.SQL("id, session_id, robot_id, content, is_from_bot, is_human, intent, created_at")
+
+log = structlog.get_logger(logger_name="broker.store")
 
 
 class DatabaseUnavailable(Unavailable):
@@ -32,10 +47,34 @@ class DatabaseUnavailable(Unavailable):
 
 
 class Store:
-    """Reads and writes rows of `messages`."""
+    """Reads and writes rows of `messages`, through a pool or on one connection."""
 
-    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
-        self._pool = pool
+    def __init__(self, source: AsyncConnectionPool[Any] | psycopg.AsyncConnection[Any]) -> None:
+        self._source = source
+        self._revival: asyncio.Task[None] | None = None
+
+    def using(self, conn: psycopg.AsyncConnection[Any]) -> Store:
+        """The same queries, run on `conn` (an autocommit connection the caller holds)."""
+        return Store(conn)
+
+    def revive(self) -> None:
+        """PostgreSQL is back: have the pool test its connections and reconnect now, rather
+        than when its own retry comes due. Returns at once; the check runs as a task."""
+        pool = self._source
+        if not isinstance(pool, AsyncConnectionPool) or self._revival is not None:
+            return
+        self._revival = asyncio.create_task(pool.check())
+        self._revival.add_done_callback(self._revived)
+
+    def _revived(self, task: asyncio.Task[None]) -> None:
+        self._revival = None
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("store_revive_failed", error=repr(task.exception()))
+
+    def _connection(self) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
+        if isinstance(self._source, AsyncConnectionPool):
+            return self._source.connection()
+        return nullcontext(self._source)
 
     @classmethod
     @asynccontextmanager
@@ -46,8 +85,9 @@ class Store:
             min_size=1,
             max_size=POOL_SIZE,
             timeout=wait_seconds,
+            reconnect_timeout=RECONNECT_SECONDS,
             open=False,
-            kwargs={"autocommit": True},
+            kwargs={"autocommit": True, "application_name": APPLICATION_NAME},
             name="pgsse-store",
             # A connection that died while idle (PostgreSQL restarted) is replaced on checkout.
             check=AsyncConnectionPool.check_connection,
@@ -88,19 +128,9 @@ class Store:
         robot_id: str | None = None,
     ) -> list[Message]:
         """Rows with id > `after_id` matching the filter, in id order, at most `limit`."""
-        conditions = [sql.SQL("id > %s")]
-        params: list[Any] = [after_id]
-        if session_id is not None:
-            conditions.append(sql.SQL("session_id = %s"))
-            params.append(session_id)
-        if robot_id is not None:
-            conditions.append(sql.SQL("robot_id = %s"))
-            params.append(robot_id)
-        params.append(limit)
-        query = sql.SQL("SELECT {} FROM messages WHERE {} ORDER BY id LIMIT %s").format(
-            COLUMNS, sql.SQL(" AND ").join(conditions)
-        )
-        return [Message.from_row(row) for row in await self._all(query, tuple(params))]
+        where, params = _filter(session_id, robot_id, after_id)
+        query = sql.SQL("SELECT {} FROM messages {} ORDER BY id LIMIT %s").format(COLUMNS, where)
+        return [Message.from_row(row) for row in await self._all(query, (*params, limit))]
 
     async def by_ids(self, ids: list[int]) -> dict[int, Message]:
         """The rows of `ids` that exist, by id."""
@@ -119,20 +149,39 @@ class Store:
         assert row is not None
         return int(row[0])
 
-    async def _all(self, query: sql.Composable, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    async def _all(self, query: Query, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         try:
-            async with self._pool.connection() as conn:
+            async with self._connection() as conn:
                 cursor = await conn.execute(query, params)
                 rows: list[tuple[Any, ...]] = await cursor.fetchall()
                 return rows
         except (psycopg.Error, PoolTimeout) as exc:
             raise DatabaseUnavailable(exc) from exc
 
-    async def _one(self, query: sql.Composable, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    async def _one(self, query: Query, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
         try:
-            async with self._pool.connection() as conn:
+            async with self._connection() as conn:
                 cursor = await conn.execute(query, params)
                 row: tuple[Any, ...] | None = await cursor.fetchone()
                 return row
         except (psycopg.Error, PoolTimeout) as exc:
             raise DatabaseUnavailable(exc) from exc
+
+
+def _filter(
+    session_id: str | None, robot_id: str | None, after_id: int | None = None
+) -> tuple[sql.Composable, list[Any]]:
+    """The WHERE clause of a stream's filter (empty for none), and its parameters."""
+    conditions: list[sql.Composable] = []
+    params: list[Any] = []
+    for condition, value in (
+        ("id > %s", after_id),
+        ("session_id = %s", session_id),
+        ("robot_id = %s", robot_id),
+    ):
+        if value is not None:
+            conditions.append(sql.SQL(condition))
+            params.append(value)
+    if not conditions:
+        return sql.SQL(""), params
+    return sql.SQL("WHERE ") + sql.SQL(" AND ").join(conditions), params
