@@ -67,7 +67,9 @@ async def test_resume_by_query_parameter_and_from_a_restarted_broker(
 async def test_bad_last_event_id_still_streams(
     broker: BrokerProcess, database: Database, session_id: str, value: str
 ) -> None:
-    database.insert(session_id, "old")
+    watcher = await subscribe(broker, sessionId=session_id)
+    old = database.insert(session_id, "old")
+    assert (await watcher.message()).id == str(old)  # routed: it cannot reach a later stream
     client = await SSEClient.open(
         broker.port, params={"sessionId": session_id}, headers={"Last-Event-ID": value}
     )
