@@ -28,7 +28,6 @@ from .errors import RequestError
 from .guard import Guard
 from .metrics import create_registry, render
 from .service import Broker
-from .stream import EventStreamResponse
 from .validation import check_id, parse_last_event_id, parse_new_message
 
 __all__ = ["MAX_BODY_BYTES", "create_app"]
@@ -107,22 +106,7 @@ async def stream_messages(request: Request) -> Response:
     last_event_id = parse_last_event_id(
         request.headers.get("last-event-id", params.get("lastEventId"))
     )
-    subscriber = broker.hub.subscribe(session_id, robot_id)
-    # No await between subscribing and reading the journal: no row can fall between them.
-    journal = broker.hub.journal
-    journal_ids = None
-    if last_event_id is not None:
-        journal_ids = journal.after(last_event_id, session_id, robot_id)
-    return EventStreamResponse(
-        broker.hub,
-        broker.store,
-        subscriber,
-        last_event_id=last_event_id,
-        journal_ids=journal_ids,
-        journal_mark=journal.end,
-        replay_limit=broker.settings.replay_limit,
-        retry_ms=broker.settings.retry_ms,
-    )
+    return broker.open_stream(session_id, robot_id, last_event_id=last_event_id)
 
 
 async def stats(request: Request) -> Response:

@@ -17,8 +17,9 @@ import structlog
 from .config import Settings
 from .hub import Hub
 from .listener import Listener
+from .replay import Replay
 from .store import Store
-from .stream import SocketFlusher
+from .stream import EventStreamResponse, SocketFlusher
 
 __all__ = ["SHUTDOWN", "Broker"]
 
@@ -61,6 +62,31 @@ class Broker:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+
+    def open_stream(
+        self,
+        session_id: str | None,
+        robot_id: str | None,
+        *,
+        last_event_id: int | None = None,
+    ) -> EventStreamResponse:
+        """Subscribe a new stream and plan its replay (if it resumes), in one event-loop step.
+        Raises `Unavailable` at `max_connections`."""
+        subscriber = self.hub.subscribe(session_id, robot_id)
+        replay = Replay.start(
+            self.hub,
+            self.store,
+            subscriber,
+            last_event_id=last_event_id,
+            limit=self.settings.replay_limit,
+        )
+        return EventStreamResponse(
+            self.hub,
+            subscriber,
+            replay,
+            listening=self.listener.started,
+            retry_ms=self.settings.retry_ms,
+        )
 
     def close_streams(self, reason: str = SHUTDOWN) -> None:
         """Send every stream an `error` event and end it, so clients move elsewhere."""

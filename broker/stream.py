@@ -11,18 +11,16 @@ idles it hands its socket to the `SocketFlusher` (`Subscriber.transport`): event
 it are then written by one callback per event-loop turn, for all idle streams, instead of by
 waking each stream's task. See `SocketFlusher` for why and when.
 
-Resume: the subscriber already queues live events when the replay runs, so a row committed
-during the replay is either in the replay or in the queue; rows sent by the replay are dropped
-from the queue by id. When the hub's journal holds the resume id, the replay is the journal's
-list of rows delivered after it (exact, in commit order), taken in the same event-loop step as
-the subscription; otherwise it reads the table by id.
+Resume: the subscriber already queues live events when its `Replay` runs, and the hub drops
+or skips the rows the replay sent (`replay.py` owns that rule); the stream only writes the
+replay's pages, then the queue. Nothing is written, not even `connected`, before the
+listener's first LISTEN, so a stream never misses a row committed after `connected`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
@@ -31,18 +29,19 @@ import structlog
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from .events import Message, encode_connected, encode_error, encode_message, encode_retry
+from .events import encode_connected, encode_error, encode_message, encode_retry
 from .hub import Hub, Subscriber
 from .latency import LatencyHistogram
-from .store import DatabaseUnavailable, Store
+from .replay import Replay
+from .store import DatabaseUnavailable
 from .transport import TRANSPORT_EXTENSION
 
 __all__ = ["REPLAY_LIMIT_REACHED", "EventStreamResponse", "SocketFlusher"]
 
-REPLAY_PAGE = 500
 REPLAY_LIMIT_REACHED = "replay limit reached: reconnect to resume"
 REPLAY_FAILED = "database unavailable: reconnect to resume"
 CLOSE_TIMEOUT_SECONDS = 1.0
+FIRST_LISTEN_TIMEOUT_SECONDS = 10.0
 HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
@@ -103,13 +102,10 @@ class EventStreamResponse(Response):
     def __init__(
         self,
         hub: Hub,
-        store: Store,
         subscriber: Subscriber,
+        replay: Replay | None,
         *,
-        last_event_id: int | None,
-        journal_ids: list[int] | None,
-        journal_mark: int,
-        replay_limit: int,
+        listening: asyncio.Event,
         retry_ms: int,
     ) -> None:
         # Not Response.__init__: with no body it would declare Content-Length: 0.
@@ -117,25 +113,22 @@ class EventStreamResponse(Response):
         self.background = None
         self.init_headers(HEADERS)
         self.hub = hub
-        self.store = store
         self.subscriber = subscriber
-        self.last_event_id = last_event_id
-        self.journal_ids = journal_ids
-        self.journal_mark = journal_mark
-        self.replay_limit = replay_limit
+        self.replay = replay
+        self.listening = listening
         self.retry_ms = retry_ms
         self.events_sent = 0
         self._direct: asyncio.WriteTransport | None = None
         self.replayed = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        subscriber = self.subscriber
+        subscriber, replay = self.subscriber, self.replay
         started = time.monotonic()
         log.info(
             "stream_opened",
             channel=subscriber.channel,
             robot_id=subscriber.robot_id,
-            last_event_id=self.last_event_id,
+            last_event_id=None if replay is None else replay.after,
         )
         try:
             await send(
@@ -175,26 +168,27 @@ class EventStreamResponse(Response):
             subscriber.on_close = live.cancel
             if subscriber.closed:
                 live.cancel()
+            with anyio.move_on_after(FIRST_LISTEN_TIMEOUT_SECONDS):
+                await self.listening.wait()
+            if not self.listening.is_set():
+                subscriber.close(REPLAY_FAILED)
             await self._write(
                 send,
                 encode_retry(self.retry_ms)
                 + encode_connected(subscriber.session_id, subscriber.robot_id),
             )
-            queued_twice: set[int] = set()
-            if self.last_event_id is not None:
+            if self.replay is not None:
                 try:
-                    queued_twice = self._published_since_subscribed(await self._replay(send))
+                    await self._replay(send, self.replay)
                 except DatabaseUnavailable:
                     subscriber.close(REPLAY_FAILED)
             while not subscriber.closed:
                 # While the stream idles with nothing queued, the hub may write to the socket
                 # itself; never while this task is busy, which keeps events in order.
-                subscriber.transport = None if queued_twice else self._direct
+                subscriber.transport = self._direct
                 await subscriber.wait()
                 subscriber.transport = None
                 events = subscriber.take()
-                if queued_twice:
-                    events = [event for event in events if not _seen(event.id, queued_twice)]
                 if events:
                     self.events_sent += len(events)
                     await self._write(send, b"".join(event.data for event in events))
@@ -202,56 +196,22 @@ class EventStreamResponse(Response):
                     latency.observe_since(event.born for event in events if event.born)
         await self._finish(send)
 
-    async def _replay(self, send: Send) -> set[int]:
-        """Send the rows the client missed; returns their ids. At the replay limit, closes
+    async def _replay(self, send: Send, replay: Replay) -> None:
+        """Send the rows the client missed. At the replay limit, closes
         the subscriber so the client reconnects from the last row it got."""
-        sent: set[int] = set()
-        async with aclosing(self._missed_rows()) as pages:
+        async with aclosing(replay.pages()) as pages:
             async for page in pages:
-                room = self.replay_limit - self.replayed
+                room = replay.limit - self.replayed
                 over_limit = len(page) > room
                 page = page[:room]
                 if page:
                     await self._write(send, b"".join(encode_message(row) for row in page))
-                    sent.update(row.id for row in page)
                     self.replayed += len(page)
                     self.hub.counters.replayed_events += len(page)
                     self.events_sent += len(page)
                 if over_limit:
                     self.subscriber.close(REPLAY_LIMIT_REACHED)
                     break
-        return sent
-
-    def _published_since_subscribed(self, replayed: set[int]) -> set[int]:
-        """The replayed rows that also reach the queue: those the hub published after this
-        subscriber joined, or has yet to publish (a row is often read by the replay before
-        its notification arrives). Rows published before it joined never will."""
-        journal = self.hub.journal
-        return {
-            row_id
-            for row_id in replayed
-            if (position := journal.position(row_id)) is None or position >= self.journal_mark
-        }
-
-    async def _missed_rows(self) -> AsyncGenerator[list[Message], None]:
-        """Pages of rows after `last_event_id` that match the filter, in delivery order:
-        from the journal's ids when it holds `last_event_id`, else by id from the table."""
-        subscriber = self.subscriber
-        if self.journal_ids is not None:
-            ids = self.journal_ids[: self.replay_limit + 1]
-            for start in range(0, len(ids), REPLAY_PAGE):
-                wanted = ids[start : start + REPLAY_PAGE]
-                rows = await self.store.by_ids(wanted)
-                yield [rows[i] for i in wanted if i in rows]
-            return
-        cursor = self.last_event_id or 0
-        while True:
-            want = min(REPLAY_PAGE, self.replay_limit + 1 - self.replayed)
-            page = await self.store.after(cursor, want, subscriber.session_id, subscriber.robot_id)
-            yield page
-            if len(page) < want:
-                return
-            cursor = page[-1].id
 
     async def _finish(self, send: Send) -> None:
         """Tell the client why the stream ends, if the broker ends it, then end the body."""
@@ -265,11 +225,3 @@ class EventStreamResponse(Response):
     async def _write(send: Send, body: bytes) -> None:
         message: dict[str, Any] = {"type": "http.response.body", "body": body, "more_body": True}
         await send(message)
-
-
-def _seen(event_id: int, ids: set[int]) -> bool:
-    """True, once, for each id in `ids`, which shrinks to nothing as they arrive."""
-    if event_id in ids:
-        ids.discard(event_id)
-        return True
-    return False

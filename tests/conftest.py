@@ -19,6 +19,7 @@ import pytest
 
 from broker.database import EmbeddedPostgres, migrate
 from broker.listener import APPLICATION_NAME as LISTENER_NAME
+from tests.support.pgproxy import PostgresProxy
 from tests.support.processes import BrokerProcess
 from tests.support.sse import OPEN_CLIENTS
 
@@ -116,6 +117,14 @@ def start_broker(database: Database, tmp_path: Path) -> Iterator[Callable[..., B
     yield start
     for broker in started:
         broker.stop()
+
+
+@pytest.fixture
+def pgproxy(database: Database) -> Iterator[PostgresProxy]:
+    """A proxy to the cluster that can keep brokers' listeners out (`listener_blocked`)."""
+    proxy = PostgresProxy(database.server.socket_dir).start()
+    yield proxy
+    proxy.stop()
 
 
 @pytest.fixture

@@ -1,0 +1,88 @@
+"""What a resumed stream is sent before live: the rows it missed.
+
+Mercure's order: the stream is subscribed first, so every row the
+hub routes from then on is queued for it; then the rows are read (from the journal's ids or
+the table); then `Hub.give` records what each read sent, before the next await, so a copy
+queued meanwhile is dropped and one routed later (a notification in flight, the listener's
+backfill after an outage) is skipped. Replay, backfill and live delivery thus follow one rule
+for what a stream may still receive live:
+
+- Resume from an id N the journal holds: the rows delivered here after N, in delivery
+  (commit) order, then live. Exact.
+- Resume from an id N the journal does not hold (this process started after N, or its
+  listener was down when N committed, or N is older than the journal): every row with an id
+  up to N counts as seen, so neither the backfill nor live delivery ever sends one; rows above
+  N come once each, by id from the table, then live. A row with an id below N that commits
+  after the client's resume is not sent (the README's ordering window).
+
+Nothing is read before the listener's first LISTEN (`Listener.started`): a row committed
+between a read and that LISTEN would be neither read nor notified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+
+from .events import Message
+from .hub import Hub, Subscriber
+from .store import Store
+
+__all__ = ["REPLAY_PAGE", "Replay"]
+
+REPLAY_PAGE = 500
+
+
+@dataclass
+class Replay:
+    """The rows one new stream is sent before live, read page by page."""
+
+    hub: Hub
+    store: Store
+    subscriber: Subscriber
+    limit: int
+    after: int = 0  # resume by id after this row (and count every row up to it as seen)
+    journal_ids: list[int] | None = None  # resume from the journal: these rows, in this order
+
+    @classmethod
+    def start(
+        cls,
+        hub: Hub,
+        store: Store,
+        subscriber: Subscriber,
+        *,
+        last_event_id: int | None,
+        limit: int,
+    ) -> Replay | None:
+        """The replay of a stream that has just subscribed, or None for live only. Call it in
+        the same event-loop step as `Hub.subscribe`: the journal's answer is exact only then."""
+        if last_event_id is None:
+            return None
+        journal_ids = hub.journal.after(last_event_id, subscriber.session_id, subscriber.robot_id)
+        if journal_ids is None:
+            hub.give(subscriber, (), floor=last_event_id)  # at once: a backfill may run
+        return cls(hub, store, subscriber, limit, last_event_id, journal_ids)
+
+    async def pages(self) -> AsyncGenerator[list[Message], None]:
+        """Pages of rows to send, in order, `limit` + 1 rows at most in all (one more than the
+        limit tells the caller the limit was reached). Raises `DatabaseUnavailable`."""
+        if self.journal_ids is not None:
+            ids = self.journal_ids[: self.limit + 1]
+            for start in range(0, len(ids), REPLAY_PAGE):
+                wanted = ids[start : start + REPLAY_PAGE]
+                rows = await self.store.by_ids(wanted)
+                page = [rows[i] for i in wanted if i in rows]
+                self.hub.give(self.subscriber, [row.id for row in page])
+                yield page
+            return
+        session_id, robot_id = self.subscriber.session_id, self.subscriber.robot_id
+        cursor, budget = self.after, self.limit + 1
+        while True:
+            want = min(REPLAY_PAGE, budget)
+            page = await self.store.after(cursor, want, session_id, robot_id)
+            self.hub.give(self.subscriber, [row.id for row in page], self.after)
+            yield page
+            budget -= len(page)
+            if len(page) < want or budget <= 0:
+                return
+            cursor = page[-1].id
