@@ -28,7 +28,7 @@ from .errors import RequestError
 from .guard import Guard
 from .metrics import create_registry, render
 from .service import Broker
-from .validation import check_id, parse_last_event_id, parse_new_message
+from .validation import check_id, parse_history, parse_last_event_id, parse_new_message
 
 __all__ = ["MAX_BODY_BYTES", "create_app"]
 
@@ -106,7 +106,8 @@ async def stream_messages(request: Request) -> Response:
     last_event_id = parse_last_event_id(
         request.headers.get("last-event-id", params.get("lastEventId"))
     )
-    return broker.open_stream(session_id, robot_id, last_event_id=last_event_id)
+    history = parse_history(params.get("history"))
+    return broker.open_stream(session_id, robot_id, last_event_id=last_event_id, history=history)
 
 
 async def stats(request: Request) -> Response:

@@ -1,6 +1,6 @@
-"""What a resumed stream is sent before live: the rows it missed.
+"""What a stream is sent before live: the rows it missed (resume) or the last rows (history).
 
-Mercure's order: the stream is subscribed first, so every row the
+One mechanism for both, in Mercure's order: the stream is subscribed first, so every row the
 hub routes from then on is queued for it; then the rows are read (from the journal's ids or
 the table); then `Hub.give` records what each read sent, before the next await, so a copy
 queued meanwhile is dropped and one routed later (a notification in flight, the listener's
@@ -14,6 +14,8 @@ for what a stream may still receive live:
   up to N counts as seen, so neither the backfill nor live delivery ever sends one; rows above
   N come once each, by id from the table, then live. A row with an id below N that commits
   after the client's resume is not sent (the README's ordering window).
+- `history=H`: the last H rows that match, oldest first, then live; it is a resume from just
+  before the oldest of them, so an older row is never sent after them.
 
 Nothing is read before the listener's first LISTEN (`Listener.started`): a row committed
 between a read and that LISTEN would be neither read nor notified.
@@ -43,6 +45,7 @@ class Replay:
     limit: int
     after: int = 0  # resume by id after this row (and count every row up to it as seen)
     journal_ids: list[int] | None = None  # resume from the journal: these rows, in this order
+    history: int = 0  # the last `history` rows first
 
     @classmethod
     def start(
@@ -52,12 +55,14 @@ class Replay:
         subscriber: Subscriber,
         *,
         last_event_id: int | None,
+        history: int | None,
         limit: int,
     ) -> Replay | None:
         """The replay of a stream that has just subscribed, or None for live only. Call it in
-        the same event-loop step as `Hub.subscribe`: the journal's answer is exact only then."""
+        the same event-loop step as `Hub.subscribe`: the journal's answer is exact only then.
+        `history` is ignored with a `last_event_id`."""
         if last_event_id is None:
-            return None
+            return None if history is None else cls(hub, store, subscriber, limit, history=history)
         journal_ids = hub.journal.after(last_event_id, subscriber.session_id, subscriber.robot_id)
         if journal_ids is None:
             hub.give(subscriber, (), floor=last_event_id)  # at once: a backfill may run
@@ -76,6 +81,14 @@ class Replay:
                 yield page
             return
         session_id, robot_id = self.subscriber.session_id, self.subscriber.robot_id
+        if self.history:
+            # Rows committed after this read are routed to the subscriber, which is already
+            # queueing: one read is the whole history.
+            page = await self.store.last(min(self.history, self.limit + 1), session_id, robot_id)
+            if page:
+                self.hub.give(self.subscriber, [row.id for row in page], page[0].id - 1)
+                yield page
+            return
         cursor, budget = self.after, self.limit + 1
         while True:
             want = min(REPLAY_PAGE, budget)

@@ -69,15 +69,17 @@ class Broker:
         robot_id: str | None,
         *,
         last_event_id: int | None = None,
+        history: int | None = None,
     ) -> EventStreamResponse:
-        """Subscribe a new stream and plan its replay (if it resumes), in one event-loop step.
-        Raises `Unavailable` at `max_connections`."""
+        """Subscribe a new stream and plan its replay (resume or history), in one event-loop
+        step. Raises `Unavailable` at `max_connections`."""
         subscriber = self.hub.subscribe(session_id, robot_id)
         replay = Replay.start(
             self.hub,
             self.store,
             subscriber,
             last_event_id=last_event_id,
+            history=history,
             limit=self.settings.replay_limit,
         )
         return EventStreamResponse(

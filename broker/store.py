@@ -138,6 +138,17 @@ class Store:
         rows = await self._all(query, (ids,))
         return {message.id: message for message in map(Message.from_row, rows)}
 
+    async def last(
+        self, count: int, session_id: str | None = None, robot_id: str | None = None
+    ) -> list[Message]:
+        """The last `count` rows matching the filter, oldest first (for `history=N`)."""
+        where, params = _filter(session_id, robot_id)
+        query = sql.SQL("SELECT {} FROM messages {} ORDER BY id DESC LIMIT %s").format(
+            COLUMNS, where
+        )
+        rows = await self._all(query, (*params, count))
+        return [Message.from_row(row) for row in reversed(rows)]
+
     async def ids_after(self, after_id: int) -> list[int]:
         """Every id above `after_id`, in order (for the listener's backfill)."""
         query = sql.SQL("SELECT id FROM messages WHERE id > %s ORDER BY id")

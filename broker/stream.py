@@ -11,9 +11,9 @@ idles it hands its socket to the `SocketFlusher` (`Subscriber.transport`): event
 it are then written by one callback per event-loop turn, for all idle streams, instead of by
 waking each stream's task. See `SocketFlusher` for why and when.
 
-Resume: the subscriber already queues live events when its `Replay` runs, and the hub drops
-or skips the rows the replay sent (`replay.py` owns that rule); the stream only writes the
-replay's pages, then the queue. Nothing is written, not even `connected`, before the
+Resume and history: the subscriber already queues live events when its `Replay` runs, and
+the hub drops or skips the rows the replay sent (`replay.py` owns that rule); the stream only
+writes the replay's pages, then the queue. Nothing is written, not even `connected`, before the
 listener's first LISTEN, so a stream never misses a row committed after `connected`.
 """
 
@@ -128,7 +128,8 @@ class EventStreamResponse(Response):
             "stream_opened",
             channel=subscriber.channel,
             robot_id=subscriber.robot_id,
-            last_event_id=None if replay is None else replay.after,
+            last_event_id=None if replay is None or replay.history else replay.after,
+            history=None if replay is None else replay.history or None,
         )
         try:
             await send(
@@ -197,7 +198,7 @@ class EventStreamResponse(Response):
         await self._finish(send)
 
     async def _replay(self, send: Send, replay: Replay) -> None:
-        """Send the rows the client missed. At the replay limit, closes
+        """Send the rows the client missed (or its history). At the replay limit, closes
         the subscriber so the client reconnects from the last row it got."""
         async with aclosing(replay.pages()) as pages:
             async for page in pages:

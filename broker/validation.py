@@ -13,13 +13,23 @@ import orjson
 
 from .errors import RequestError
 
-__all__ = ["MAX_ID_LENGTH", "NewMessage", "check_id", "parse_last_event_id", "parse_new_message"]
+__all__ = [
+    "MAX_HISTORY",
+    "MAX_ID_LENGTH",
+    "NewMessage",
+    "check_id",
+    "parse_history",
+    "parse_last_event_id",
+    "parse_new_message",
+]
 
 MAX_ID_LENGTH = 255
 MAX_INTENT_LENGTH = 255
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc: C0, DEL and C1
 _LAST_EVENT_ID = re.compile(r"[0-9]{1,19}")
 _MAX_BIGINT = 2**63 - 1
+MAX_HISTORY = 1000
+_HISTORY = re.compile(r"[0-9]{1,4}")
 
 
 def check_id(name: str, value: str | None) -> str | None:
@@ -43,6 +53,15 @@ def parse_last_event_id(value: str | None) -> int | None:
     if value is None or not _LAST_EVENT_ID.fullmatch(value):
         return None
     return min(int(value), _MAX_BIGINT)
+
+
+def parse_history(value: str | None) -> int | None:
+    """The `history=N` of a stream (1 to `MAX_HISTORY` rows), None if absent; else 400."""
+    if value is None:
+        return None
+    if not _HISTORY.fullmatch(value) or not 1 <= int(value) <= MAX_HISTORY:
+        raise RequestError(400, f"history must be a whole number from 1 to {MAX_HISTORY}")
+    return int(value)
 
 
 @dataclass(frozen=True, slots=True)
