@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run cluster test lint bench clean
+.PHONY: run cluster test lint bench soak clean
 
 $(STAMP): pyproject.toml tests/browser/package-lock.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ $(VENV)/.bench-installed: $(STAMP)
 
 bench: $(VENV)/.bench-installed
 	$(BIN)/python -m tests.bench $(BENCH_ARGS)
+
+# Two brokers behind nginx, ~300 clients, a writer and a fault a minute; an exact account at
+# the end (tests/soak). Minutes long, so not part of `make test`.
+SOAK_ARGS ?= --seconds 360 --seed 1
+soak: $(STAMP)
+	$(BIN)/python -m tests.soak $(SOAK_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check broker tests

@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 from tests.conftest import Database
+from tests.support.probes import FirstSuccess
 from tests.support.processes import BrokerProcess
 from tests.support.sse import SSEClient
 from tests.test_stream import subscribe
@@ -138,23 +139,6 @@ async def test_postgres_restart_loses_nothing(
     for client, early in zip(clients, before_restart, strict=True):
         assert early + await received_ids(client, expected[-1]) == expected
     assert broker.stats()["totalConnections"] == 3
-
-
-class FirstSuccess(threading.Thread):
-    """Calls `probe` every 10 ms until it returns True; `at` is then when (monotonic)."""
-
-    def __init__(self, probe: Callable[[], bool]) -> None:
-        super().__init__(daemon=True)
-        self.probe, self.at = probe, 0.0
-
-    def run(self) -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError, psycopg.Error):
-                if self.probe():
-                    self.at = time.monotonic()
-                    return
-            time.sleep(0.01)
 
 
 @pytest.mark.slow
