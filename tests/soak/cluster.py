@@ -39,12 +39,13 @@ class Usage:
     streams: int
     channels: int
     tasks: int
+    others: tuple[str, ...] = ()  # what the other descriptors are, for a report that differs
 
     @property
     def other_fds(self) -> int:
         return self.fds - self.http_connections - self.unix_sockets
 
-    def as_json(self) -> dict[str, int]:
+    def as_json(self) -> dict[str, Any]:
         return {
             "rssKiB": self.rss_kib,
             "fds": self.fds,
@@ -54,6 +55,7 @@ class Usage:
             "streams": self.streams,
             "channels": self.channels,
             "tasks": self.tasks,
+            "others": list(self.others),
         }
 
 
@@ -141,21 +143,28 @@ class Cluster:
     def usage(self, broker: BrokerProcess) -> Usage:
         assert broker.process is not None
         stats = broker.stats()
+        # The socket tables are read before and after the descriptors, so that a connection
+        # closing meanwhile (this very stats request's) is still classed as one.
+        connections, unix = _tcp_connections_on(broker.port), _unix_socket_inodes()
         fd_dir = Path(f"/proc/{broker.process.pid}/fd")
         links = []
         for fd in os.listdir(fd_dir):
             with contextlib.suppress(OSError):  # closed meanwhile
                 links.append(os.readlink(fd_dir / fd))
+        connections |= _tcp_connections_on(broker.port)
+        unix |= _unix_socket_inodes()
         inodes = {link[8:-1] for link in links if link.startswith("socket:[")}
-        connections = _tcp_connections_on(broker.port)
+        classed = connections | unix
+        others = sorted(link.split("[")[0] for link in links if link[8:-1] not in classed)
         return Usage(
             rss_kib=broker.rss_kib(),
             fds=len(links),
             http_connections=len(inodes & connections),
-            unix_sockets=len(inodes & _unix_socket_inodes()),
+            unix_sockets=len(inodes & unix),
             streams=int(stats["totalConnections"]),
             channels=len(stats["channels"]),
             tasks=int(stats["tasks"]),
+            others=tuple(others),
         )
 
     def stop(self) -> None:
