@@ -1,4 +1,4 @@
-"""The HTTP API: routes, lifespan, CORS, and the one place errors become HTTP answers.
+"""The HTTP API: routes, lifespan, CORS; errors become HTTP answers in `answers.py`.
 
 `create_app(settings)` builds the application and does nothing else; the broker starts in
 the lifespan. Routes never reach PostgreSQL themselves: they call the `Broker`'s store and hub.
@@ -6,34 +6,42 @@ the lifespan. Routes never reach PostgreSQL themselves: they call the `Broker`'s
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute
 from starlette.staticfiles import StaticFiles
 
+from .answers import HANDLERS
 from .auth import Authenticator, authenticate
 from .config import Settings
-from .errors import RequestError
+from .errors import RequestError, Unavailable
 from .guard import Guard
 from .metrics import create_registry, render
 from .service import Broker
-from .validation import check_id, parse_history, parse_last_event_id, parse_new_message
+from .stats import snapshot
+from .stream import EventStreamHead
+from .validation import (
+    check_id,
+    check_session_id,
+    parse_history,
+    parse_last_event_id,
+    parse_new_message,
+)
 
 __all__ = ["MAX_BODY_BYTES", "create_app"]
 
 MAX_BODY_BYTES = 1024 * 1024
 STATIC = Path(__file__).parent / "static"
+# The browser client's modules are the npm package's own files (client/src), served beside the
+# demo page as /static/sse-client.js etc.; a wheel has them in broker/static (force-include).
+CLIENT = Path(__file__).parents[1] / "client" / "src"
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -44,15 +52,22 @@ def create_app(settings: Settings) -> Starlette:
             app.state.metrics = create_registry(broker)
             yield
 
-    routes = [
-        Route("/api/sse/messages", stream_messages, methods=["GET"]),
-        Route("/api/sse/stats", stats, methods=["GET"]),
-        Route("/api/messages", post_message, methods=["POST"]),
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/readyz", readyz, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/", index, methods=["GET"]),
+    # Each route once, with its checks (guard.py): where it is served, admin token, stream cap.
+    guard = Guard(settings)
+    routes: list[BaseRoute] = [
+        guard.stream("/api/sse/messages", stream_messages),
+        guard.admin("/api/sse/stats", stats),
+        guard.public("/api/messages", post_message, methods=["POST"]),
+        guard.probe("/healthz", healthz),
+        guard.probe("/readyz", readyz),
+        guard.admin("/metrics", metrics),
+        guard.public("/", index, methods=["GET"]),
     ]
+    if STATIC.is_dir():
+        static = StaticFiles(directory=STATIC)
+        if CLIENT.is_dir():
+            static.all_directories.append(CLIENT)  # looked up in order, after STATIC
+        routes.append(guard.mount("/static", static))
     middleware = []
     if settings.cors_origins:
         middleware.append(
@@ -64,16 +79,16 @@ def create_app(settings: Settings) -> Starlette:
                 max_age=600,
             )
         )
-    middleware.append(Middleware(Guard, settings=settings))  # admin surface, per-client cap
     app = Starlette(
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,
-        exception_handlers={RequestError: request_error, HTTPException: http_error},
+        exception_handlers=dict(HANDLERS),  # answers.py: errors become HTTP answers there
     )
+    # No redirects: Starlette's trailing-slash redirect builds its Location from the request's
+    # Host and query string (a token included). An unknown path is 404.
+    app.router.redirect_slashes = False
     app.state.auth = Authenticator(settings.auth_secret)
-    if STATIC.is_dir():
-        app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 
 
@@ -82,58 +97,32 @@ def _broker(request: Request) -> Broker:
     return broker
 
 
-def failure(status: int, error: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"success": False, "error": error}, status_code=status, headers=headers)
-
-
-async def request_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestError)
-    return failure(exc.status, exc.message, exc.headers or None)
-
-
-async def http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    return failure(exc.status_code, exc.detail, dict(exc.headers or {}))
-
-
 async def stream_messages(request: Request) -> Response:
     broker = _broker(request)
     grant = authenticate(request, query=True)
     params = request.query_params
-    session_id = check_id("sessionId", params.get("sessionId"))
+    session_id = check_session_id(params.get("sessionId"))
     robot_id = check_id("robotId", params.get("robotId"))
     grant.check_read(session_id, robot_id)
     last_event_id = parse_last_event_id(
         request.headers.get("last-event-id", params.get("lastEventId"))
     )
     history = parse_history(params.get("history"))
-    return broker.open_stream(session_id, robot_id, last_event_id=last_event_id, history=history)
+    if request.method == "HEAD":
+        # The status and headers a GET would get (503 when full); nothing is held.
+        broker.hub.unsubscribe(broker.hub.subscribe(session_id, robot_id))
+        return EventStreamHead()
+    return broker.open_stream(
+        session_id,
+        robot_id,
+        last_event_id=last_event_id,
+        history=history,
+        valid_until=grant.valid_until,
+    )
 
 
 async def stats(request: Request) -> Response:
-    broker = _broker(request)
-    listener = broker.listener
-    counters = broker.hub.counters
-    data: dict[str, Any] = {
-        "totalConnections": len(broker.hub),
-        "channels": broker.hub.channels(),
-        "listener": {
-            "connected": listener.connected,
-            "reconnects": listener.reconnects,
-            "notifications": listener.notifications,
-            "backfilled": listener.backfilled,
-        },
-        "counters": {
-            "messagesRouted": counters.messages_routed,
-            "eventsDelivered": counters.events_delivered,
-            "slowConsumerDisconnects": counters.slow_consumer_disconnects,
-            "rejectedConnections": counters.rejected_connections,
-            "replayedEvents": counters.replayed_events,
-        },
-        "uptimeSeconds": round(time.time() - broker.started_at, 3),
-        "tasks": len(asyncio.all_tasks()),
-    }
-    return JSONResponse({"success": True, "data": data})
+    return JSONResponse({"success": True, "data": snapshot(_broker(request)).as_json()})
 
 
 async def post_message(request: Request) -> Response:
@@ -167,7 +156,7 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     if not _broker(request).listener.connected:
-        return failure(503, "listener not connected", {"Retry-After": "1"})
+        raise Unavailable("listener not connected", retry_after=1)
     return JSONResponse({"success": True, "data": {"status": "ready"}})
 
 
@@ -179,5 +168,5 @@ async def metrics(request: Request) -> Response:
 async def index(request: Request) -> Response:
     page = STATIC / "index.html"
     if not page.is_file():
-        return failure(404, "no demo page installed")
+        raise RequestError(404, "no demo page installed")
     return FileResponse(page, media_type="text/html")

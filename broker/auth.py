@@ -6,7 +6,9 @@ signs, every one verifies, so a secret can be rotated without cutting anyone off
     sessions  list of session ids, or "*" for every session (needed by the global stream)
     robots    list of robot ids, or "*" (the default) for every robot
     publish   true to allow `POST /api/messages` within the same sessions and robots
-    exp       expiry, seconds since the epoch (required)
+    exp       expiry, seconds since the epoch (required, a number); a stream opened with the
+              token ends when it expires (`Grant.valid_until`)
+    aud       refused whatever its value: the broker is no token's audience
 
 With no secret configured the broker runs open: `Authenticator.authenticate` grants
 everything. The token itself is never logged; `fingerprint` gives the first 8 hex digits of its
@@ -31,7 +33,15 @@ from starlette.requests import Request
 
 from .errors import ConfigError, Forbidden, Unauthorized
 
-__all__ = ["ALGORITHM", "OPEN", "Authenticator", "Grant", "authenticate", "fingerprint"]
+__all__ = [
+    "ALGORITHM",
+    "OPEN",
+    "Authenticator",
+    "Grant",
+    "authenticate",
+    "bearer",
+    "fingerprint",
+]
 
 ALGORITHM = "HS256"
 LEEWAY_SECONDS = 5  # clock skew between the app backend that mints and this broker
@@ -53,6 +63,8 @@ class Grant:
     robots: frozenset[str] | None
     publish: bool
     token: str | None = None  # the fingerprint, for logs
+    # When the token stops being accepted (exp plus the clock-skew leeway), epoch seconds.
+    valid_until: float | None = None
 
     def check_read(self, session_id: str | None, robot_id: str | None) -> None:
         """Allow a stream of `session_id` (None: global) narrowed to `robot_id`, or 403."""
@@ -130,6 +142,7 @@ class Authenticator:
             robots=_scope(claims, "robots", default="*"),
             publish=_flag(claims, "publish"),
             token=fingerprint(token),
+            valid_until=claims["exp"] + LEEWAY_SECONDS,
         )
 
     def _decode(self, token: str) -> dict[str, Any]:
@@ -139,7 +152,8 @@ class Authenticator:
                     token,
                     secret,
                     algorithms=[ALGORITHM],  # never "none", never an algorithm the token picks
-                    options={"require": ["exp"]},
+                    # Any aud is refused below, whatever its value (PyJWT ignores an empty one).
+                    options={"require": ["exp"], "verify_aud": False},
                     leeway=LEEWAY_SECONDS,
                 )
             except jwt.InvalidSignatureError:
@@ -152,6 +166,7 @@ class Authenticator:
                 raise Unauthorized("token malformed") from None
             if not isinstance(claims, dict):
                 raise Unauthorized("token malformed")
+            _check_registered(claims)
             return claims
         raise Unauthorized("token signature invalid")
 
@@ -163,7 +178,7 @@ class Authenticator:
             return OPEN
         token: str | None = None
         try:
-            token = _bearer(request.headers.get("authorization"))
+            token = bearer(request.headers.get("authorization"))
             if token is None and query:
                 token = request.query_params.get("token") or None
             if token is None:
@@ -173,7 +188,7 @@ class Authenticator:
         except Unauthorized as exc:
             log.info(
                 "auth_refused",
-                reason=exc.message,
+                reason=str(exc),
                 token=None if token is None else fingerprint(token),
                 path=request.scope.get("path"),
             )
@@ -188,13 +203,25 @@ def authenticate(request: Request, *, query: bool = False) -> Grant:
     return authenticator.authenticate(request, query=query)
 
 
-def _bearer(header: str | None) -> str | None:
+def bearer(header: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header; None without the header.
+    Raises `Unauthorized` for any other form."""
     if header is None:
         return None
     scheme, _, value = header.strip().partition(" ")
     if scheme.lower() != "bearer" or not value.strip():
         raise Unauthorized("Authorization must be: Bearer <token>")
     return value.strip()
+
+
+def _check_registered(claims: dict[str, Any]) -> None:
+    """Refuse an `aud`, and time claims that are not numbers: PyJWT takes `"99999999999"`."""
+    if "aud" in claims:
+        raise Unauthorized("token has an aud claim: the broker accepts none")
+    for name in ("exp", "nbf", "iat"):
+        value = claims.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise Unauthorized(f"token claim {name} must be a number")
 
 
 def _scope(claims: dict[str, Any], name: str, default: Any) -> frozenset[str] | None:

@@ -1,8 +1,10 @@
-"""`broker serve | migrate | publish | token`: the command line.
+"""`pgsse serve | migrate | publish | token`: the command line (`broker` is the same command).
 
-Every `serve` flag mirrors a setting of `config.OPTIONS`; flags win over the environment.
+Every `serve` flag is a `Settings` field (`config.OPTIONS`); flags win over the environment.
 With no database URL, each command uses the embedded PostgreSQL under `--data-dir`, starting
-it if needed and stopping it at exit only if it started it.
+it if needed and stopping it at exit only if it started it. A failure to start is one line on
+stderr naming the setting to change, found before the embedded database starts where it can be
+(the listening address and port are bound first).
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import dataclasses
 import gc
 import os
 import signal
+import socket
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
 
 import orjson
@@ -23,16 +27,18 @@ import structlog
 import uvicorn
 from starlette.applications import Starlette
 
+from . import __version__
 from .app import create_app
 from .auth import Authenticator
-from .config import OPTIONS, Settings
-from .database import EmbeddedPostgres, migrate
+from .config import OPTIONS, Option, Settings
+from .database import EmbeddedPostgres, check_database, migrate
 from .errors import BrokerError
 from .guard import log_exposure
 from .log import configure
 from .service import Broker
+from .sockets import listen_sockets
 from .store import Store
-from .transport import limited_protocol, listen_sockets
+from .transport import server_options
 
 __all__ = ["main"]
 
@@ -49,9 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.load(os.environ, overrides)
     except BrokerError as exc:
-        print(f"broker: {exc}", file=sys.stderr)
-        return 2
-    configure(settings.log_format)
+        return _fail(exc, 2)
+    configure(settings.log_format, settings.log_level)
     try:
         if args.command == "serve":
             return _serve(settings)
@@ -63,40 +68,58 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _token(settings, args)
         return _publish(settings, args.session, args.robot, args.text)
     except BrokerError as exc:
-        print(f"broker: {exc}", file=sys.stderr)
-        return 1
+        return _fail(exc, 1)
+
+
+def _fail(exc: BrokerError, status: int) -> int:
+    print("pgsse: " + " ".join(str(exc).split()), file=sys.stderr)  # one line, always
+    return status
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="broker", description=__doc__.splitlines()[0])
+    called = Path(sys.argv[0]).name
+    parser = argparse.ArgumentParser(
+        prog=called if called in ("pgsse", "broker") else "pgsse",
+        description=__doc__.splitlines()[0],
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve the SSE API")
     for option in OPTIONS:
-        serve.add_argument(
-            option.flag,
-            dest=option.field,
-            metavar=option.env,
-            help=f"{option.help} (env {option.env})",
-        )
+        _add_option(serve, option)
+    database_options = [o for o in OPTIONS if o.field in ("database_url", "data_dir")]
     for name, text in (
         ("migrate", "apply sql/ idempotently"),
         ("publish", "insert one message, for trying it out"),
     ):
-        sub = commands.add_parser(name, help=text)
-        sub.add_argument("--database-url", dest="database_url", metavar="DATABASE_URL")
-        sub.add_argument("--data-dir", dest="data_dir", metavar="BROKER_DATA_DIR")
+        sub = commands.add_parser(name, help=text, description=text)
+        for option in database_options:
+            _add_option(sub, option)
     publish = commands.choices["publish"]
-    publish.add_argument("--session", required=True, help="sessionId of the message")
-    publish.add_argument("--robot", help="robotId of the message")
+    publish.add_argument("--session", required=True, help="sessionId of the message (required)")
+    publish.add_argument("--robot", help="robotId of the message (default: none)")
     publish.add_argument("text", help="the message content")
     token = commands.add_parser(
         "token", help="print a signed token (signed with the first BROKER_AUTH_SECRET)"
     )
-    token.add_argument("--sessions", required=True, help="comma-separated sessionIds, or '*'")
-    token.add_argument("--robots", default="*", help="comma-separated robotIds, or '*' (default)")
-    token.add_argument("--publish", action="store_true", help="allow POST /api/messages")
-    token.add_argument("--ttl", type=int, default=3600, help="seconds until expiry (3600)")
+    token.add_argument(
+        "--sessions", required=True, help="comma-separated sessionIds, or '*' (required)"
+    )
+    token.add_argument(
+        "--robots", default="*", help="comma-separated robotIds, or '*' (default: '*')"
+    )
+    token.add_argument(
+        "--publish", action="store_true", help="allow POST /api/messages (default: not allowed)"
+    )
+    token.add_argument("--ttl", type=int, default=3600, help="seconds until expiry (default: 3600)")
     return parser
+
+
+def _add_option(parser: argparse.ArgumentParser, option: Option) -> None:
+    text = f"{option.help} (env {option.env}; default: {option.default_text()})"
+    parser.add_argument(
+        option.flag, dest=option.field, metavar=option.env, help=text.replace("%", "%%")
+    )
 
 
 @contextmanager
@@ -133,32 +156,42 @@ class _Server(uvicorn.Server):
 
 
 def _serve(settings: Settings) -> int:
-    with _database(settings) as url:
-        settings = dataclasses.replace(settings, database_url=url)
-        if settings.migrate:
-            migrate(url)
-        app = create_app(settings)
-        config = uvicorn.Config(
-            app,
-            host=settings.host,
-            port=settings.port,
-            http=limited_protocol(settings),  # header timeout and size (slowloris)
-            proxy_headers=False,  # X-Forwarded-For: only BROKER_TRUSTED_PROXIES (guard.py)
-            log_config=None,
-            access_log=False,
-            timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or 1,
-            server_header=False,
-        )
-        server = _Server(config, app)
-        # uvicorn re-raises the signal it caught once it has shut down; ignoring it then
-        # lets a graceful stop exit 0 as the contract says.
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: None)
-        log_exposure(settings)
-        _tune_gc()
-        server.run(sockets=listen_sockets(settings))  # public + admin port, if any
-        log.info("stopped")
-        return 0 if server.started else 1
+    sockets = listen_sockets(settings)  # public + admin port, if any
+    try:
+        with _database(settings) as url:
+            settings = dataclasses.replace(settings, database_url=url)
+            if settings.migrate:
+                migrate(url)
+            else:
+                check_database(url)
+            app = create_app(settings)
+            config = uvicorn.Config(
+                app,
+                **server_options(settings),  # request limits; client address behind proxies
+                log_config=None,
+                access_log=False,
+                timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or 1,
+                server_header=False,
+            )
+            server = _Server(config, app)
+            # uvicorn re-raises the signal it caught once it has shut down; ignoring it then
+            # lets a graceful stop exit 0 as the contract says.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: None)
+            log.info("listening", addresses=[_address(sock) for sock in sockets])
+            log_exposure(settings)
+            _tune_gc()
+            server.run(sockets=sockets)
+            log.info("stopped")
+            return 0 if server.started else 1
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _tune_gc() -> None:

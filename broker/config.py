@@ -1,8 +1,9 @@
 """Settings: read once from the environment (and `broker serve` flags), validated at once.
 
-Every setting has one `Option` below; the environment variable, the command-line flag, the
-default and the check all come from it, so the three can never drift apart. An invalid value
-raises `ConfigError` with a one-line message naming the setting.
+Every setting is one field of `Settings`, declared with `setting(...)`; its environment
+variable, command-line flag, default and parser (`parsers.py`) all come from that one
+declaration (`OPTIONS` is derived from the fields), so they can never drift apart. An invalid
+value raises `ConfigError` with a one-line message naming the setting.
 """
 
 from __future__ import annotations
@@ -14,260 +15,218 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
+from . import parsers
 from .errors import ConfigError
+from .parsers import LOG_LEVELS, redact_url
 
-__all__ = ["OPTIONS", "Option", "Settings"]
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError("must be at least 1")
-    return value
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise ValueError("must be a port number from 0 to 65535")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise ValueError("must be a positive number of seconds")
-    return value
-
-
-def _origins(text: str) -> tuple[str, ...]:
-    origins = tuple(part.strip() for part in text.split(",") if part.strip())
-    for origin in origins:
-        if origin != "*" and not _is_origin(origin):
-            raise ValueError(f"{origin!r} is not '*' or an exact origin like https://host[:port]")
-    return origins
-
-
-def _is_origin(text: str) -> bool:
-    """An exact browser origin: scheme and host (and port), nothing else. The CORS check
-    compares strings, so a trailing slash or a path would silently never match."""
-    try:
-        parts = urlsplit(text)
-        parts.port  # noqa: B018 -- raises ValueError on a bad port
-    except ValueError:
-        return False
-    return (
-        parts.scheme in ("http", "https")
-        and bool(parts.hostname)
-        and "@" not in parts.netloc
-        and not (parts.path or parts.query or parts.fragment)
-        and text == f"{parts.scheme}://{parts.netloc}"
-    )
-
-
-MIN_SECRET_BYTES = 32  # HS256: a key shorter than the hash output weakens it
-MIN_ADMIN_TOKEN_LENGTH = 16
-
-
-def _secrets(text: str) -> tuple[str, ...]:
-    # Messages here never quote the value: it is a secret.
-    secrets = tuple(part.strip() for part in text.split(",") if part.strip())
-    if not secrets:
-        raise ValueError("must list at least one secret")
-    if any(len(secret.encode()) < MIN_SECRET_BYTES for secret in secrets):
-        raise ValueError(f"each comma-separated secret must be at least {MIN_SECRET_BYTES} bytes")
-    return secrets
-
-
-def _admin_token(text: str) -> str:
-    if len(text) < MIN_ADMIN_TOKEN_LENGTH:
-        raise ValueError(f"must be at least {MIN_ADMIN_TOKEN_LENGTH} characters")
-    if not all("!" <= char <= "~" for char in text):
-        raise ValueError("must be printable ASCII without spaces (it travels in a header)")
-    return text
-
-
-def _admin_port(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 65535:
-        raise ValueError("must be a port number from 1 to 65535")
-    return value
-
-
-def _networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    networks = []
-    for part in (part.strip() for part in text.split(",")):
-        if not part:
-            continue
-        try:
-            networks.append(ipaddress.ip_network(part, strict=False))
-        except ValueError:
-            raise ValueError(f"{part!r} is not an IP address or CIDR network") from None
-    return tuple(networks)
-
-
-def _header_bytes(text: str) -> int:
-    value = int(text)
-    if value < 1024:
-        raise ValueError("must be at least 1024")
-    return value
-
-
-def _log_format(text: str) -> str:
-    if text not in ("json", "console"):
-        raise ValueError("must be 'json' or 'console'")
-    return text
-
-
-def _boolean(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("must be true or false")
-
-
-def _text(text: str) -> str:
-    return text
+__all__ = ["LOG_LEVELS", "OPTIONS", "Option", "Settings", "redact_url", "setting"]
 
 
 @dataclass(frozen=True, slots=True)
 class Option:
-    """One setting: its field on `Settings`, environment variable and parser."""
+    """One setting as the environment and the command line see it, derived from its
+    `Settings` field (`OPTIONS`): the field's name and default, and what `setting` declared."""
 
     field: str
     env: str
     parse: Callable[[str], Any]
     help: str
+    value: Any  # the field's default
     secret: bool = False  # never echo the value in an error message
+    redact: Callable[[str], str] | None = None  # what of the value an error message may show
+    default: str | None = None  # the default, in words, when the field's value does not say it
+    fallback_env: str | None = None  # read when `env` is unset or empty
 
     @property
     def flag(self) -> str:
         return "--" + self.field.replace("_", "-")
 
+    def default_text(self) -> str:
+        """The default as help shows it: `default`, else the field's value."""
+        if self.default is not None:
+            return self.default
+        if self.value is None or self.value == ():
+            return "unset"
+        if isinstance(self.value, bool):
+            return str(self.value).lower()
+        if isinstance(self.value, float):
+            return f"{self.value:g}"
+        return str(self.value)
 
-OPTIONS: tuple[Option, ...] = (
-    Option(
-        "database_url",
-        "DATABASE_URL",
-        _text,
-        "PostgreSQL URL; unset: an embedded PostgreSQL under --data-dir",
-    ),
-    Option("host", "BROKER_HOST", _text, "address to listen on"),
-    Option("port", "BROKER_PORT", _port, "port to listen on"),
-    Option(
-        "max_connections",
-        "BROKER_MAX_CONNECTIONS",
-        _positive_int,
-        "open streams at most; one more is answered 503",
-    ),
-    Option(
-        "heartbeat_seconds",
-        "BROKER_HEARTBEAT_SECONDS",
-        _positive_float,
-        "seconds between heartbeat events",
-    ),
-    Option(
-        "queue_size",
-        "BROKER_QUEUE_SIZE",
-        _positive_int,
-        "events queued per subscriber before it is closed as a slow consumer",
-    ),
-    Option("retry_ms", "BROKER_RETRY_MS", _positive_int, "the SSE retry: hint, milliseconds"),
-    Option(
-        "replay_limit", "BROKER_REPLAY_LIMIT", _positive_int, "most rows replayed on one connection"
-    ),
-    Option(
-        "cors_origins",
-        "BROKER_CORS_ORIGINS",
-        _origins,
-        "comma-separated origins allowed by CORS, '*' for any",
-    ),
-    Option("log_format", "BROKER_LOG_FORMAT", _log_format, "json or console"),
-    Option("data_dir", "BROKER_DATA_DIR", Path, "where the embedded PostgreSQL keeps its data"),
-    Option("migrate", "BROKER_MIGRATE", _boolean, "apply sql/ at start-up"),
-    Option(
-        "shutdown_grace_seconds",
-        "BROKER_SHUTDOWN_GRACE_SECONDS",
-        _positive_float,
-        "seconds given to streams to close on SIGTERM",
-    ),
-    Option(
-        "auth_secret",
-        "BROKER_AUTH_SECRET",
-        _secrets,
-        "comma-separated HS256 secrets: the first signs, all verify; unset: no auth",
-        secret=True,
-    ),
-    Option(
-        "admin_token",
-        "BROKER_ADMIN_TOKEN",
-        _admin_token,
-        "bearer token required by /api/sse/stats and /metrics",
-        secret=True,
-    ),
-    Option(
-        "admin_port",
-        "BROKER_ADMIN_PORT",
-        _admin_port,
-        "separate port serving /api/sse/stats and /metrics (404 on the public port)",
-    ),
-    Option("admin_host", "BROKER_ADMIN_HOST", _text, "address of the admin port (default: host)"),
-    Option(
-        "max_streams_per_ip",
-        "BROKER_MAX_STREAMS_PER_IP",
-        _positive_int,
-        "open streams per client address; one more is answered 429",
-    ),
-    Option(
-        "trusted_proxies",
-        "BROKER_TRUSTED_PROXIES",
-        _networks,
-        "comma-separated CIDRs whose X-Forwarded-For is believed",
-    ),
-    Option(
-        "header_timeout_seconds",
-        "BROKER_HEADER_TIMEOUT_SECONDS",
-        _positive_float,
-        "seconds a client has to send its request line and headers",
-    ),
-    Option(
-        "max_header_bytes",
-        "BROKER_MAX_HEADER_BYTES",
-        _header_bytes,
-        "largest request line plus headers; larger is answered 431",
-    ),
-)
+    def shown(self, value: str) -> str:
+        """`value` as an error message may quote it."""
+        if self.secret:
+            return "<hidden>"
+        return repr(value if self.redact is None else self.redact(value))
+
+    def read(self, environ: Mapping[str, str]) -> str:
+        """The raw value in `environ`; empty counts as unset."""
+        value = environ.get(self.env, "")
+        if not value and self.fallback_env is not None:
+            value = environ.get(self.fallback_env, "")
+        return value
+
+
+def setting(
+    default: Any,
+    env: str,
+    parse: Callable[[str], Any],
+    help: str,
+    *,
+    secret: bool = False,
+    redact: Callable[[str], str] | None = None,
+    shown_default: str | None = None,
+    fallback_env: str | None = None,
+) -> Any:
+    """A `Settings` field declared with everything else about it: its environment variable,
+    parser and help (the flag is its name). Secret values stay out of `repr`."""
+    declared = {
+        "env": env,
+        "parse": parse,
+        "help": help,
+        "secret": secret,
+        "redact": redact,
+        "default": shown_default,
+        "fallback_env": fallback_env,
+    }
+    return dataclasses.field(default=default, repr=not secret, metadata={_OPTION: declared})
+
+
+_OPTION = "broker.option"
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """The broker's configuration. Build it with `Settings.load`, or directly in tests."""
+    """The broker's configuration. Build it with `Settings.load`, or directly in tests.
 
-    database_url: str | None = None
-    host: str = "0.0.0.0"
-    port: int = 5001
-    max_connections: int = 10_000
-    heartbeat_seconds: float = 30.0
-    queue_size: int = 1_000
-    retry_ms: int = 3_000
-    replay_limit: int = 10_000
-    cors_origins: tuple[str, ...] = ()
-    log_format: str = "console"
-    data_dir: Path = Path(".data")
-    migrate: bool = True
-    shutdown_grace_seconds: float = 10.0
-    auth_secret: tuple[str, ...] = dataclasses.field(default=(), repr=False)
-    admin_token: str | None = dataclasses.field(default=None, repr=False)
-    admin_port: int | None = None
-    admin_host: str | None = None
-    max_streams_per_ip: int | None = None
-    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    header_timeout_seconds: float = 10.0
-    max_header_bytes: int = 16 * 1024
+    Each field is one `setting`: `OPTIONS`, the `serve` flags, the defaults `--help` shows and
+    the parsing of each value all come from it."""
+
+    database_url: str | None = setting(
+        None,
+        "DATABASE_URL",
+        parsers.database_url,
+        "PostgreSQL URL (postgresql://, postgres:// or postgresql+psycopg://)",
+        redact=redact_url,
+        shown_default="unset: an embedded PostgreSQL under BROKER_DATA_DIR",
+        fallback_env="PGDATABASE_URL",
+    )
+    host: str = setting(
+        "0.0.0.0",
+        "BROKER_HOST",
+        parsers.text,
+        "address to listen on",
+        shown_default="127.0.0.1 with the embedded PostgreSQL, else 0.0.0.0",
+    )
+    port: int = setting(5001, "BROKER_PORT", parsers.port, "port to listen on")
+    max_connections: int = setting(
+        10_000,
+        "BROKER_MAX_CONNECTIONS",
+        parsers.positive_int,
+        "open streams at most; one more is answered 503",
+    )
+    heartbeat_seconds: float = setting(
+        30.0, "BROKER_HEARTBEAT_SECONDS", parsers.positive_float, "seconds between heartbeat events"
+    )
+    queue_size: int = setting(
+        1_000,
+        "BROKER_QUEUE_SIZE",
+        parsers.positive_int,
+        "events queued per subscriber before it is closed as a slow consumer",
+    )
+    retry_ms: int = setting(
+        3_000, "BROKER_RETRY_MS", parsers.positive_int, "the SSE retry: hint, milliseconds"
+    )
+    replay_limit: int = setting(
+        10_000, "BROKER_REPLAY_LIMIT", parsers.positive_int, "most rows replayed on one connection"
+    )
+    cors_origins: tuple[str, ...] = setting(
+        (),
+        "BROKER_CORS_ORIGINS",
+        parsers.origins,
+        "comma-separated origins allowed by CORS, '*' for any",
+    )
+    log_format: str = setting(
+        "console",
+        "BROKER_LOG_FORMAT",
+        parsers.log_format,
+        "json or console",
+        shown_default="console on a terminal, else json",
+    )
+    log_level: str = setting(
+        "info",
+        "BROKER_LOG_LEVEL",
+        parsers.log_level,
+        "debug, info, warning or error; streams opening and closing are logged at debug",
+    )
+    data_dir: Path = setting(  # noqa: RUF009 -- `setting` is a dataclasses.field
+        Path(".data"), "BROKER_DATA_DIR", Path, "where the embedded PostgreSQL keeps its data"
+    )
+    migrate: bool = setting(True, "BROKER_MIGRATE", parsers.boolean, "apply sql/ at start-up")
+    shutdown_grace_seconds: float = setting(
+        10.0,
+        "BROKER_SHUTDOWN_GRACE_SECONDS",
+        parsers.positive_float,
+        "seconds given to streams to close on SIGTERM",
+    )
+    auth_secret: tuple[str, ...] = setting(
+        (),
+        "BROKER_AUTH_SECRET",
+        parsers.secrets,
+        "comma-separated HS256 secrets: the first signs, all verify; unset: no auth",
+        secret=True,
+    )
+    admin_token: str | None = setting(
+        None,
+        "BROKER_ADMIN_TOKEN",
+        parsers.admin_token,
+        "bearer token required by /api/sse/stats and /metrics",
+        secret=True,
+    )
+    admin_port: int | None = setting(
+        None,
+        "BROKER_ADMIN_PORT",
+        parsers.admin_port,
+        "separate port serving /api/sse/stats and /metrics (404 on the public port)",
+    )
+    admin_host: str | None = setting(
+        None,
+        "BROKER_ADMIN_HOST",
+        parsers.text,
+        "address of the admin port",
+        shown_default="BROKER_HOST",
+    )
+    max_streams_per_ip: int | None = setting(
+        None,
+        "BROKER_MAX_STREAMS_PER_IP",
+        parsers.positive_int,
+        "open streams per client address; one more is answered 429",
+    )
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = setting(
+        (),
+        "BROKER_TRUSTED_PROXIES",
+        parsers.networks,
+        "comma-separated CIDRs whose X-Forwarded-For is believed",
+    )
+    header_timeout_seconds: float = setting(
+        10.0,
+        "BROKER_HEADER_TIMEOUT_SECONDS",
+        parsers.positive_float,
+        "seconds a client has to send its request line and headers",
+    )
+    body_timeout_seconds: float = setting(
+        10.0,
+        "BROKER_BODY_TIMEOUT_SECONDS",
+        parsers.positive_float,
+        "seconds a client has to send a request body once its headers are in; else 408",
+    )
+    max_header_bytes: int = setting(
+        16 * 1024,
+        "BROKER_MAX_HEADER_BYTES",
+        parsers.header_bytes,
+        "largest request line plus headers; larger is answered 431",
+    )
 
     def __post_init__(self) -> None:
         """Checks that span settings; each message names the setting to change."""
@@ -290,30 +249,34 @@ class Settings:
         Raises `ConfigError` naming the first invalid setting. `PGDATABASE_URL` is read when
         `DATABASE_URL` is unset; an empty value counts as unset. The log format defaults to
         `console` on a terminal and `json` otherwise, since a service's logs go to a collector.
+        The host defaults to 127.0.0.1 with the embedded database, which is for trying pgsse
+        out and has no auth, and to 0.0.0.0 with a `DATABASE_URL`.
         """
-        raw: dict[str, str] = {}
-        for option in OPTIONS:
-            value = environ.get(option.env, "")
-            if option.field == "database_url" and not value:
-                value = environ.get("PGDATABASE_URL", "")
-            if value:
-                raw[option.field] = value
-        for field, override in (overrides or {}).items():
-            if override is not None:
-                raw[field] = override
+        raw = {option.field: value for option in OPTIONS if (value := option.read(environ))}
+        raw.update(
+            {field: value for field, value in (overrides or {}).items() if value is not None}
+        )
 
         values: dict[str, Any] = {}
         if "log_format" not in raw:
             values["log_format"] = "console" if sys.stderr.isatty() else "json"
+        if "host" not in raw and "database_url" not in raw:
+            values["host"] = "127.0.0.1"
         for option in OPTIONS:
             if option.field not in raw:
                 continue
             try:
                 values[option.field] = option.parse(raw[option.field])
             except ValueError as exc:
-                shown = "<hidden>" if option.secret else repr(raw[option.field])
+                shown = option.shown(raw[option.field])
                 raise ConfigError(f"invalid {option.env}={shown}: {_reason(exc)}") from None
         return dataclasses.replace(cls(), **values)
+
+
+OPTIONS: tuple[Option, ...] = tuple(
+    Option(field=field.name, value=field.default, **field.metadata[_OPTION])
+    for field in dataclasses.fields(Settings)
+)
 
 
 def _reason(exc: ValueError) -> str:

@@ -1,8 +1,9 @@
 """PostgreSQL itself: the embedded server for `make run` and tests, and migrations.
 
 The embedded server runs the binaries that the pgserver package ships (so nothing but PyPI is
-needed), listening on a Unix socket inside its data directory only. Running as root, it runs
-them as the unprivileged user `pgserver`, as PostgreSQL refuses to run as root.
+needed), listening on a Unix socket inside its data directory only. Run by root, it runs them
+as the unprivileged user `pgserver`, as PostgreSQL refuses to run as root; `placement.py`
+decides where its files live so that user can reach them.
 
 `migrate` applies `sql/*.sql` in name order under a transaction-scoped advisory lock, so
 instances that start together apply them one after the other; every file is idempotent.
@@ -10,20 +11,22 @@ instances that start together apply them one after the other; every file is idem
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import os
 import shutil
 import subprocess
-import warnings
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import psycopg
 import structlog
 
+from .config import redact_url
 from .errors import BrokerError
+from .placement import Placement, absolute, locate
 
-__all__ = ["EmbeddedPostgres", "migrate", "sql_files"]
+__all__ = ["EmbeddedPostgres", "check_database", "connect", "migrate", "sql_files"]
 
 MIGRATION_LOCK = 0x70677373  # "pgss": the advisory lock key migrations serialise on
 SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; keep room for "/.s.PGSQL.5432"
@@ -43,70 +46,107 @@ def sql_files() -> list[Path]:
     return sorted(sql_dir().glob("*.sql"))
 
 
+def connect(url: str) -> psycopg.Connection[Any]:
+    """A connection to `url`; a failure to connect raises `BrokerError` in one line naming
+    the URL (password hidden) and what to check."""
+    try:
+        return psycopg.connect(url, connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        reason = " ".join(str(exc).split())
+        raise BrokerError(
+            f"cannot connect to DATABASE_URL={redact_url(url)}: {reason}; check the URL and"
+            " that PostgreSQL is running and reachable from here"
+        ) from None
+
+
 def migrate(url: str) -> list[str]:
     """Apply every file of `sql/` in one transaction; returns the file names applied."""
     files = sql_files()
-    try:
-        with psycopg.connect(url, connect_timeout=10) as conn, conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-            for path in files:
-                conn.execute(path.read_text(encoding="utf-8").encode())
-    except psycopg.Error as exc:
-        raise BrokerError(f"migration failed: {type(exc).__name__}: {exc}".strip()) from exc
+    with connect(url) as conn:
+        try:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+                for path in files:
+                    conn.execute(path.read_text(encoding="utf-8").encode())
+        except psycopg.Error as exc:
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+            raise BrokerError(f"migration failed: {reason}") from None
     names = [path.name for path in files]
     log.info("migrated", files=names)
     return names
 
 
-class _PgserverParts:
-    def __init__(self) -> None:
-        with warnings.catch_warnings():
-            # pgserver looks up a runtime directory at import and warns when XDG_RUNTIME_DIR
-            # is unset; we use neither the directory nor its server class.
-            warnings.simplefilter("ignore")
-            import pgserver._commands
-            import pgserver.utils
-
-        self.POSTGRES_BIN_PATH: Path = pgserver._commands.POSTGRES_BIN_PATH
-        self.utils = pgserver.utils
-
-
-@functools.cache
-def _pgserver() -> _PgserverParts:
-    """pgserver, imported on first use: only the embedded server needs it."""
-    return _PgserverParts()
+def check_database(url: str) -> None:
+    """What serving needs, checked once at start-up when migrations are off: the database
+    answers and holds table `messages`."""
+    with connect(url) as conn:
+        found = conn.execute("SELECT to_regclass('messages') IS NOT NULL").fetchone()
+    if not found or not found[0]:
+        raise BrokerError(
+            f"invalid BROKER_MIGRATE=false: DATABASE_URL={redact_url(url)} has no table"
+            " messages; run `pgsse migrate` once, or unset BROKER_MIGRATE"
+        )
 
 
 class EmbeddedPostgres:
-    """A PostgreSQL cluster in `data_dir`, created on first start. Blocking calls."""
+    """A PostgreSQL cluster for BROKER_DATA_DIR `data_dir`, created on first start.
+    Blocking calls. `placement.py` says where its files really are."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir.absolute()
-        self._user: str | None = None
-        if os.geteuid() == 0:
-            self._user = "pgserver"
+        self.requested = absolute(data_dir)
+        self._placement: Placement | None = None
 
     @property
-    def bin_dir(self) -> Path:
-        return Path(_pgserver().POSTGRES_BIN_PATH)
+    def placement(self) -> Placement:
+        if self._placement is None:
+            self._placement = locate(self.requested)
+        return self._placement
+
+    @property
+    def data_dir(self) -> Path:
+        """Where the cluster really is (BROKER_DATA_DIR, or where it points)."""
+        return self.placement.data_dir
 
     @property
     def socket_dir(self) -> Path:
         if len(str(self.data_dir)) <= SOCKET_PATH_MAX:
             return self.data_dir
-        return Path("/tmp") / f"pgsse-{abs(hash(self.data_dir)):x}"
+        digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:16]
+        return Path("/tmp") / f"pgsse-{os.geteuid()}-{digest}"
 
     @property
     def url(self) -> str:
         return f"postgresql://postgres@/postgres?host={quote(str(self.socket_dir), safe='/')}"
 
     def is_running(self) -> bool:
-        result = self._run(["pg_ctl", "status", "-D", str(self.data_dir)], check=False)
-        return result.returncode == 0
+        """Whether the postmaster of `postmaster.pid` is alive (what `pg_ctl status` checks,
+        without needing the binaries or the server's user)."""
+        try:
+            pid = int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # alive, and another user's
+        try:  # a pid file left by a crash may name a pid reused since
+            return Path(f"/proc/{pid}/comm").read_text().startswith("postgres")
+        except OSError:
+            return True
 
     def start(self) -> None:
         """Create the cluster if needed and start it; no-op if it is running."""
-        self._prepare()
+        placement = self.placement
+        placement.prepare()
+        if placement.relocated:
+            log.info(
+                "embedded_postgres_data",
+                data_dir=str(placement.data_dir),
+                broker_data_dir=str(placement.requested),
+                linked=placement.requested.is_symlink(),
+            )
         if not (self.data_dir / "PG_VERSION").exists():
             self._run(
                 [
@@ -122,6 +162,7 @@ class EmbeddedPostgres:
             )
         if self.is_running():
             return
+        self._make_socket_dir()
         options = f"-h '' -k {self.socket_dir} -c max_connections=200 -c fsync=on"
         self._run(
             [
@@ -143,26 +184,37 @@ class EmbeddedPostgres:
     def stop(self, mode: str = "fast") -> None:
         """Stop the server (`fast` ends sessions, `immediate` is a crash); no-op if stopped."""
         if self.is_running():
+            self.placement.prepare()  # the binaries, if another process started it
             self._run(["pg_ctl", "stop", "-w", "-t", "30", "-m", mode, "-D", str(self.data_dir)])
             log.info("embedded_postgres_stopped", data_dir=str(self.data_dir), mode=mode)
 
-    def _prepare(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.socket_dir.mkdir(parents=True, exist_ok=True)
-        if self._user is None:
+    def destroy(self) -> None:
+        """Stop the server and delete the cluster, wherever it is, and the link to it."""
+        self.stop("immediate")
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+        if self.socket_dir != self.data_dir:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
+        if self.requested.is_symlink():
+            self.requested.unlink()
+
+    def _make_socket_dir(self) -> None:
+        if self.socket_dir == self.data_dir or self.socket_dir.is_dir():
             return
-        utils = _pgserver().utils
-        utils.ensure_user_exists(self._user)
-        utils.ensure_prefix_permissions(self.data_dir)
-        utils.ensure_prefix_permissions(self.bin_dir)
-        shutil.chown(self.data_dir, self._user, self._user)
-        shutil.chown(self.socket_dir, self._user, self._user)
+        self.socket_dir.mkdir(mode=0o700)
+        user = self.placement.user
+        if user is not None:
+            os.chown(self.socket_dir, user.uid, user.gid)
 
     def _run(self, argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
-        command = [str(self.bin_dir / argv[0]), *argv[1:]]
+        placement = self.placement
+        user = placement.user
+        command = [str(placement.bin_dir / argv[0]), *argv[1:]]
         result = subprocess.run(
             command,
-            user=self._user,
+            user=None if user is None else user.uid,
+            group=None if user is None else user.gid,
+            extra_groups=None if user is None else [],
+            cwd="/" if user is not None else None,  # it may not enter ours
             capture_output=True,
             text=True,
             stdin=subprocess.DEVNULL,

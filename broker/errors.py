@@ -1,15 +1,19 @@
-"""The broker's own exceptions.
+"""The broker's own exceptions: what went wrong, never how HTTP says it.
 
     BrokerError
-     ├── ConfigError        a setting is invalid; start-up stops with its one-line message
-     └── RequestError       a client sent something the API refuses (status + message)
-          ├── Unauthorized  no valid token (401 + WWW-Authenticate)
-          ├── Forbidden     a valid token that does not allow this (403)
-          ├── TooManyStreams  this client address has its most streams open (429 + Retry-After)
-          └── Unavailable   the server cannot take the request now (503 + Retry-After)
+     ├── ConfigError          a setting is invalid; start-up stops with its one-line message
+     ├── RequestError         a request whose input the API refuses, with the status the
+     │                        HTTP checks chose (400, 404, 413, 415)
+     ├── Unauthorized         no valid token
+     ├── Forbidden            a valid token that does not allow this
+     ├── TooManyStreams       this client address has its most streams open (`retry_after`)
+     └── Unavailable          the broker cannot serve this now (`retry_after`)
+          ├── AtCapacity      every stream slot is taken (BROKER_MAX_CONNECTIONS)
+          └── DatabaseUnavailable  PostgreSQL unreachable or failing (store.py)
 
-Library errors (psycopg, starlette) are translated where they cross into broker code; the HTTP
-layer maps every `RequestError` to a `{"success": false, "error": ...}` answer in one place.
+Library errors (psycopg, starlette) are translated where they cross into broker code. The
+core (hub, store, listener) raises these with no notion of HTTP; `answers.py`, at the HTTP
+edge, is the one place that gives each its status, headers and `{"success": false, ...}` body.
 """
 
 
@@ -22,40 +26,36 @@ class ConfigError(BrokerError):
 
 
 class RequestError(BrokerError):
-    """A request the API refuses, with the HTTP status to answer."""
+    """Input the API refuses. Raised only by the HTTP layer's checks, which choose `status`."""
 
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-        self.message = message
-        self.headers: dict[str, str] = dict(headers or {})
 
 
-class Unauthorized(RequestError):
+class Unauthorized(BrokerError):
     """No token, or one that is malformed, expired or not signed by a configured secret."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(401, message, {"WWW-Authenticate": 'Bearer realm="pgsse"'})
 
-
-class Forbidden(RequestError):
+class Forbidden(BrokerError):
     """A valid token whose grant does not cover the request."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(403, message)
 
-
-class TooManyStreams(RequestError):
+class TooManyStreams(BrokerError):
     """The client address already has its most concurrent streams open."""
 
     def __init__(self, message: str, retry_after: int = 5) -> None:
-        super().__init__(429, message, {"Retry-After": str(retry_after)})
+        super().__init__(message)
         self.retry_after = retry_after
 
 
-class Unavailable(RequestError):
-    """The server is at capacity or not ready; the client should retry after `retry_after` s."""
+class Unavailable(BrokerError):
+    """The broker cannot serve the request now; the client should retry after `retry_after` s."""
 
     def __init__(self, message: str, retry_after: int = 1) -> None:
-        super().__init__(503, message, {"Retry-After": str(retry_after)})
+        super().__init__(message)
         self.retry_after = retry_after
+
+
+class AtCapacity(Unavailable):
+    """Every stream slot of this process is taken."""

@@ -1,116 +1,150 @@
-"""The edge of the app: requests refused before they reach a route.
+"""What each route needs before its endpoint runs, declared with the route (`Guard`).
 
-`Guard` is an ASGI middleware that decides by the route a request would reach (asked of the
-router itself, so `/api/sse/stats%0A` or a trailing slash cannot slip past a string compare):
+`app.py` declares every route once, through the `Guard` built from the settings; the route
+carries its own checks, so nothing matches a request a second time:
 
-- Admin paths (`ADMIN_PATHS`: stats and metrics). With `BROKER_ADMIN_PORT` they are served
-  only on that port and the public port answers 404, as if they did not exist; the admin port
-  serves nothing else but the probes. Without an admin port, `BROKER_ADMIN_TOKEN` makes them
-  require `Authorization: Bearer <admin token>` (401 otherwise). With auth on and neither set
-  they are hidden (404): stats name every open session, which is not for the internet. With
-  auth off and neither set they stay public, as before this module existed.
-- Streams: at most `BROKER_MAX_STREAMS_PER_IP` concurrent streams per client address
-  (`limits.client_address`); one more is answered 429 with `Retry-After`. The slot is held for
-  as long as the request runs, whatever ends it.
+- `admin` routes (stats, metrics). With `BROKER_ADMIN_PORT` they are served only on that
+  port and the public port answers 404, as if they did not exist. Without an admin port,
+  `BROKER_ADMIN_TOKEN` makes them require `Authorization: Bearer <admin token>` (401
+  otherwise; on the admin port too when both are set). With auth on and neither set they are
+  hidden (404): stats name every open session, which is not for the internet. With auth off
+  and neither set they stay public.
+- `public` routes (and the static mount) are not served on the admin port; `probe` routes
+  are served on both ports.
+- `stream` routes are public and hold one of `BROKER_MAX_STREAMS_PER_IP` slots per client
+  address (the request's `client`, which uvicorn takes from `X-Forwarded-For` only behind
+  `BROKER_TRUSTED_PROXIES`: `transport.server_options`) for as long as the request runs; one
+  more is refused with `TooManyStreams` (429 with `Retry-After`). Without the setting the
+  stream route has no middleware at all.
 
-Refusals use the API's error body, `{"success": false, "error": ...}`.
+A route not served on a port does not match there (`Match.NONE`), so the router answers 404
+for every method, exactly as for a path that does not exist. Refusals are raised as broker
+errors; `answers.py` turns them into HTTP answers.
 """
 
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
+from typing import Any
 
 import structlog
-from starlette.responses import JSONResponse
-from starlette.routing import Match, Route
+from starlette.middleware import Middleware
+from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .auth import bearer
 from .config import Settings
-from .errors import RequestError, TooManyStreams, Unauthorized
-from .limits import StreamCounter, client_address
+from .errors import TooManyStreams, Unauthorized
+from .limits import StreamCounter
 
-__all__ = ["ADMIN_PATHS", "PROBE_PATHS", "STREAM_PATH", "Guard", "log_exposure"]
+__all__ = ["Guard", "log_exposure"]
 
-ADMIN_PATHS = frozenset({"/api/sse/stats", "/metrics"})
-PROBE_PATHS = frozenset({"/healthz", "/readyz"})
-STREAM_PATH = "/api/sse/messages"
-_WATCHED = ADMIN_PATHS | PROBE_PATHS | {STREAM_PATH}
-_READS = ("GET", "HEAD")  # Starlette answers HEAD with the GET endpoint: a stream too
+Served = Callable[[Scope], bool]
 
 log = structlog.get_logger(logger_name="broker.guard")
 
 
 class Guard:
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
-        self.app = app
+    """Builds the app's routes with the checks the settings give them."""
+
+    def __init__(self, settings: Settings) -> None:
         self.admin_port = settings.admin_port
         self.admin_token = settings.admin_token
-        # Admin paths on the public port: hidden with an admin port, or with auth on and no
-        # admin token to guard them by.
-        self.hide_admin = settings.admin_port is not None or (
-            bool(settings.auth_secret) and settings.admin_token is None
+        # Without an admin port, admin routes are on the public port unless auth is on with
+        # no admin token to guard them by.
+        self.admin_on_public_port = settings.admin_port is None and not (
+            settings.auth_secret and settings.admin_token is None
         )
-        self.trusted = settings.trusted_proxies
-        self.streams = (
-            None
-            if settings.max_streams_per_ip is None
-            else StreamCounter(settings.max_streams_per_ip)
-        )
+        self.max_streams_per_ip = settings.max_streams_per_ip
+
+    def public(self, path: str, endpoint: Callable[..., Any], methods: list[str]) -> Route:
+        return _Route(path, endpoint, methods=methods, served=self._on_public_port)
+
+    def mount(self, path: str, app: ASGIApp) -> Mount:
+        return _Mount(path, app=app, served=self._on_public_port)
+
+    def probe(self, path: str, endpoint: Callable[..., Any]) -> Route:
+        return Route(path, endpoint, methods=["GET"])
+
+    def admin(self, path: str, endpoint: Callable[..., Any]) -> Route:
+        token = [Middleware(AdminToken, token=self.admin_token)] if self.admin_token else []
+        return _Route(path, endpoint, methods=["GET"], served=self._admin, middleware=token)
+
+    def stream(self, path: str, endpoint: Callable[..., Any]) -> Route:
+        limit = self.max_streams_per_ip
+        cap = [] if limit is None else [Middleware(StreamsPerClient, counter=StreamCounter(limit))]
+        return _Route(path, endpoint, methods=["GET"], served=self._on_public_port, middleware=cap)
+
+    def _on_public_port(self, scope: Scope) -> bool:
+        return self.admin_port is None or _local_port(scope) != self.admin_port
+
+    def _admin(self, scope: Scope) -> bool:
+        if self.admin_port is not None:
+            return _local_port(scope) == self.admin_port
+        return self.admin_on_public_port
+
+
+class _ServedOnly(BaseRoute):
+    """A route that does not match where `served(scope)` is false."""
+
+    served: Served
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if scope["type"] == "http" and not self.served(scope):
+            return Match.NONE, {}
+        return super().matches(scope)
+
+
+class _Route(_ServedOnly, Route):
+    def __init__(self, path: str, endpoint: Callable[..., Any], *, served: Served, **kw: Any):
+        super().__init__(path, endpoint, **kw)
+        self.served = served
+
+
+class _Mount(_ServedOnly, Mount):
+    def __init__(self, path: str, *, app: ASGIApp, served: Served) -> None:
+        super().__init__(path, app=app)
+        self.served = served
+
+
+class AdminToken:
+    """Per-route middleware: `Authorization: Bearer <BROKER_ADMIN_TOKEN>`, else 401."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.token = token.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        route = _route_path(scope)
-        refusal: RequestError | None = None
-        if self.admin_port is not None and _local_port(scope) == self.admin_port:
-            if route in ADMIN_PATHS:
-                refusal = self._check_admin_token(scope)
-            elif route not in PROBE_PATHS:
-                refusal = RequestError(404, "Not Found")
-        elif route in ADMIN_PATHS:
-            if self.hide_admin:
-                refusal = RequestError(404, "Not Found")
-            else:
-                refusal = self._check_admin_token(scope)
-        elif route == STREAM_PATH and self.streams is not None and scope["method"] in _READS:
-            await self._stream(scope, receive, send, self.streams)
-            return
-        if refusal is not None:
-            await _refuse(refusal, scope, receive, send)
-            return
+        try:
+            given = bearer(_header(scope, b"authorization"))
+        except Unauthorized:
+            given = None
+        if given is None or not hmac.compare_digest(given.encode(), self.token):
+            log.info("admin_refused", path=scope.get("path"))
+            raise Unauthorized("admin token required: Authorization: Bearer <BROKER_ADMIN_TOKEN>")
         await self.app(scope, receive, send)
 
-    def _check_admin_token(self, scope: Scope) -> RequestError | None:
-        if self.admin_token is None:
-            return None
-        given = _header(scope, b"authorization") or ""
-        scheme, _, value = given.partition(" ")
-        expected = self.admin_token.encode()
-        if scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), expected):
-            return None
-        log.info("admin_refused", path=scope.get("path"))
-        return Unauthorized("admin token required: Authorization: Bearer <BROKER_ADMIN_TOKEN>")
 
-    async def _stream(
-        self, scope: Scope, receive: Receive, send: Send, streams: StreamCounter
-    ) -> None:
+class StreamsPerClient:
+    """Per-route middleware: one of the client address's stream slots, held while the request
+    runs, whatever ends it; none left raises `TooManyStreams`."""
+
+    def __init__(self, app: ASGIApp, counter: StreamCounter) -> None:
+        self.app = app
+        self.counter = counter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         client = scope.get("client")
-        headers = scope["headers"]
-        forwarded = [
-            value.decode("latin-1") for name, value in headers if name == b"x-forwarded-for"
-        ]
-        address = client_address(client[0] if client else None, forwarded, self.trusted)
-        if not streams.acquire(address):
+        address = str(client[0]) if client else "unknown"
+        if not self.counter.acquire(address):
             log.info("stream_refused", reason="per_client_limit", client=address)
-            limit = streams.limit
-            refusal = TooManyStreams(f"too many streams from this address (at most {limit})")
-            await _refuse(refusal, scope, receive, send)
-            return
+            limit = self.counter.limit
+            raise TooManyStreams(f"too many streams from this address (at most {limit})")
         try:
             await self.app(scope, receive, send)
         finally:
-            streams.release(address)
+            self.counter.release(address)
 
 
 def log_exposure(settings: Settings) -> None:
@@ -130,17 +164,6 @@ def log_exposure(settings: Settings) -> None:
         )
 
 
-def _route_path(scope: Scope) -> str | None:
-    """The path template of the watched route the router would send `scope` to, if any."""
-    routes = getattr(scope.get("app"), "routes", ())
-    for route in routes:
-        if isinstance(route, Route) and route.path in _WATCHED:
-            match, _ = route.matches(scope)
-            if match is not Match.NONE:
-                return route.path
-    return None
-
-
 def _local_port(scope: Scope) -> int | None:
     server = scope.get("server")
     return None if not server else server[1]
@@ -151,9 +174,3 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return str(value.decode("latin-1"))
     return None
-
-
-async def _refuse(error: RequestError, scope: Scope, receive: Receive, send: Send) -> None:
-    body = {"success": False, "error": error.message}
-    response = JSONResponse(body, status_code=error.status, headers=error.headers or None)
-    await response(scope, receive, send)

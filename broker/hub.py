@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 
-from .errors import Unavailable
+from .errors import AtCapacity
 from .events import Message, encode_heartbeat, encode_message
 from .journal import Journal
 from .latency import LatencyHistogram
@@ -60,10 +60,10 @@ class Hub:
         return self._count
 
     def subscribe(self, session_id: str | None, robot_id: str | None) -> Subscriber:
-        """Register a subscriber. Raises `Unavailable` at `max_subscribers`."""
+        """Register a subscriber. Raises `AtCapacity` at `max_subscribers`."""
         if self._count >= self.max_subscribers:
             self.counters.rejected_connections += 1
-            raise Unavailable("too many connections: retry later")
+            raise AtCapacity("too many connections: retry later")
         subscriber = Subscriber(session_id, robot_id, self.queue_size)
         if session_id is None:
             self._global.add(subscriber)

@@ -1,65 +1,12 @@
-"""Per-client limits, pure: who the client is, and how many streams each client holds.
+"""Per-client limits, pure: how many streams each client address holds.
 
-The client is the TCP peer, unless the peer is a trusted proxy (`BROKER_TRUSTED_PROXIES`):
-then `X-Forwarded-For` is read from the right, skipping trusted proxies, and the first
-address no trusted proxy vouches for is the client. Entries further left were written by the
-client itself and are never believed, so a client cannot pick its own bucket by sending the
-header. With no trusted proxy the header is ignored altogether.
+The client address is the request's `client` as uvicorn sets it: the TCP peer, or behind a
+trusted proxy the address `X-Forwarded-For` vouches for (`transport.server_options`).
 """
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Iterable, Sequence
-
-__all__ = ["Network", "StreamCounter", "client_address"]
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def client_address(
-    peer: str | None, forwarded_for: Iterable[str], trusted: Sequence[Network]
-) -> str:
-    """The client's address for per-client limits (a normalised IP string when it parses).
-
-    `peer` is the TCP peer's host, `forwarded_for` every `X-Forwarded-For` header value in
-    order received.
-    """
-    if peer is None:
-        return "unknown"
-    peer_ip = _parse(peer)
-    if peer_ip is None or not trusted or not _trusted(peer_ip, trusted):
-        return str(peer_ip) if peer_ip is not None else peer
-    hops = [hop.strip() for value in forwarded_for for hop in value.split(",")]
-    hops = [hop for hop in hops if hop]
-    client = str(peer_ip)
-    for hop in reversed(hops):
-        hop_ip = _parse(hop)
-        if hop_ip is None:
-            # Written by whoever is left of the last trusted proxy: an opaque but stable key.
-            return hop[:64]
-        client = str(hop_ip)
-        if not _trusted(hop_ip, trusted):
-            return client
-    return client  # every hop is a trusted proxy: the leftmost one is as far as we can see
-
-
-def _parse(text: str) -> Address | None:
-    text = text.strip()
-    if text.startswith("[") and "]" in text:  # "[v6]:port", as some proxies write it
-        text = text[1 : text.index("]")]
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
-def _trusted(address: Address, trusted: Sequence[Network]) -> bool:
-    return any(address.version == network.version and address in network for network in trusted)
+__all__ = ["StreamCounter"]
 
 
 class StreamCounter:

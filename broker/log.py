@@ -9,17 +9,20 @@ from typing import Any
 import orjson
 import structlog
 
+from .config import LOG_LEVELS
+
 __all__ = ["configure"]
 
 
-def configure(log_format: str, level: int = logging.INFO) -> None:
+def configure(log_format: str, level_name: str = "info") -> None:
     """Write structlog events and the standard library's records (uvicorn, psycopg) to
-    stderr as `log_format`.
+    stderr as `log_format`, from `level_name` (`BROKER_LOG_LEVEL`) up.
 
     The broker's own events go through structlog's plain writer rather than the `logging`
     module, which looks up the caller's frame for every record: that was a fifth of the CPU
     of opening a stream (measured with py-spy under `make bench`'s churn scenario).
     """
+    level = LOG_LEVELS[level_name]
     shared: list[structlog.types.Processor] = [
         _logger_key,
         structlog.contextvars.merge_contextvars,

@@ -2,9 +2,9 @@
 
 The hub and the listener count with plain integers (`HubCounters`, `Listener`) and the stream
 records delivery latency into a plain `LatencyHistogram`, so the fan-out path pays nothing for
-metrics. `BrokerCollector` turns those same numbers into metric families when Prometheus
-scrapes, on the event loop thread where they are written, so one scrape is a consistent
-snapshot. `/api/sse/stats` reads the same fields, so the two always agree.
+metrics. When Prometheus scrapes, `BrokerCollector` takes one `stats.snapshot` (on the event
+loop thread where the counters are written) and turns it into metric families;
+`/api/sse/stats` reads the same snapshot, so the two always agree.
 
 Each app gets its own `CollectorRegistry` (not the library's global one), so several brokers in
 one process, as in tests, never share or clash. No label takes a per-session value: a
@@ -26,6 +26,8 @@ from prometheus_client.metrics_core import (
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from .stats import snapshot
+
 if TYPE_CHECKING:
     from .service import Broker
 
@@ -39,67 +41,67 @@ class BrokerCollector(Collector):
         self._broker = broker
 
     def collect(self) -> Iterator[Metric]:
-        hub = self._broker.hub
-        counters = hub.counters
-        listener = self._broker.listener
-        yield GaugeMetricFamily("pgsse_open_streams", "Open SSE streams.", value=len(hub))
+        stats = snapshot(self._broker)
+        yield GaugeMetricFamily("pgsse_open_streams", "Open SSE streams.", value=stats.open_streams)
         yield GaugeMetricFamily(
             "pgsse_max_streams",
             "Open streams at most (BROKER_MAX_CONNECTIONS); one more is answered 503.",
-            value=hub.max_subscribers,
+            value=stats.max_streams,
         )
-        yield CounterMetricFamily(
-            "pgsse_rejected_connections",
-            "Streams refused with 503 because the process was at its connection cap.",
-            value=counters.rejected_connections,
-        )
-        yield CounterMetricFamily(
-            "pgsse_notifications_received",
-            "Notifications received on the LISTEN connection.",
-            value=listener.notifications,
-        )
-        yield CounterMetricFamily(
-            "pgsse_messages_routed",
-            "Rows routed by the hub (notifications plus rows backfilled after a reconnect).",
-            value=counters.messages_routed,
-        )
-        yield CounterMetricFamily(
-            "pgsse_events_delivered",
-            "Live message events queued to streams (one per row and matching stream).",
-            value=counters.events_delivered,
-        )
-        yield CounterMetricFamily(
-            "pgsse_replayed_events",
-            "Message events sent from the replay of a resuming stream (Last-Event-ID).",
-            value=counters.replayed_events,
-        )
-        yield CounterMetricFamily(
-            "pgsse_slow_consumer_disconnects",
-            "Streams closed because their queue was full.",
-            value=counters.slow_consumer_disconnects,
-        )
+        for name, help_text, value in (
+            (
+                "pgsse_rejected_connections",
+                "Streams refused with 503 because the process was at its connection cap.",
+                stats.rejected_connections,
+            ),
+            (
+                "pgsse_notifications_received",
+                "Notifications received on the LISTEN connection.",
+                stats.notifications,
+            ),
+            (
+                "pgsse_messages_routed",
+                "Rows routed by the hub (notifications plus rows backfilled after a reconnect).",
+                stats.messages_routed,
+            ),
+            (
+                "pgsse_events_delivered",
+                "Live message events queued to streams (one per row and matching stream).",
+                stats.events_delivered,
+            ),
+            (
+                "pgsse_replayed_events",
+                "Message events sent from the replay of a resuming stream (Last-Event-ID).",
+                stats.replayed_events,
+            ),
+            (
+                "pgsse_slow_consumer_disconnects",
+                "Streams closed because their queue was full.",
+                stats.slow_consumer_disconnects,
+            ),
+        ):
+            yield CounterMetricFamily(name, help_text, value=value)
         yield GaugeMetricFamily(
             "pgsse_listener_up",
             "1 while the LISTEN connection is up (what /readyz reports), else 0.",
-            value=int(listener.connected),
+            value=int(stats.listener_connected),
         )
         yield CounterMetricFamily(
             "pgsse_listener_reconnects",
             "Times the LISTEN connection was re-established after a failure.",
-            value=listener.reconnects,
+            value=stats.listener_reconnects,
         )
         yield CounterMetricFamily(
             "pgsse_listener_backfilled_rows",
             "Rows read from the table after a listener reconnect (committed during the outage).",
-            value=listener.backfilled,
+            value=stats.backfilled,
         )
-        latency = counters.delivery_latency
         yield HistogramMetricFamily(
             "pgsse_delivery_latency_seconds",
             "Seconds from a row's notification being routed to its event being handed to the "
             "socket, per live event.",
-            buckets=[(_le(bound), count) for bound, count in latency.cumulative()],
-            sum_value=latency.sum,
+            buckets=[(_le(bound), count) for bound, count in stats.latency_buckets],
+            sum_value=stats.latency_sum,
         )
 
 

@@ -30,9 +30,10 @@ from .events import Message
 from .hub import Hub, Subscriber
 from .store import Store
 
-__all__ = ["REPLAY_PAGE", "Replay"]
+__all__ = ["REPLAY_PAGE", "REPLAY_PAGE_BYTES", "Replay"]
 
-REPLAY_PAGE = 500
+REPLAY_PAGE = 500  # rows read at a time, at most
+REPLAY_PAGE_BYTES = 1024 * 1024  # and about this many bytes (one row at least)
 
 
 @dataclass
@@ -70,32 +71,31 @@ class Replay:
 
     async def pages(self) -> AsyncGenerator[list[Message], None]:
         """Pages of rows to send, in order, `limit` + 1 rows at most in all (one more than the
-        limit tells the caller the limit was reached). Raises `DatabaseUnavailable`."""
+        limit tells the caller the limit was reached), each of `REPLAY_PAGE` rows and about
+        `REPLAY_PAGE_BYTES` at most. Raises `DatabaseUnavailable`."""
         if self.journal_ids is not None:
             ids = self.journal_ids[: self.limit + 1]
-            for start in range(0, len(ids), REPLAY_PAGE):
-                wanted = ids[start : start + REPLAY_PAGE]
-                rows = await self.store.by_ids(wanted)
-                page = [rows[i] for i in wanted if i in rows]
+            while ids:
+                wanted = ids[:REPLAY_PAGE]
+                page = await self.store.in_order(wanted, REPLAY_PAGE_BYTES)
                 self.hub.give(self.subscriber, [row.id for row in page])
                 yield page
+                ids = ids[wanted.index(page[-1].id) + 1 if page else len(wanted) :]
             return
         session_id, robot_id = self.subscriber.session_id, self.subscriber.robot_id
         if self.history:
-            # Rows committed after this read are routed to the subscriber, which is already
-            # queueing: one read is the whole history.
-            page = await self.store.last(min(self.history, self.limit + 1), session_id, robot_id)
-            if page:
-                self.hub.give(self.subscriber, [row.id for row in page], page[0].id - 1)
-                yield page
-            return
+            # A resume from just before the oldest of the last `history` rows.
+            oldest = await self.store.oldest_of_last(self.history, session_id, robot_id)
+            if oldest is None:
+                return  # none yet: every row from now on comes live
+            self.after = oldest - 1
         cursor, budget = self.after, self.limit + 1
-        while True:
+        while budget > 0:
             want = min(REPLAY_PAGE, budget)
-            page = await self.store.after(cursor, want, session_id, robot_id)
+            page = await self.store.after(cursor, want, session_id, robot_id, REPLAY_PAGE_BYTES)
+            if not page:  # a short page may only have been cut at its size: ask again
+                return
             self.hub.give(self.subscriber, [row.id for row in page], self.after)
             yield page
             budget -= len(page)
-            if len(page) < want or budget <= 0:
-                return
             cursor = page[-1].id

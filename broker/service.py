@@ -70,9 +70,11 @@ class Broker:
         *,
         last_event_id: int | None = None,
         history: int | None = None,
+        valid_until: float | None = None,
     ) -> EventStreamResponse:
         """Subscribe a new stream and plan its replay (resume or history), in one event-loop
-        step. Raises `Unavailable` at `max_connections`."""
+        step; it ends at `valid_until` (epoch seconds: its token's expiry). Raises
+        `AtCapacity` at `max_connections`."""
         subscriber = self.hub.subscribe(session_id, robot_id)
         replay = Replay.start(
             self.hub,
@@ -88,6 +90,7 @@ class Broker:
             replay,
             listening=self.listener.started,
             retry_ms=self.settings.retry_ms,
+            valid_until=valid_until,
         )
 
     def close_streams(self, reason: str = SHUTDOWN) -> None:

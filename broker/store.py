@@ -35,6 +35,7 @@ RECONNECT_SECONDS = 0.5
 APPLICATION_NAME = "pgsse-store"
 Query = sql.SQL | sql.Composed
 COLUMNS = sql.SQL("id, session_id, robot_id, content, is_from_bot, is_human, intent, created_at")
+ROW_OVERHEAD_BYTES = 512  # an encoded row's bytes besides its content, about (the other fields)
 
 log = structlog.get_logger(logger_name="broker.store")
 
@@ -126,11 +127,29 @@ class Store:
         limit: int,
         session_id: str | None = None,
         robot_id: str | None = None,
+        max_bytes: int | None = None,
     ) -> list[Message]:
-        """Rows with id > `after_id` matching the filter, in id order, at most `limit`."""
+        """Rows with id > `after_id` matching the filter, in id order, at most `limit`; with
+        `max_bytes`, only as many as fit in about that many bytes (always one at least)."""
         where, params = _filter(session_id, robot_id, after_id)
-        query = sql.SQL("SELECT {} FROM messages {} ORDER BY id LIMIT %s").format(COLUMNS, where)
-        return [Message.from_row(row) for row in await self._all(query, (*params, limit))]
+        query: Query = sql.SQL("SELECT {} FROM messages {} ORDER BY id LIMIT %s").format(
+            COLUMNS, where
+        )
+        params.append(limit)
+        if max_bytes is not None:
+            query = _within(query, sql.Identifier("id"))
+            params.append(max_bytes)
+        return [Message.from_row(row) for row in await self._all(query, tuple(params))]
+
+    async def in_order(self, ids: list[int], max_bytes: int) -> list[Message]:
+        """The rows of `ids` that exist, in the order of `ids`, as many as fit in about
+        `max_bytes` (always one at least)."""
+        candidates = sql.SQL(
+            "SELECT {}, position FROM unnest(%s::bigint[]) WITH ORDINALITY AS wanted (id, position)"
+            " JOIN messages USING (id)"
+        ).format(COLUMNS)
+        query = _within(candidates, sql.Identifier("position"))
+        return [Message.from_row(row) for row in await self._all(query, (ids, max_bytes))]
 
     async def by_ids(self, ids: list[int]) -> dict[int, Message]:
         """The rows of `ids` that exist, by id."""
@@ -138,16 +157,17 @@ class Store:
         rows = await self._all(query, (ids,))
         return {message.id: message for message in map(Message.from_row, rows)}
 
-    async def last(
+    async def oldest_of_last(
         self, count: int, session_id: str | None = None, robot_id: str | None = None
-    ) -> list[Message]:
-        """The last `count` rows matching the filter, oldest first (for `history=N`)."""
+    ) -> int | None:
+        """The id of the oldest of the last `count` rows matching the filter (`history=N`
+        starts there), None when none match."""
         where, params = _filter(session_id, robot_id)
-        query = sql.SQL("SELECT {} FROM messages {} ORDER BY id DESC LIMIT %s").format(
-            COLUMNS, where
-        )
-        rows = await self._all(query, (*params, count))
-        return [Message.from_row(row) for row in reversed(rows)]
+        query = sql.SQL(
+            "SELECT min(id) FROM (SELECT id FROM messages {} ORDER BY id DESC LIMIT %s) AS last"
+        ).format(where)
+        row = await self._one(query, (*params, count))
+        return None if row is None or row[0] is None else int(row[0])
 
     async def ids_after(self, after_id: int) -> list[int]:
         """Every id above `after_id`, in order (for the listener's backfill)."""
@@ -196,3 +216,21 @@ def _filter(
     if not conditions:
         return sql.SQL(""), params
     return sql.SQL("WHERE ") + sql.SQL(" AND ").join(conditions), params
+
+
+def _within(candidates: sql.Composable, order: sql.Identifier) -> sql.Composed:
+    """`candidates` (COLUMNS and `order`), in `order`, cut where their running size passes a
+    last parameter of bytes; the first row always stays. Sizes come from PostgreSQL
+    (`octet_length` reads a stored value's length without fetching it), so rows past the
+    budget never reach the broker's memory."""
+    return sql.SQL(
+        "SELECT {columns} FROM (SELECT *,"
+        " sum(octet_length(content) + {overhead}) OVER (ORDER BY {order}) AS running,"
+        " row_number() OVER (ORDER BY {order}) AS n FROM ({candidates}) AS candidates) AS page"
+        " WHERE n = 1 OR running <= %s ORDER BY {order}"
+    ).format(
+        columns=COLUMNS,
+        order=order,
+        overhead=sql.Literal(ROW_OVERHEAD_BYTES),
+        candidates=candidates,
+    )

@@ -11,6 +11,15 @@ idles it hands its socket to the `SocketFlusher` (`Subscriber.transport`): event
 it are then written by one callback per event-loop turn, for all idle streams, instead of by
 waking each stream's task. See `SocketFlusher` for why and when.
 
+Replay writes go at the pace the socket drains: a page (`replay.REPLAY_PAGE` rows and about
+`replay.REPLAY_PAGE_BYTES` at most) is written, and the next is read from PostgreSQL only once
+the socket has taken it. A client that takes nothing for `STALL_SECONDS` is cut as a slow
+consumer, so a reader that stops mid-replay holds one page and its queue, not the replay.
+
+A stream opened with a token that expires (`Grant.valid_until`) ends then, with an `error`
+event, so the client reconnects with a new token. HEAD on the stream is `EventStreamHead`:
+the stream's status and headers, and no subscription.
+
 Resume and history: the subscriber already queues live events when its `Replay` runs, and
 the hub drops or skips the rows the replay sent (`replay.py` owns that rule); the stream only
 writes the replay's pages, then the queue. Nothing is written, not even `connected`, before the
@@ -34,14 +43,25 @@ from .hub import Hub, Subscriber
 from .latency import LatencyHistogram
 from .replay import Replay
 from .store import DatabaseUnavailable
+from .subscriber import SLOW_CONSUMER
 from .transport import TRANSPORT_EXTENSION
 
-__all__ = ["REPLAY_LIMIT_REACHED", "EventStreamResponse", "SocketFlusher"]
+__all__ = [
+    "REPLAY_LIMIT_REACHED",
+    "TOKEN_EXPIRED",
+    "EventStreamHead",
+    "EventStreamResponse",
+    "SocketFlusher",
+]
 
 REPLAY_LIMIT_REACHED = "replay limit reached: reconnect to resume"
 REPLAY_FAILED = "database unavailable: reconnect to resume"
+TOKEN_EXPIRED = "token expired: reconnect with a new token"
 CLOSE_TIMEOUT_SECONDS = 1.0
 FIRST_LISTEN_TIMEOUT_SECONDS = 10.0
+# A replay write that makes no progress (the socket takes not one byte) for this long cuts
+# the stream as a slow consumer.
+STALL_SECONDS = 5.0
 HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
@@ -96,6 +116,19 @@ class SocketFlusher:
                     observe(now - event.born)
 
 
+class EventStreamHead(Response):
+    """HEAD of a stream: its status and headers, no body, and nothing held."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self) -> None:
+        # Not Response.__init__: a Content-Length: 0 would misstate the stream's length.
+        self.status_code = 200
+        self.background = None
+        self.init_headers(HEADERS)
+        self.body = b""
+
+
 class EventStreamResponse(Response):
     media_type = "text/event-stream"
 
@@ -107,6 +140,7 @@ class EventStreamResponse(Response):
         *,
         listening: asyncio.Event,
         retry_ms: int,
+        valid_until: float | None = None,
     ) -> None:
         # Not Response.__init__: with no body it would declare Content-Length: 0.
         self.status_code = 200
@@ -117,20 +151,25 @@ class EventStreamResponse(Response):
         self.replay = replay
         self.listening = listening
         self.retry_ms = retry_ms
+        self.valid_until = valid_until
         self.events_sent = 0
-        self._direct: asyncio.WriteTransport | None = None
+        self._direct: asyncio.WriteTransport | None = None  # the socket (transport.py)
         self.replayed = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         subscriber, replay = self.subscriber, self.replay
         started = time.monotonic()
-        log.info(
+        log.debug(
             "stream_opened",
             channel=subscriber.channel,
             robot_id=subscriber.robot_id,
             last_event_id=None if replay is None or replay.history else replay.after,
             history=None if replay is None else replay.history or None,
         )
+        expiry = None
+        if self.valid_until is not None:
+            delay = max(0.0, self.valid_until - time.time())
+            expiry = asyncio.get_running_loop().call_later(delay, subscriber.close, TOKEN_EXPIRED)
         try:
             await send(
                 {
@@ -139,16 +178,17 @@ class EventStreamResponse(Response):
                     "headers": self.raw_headers,
                 }
             )
-            if scope["method"] == "GET":  # HEAD has no body to write to
-                self._direct = scope.get("extensions", {}).get(TRANSPORT_EXTENSION)
+            self._direct = scope.get("extensions", {}).get(TRANSPORT_EXTENSION)
             async with anyio.create_task_group() as group:
                 group.start_soon(self._watch_disconnect, receive, group.cancel_scope)
                 await self._pump(send)
                 group.cancel_scope.cancel()
         finally:
+            if expiry is not None:
+                expiry.cancel()
             self.hub.unsubscribe(subscriber)
             subscriber.close()
-            log.info(
+            log.debug(
                 "stream_closed",
                 channel=subscriber.channel,
                 robot_id=subscriber.robot_id,
@@ -206,7 +246,10 @@ class EventStreamResponse(Response):
                 over_limit = len(page) > room
                 page = page[:room]
                 if page:
-                    await self._write(send, b"".join(encode_message(row) for row in page))
+                    if not await self._write_drained(send, b"".join(map(encode_message, page))):
+                        self.hub.counters.slow_consumer_disconnects += 1
+                        self.subscriber.close(SLOW_CONSUMER)
+                        break
                     self.replayed += len(page)
                     self.hub.counters.replayed_events += len(page)
                     self.events_sent += len(page)
@@ -214,13 +257,35 @@ class EventStreamResponse(Response):
                     self.subscriber.close(REPLAY_LIMIT_REACHED)
                     break
 
+    async def _write_drained(self, send: Send, events: bytes) -> bool:
+        """Write `events`, then wait until the socket has taken them (an empty body message
+        returns once uvicorn's flow control lets writing resume). False if the socket takes
+        not one byte for `STALL_SECONDS`: the client has stopped reading."""
+        for body in (events, b""):
+            while True:
+                buffered = self._buffered()
+                with anyio.move_on_after(STALL_SECONDS):
+                    await self._write(send, body)
+                    break
+                if self._buffered() >= buffered:
+                    return False
+        return True
+
+    def _buffered(self) -> int:
+        """Bytes written to the socket that the client has yet to take."""
+        return 0 if self._direct is None else self._direct.get_write_buffer_size()
+
     async def _finish(self, send: Send) -> None:
-        """Tell the client why the stream ends, if the broker ends it, then end the body."""
+        """Tell the client why the stream ends, if the broker ends it, then end the body.
+        A client that takes neither in time is cut off: abort, since closing would wait for
+        it to read what is buffered, holding that memory for as long as it likes."""
         reason = self.subscriber.close_reason
-        with anyio.move_on_after(CLOSE_TIMEOUT_SECONDS):
+        with anyio.move_on_after(CLOSE_TIMEOUT_SECONDS) as ending:
             if reason is not None:
                 await self._write(send, encode_error(reason))
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if ending.cancelled_caught and self._direct is not None:
+            self._direct.abort()
 
     @staticmethod
     async def _write(send: Send, body: bytes) -> None:

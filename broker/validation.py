@@ -16,14 +16,18 @@ from .errors import RequestError
 __all__ = [
     "MAX_HISTORY",
     "MAX_ID_LENGTH",
+    "RESERVED_SESSION_ID",
     "NewMessage",
     "check_id",
+    "check_session_id",
     "parse_history",
     "parse_last_event_id",
     "parse_new_message",
 ]
 
 MAX_ID_LENGTH = 255
+# `session_messages:global` names the all-sessions stream in stats and logs.
+RESERVED_SESSION_ID = "global"
 MAX_INTENT_LENGTH = 255
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc: C0, DEL and C1
 _LAST_EVENT_ID = re.compile(r"[0-9]{1,19}")
@@ -43,6 +47,15 @@ def check_id(name: str, value: str | None) -> str | None:
     if _CONTROL.search(value):
         raise RequestError(400, f"{name} must not contain control characters")
     return value
+
+
+def check_session_id(value: str | None) -> str | None:
+    """`check_id` for a `sessionId`, which may not be the reserved `global` either."""
+    if value == RESERVED_SESSION_ID:
+        raise RequestError(
+            400, f"sessionId {RESERVED_SESSION_ID!r} is reserved: it names the all-sessions stream"
+        )
+    return check_id("sessionId", value)
 
 
 def parse_last_event_id(value: str | None) -> int | None:
@@ -92,7 +105,7 @@ def parse_new_message(body: bytes) -> NewMessage:
     session_id = _string(data, "sessionId", required=True)
     content = _string(data, "content", required=True)
     assert session_id is not None and content is not None
-    check_id("sessionId", session_id)
+    check_session_id(session_id)
     if not content:
         raise RequestError(400, "content must not be empty")
     if "\x00" in content:
@@ -102,12 +115,13 @@ def parse_new_message(body: bytes) -> NewMessage:
         raise RequestError(
             400, f"intent must be at most {MAX_INTENT_LENGTH} characters, no control characters"
         )
+    is_from_bot = _boolean(data, "isFromBot", default=False)
     return NewMessage(
         session_id=session_id,
         content=content,
         robot_id=check_id("robotId", _string(data, "robotId")),
-        is_from_bot=_boolean(data, "isFromBot", default=False),
-        is_human=_boolean(data, "isHuman", default=True),
+        is_from_bot=is_from_bot,
+        is_human=_boolean(data, "isHuman", default=not is_from_bot),  # a bot's is not a human's
         intent=intent,
     )
 

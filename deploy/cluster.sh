@@ -66,6 +66,36 @@ RUN_DIR=${PGSSE_RUN_DIR:-$ROOT/.run/cluster}
 mkdir -p "$RUN_DIR"
 cd "$ROOT"
 
+ports=()
+for ((i = 0; i < COUNT; i++)); do
+    ports+=("$((FIRST_PORT + i))")
+done
+
+# Every port must be free before anything starts (`make run` holds 5001, say): each is bound
+# as the instances will (SO_REUSEADDR, so only a listener, not TIME_WAIT, counts as busy).
+busy=$("$PYTHON" - "$PUBLIC_PORT" "${ports[@]}" <<'EOF'
+import socket, sys
+for port in sys.argv[1:]:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", int(port)))
+        except OSError:
+            print(port, end=" ")
+EOF
+)
+if [ -n "$busy" ]; then
+    echo "cluster.sh: port(s) ${busy% } already in use (is \`make run\` or another cluster" \
+        "running?); stop that, or choose other ports: deploy/cluster.sh N PUBLIC_PORT FIRST_PORT" >&2
+    exit 1
+fi
+
+# The last lines of an instance's log, after it failed.
+show_log() {
+    echo "cluster.sh: last lines of $RUN_DIR/broker-$1.log:" >&2
+    tail -n 20 "$RUN_DIR/broker-$1.log" >&2 || true
+}
+
 pids=()
 embedded_started=""
 cleanup() {
@@ -105,28 +135,49 @@ export DATABASE_URL=${DATABASE_URL:-$PGDATABASE_URL}
 "$PYTHON" -m broker migrate
 export BROKER_MIGRATE=false
 
-ports=()
-for ((i = 0; i < COUNT; i++)); do
-    port=$((FIRST_PORT + i))
-    ports+=("$port")
+declare -A port_of=()
+instances=()
+for port in "${ports[@]}"; do
     "$PYTHON" -m broker serve --host 127.0.0.1 --port "$port" >"$RUN_DIR/broker-$port.log" 2>&1 &
     pids+=("$!")
+    port_of[$!]=$port
+    instances+=("$!:$port")
 done
 
-# Wait until every instance is ready (its listener connected): GET /readyz answers 200.
-"$PYTHON" - "${ports[@]}" <<'EOF'
+# Wait until every instance is ready (its listener connected): GET /readyz answers 200. An
+# instance that exits, or is not ready within 30 s, is printed (port and reason) on stdout.
+if ! failed=$("$PYTHON" - "${instances[@]}" <<'EOF'
 import sys, time, urllib.request
+
+def ended(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+
 deadline = time.monotonic() + 30
-for port in sys.argv[1:]:
+for pid, port in (item.split(":") for item in sys.argv[1:]):
     while True:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2):
                 break
         except OSError:
+            if ended(pid):
+                print(port, "exited")
+                sys.exit(1)
             if time.monotonic() > deadline:
-                sys.exit(f"cluster.sh: instance on port {port} not ready after 30 s")
+                print(port, "was not ready after 30 s")
+                sys.exit(1)
             time.sleep(0.1)
 EOF
+); then
+    echo "cluster.sh: the instance on port ${failed:-?}" >&2
+    show_log "${failed%% *}"
+    exit 1
+fi
 
 render "$RUN_DIR/nginx" "$PUBLIC_PORT" "${ports[@]}"
 "$NGINX" -q -t -p "$RUN_DIR/nginx/" -c "$RUN_DIR/nginx/nginx.conf" -e stderr
@@ -136,6 +187,12 @@ pids+=("$!")
 echo "pgsse cluster: ${COUNT} instances on ports ${ports[*]}, nginx on http://127.0.0.1:${PUBLIC_PORT}/"
 echo "logs in $RUN_DIR; Ctrl-C stops everything"
 # Exit as soon as any process ends: a pool with a dead member is not what was asked for.
-wait -n "${pids[@]}"
-echo "cluster.sh: a process of the cluster ended; stopping the others" >&2
+ended=""
+wait -n -p ended "${pids[@]}" || true
+if [ -n "$ended" ] && [ -n "${port_of[$ended]:-}" ]; then
+    echo "cluster.sh: the instance on port ${port_of[$ended]} ended; stopping the others" >&2
+    show_log "${port_of[$ended]}"
+else
+    echo "cluster.sh: nginx ended; stopping the others" >&2
+fi
 exit 1

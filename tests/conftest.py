@@ -2,12 +2,15 @@
 
 The cluster is the embedded server of `broker.database`, in a temporary directory, so tests
 may stop, restart or `pg_terminate_backend` it. Tests isolate themselves by using fresh
-session ids (`session_id`), never by emptying the table.
+session ids (`session_id`), never by emptying the table. The directory is mkdtemp's, mode
+700: run by root, the cluster is placed where its user can reach it (`broker.placement`), and
+`Database.modes_before` lets a test check that no directory's mode changed.
 """
 
 from __future__ import annotations
 
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -24,12 +27,20 @@ from tests.support.processes import BrokerProcess
 from tests.support.sse import OPEN_CLIENTS
 
 
+def chain_modes(path: Path) -> list[str]:
+    """`stat -c '%a %U %n'` of `path` and each of its parents, from `/` down."""
+    chain = [*reversed(path.parents), path]
+    return [f"{p.stat().st_mode & 0o7777:o} {p.owner()} {p}" for p in chain]
+
+
 class Database:
     """The test cluster: its URL, plain-SQL helpers, and stop/start for fault injection."""
 
-    def __init__(self, server: EmbeddedPostgres) -> None:
+    def __init__(self, server: EmbeddedPostgres, root: Path, modes_before: list[str]) -> None:
         self.server = server
         self.url = server.url
+        self.root = root  # the temporary directory BROKER_DATA_DIR is in
+        self.modes_before = modes_before  # chain_modes(root) before the cluster started
 
     def connect(self) -> psycopg.Connection[Any]:
         return psycopg.connect(self.url, autocommit=True)
@@ -75,13 +86,14 @@ def database() -> Iterator[Database]:
     # Not in pytest's numbered temp dirs: pytest prunes old ones, and a concurrent session
     # (two developers' runs on one machine) could prune the directory of a running cluster.
     root = Path(tempfile.mkdtemp(prefix="pgsse-test-"))
+    modes_before = chain_modes(root)
     server = EmbeddedPostgres(root / "data")
-    server.start()
-    migrate(server.url)
     try:
-        yield Database(server)
+        server.start()
+        migrate(server.url)
+        yield Database(server, root, modes_before)
     finally:
-        server.stop("immediate")
+        server.destroy()
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -91,6 +103,26 @@ async def close_clients() -> AsyncIterator[None]:
     yield
     while OPEN_CLIENTS:
         await OPEN_CLIENTS[-1].close()
+
+
+@pytest.fixture
+def home() -> Iterator[Path]:
+    """A directory like `/root`: mode 700, inside a fresh temporary directory (mode 700)."""
+    top = Path(tempfile.mkdtemp(prefix="pgsse-home-"))
+    home = top / "root"
+    home.mkdir()
+    home.chmod(0o700)
+    yield home
+    shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A port another process (here: a socket) listens on, as `make run` holds 5001."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from typing import Any
 import jwt
 import pytest
 
-from broker.auth import Authenticator
+from broker.auth import Authenticator, bearer
 from broker.config import Settings
 from broker.errors import ConfigError, Forbidden, Unauthorized
 from tests.conftest import Database
@@ -31,6 +31,7 @@ from tests.support.security import (
     no_secret_in_logs,  # noqa: F401 -- autouse: no token or secret in any broker log
     open_stream,
     refused,
+    remember,
     request,
     unsigned,
 )
@@ -80,6 +81,13 @@ def test_verify_accepts_every_listed_secret_and_nothing_else() -> None:
         authenticator.verify(mint(stranger, ["a"]))
 
 
+def _signed(secret: str, **claims: Any) -> str:
+    """A token with exactly these claims besides `sessions: "*"`, types unchecked."""
+    token = jwt.encode({"sessions": "*", "exp": 2**40, **claims}, secret, algorithm="HS256")
+    remember(token)
+    return token
+
+
 @pytest.mark.parametrize(
     ("make", "reason"),
     [
@@ -91,7 +99,12 @@ def test_verify_accepts_every_listed_secret_and_nothing_else() -> None:
         (lambda s: mint(s, [1, 2]), "sessions"),
         (lambda s: mint(s, ["a"], robots={"r": 1}), "robots"),
         (lambda s: mint(s, ["a"], publish="yes"), "publish"),
-        (lambda s: mint(s, "*", aud="some-other-service"), "malformed"),
+        (lambda s: mint(s, "*", aud="some-other-service"), "aud"),
+        (lambda s: mint(s, "*", aud=""), "aud"),
+        (lambda s: mint(s, "*", aud=[]), "aud"),
+        (lambda s: _signed(s, exp="99999999999"), "exp must be a number"),
+        (lambda s: _signed(s, iat="0"), "iat must be a number"),
+        (lambda s: _signed(s, nbf="0"), "nbf must be a number"),
         (lambda s: "not.a.token", "malformed"),
         (lambda s: "", "malformed"),
     ],
@@ -105,6 +118,11 @@ def test_verify_accepts_every_listed_secret_and_nothing_else() -> None:
         "bad-robots",
         "bad-publish",
         "audience",
+        "audience-empty",
+        "audience-empty-list",
+        "exp-string",
+        "iat-string",
+        "nbf-string",
         "garbage",
         "empty",
     ],
@@ -138,6 +156,22 @@ def test_grants_cover_exactly_their_scope() -> None:
 
 
 # End to end: a real broker, real PostgreSQL
+
+
+@pytest.mark.parametrize(
+    ("header", "token"),
+    [(None, None), ("Bearer abc", "abc"), ("bearer  abc ", "abc"), (" BEARER abc", "abc")],
+)
+def test_bearer_reads_the_token_of_an_authorization_header(
+    header: str | None, token: str | None
+) -> None:
+    assert bearer(header) == token
+
+
+@pytest.mark.parametrize("header", ["", "Bearer", "Bearer  ", "Basic abc", "abc", "Token abc"])
+def test_bearer_refuses_any_other_authorization(header: str) -> None:
+    with pytest.raises(Unauthorized, match="Bearer <token>"):
+        bearer(header)
 
 
 async def test_open_mode_needs_no_token_and_warns_once(
@@ -338,7 +372,7 @@ async def test_tokens_are_logged_by_fingerprint_only(
     start_broker: StartBroker, database: Database, session_id: str
 ) -> None:
     secret = new_secret()
-    broker = _secured(start_broker, secret)
+    broker = _secured(start_broker, secret, BROKER_LOG_LEVEL="debug")  # stream_opened is debug
     good = mint(secret, [session_id], publish=True)
     expired = mint(secret, [session_id], ttl=-60)
     foreign = mint(new_secret(), [session_id])

@@ -1,109 +1,46 @@
-"""In Chromium: the JS client, the demo page at `GET /` and the React hook, on real brokers.
-
-Playwright drives Debian's Chromium (`/usr/bin/chromium`; browsers are never downloaded).
-Without it these tests skip, unless `CI` is set: CI installs Chromium, so there they must run.
-The async API is used because the tests share pytest-asyncio's running loop.
+"""In Chromium: the demo page at `GET /`, the JS client and the React hook, on real brokers.
 
 The demo page is served by the broker under test. The React fixture (tests/browser/react.html,
 React from the npm-installed UMD builds) is served by a static server of the test's own, on
-another origin, so its streams are cross-origin, as for a frontend on another port.
+another origin, so its streams are cross-origin, as for a frontend on another port. The npm
+package itself, packed and installed as an app gets it: tests/test_client_package.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import http.server
-import os
-import posixpath
 import re
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
-import pytest
-from playwright.async_api import (
-    Browser,
-    BrowserContext,
-    Locator,
-    Page,
-    async_playwright,
-    expect,
-)
+from playwright.async_api import BrowserContext, Page, expect
 
 from tests.conftest import Database
+from tests.support.browser import (
+    FIXTURES,
+    ROOT,
+    TIMEOUT_MS,
+    app_origin,
+    browser,
+    context,
+    insert,
+    item,
+    missing,
+    shown_ids,
+    stream_requests,
+    wait_for_streams,
+)
 from tests.support.processes import BrokerProcess
 from tests.support.sse import SSEClient
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-ROOT = Path(__file__).resolve().parents[1]
-STATIC = ROOT / "broker" / "static"
-FIXTURES = ROOT / "tests" / "browser"
-SCREENSHOT = ROOT / "docs" / "screenshot.png"
-TIMEOUT_MS = 10_000
+__all__ = ["app_origin", "browser", "context"]  # fixtures, imported for pytest
 
-if not CHROMIUM.exists() and not os.environ.get("CI"):
-    pytest.skip(
-        f"Chromium is not installed at {CHROMIUM} (apt-get install chromium); CI runs these",
-        allow_module_level=True,
-    )
+SCREENSHOT = ROOT / "docs" / "screenshot.png"
 
 expect.set_options(timeout=TIMEOUT_MS)
-
-# ---------------------------------------------------------------------------------------------
-# Fixtures and helpers
-
-
-@pytest.fixture(scope="session")
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, timeout=30_000
-        )
-        try:
-            yield browser
-        finally:
-            await browser.close()
-
-
-@pytest.fixture
-async def context(browser: Browser) -> AsyncIterator[BrowserContext]:
-    """A fresh browser profile; an uncaught exception in any of its pages fails the test."""
-    context = await browser.new_context(
-        viewport={"width": 860, "height": 900}, locale="en-GB", timezone_id="UTC"
-    )
-    context.set_default_timeout(TIMEOUT_MS)
-    errors: list[str] = []
-    context.on("weberror", lambda error: errors.append(str(error.error)))
-    yield context
-    await context.close()
-    assert not errors, f"uncaught errors in the page: {errors}"
-
-
-async def insert(database: Database, session_id: str, content: str, **columns: Any) -> str:
-    """INSERT a row with plain SQL off the event loop; its id as the page shows it."""
-    return str(await asyncio.to_thread(database.insert, session_id, content, **columns))
-
-
-async def wait_for_streams(broker: BrokerProcess, count: int) -> None:
-    """Until the broker counts `count` open streams (its stats), at most 10 s."""
-    await asyncio.to_thread(
-        broker.wait_until,
-        lambda: broker.stats()["totalConnections"] == count,
-        10,
-        f"{count} open streams",
-    )
 
 
 def demo_url(broker: BrokerProcess, session_id: str, **params: Any) -> str:
@@ -118,68 +55,6 @@ async def open_demo(
     await page.goto(demo_url(broker, session_id, **params))
     await expect(page.locator("#status")).to_have_attribute("data-state", "connected")
     return page
-
-
-def item(page: Page, message_id: str) -> Locator:
-    return page.locator(f"#messages li[data-id='{message_id}']")
-
-
-async def shown_ids(page: Page, selector: str = "#messages li") -> list[str]:
-    ids: list[str] = await page.locator(selector).evaluate_all(
-        "items => items.map(item => item.dataset.id)"
-    )
-    return ids
-
-
-def stream_requests(page: Page) -> list[str]:
-    """The URLs of the SSE requests `page` makes from now on."""
-    urls: list[str] = []
-    page.on("request", lambda r: urls.append(r.url) if "/api/sse/messages" in r.url else None)
-    return urls
-
-
-class AppFiles(http.server.SimpleHTTPRequestHandler):
-    """A frontend on its own origin: `/static/...` from broker/static, the rest from
-    tests/browser (react.html, node_modules); `/` is an empty page."""
-
-    def translate_path(self, path: str) -> str:
-        path = posixpath.normpath(urlsplit(path).path)
-        if path.startswith("/static/"):
-            root, relative = STATIC, path.removeprefix("/static/")
-        else:
-            root, relative = FIXTURES, path.lstrip("/")
-        file = (root / relative).resolve()
-        return str(file) if file.is_relative_to(root) else str(root / "missing")
-
-    def do_GET(self) -> None:
-        if urlsplit(self.path).path == "/":
-            body = b"<!doctype html><title>app</title>"
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-            return
-        super().do_GET()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture(scope="session")
-def app_origin() -> Iterator[str]:
-    """The origin of a real static server for the React fixture. A real server on 127.0.0.1,
-    not `page.route`: Chromium lets only a page of the loopback address space open streams to
-    the loopback broker (Local Network Access), as for a dev server on localhost:3000."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AppFiles)
-    thread = threading.Thread(target=server.serve_forever, name="app-files", daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,20 +135,21 @@ async def test_page_resumes_after_broker_restart_with_every_row_once_in_order(
     session_id: str,
 ) -> None:
     broker = start_broker()
+    # No maxReconnectAttempts: the page's default, Infinity, never gives up.
     page = await open_demo(
-        context,
-        broker,
-        session_id,
-        reconnectInterval=100,
-        maxReconnectInterval=1000,
-        maxReconnectAttempts=100,
+        context, broker, session_id, reconnectInterval=100, maxReconnectInterval=400
     )
     before = await insert(database, session_id, "before the restart")
     await expect(item(page, before)).to_be_visible()
 
     await asyncio.to_thread(broker.stop)
-    await expect(page.locator("#status")).not_to_have_attribute("data-state", "connected")
-    await expect(page.locator("#reconnects")).not_to_have_text("0")
+    await expect(page.locator("#status")).to_have_attribute("data-state", "reconnecting")
+    await page.wait_for_function(
+        "() => Number(document.getElementById('reconnects').textContent) >= 3"
+    )
+    await expect(page.locator("#error")).to_have_text(
+        re.compile(r"^could not connect: reconnecting \(attempt \d+\)$")
+    )
     during = [await insert(database, session_id, f"while down {n}") for n in range(5)]
     await asyncio.to_thread(broker.start)
 
@@ -448,23 +324,79 @@ async def test_demo_page_screenshot_accessible_and_phone_sized(
     assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 360
 
 
+async def test_demo_opens_on_the_readme_session_asking_for_recent_history(
+    context: BrowserContext, start_broker: Callable[..., BrokerProcess]
+) -> None:
+    broker = start_broker()
+    page = await context.new_page()
+    requests = stream_requests(page)
+    await page.goto(broker.base_url + "/")
+    await expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+    # The README publishes to session 123; a bare URL opens on it, and says so in the URL.
+    await expect(page.locator("#session")).to_have_value("123")
+    assert parse_qs(urlsplit(page.url).query) == {"sessionId": ["123"]}
+    assert len(requests) == 1
+    assert parse_qs(urlsplit(requests[0]).query) == {"sessionId": ["123"], "history": ["50"]}
+
+
+async def test_demo_opens_with_the_last_50_messages_then_live_ones(
+    context: BrowserContext,
+    start_broker: Callable[..., BrokerProcess],
+    database: Database,
+    session_id: str,
+) -> None:
+    broker = start_broker()
+    stored = [await insert(database, session_id, f"stored {n}") for n in range(55)]
+    await insert(database, session_id + "-other", "another session's row")
+
+    page = await open_demo(context, broker, session_id)
+    # The last 50, oldest first, and no "No messages yet" over a session that has rows.
+    await expect(page.locator("#messages li")).to_have_count(50)
+    assert await shown_ids(page) == stored[5:]
+    await expect(page.locator("#count")).to_have_text("50")
+    await expect(page.locator("#empty")).to_be_hidden()
+    live = await insert(database, session_id, "live")
+    await expect(item(page, live)).to_be_visible()
+    assert await shown_ids(page) == [*stored[5:], live]
+
+
 # ---------------------------------------------------------------------------------------------
 # The client's own guarantees, with a scripted EventSource in place of the network
+
+
+# The page's `setTimeout` is replaced by one that records the delay asked for and runs the
+# reconnect at once (as a microtask): thousands of attempts take milliseconds.
+SCRIPTED = """
+    const { createSSEClient } = await import('/static/sse-client.js');
+    const sources = [];
+    class ScriptedEventSource {
+        constructor(url) { this.url = url; this.closed = false; sources.push(this); }
+        close() { this.closed = true; }
+    }
+    const delays = [];
+    const realSetTimeout = window.setTimeout;
+    window.setTimeout = (run, ms) => { delays.push(ms); queueMicrotask(run); return 1; };
+    const settle = () => new Promise((resolve) => realSetTimeout(resolve, 0));
+    const fail = async () => { sources.at(-1).onerror(); await settle(); };
+    const send = (body, id = '') =>
+        sources.at(-1).onmessage({ data: JSON.stringify(body), lastEventId: id });
+"""
+
+
+async def run_scripted(context: BrowserContext, app_origin: str, body: str) -> Any:
+    """What `body`, run in a page after SCRIPTED's set-up, returns."""
+    page = await context.new_page()
+    await page.goto(app_origin + "/")
+    return await page.evaluate("async () => {" + SCRIPTED + body + "}")
 
 
 async def test_client_keeps_messages_unique_ordered_bounded_and_resumes_from_last_id(
     context: BrowserContext, app_origin: str
 ) -> None:
-    page = await context.new_page()
-    await page.goto(app_origin + "/")
-    result = await page.evaluate(
-        """async () => {
-        const { createSSEClient } = await import('/static/sse-client.js');
-        const sources = [];
-        class ScriptedEventSource {
-            constructor(url) { this.url = url; this.closed = false; sources.push(this); }
-            close() { this.closed = true; }
-        }
+    result = await run_scripted(
+        context,
+        app_origin,
+        """
         const reported = [];
         let tokens = 0;
         const client = createSSEClient({
@@ -472,13 +404,8 @@ async def test_client_keeps_messages_unique_ordered_bounded_and_resumes_from_las
             token: () => `t${++tokens}`, reconnectInterval: 20, EventSource: ScriptedEventSource,
             onMessage: (m) => reported.push(m.id),
         });
-        const send = (body, id = '') => sources.at(-1).onmessage(
-            { data: JSON.stringify(body), lastEventId: id });
         const message = (id) => send({ type: 'message', data: { id: String(id) } }, String(id));
         const ids = () => client.messages.map(m => m.id);
-        const until = async (condition) => {
-            for (let i = 0; i < 200 && !condition(); i++) await new Promise(r => setTimeout(r, 10));
-        };
         client.connect();
         send({ type: 'connected', sessionId: 's 1' });
         for (const id of [5, 3, 5, 4, 10, 9, 2]) message(id);
@@ -487,7 +414,7 @@ async def test_client_keeps_messages_unique_ordered_bounded_and_resumes_from_las
         send({ type: 'error', error: 'slow consumer: reconnect to resume' });
         const afterError = { connected: client.connected, closed: sources[0].closed,
                              attempts: client.reconnectAttempts, error: client.error };
-        await until(() => sources.length === 2);
+        await settle();
         send({ type: 'connected' });
         const reconnected = { connected: client.connected, attempts: client.reconnectAttempts,
                               error: client.error };
@@ -501,7 +428,7 @@ async def test_client_keeps_messages_unique_ordered_bounded_and_resumes_from_las
         client.connect();
         return { held, lastId, afterError, reconnected, afterReplay, afterClear, reported,
                  urls: sources.map(s => s.url), closed: sources.map(s => s.closed) };
-    }"""
+        """,
     )
     # Unique and in id order (10 after 9, though a shorter string), the oldest dropped beyond
     # maxMessages (3 and 4); 2, older than all of a full history, is reported but not kept.
@@ -513,7 +440,7 @@ async def test_client_keeps_messages_unique_ordered_bounded_and_resumes_from_las
         "connected": False,
         "closed": True,
         "attempts": 1,
-        "error": "slow consumer: reconnect to resume: reconnecting (attempt 1 of 5)",
+        "error": "slow consumer: reconnect to resume: reconnecting (attempt 1)",
     }
     assert result["reconnected"] == {"connected": True, "attempts": 0, "error": None}
     assert result["afterReplay"] == ["9", "10", "11"]
@@ -525,6 +452,121 @@ async def test_client_keeps_messages_unique_ordered_bounded_and_resumes_from_las
         base + "&lastEventId=11&token=t3",
     ]
     assert result["closed"] == [True, True, False]
+
+
+async def test_client_with_infinite_attempts_never_gives_up_backing_off_capped_with_jitter(
+    context: BrowserContext, app_origin: str
+) -> None:
+    result = await run_scripted(
+        context,
+        app_origin,
+        """
+        const run = async (options, failures) => {
+            delays.length = 0;
+            const client = createSSEClient({ EventSource: ScriptedEventSource, ...options });
+            client.connect();
+            const opened = sources.length;
+            // Past attempt 1025, where 2 ** attempt is Infinity and 0 * Infinity is NaN.
+            for (let n = 0; n < failures; n++) {
+                sources.at(-1).onerror();
+                await null;  // the reconnect, queued as a microtask, opens the next stream
+            }
+            await settle();
+            const state = { status: client.status, error: client.error,
+                            attempts: client.reconnectAttempts, streams: sources.length - opened,
+                            delays: delays.map(String) };
+            client.disconnect();
+            return state;
+        };
+        return {
+            default: await run({ reconnectInterval: 100, maxReconnectInterval: 1000 }, 1100),
+            explicit: await run({ reconnectInterval: 0, maxReconnectAttempts: Infinity }, 1100),
+        };
+        """,
+    )
+    for state in result.values():
+        assert state["status"] == "reconnecting"
+        assert state["attempts"] == 1100
+        assert state["streams"] == 1100
+        assert state["error"] == "could not connect: reconnecting (attempt 1100)"
+    delays = [float(delay) for delay in result["default"]["delays"]]
+    assert len(delays) == 1100
+    # Attempt n waits a random time in [d/2, d], d = 100 ms doubling, capped at 1000 ms.
+    assert 50 <= delays[0] <= 100 and 100 <= delays[1] <= 200
+    assert all(500 <= delay <= 1000 for delay in delays[4:])
+    assert len(set(delays)) > 1000  # jittered: no two clients come back in step
+    assert result["explicit"]["delays"] == ["0"] * 1100  # never NaN
+
+
+async def test_client_asks_for_history_only_when_it_has_no_resume_point(
+    context: BrowserContext, app_origin: str
+) -> None:
+    urls = await run_scripted(
+        context,
+        app_origin,
+        """
+        const client = createSSEClient({ sessionId: 's', history: 50, reconnectInterval: 0,
+                                         EventSource: ScriptedEventSource });
+        client.connect();
+        await fail();  // nothing received yet: history again
+        send({ type: 'connected' });
+        send({ type: 'message', data: { id: '7' } }, '7');
+        await fail();  // from now on, resume after the last row received
+        client.disconnect();
+        client.connect();
+        createSSEClient({ sessionId: 's', history: 5, lastEventId: '9',
+                          EventSource: ScriptedEventSource }).connect();
+        return sources.map((source) => source.url);
+        """,
+    )
+    base = "/api/sse/messages?sessionId=s"
+    assert urls == [
+        base + "&history=50",
+        base + "&history=50",
+        base + "&lastEventId=7",
+        base + "&lastEventId=7",
+        base + "&lastEventId=9",
+    ]
+
+
+async def test_client_refuses_bad_options_naming_them(
+    context: BrowserContext, app_origin: str
+) -> None:
+    outcomes = await run_scripted(
+        context,
+        app_origin,
+        """
+        const cases = [
+            { maxReconnectAttempts: Infinity }, { maxMessages: Infinity }, { history: 1000 },
+            { maxReconnectAttempts: -1 }, { maxReconnectAttempts: '5' },
+            { reconnectInterval: NaN }, { maxReconnectInterval: Infinity },
+            { maxMessages: 1.5 }, { history: 0 }, { history: 1001 }, { history: '50' },
+        ];
+        return cases.map((options) => {
+            try {
+                createSSEClient(options);
+                return 'ok';
+            } catch (error) {
+                return `${error.name}: ${error.message}`;
+            }
+        });
+        """,
+    )
+    attempts = "maxReconnectAttempts must be an integer >= 0 or Infinity"
+    history = "history must be an integer from 1 to 1000, or null"
+    assert outcomes == ["ok", "ok", "ok"] + [
+        f"TypeError: pgsse-client: {message}"
+        for message in [
+            f"{attempts}, not -1",
+            f'{attempts}, not "5"',
+            "reconnectInterval must be a number of ms >= 0, not NaN",
+            "maxReconnectInterval must be a number of ms >= 0, not Infinity",
+            "maxMessages must be an integer >= 0 or Infinity, not 1.5",
+            f"{history}, not 0",
+            f"{history}, not 1001",
+            f'{history}, not "50"',
+        ]
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -539,9 +581,7 @@ async def test_react_hook_and_component_stream_resume_and_clean_up(
     app_origin: str,
 ) -> None:
     if not (FIXTURES / "node_modules" / "react" / "umd").is_dir():
-        if os.environ.get("CI"):
-            pytest.fail("React is not installed: run `npm install --prefix tests/browser`")
-        pytest.skip("React is not installed: run `npm install --prefix tests/browser`")
+        missing("React is not installed in tests/browser (make test installs it; needs npm)")
     broker = start_broker(BROKER_CORS_ORIGINS=app_origin)
     page = await context.new_page()
     console_errors: list[str] = []

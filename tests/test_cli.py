@@ -6,12 +6,19 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Database
-from tests.support.processes import BrokerProcess
+from broker.database import EmbeddedPostgres
+from broker.placement import BASE
+from tests.conftest import Database, chain_modes
+from tests.support.processes import BrokerProcess, free_port
+from tests.support.sse import SSEClient
+
+NO_DATABASE_URL = {"DATABASE_URL": "", "PGDATABASE_URL": ""}
 
 
 def run_broker(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -40,13 +47,106 @@ def test_bad_setting_stops_start_up_with_one_line(
     result = run_broker("serve", *args, **env)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and setting in lines[0] and lines[0].startswith("broker: invalid")
+    assert len(lines) == 1 and setting in lines[0] and lines[0].startswith("pgsse: invalid")
 
 
 def test_unreachable_database_is_one_clear_line(tmp_path: Path) -> None:
     result = run_broker("migrate", DATABASE_URL=f"postgresql://nobody@/db?host={tmp_path}")
     assert result.returncode == 1
-    assert result.stderr.strip().startswith("broker: migration failed")
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pgsse: cannot connect to DATABASE_URL=")
+
+
+StartUpCase = Callable[[Path, int], dict[str, str]]
+
+
+@pytest.mark.parametrize(
+    ("case", "setting"),
+    [
+        (lambda tmp, busy: {"BROKER_PORT": str(busy)}, "BROKER_PORT"),
+        (lambda tmp, busy: {"BROKER_HOST": "999.1.1.1"}, "BROKER_HOST"),
+        (lambda tmp, busy: {"BROKER_HOST": "192.0.2.1"}, "BROKER_HOST"),  # not this machine's
+        (lambda tmp, busy: {"BROKER_DATA_DIR": "/proc/nope"}, "BROKER_DATA_DIR"),
+        (
+            lambda tmp, busy: {
+                "BROKER_MIGRATE": "false",
+                "DATABASE_URL": f"postgresql://nobody@/db?host={tmp}",
+            },
+            "DATABASE_URL",
+        ),
+        (lambda tmp, busy: {"DATABASE_URL": "mysql://db.example/app"}, "DATABASE_URL"),
+        (lambda tmp, busy: {"DATABASE_URL": "postgresql://h/db?nope=1"}, "DATABASE_URL"),
+        (lambda tmp, busy: {"BROKER_LOG_LEVEL": "loud"}, "BROKER_LOG_LEVEL"),
+    ],
+    ids=[
+        "busy-port",
+        "unresolvable-host",
+        "foreign-host",
+        "data-dir-in-proc",
+        "migrate-off-database-down",
+        "not-postgresql",
+        "bad-url-option",
+        "log-level",
+    ],
+)
+def test_start_up_failure_is_one_line_naming_the_setting_before_the_database_starts(
+    case: StartUpCase, setting: str, tmp_path: Path, busy_port: int
+) -> None:
+    data_dir = tmp_path / "data"
+    env = {
+        **NO_DATABASE_URL,
+        "BROKER_PORT": str(free_port()),
+        "BROKER_DATA_DIR": str(data_dir),
+        "BROKER_LOG_FORMAT": "json",
+        **case(tmp_path, busy_port),
+    }
+    result = run_broker("serve", **env)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("pgsse: ") and setting in lines[0]
+    assert not os.path.lexists(data_dir), "the embedded database was started"
+
+
+@pytest.mark.parametrize("scheme", ["postgresql+psycopg", "postgres", "postgresql"])
+def test_url_schemes_of_other_tools_are_accepted(
+    scheme: str, database: Database, session_id: str
+) -> None:
+    url = database.url.replace("postgresql://", f"{scheme}://", 1)
+    result = run_broker("publish", "--session", session_id, "x", DATABASE_URL=url)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["sessionId"] == session_id
+
+
+def test_pgsse_and_broker_are_one_command_with_a_version() -> None:
+    scripts = Path(sys.executable).parent
+    for name in ("pgsse", "broker"):
+        done = subprocess.run(
+            [str(scripts / name), "--version"], capture_output=True, text=True, timeout=30
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == [name, version("pgsse")]
+
+
+@pytest.mark.parametrize("command", ["serve", "migrate", "publish", "token"])
+def test_every_flag_says_its_default(command: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "broker", command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    entries: list[str] = []  # one per option: its line and the help lines under it
+    for line in done.stdout.split("options:", 1)[1].splitlines():
+        if line.startswith("  -"):
+            entries.append(line)
+        elif entries and line.startswith("    "):
+            entries[-1] += " " + line.strip()
+    flags = [entry for entry in entries if not entry.startswith("  -h")]
+    assert flags
+    for entry in flags:
+        assert "default" in entry or "(required)" in entry, entry
 
 
 def test_publish_inserts_and_prints_the_stored_message(database: Database, session_id: str) -> None:
@@ -89,29 +189,50 @@ def test_migrate_is_idempotent_and_safe_in_parallel(database: Database) -> None:
 
 
 async def test_serve_without_database_url_starts_the_embedded_postgres(
-    tmp_path: Path, session_id: str
+    home: Path, session_id: str
 ) -> None:
-    """What `make run` does on a fresh clone: no DATABASE_URL, data under the data dir."""
-    env = {key: "" for key in ("DATABASE_URL", "PGDATABASE_URL")}
-    broker = BrokerProcess(
-        {**env, "BROKER_DATA_DIR": str(tmp_path / "data"), "BROKER_LOG_FORMAT": "json"},
-        tmp_path / "broker.log",
-    )
+    """What `make run` does on a fresh clone, as root in a mode-700 home too: no
+    DATABASE_URL, data for `.data`, served on 127.0.0.1; no directory's mode changes."""
+    clone = home / "pgsse"
+    clone.mkdir()
+    before = chain_modes(clone)
+    data_dir = clone / ".data"
+    env = {**NO_DATABASE_URL, "BROKER_LOG_FORMAT": "json", "BROKER_DATA_DIR": str(data_dir)}
+    broker = BrokerProcess({**env, "BROKER_HOST": ""}, home.parent / "broker.log")
     try:
         broker.start(timeout=60)
-        assert (tmp_path / "data" / "PG_VERSION").exists()
-        published = run_broker(
-            "publish",
-            "--session",
-            session_id,
-            "hello",
-            BROKER_DATA_DIR=str(tmp_path / "data"),
-            **env,
-        )
+        assert (data_dir / "PG_VERSION").exists()
+        client = await SSEClient.open(broker.port, params={"sessionId": session_id})
+        published = run_broker("publish", "--session", session_id, "hello", **env)
         assert published.returncode == 0, published.stderr
         assert json.loads(published.stdout)["content"] == "hello"
+        assert json.loads((await client.message(timeout=10)).data or "")["data"]["content"] == (
+            "hello"
+        )
+        await client.close()
     finally:
         broker.stop()
+        log = broker.log_events()
+        EmbeddedPostgres(data_dir).destroy()
     assert broker.wait() == 0
-    events = [e["event"] for e in broker.log_events()]
+    assert chain_modes(clone) == before
+    events = {e["event"]: e for e in log}
     assert "embedded_postgres_started" in events and "embedded_postgres_stopped" in events
+    assert events["listening"]["addresses"] == [f"127.0.0.1:{broker.port}"]  # not 0.0.0.0
+    if os.geteuid() == 0:  # one line says where the data really is
+        assert Path(events["embedded_postgres_data"]["data_dir"]).parent == BASE
+
+
+@pytest.mark.parametrize(("level", "logged"), [("info", False), ("debug", True)])
+async def test_streams_opening_and_closing_are_logged_at_debug(
+    level: str, logged: bool, start_broker: Callable[..., BrokerProcess], session_id: str
+) -> None:
+    broker = start_broker(BROKER_LOG_LEVEL=level)
+    client = await SSEClient.open(broker.port, params={"sessionId": session_id})
+    await client.event()
+    await client.close()
+    broker.wait_until(lambda: broker.stats()["totalConnections"] == 0, 5, "stream released")
+    broker.stop()
+    events = {e["event"] for e in broker.log_events()}
+    assert ("stream_opened" in events) is logged and ("stream_closed" in events) is logged
+    assert "listening" in events  # info still logged

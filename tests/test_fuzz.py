@@ -30,8 +30,8 @@ from hypothesis import strategies as st
 from tests.conftest import Database
 from tests.support.processes import BrokerProcess
 from tests.support.security import (
-    assert_no_secret_in,
     mint,
+    module_broker,
     new_secret,
     remember,
 )
@@ -78,28 +78,18 @@ class Fuzzed:
 
 @pytest.fixture(scope="module")
 def fuzzed(database: Database, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
-    log_dir = tmp_path_factory.mktemp("fuzz")
-    broker = BrokerProcess(
-        {
-            "DATABASE_URL": database.url,
-            "BROKER_MIGRATE": "false",
-            "BROKER_LOG_FORMAT": "json",
-            "BROKER_AUTH_SECRET": SECRET,
-            "BROKER_ADMIN_TOKEN": ADMIN_TOKEN,
-            "BROKER_MAX_STREAMS_PER_IP": str(CAP),
-            "BROKER_TRUSTED_PROXIES": "127.0.0.1/32",
-            "BROKER_CORS_ORIGINS": "https://app.example.com",
-            "BROKER_HEADER_TIMEOUT_SECONDS": "5",
-            "BROKER_MAX_HEADER_BYTES": "8192",
-        },
-        log_dir / "broker.log",
-    )
-    broker.start()
-    try:
+    with module_broker(
+        database.url,
+        tmp_path_factory.mktemp("fuzz") / "broker.log",
+        BROKER_AUTH_SECRET=SECRET,
+        BROKER_ADMIN_TOKEN=ADMIN_TOKEN,
+        BROKER_MAX_STREAMS_PER_IP=str(CAP),
+        BROKER_TRUSTED_PROXIES="127.0.0.1/32",
+        BROKER_CORS_ORIGINS="https://app.example.com",
+        BROKER_HEADER_TIMEOUT_SECONDS="5",
+        BROKER_MAX_HEADER_BYTES="8192",
+    ) as broker:
         yield Fuzzed(broker, database)
-    finally:
-        broker.stop()
-        assert_no_secret_in([log_dir / "broker.log"])
 
 
 # Requests

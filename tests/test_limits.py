@@ -12,12 +12,16 @@ import contextlib
 import ipaddress
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from broker.config import Settings
 from broker.errors import ConfigError
-from broker.limits import StreamCounter, client_address
+from broker.limits import StreamCounter
+from broker.transport import server_options
 from tests.conftest import Database
 from tests.support.processes import BrokerProcess, free_port
 from tests.support.security import (
@@ -57,13 +61,31 @@ TRUSTED = [ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/
         (None, ["203.0.113.7"], TRUSTED, "unknown"),
     ],
 )
-def test_client_address_believes_only_trusted_proxies(
+async def test_client_address_believes_only_trusted_proxies(
     peer: str | None,
     forwarded: list[str],
     trusted: list[ipaddress.IPv4Network],
     client: str,
 ) -> None:
-    assert client_address(peer, forwarded, trusted) == client
+    """uvicorn's proxy-header handling, configured as the broker configures it, decides the
+    client address the per-client cap counts (`Guard`: "unknown" without one)."""
+    options = server_options(Settings(trusted_proxies=tuple(trusted)))
+    seen: list[Any] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(scope["client"])
+
+    wrapped: ASGIApp = app
+    if options["proxy_headers"]:
+        wrapped = ProxyHeadersMiddleware(app, trusted_hosts=options["forwarded_allow_ips"])
+    headers = [(b"x-forwarded-for", value.encode()) for value in forwarded]
+    scope = {"type": "http", "client": None if peer is None else (peer, 5000), "headers": headers}
+    await wrapped(scope, _never, _never)
+    assert (seen[0][0] if seen[0] else "unknown") == client
+
+
+async def _never(*args: Any) -> Any:
+    raise AssertionError("not called")
 
 
 def test_stream_counter_caps_each_client_and_releases() -> None:

@@ -82,10 +82,11 @@ def message(id_: int, session: str = "a") -> Message:
     return Message(id_, session, None, f"m{id_}", False, True, None, "2026-01-01T00:00:00.000Z")
 
 
-def test_collector_reads_the_hub_and_listener_counters_at_scrape_time() -> None:
+async def test_collector_reads_the_hub_and_listener_counters_at_scrape_time() -> None:
     hub = Hub(max_subscribers=10, queue_size=10)
     listener = SimpleNamespace(connected=True, reconnects=2, notifications=7, backfilled=3)
-    registry = create_registry(SimpleNamespace(hub=hub, listener=listener))  # type: ignore[arg-type]
+    broker = SimpleNamespace(hub=hub, listener=listener, started_at=time.time())
+    registry = create_registry(broker)  # type: ignore[arg-type]
     first, second = hub.subscribe("a", None), hub.subscribe(None, None)
     hub.publish(message(1))
     hub.publish(message(2, "b"))

@@ -36,7 +36,7 @@ def test_last_event_id(value: str | None, expected: int | None) -> None:
 def test_bad_ids(value: str) -> None:
     with pytest.raises(RequestError) as caught:
         check_id("sessionId", value)
-    assert caught.value.status == 400 and "sessionId" in caught.value.message
+    assert caught.value.status == 400 and "sessionId" in str(caught.value)
 
 
 @pytest.mark.parametrize("value", ["x" * 255, "中" * 255, "a b", "😀", "a\u200bb", "\u2028"])
@@ -52,6 +52,21 @@ def test_new_message_defaults() -> None:
         True,
         None,
     )
+
+
+@pytest.mark.parametrize(
+    ("fields", "is_human"),
+    [
+        ('"isFromBot": true', False),
+        ('"isFromBot": false', True),
+        ('"isFromBot": true, "isHuman": true', True),
+        ('"isFromBot": false, "isHuman": false', False),
+        ('"isFromBot": true, "isHuman": null', False),
+    ],
+)
+def test_is_human_defaults_to_not_from_bot(fields: str, is_human: bool) -> None:
+    message = parse_new_message(f'{{"sessionId": "s", "content": "c", {fields}}}'.encode())
+    assert message.is_human is is_human
 
 
 def test_new_message_null_optionals_are_defaults() -> None:
@@ -74,4 +89,4 @@ def test_history_takes_1_to_1000(value: str | None, expected: int | None) -> Non
 def test_bad_history_is_a_400_naming_it(value: str) -> None:
     with pytest.raises(RequestError) as caught:
         parse_history(value)
-    assert caught.value.status == 400 and caught.value.message.startswith("history must be")
+    assert caught.value.status == 400 and str(caught.value).startswith("history must be")

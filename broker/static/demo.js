@@ -1,20 +1,27 @@
-// The demo page at GET /: one sse-client.js client, rendered into plain DOM.
-// The URL query sets the form (?sessionId=…&robotId=…), a `token` for a broker that requires
-// one (used for the stream and for sending), and, for trying failure modes, the client's
-// reconnectInterval, maxReconnectInterval and maxReconnectAttempts.
+// The demo page at GET /: one sse-client.js client (the pgsse-client package's), rendered
+// into plain DOM. It opens on the session in the URL (?sessionId=…&robotId=…; 123 by default,
+// the README's example) with its last HISTORY messages, then live ones. The URL may also give a
+// `token` for a broker that requires one (used for the stream and for sending), and, for trying
+// failure modes, the client's reconnectInterval, maxReconnectInterval and maxReconnectAttempts
+// (a number or Infinity, the default: never give up).
 
-import { createSSEClient } from "./sse-client.js";
+import { createSSEClient, STATUS_TEXT } from "./sse-client.js";
+
+const DEFAULT_SESSION = "123";
+const HISTORY = 50;
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
-const number = (name, fallback) => {
-  const value = Number(params.get(name));
-  return params.has(name) && Number.isFinite(value) && value >= 0 ? value : fallback;
+const number = (name, fallback, { integer = false } = {}) => {
+  const value = params.get(name) === "Infinity" ? Infinity : Number(params.get(name));
+  const valid = integer ? Number.isInteger(value) || value === Infinity : Number.isFinite(value);
+  return params.has(name) && valid && value >= 0 ? value : fallback;
 };
 const settings = {
   reconnectInterval: number("reconnectInterval", 1000),
   maxReconnectInterval: number("maxReconnectInterval", 15000),
-  maxReconnectAttempts: number("maxReconnectAttempts", 10),
+  maxReconnectAttempts: number("maxReconnectAttempts", Infinity, { integer: true }),
+  history: HISTORY,
   token: params.get("token") || null,
 };
 
@@ -55,14 +62,6 @@ function start() {
 function stop() {
   if (client) client.disconnect();
 }
-
-const STATUS_TEXT = {
-  idle: "Disconnected",
-  connecting: "Connecting…",
-  connected: "Connected",
-  reconnecting: "Reconnecting…",
-  failed: "Connection failed",
-};
 
 function render(state) {
   const status = $("status");
@@ -171,7 +170,7 @@ async function send(event) {
   }
 }
 
-$("session").value = params.get("sessionId") || "demo";
+$("session").value = params.get("sessionId") || DEFAULT_SESSION;
 $("robot").value = params.get("robotId") || "";
 $("subscribe").addEventListener("submit", (event) => {
   event.preventDefault();

@@ -46,7 +46,8 @@ class BrokerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, wait_ready: bool = True, timeout: float = 20.0) -> BrokerProcess:
-        env = {**os.environ, **self.env, "BROKER_PORT": str(self.port), "BROKER_HOST": "127.0.0.1"}
+        # BROKER_HOST="" in `env`: the broker's own default.
+        env = {**os.environ, "BROKER_HOST": "127.0.0.1", **self.env, "BROKER_PORT": str(self.port)}
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "broker", "serve"],

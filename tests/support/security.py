@@ -11,8 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import select
+import socket
+import struct
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,7 @@ from typing import Any
 import jwt
 import pytest
 
+from tests.support.processes import BrokerProcess
 from tests.support.sse import SSEClient
 
 # Every token and secret handed to a broker during the run: none may appear in a log line.
@@ -85,6 +90,24 @@ def assert_no_secret_in(paths: list[Path]) -> int:
     return lines
 
 
+@contextmanager
+def module_broker(database_url: str, log_path: Path, **env: str) -> Iterator[BrokerProcess]:
+    """A broker shared by a test module's tests; its log is scanned for secrets at the end."""
+    settings = {
+        "DATABASE_URL": database_url,
+        "BROKER_MIGRATE": "false",
+        "BROKER_LOG_FORMAT": "json",
+        **env,
+    }
+    broker = BrokerProcess(settings, log_path)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+        assert_no_secret_in([log_path])
+
+
 @pytest.fixture(autouse=True)
 def no_secret_in_logs(tmp_path: Path) -> Iterator[None]:
     """After each test (and after `start_broker` stopped its brokers, since an autouse
@@ -104,6 +127,10 @@ class Answer:
     @property
     def json(self) -> Any:
         return json.loads(self.body)
+
+    @property
+    def is_stream(self) -> bool:
+        return self.headers.get("content-type", "").startswith("text/event-stream")
 
 
 async def request(
@@ -193,3 +220,106 @@ async def refused(client: SSEClient) -> tuple[int, dict[str, str], dict[str, Any
     body = json.loads(await client.body(timeout=5))
     await client.close()
     return client.status, client.headers, body
+
+
+class RawClient:
+    """One blocking socket driven byte by byte, for what a well-behaved client never sends:
+    pipelined requests, trickled bodies, a socket closed by FIN or by RST. Every read is
+    bounded by `timeout`."""
+
+    def __init__(self, port: int, timeout: float = 5.0, rcvbuf: int | None = None) -> None:
+        self.sock = socket.socket()
+        if rcvbuf is not None:  # before connect, so the window is small from the start
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(timeout)
+        self.sock.connect(("127.0.0.1", port))
+        self.timeout = timeout
+        self.data = b""  # received and not yet consumed
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _more(self, deadline: float) -> bool:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"nothing more within {self.timeout}s; got {self.data[-300:]!r}")
+        self.sock.settimeout(left)
+        try:
+            chunk = self.sock.recv(65536)
+        except TimeoutError:
+            raise TimeoutError(f"nothing more in time; got {self.data[-300:]!r}") from None
+        self.data += chunk
+        return bool(chunk)
+
+    def read_until(self, marker: bytes, timeout: float | None = None) -> bytes:
+        """Everything up to and including `marker`, consumed."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while marker not in self.data:
+            if not self._more(deadline):
+                raise EOFError(f"closed before {marker!r}; got {self.data[-300:]!r}")
+        head, _, self.data = self.data.partition(marker)
+        return head + marker
+
+    def answer(self, head_only: bool = False, timeout: float | None = None) -> Answer:
+        """The next complete answer; `head_only` for the answer to a HEAD request. Of an
+        event stream, whose body never ends, only the head is read."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        head = self.read_until(b"\r\n\r\n", timeout)
+        answer = parse_answer(head)
+        if head_only or answer.is_stream:
+            return answer
+        if "content-length" in answer.headers:
+            length = int(answer.headers["content-length"])
+            while len(self.data) < length:
+                if not self._more(deadline):
+                    break
+            answer.body, self.data = self.data[:length], self.data[length:]
+        elif answer.headers.get("transfer-encoding", "").lower() == "chunked":
+            raw = self.read_until(b"0\r\n\r\n", timeout)
+            answer.body = parse_answer(head + raw).body
+        return answer
+
+    def answered_within(self, seconds: float) -> bool:
+        """True once anything arrives (or the connection ends) within `seconds`."""
+        if self.data:
+            return True
+        readable, _, _ = select.select([self.sock], [], [], seconds)
+        return bool(readable)
+
+    def closed_within(self, timeout: float) -> float:
+        """Seconds until the server closes the connection (FIN or RST); reads and drops
+        whatever arrives meanwhile. TimeoutError if it stays open."""
+        started = time.monotonic()
+        deadline = started + timeout
+        try:
+            while self._more(deadline):
+                self.data = self.data[-4096:]
+        except ConnectionError:
+            pass
+        return time.monotonic() - started
+
+    def close(self, reset: bool = False) -> None:
+        """FIN, or with `reset` an RST (SO_LINGER 0), as a crashed client or a NAT would."""
+        if reset:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+
+def admin_stats(port: int, admin_token: str) -> dict[str, Any]:
+    """`data` of the stats answer, with the admin token."""
+    with RawClient(port) as client:
+        client.send(
+            b"GET /api/sse/stats HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + admin_token.encode()
+            + b"\r\n\r\n"
+        )
+        answer = client.answer()
+    assert answer.status == 200, answer.body
+    data: dict[str, Any] = answer.json["data"]
+    return data

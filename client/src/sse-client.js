@@ -1,24 +1,28 @@
-// pgsse browser client: a dependency-free ES module over EventSource.
+// pgsse-client: a dependency-free ES module over EventSource (the npm package's main entry,
+// and what the broker serves as /static/sse-client.js).
 //
-//   import { createSSEClient } from "/static/sse-client.js";
+//   import { createSSEClient } from "pgsse-client"; // or "/static/sse-client.js"
 //   const client = createSSEClient({ sessionId: "123", onMessage: (m) => console.log(m) });
 //   client.connect();
 //
 // Why not rely on EventSource's own reconnect: it gives up for good on an HTTP error (the
 // broker's 503 at its connection cap, a 502 from a proxy) and after such a failure nobody
 // resumes. So on every failure this client closes the EventSource itself and opens a new one
-// after a delay (backoff with jitter), up to `maxReconnectAttempts` consecutive failures, and
-// every new stream asks the broker to replay from the last id seen (`lastEventId` query
-// parameter), so neither an outage nor a manual disconnect()/connect() loses a message.
-// The broker's own `error` events ("slow consumer", "server shutting down", "replay limit
-// reached") end a stream on purpose; the client reconnects from its last id in the same way.
+// after a delay (capped exponential backoff with jitter), up to `maxReconnectAttempts`
+// consecutive failures (Infinity, the default: never give up), and every new stream asks the
+// broker to replay from the last id seen (`lastEventId` query parameter), so neither an outage
+// nor a manual disconnect()/connect() loses a message. The broker's own `error` events ("slow
+// consumer", "server shutting down", "replay limit reached") end a stream on purpose; the
+// client reconnects from its last id in the same way.
 //
 // Options: baseUrl ("" = same origin), sessionId and robotId (null = any), token (a string,
 // or a function called at each connect, for a broker with BROKER_AUTH_SECRET),
-// reconnectInterval (ms, 3000), maxReconnectInterval (ms, 30000), maxReconnectAttempts (5),
-// autoReconnect (true), maxMessages (500), lastEventId (resume point of a new client),
-// onMessage(message), onConnected(event), onDisconnected(reason), onError(error), and
-// EventSource (a replacement constructor, e.g. a polyfill).
+// reconnectInterval (ms, 3000), maxReconnectInterval (ms, 30000), maxReconnectAttempts
+// (Infinity), autoReconnect (true), maxMessages (500), history (null, or 1 to 1000: the last
+// rows to show first when there is no resume point), lastEventId (resume point of a new
+// client), onMessage(message), onConnected(event), onDisconnected(reason), onError(error), and
+// EventSource (a replacement constructor, e.g. a polyfill). A bad value throws a TypeError
+// naming the option. Types: sse-client.d.ts.
 //
 // Messages are kept deduplicated by id (the last 10000 ids received are remembered, across
 // reconnects and clearMessages()), in id order, at most `maxMessages` of them (the oldest go
@@ -33,9 +37,10 @@ const DEFAULTS = {
   token: null,
   reconnectInterval: 3000,
   maxReconnectInterval: 30000,
-  maxReconnectAttempts: 5,
+  maxReconnectAttempts: Infinity,
   autoReconnect: true,
   maxMessages: 500,
+  history: null,
   lastEventId: null,
   onMessage: null,
   onConnected: null,
@@ -43,6 +48,15 @@ const DEFAULTS = {
   onError: null,
   EventSource: null,
 };
+
+/** English labels of the statuses, for a status line. */
+export const STATUS_TEXT = Object.freeze({
+  idle: "Disconnected",
+  connecting: "Connecting…",
+  connected: "Connected",
+  reconnecting: "Reconnecting…",
+  failed: "Connection failed",
+});
 
 // Row ids are decimal strings of up to 19 digits, beyond a double's exact range: compare them
 // as strings (a longer canonical decimal is larger).
@@ -55,12 +69,38 @@ export function compareIds(a, b) {
 
 const RESUMABLE = /^[0-9]{1,19}$/;
 const SEEN_LIMIT = 10000;
+const HISTORY_LIMIT = 1000; // the broker's bound on `history`
+
+// Checked at once, naming the option: a mistyped value would otherwise show up much later, as
+// a client that reconnects in a tight loop or never at all.
+function checkOptions(opts) {
+  const fail = (name, what) => {
+    const value = opts[name];
+    const shown = typeof value === "string" ? JSON.stringify(value) : String(value);
+    throw new TypeError(`pgsse-client: ${name} must be ${what}, not ${shown}`);
+  };
+  for (const name of ["reconnectInterval", "maxReconnectInterval"]) {
+    if (!(Number.isFinite(opts[name]) && opts[name] >= 0)) fail(name, "a number of ms >= 0");
+  }
+  for (const name of ["maxReconnectAttempts", "maxMessages"]) {
+    const value = opts[name];
+    if (!(value >= 0 && (Number.isInteger(value) || value === Infinity))) {
+      fail(name, "an integer >= 0 or Infinity");
+    }
+  }
+  const { history } = opts;
+  const historyOk = Number.isInteger(history) && history >= 1 && history <= HISTORY_LIMIT;
+  if (history !== null && !historyOk) {
+    fail("history", `an integer from 1 to ${HISTORY_LIMIT}, or null`);
+  }
+}
 
 export function createSSEClient(options = {}) {
   const opts = { ...DEFAULTS };
   for (const [key, value] of Object.entries(options)) {
     if (value !== undefined) opts[key] = value;
   }
+  checkOptions(opts);
   const EventSourceImpl = opts.EventSource || globalThis.EventSource;
 
   let source = null; // the open EventSource, if any
@@ -100,7 +140,10 @@ export function createSSEClient(options = {}) {
     const params = new URLSearchParams();
     if (opts.sessionId != null && opts.sessionId !== "") params.set("sessionId", opts.sessionId);
     if (opts.robotId != null && opts.robotId !== "") params.set("robotId", opts.robotId);
+    // History only opens a stream that has nothing to resume from (the broker ignores it
+    // beside a resume point anyway); later rows come by replay after the last one shown.
     if (lastEventId !== null) params.set("lastEventId", lastEventId);
+    else if (opts.history !== null) params.set("history", String(opts.history));
     // EventSource cannot send an Authorization header; a function is asked again on every
     // reconnect, so an expiring token can be renewed.
     const token = typeof opts.token === "function" ? opts.token() : opts.token;
@@ -200,7 +243,8 @@ export function createSSEClient(options = {}) {
       const max = opts.maxReconnectAttempts;
       if (opts.autoReconnect && attempt <= max) {
         timer = setTimeout(open, immediately && attempt === 1 ? 0 : delay(attempt));
-        error = `${reason}: reconnecting (attempt ${attempt} of ${max})`;
+        const of = max === Infinity ? "" : ` of ${max}`;
+        error = `${reason}: reconnecting (attempt ${attempt}${of})`;
         changes.reconnectAttempts = attempt;
       } else {
         wanted = false;
@@ -214,9 +258,12 @@ export function createSSEClient(options = {}) {
   }
 
   // Exponential backoff from reconnectInterval, capped, with "equal jitter": a random delay
-  // in [d/2, d], so clients dropped together (a broker restart) do not return together.
+  // in [d/2, d], so clients dropped together (a broker restart) do not return together. The
+  // exponent is bounded too: with no limit on attempts, 2 ** attempt would reach Infinity,
+  // and 0 * Infinity is NaN (a retry loop with no delay at all).
   function delay(attempt) {
-    const base = Math.min(opts.reconnectInterval * 2 ** (attempt - 1), opts.maxReconnectInterval);
+    const growth = 2 ** Math.min(attempt - 1, 30);
+    const base = Math.min(opts.reconnectInterval * growth, opts.maxReconnectInterval);
     return base / 2 + Math.random() * (base / 2);
   }
 

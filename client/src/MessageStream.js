@@ -1,26 +1,21 @@
 // MessageStream: a React component showing one session's messages live, built on useSSE.
 //
 // Like useSSE.js it takes React as an argument (see there why), and uses createElement, so
-// no JSX compiler is needed either:
+// no JSX compiler is needed either; `import { MessageStream } from "pgsse-client/react"` has
+// it bound already:
 //
 //   import { createMessageStream } from "/static/MessageStream.js";
 //   const MessageStream = createMessageStream(React);
 //   root.render(React.createElement(MessageStream, { sessionId: "123" }));
 //
-// Props: every useSSE option, plus `title`, `className`, `showControls` (default true) and
+// Props: every useSSE option, plus `onNewMessage(message)` (called once per new message, as
+// onMessage is), `title`, `className`, `showControls` (default true) and
 // `renderMessage(message)` to replace the default rendering of one message's body.
 // Markup: section.pgsse-stream > header (status, buttons), p[role=alert] for errors, and
 // ol[aria-live=polite] > li.pgsse-message.bot|.human[data-id].
 
+import { STATUS_TEXT } from "./sse-client.js";
 import { createUseSSE } from "./useSSE.js";
-
-const STATUS_TEXT = {
-  idle: "Disconnected",
-  connecting: "Connecting…",
-  connected: "Connected",
-  reconnecting: "Reconnecting…",
-  failed: "Connection failed",
-};
 
 function formatTime(iso) {
   const date = new Date(iso);
@@ -33,7 +28,13 @@ export function createMessageStream(React) {
 
   return function MessageStream(props) {
     const { title = "Messages", className = "", showControls = true, renderMessage } = props;
-    const sse = useSSE(props);
+    const sse = useSSE({
+      ...props,
+      onMessage: (message) => {
+        props.onMessage?.(message);
+        props.onNewMessage?.(message);
+      },
+    });
     const { connected, messages, error, connect, disconnect, clearMessages } = sse;
 
     const controls = showControls

@@ -3,7 +3,8 @@
 // React is passed in, not imported: a bare `import "react"` only resolves through a bundler
 // or an importmap, and a second copy of React breaks hooks. Taking the page's own React
 // makes this file work unchanged from a <script type="module"> next to the UMD build
-// (window.React), with an importmap, or in a bundled app. React 18 or later.
+// (window.React), with an importmap, or in a bundled app. React 18 or later. In a bundled
+// app, `import { useSSE } from "pgsse-client/react"` (react.js) has it bound already.
 //
 //   import { createUseSSE } from "/static/useSSE.js";
 //   const useSSE = createUseSSE(React);
@@ -11,29 +12,32 @@
 //     = useSSE({ sessionId: "123", robotId: "r1", onMessage: (m) => console.log(m) });
 //
 // Options: baseUrl, sessionId, robotId, token, reconnectInterval, maxReconnectInterval,
-// maxReconnectAttempts, autoReconnect, maxMessages, onMessage, onConnected, onDisconnected,
-// onError (see sse-client.js), and `enabled` (default true: connect on mount). A change of
-// baseUrl, sessionId, robotId, a token string or a reconnect setting starts a new stream; new
-// callbacks (and a new token function) do not. Unmounting closes the stream.
+// maxReconnectAttempts, autoReconnect, maxMessages, history, onMessage, onConnected,
+// onDisconnected, onError (see sse-client.js), and `enabled` (default true: connect on mount).
+// A change of baseUrl, sessionId, robotId, a token string, history or a reconnect setting
+// starts a new stream; new callbacks (and a new token function) do not. Unmounting closes it.
 
 import { createSSEClient } from "./sse-client.js";
+
+// The options that shape the stream: a change of any of them opens a new one.
+const STREAM_OPTIONS = [
+  "baseUrl",
+  "sessionId",
+  "robotId",
+  "reconnectInterval",
+  "maxReconnectInterval",
+  "maxReconnectAttempts",
+  "autoReconnect",
+  "maxMessages",
+  "history",
+];
 
 export function createUseSSE(React) {
   const { useEffect, useMemo, useRef, useSyncExternalStore } = React;
 
   return function useSSE(options = {}) {
-    const {
-      baseUrl = "",
-      sessionId = null,
-      robotId = null,
-      token = null,
-      reconnectInterval,
-      maxReconnectInterval,
-      maxReconnectAttempts,
-      autoReconnect,
-      maxMessages,
-      enabled = true,
-    } = options;
+    const { token = null, enabled = true } = options;
+    const settings = STREAM_OPTIONS.map((name) => options[name]);
 
     // The latest callbacks, read when an event arrives, so passing inline arrow functions
     // does not reconnect on every render.
@@ -43,32 +47,15 @@ export function createUseSSE(React) {
     const client = useMemo(
       () =>
         createSSEClient({
-          baseUrl,
-          sessionId,
-          robotId,
+          ...Object.fromEntries(STREAM_OPTIONS.map((name, at) => [name, settings[at]])),
           // A token function is read through the ref: a new one need not reconnect.
           token: typeof token === "function" ? () => callbacks.current.token() : token,
-          reconnectInterval,
-          maxReconnectInterval,
-          maxReconnectAttempts,
-          autoReconnect,
-          maxMessages,
           onMessage: (message) => callbacks.current.onMessage?.(message),
           onConnected: (event) => callbacks.current.onConnected?.(event),
           onDisconnected: (reason) => callbacks.current.onDisconnected?.(reason),
           onError: (error) => callbacks.current.onError?.(error),
         }),
-      [
-        baseUrl,
-        sessionId,
-        robotId,
-        typeof token === "function" ? "function" : token,
-        reconnectInterval,
-        maxReconnectInterval,
-        maxReconnectAttempts,
-        autoReconnect,
-        maxMessages,
-      ],
+      [...settings, typeof token === "function" ? "function" : token],
     );
 
     useEffect(() => {

@@ -1,0 +1,88 @@
+"""One snapshot of the broker's numbers, read by `/api/sse/stats` and by `/metrics`.
+
+As psycopg_pool's `get_stats()`: the hub's and the listener's plain counters are walked in one
+place, `snapshot`, on the event loop thread where they are written, so one snapshot is
+consistent and the two readers always agree. `Stats.as_json` is the stats endpoint's `data`;
+`metrics.BrokerCollector` turns the same snapshot into metric families.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .service import Broker
+
+__all__ = ["Stats", "snapshot"]
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """The broker's numbers at one moment. Counters only grow; the rest are gauges."""
+
+    open_streams: int
+    max_streams: int
+    channels: dict[str, int]  # open streams per logical channel
+    listener_connected: bool
+    listener_reconnects: int
+    notifications: int  # received on the LISTEN connection
+    backfilled: int  # rows read after a listener reconnect
+    messages_routed: int
+    events_delivered: int
+    slow_consumer_disconnects: int
+    rejected_connections: int
+    replayed_events: int
+    latency_buckets: list[tuple[float, int]]  # delivery latency: (upper bound, cumulative)
+    latency_sum: float
+    uptime_seconds: float
+    tasks: int  # asyncio tasks of the process
+
+    def as_json(self) -> dict[str, Any]:
+        """The `data` of `GET /api/sse/stats`."""
+        return {
+            "totalConnections": self.open_streams,
+            "channels": self.channels,
+            "listener": {
+                "connected": self.listener_connected,
+                "reconnects": self.listener_reconnects,
+                "notifications": self.notifications,
+                "backfilled": self.backfilled,
+            },
+            "counters": {
+                "messagesRouted": self.messages_routed,
+                "eventsDelivered": self.events_delivered,
+                "slowConsumerDisconnects": self.slow_consumer_disconnects,
+                "rejectedConnections": self.rejected_connections,
+                "replayedEvents": self.replayed_events,
+            },
+            "uptimeSeconds": round(self.uptime_seconds, 3),
+            "tasks": self.tasks,
+        }
+
+
+def snapshot(broker: Broker) -> Stats:
+    """The numbers of `broker` now. Call it on the event loop thread."""
+    hub, listener = broker.hub, broker.listener
+    counters = hub.counters
+    latency = counters.delivery_latency
+    return Stats(
+        open_streams=len(hub),
+        max_streams=hub.max_subscribers,
+        channels=hub.channels(),
+        listener_connected=listener.connected,
+        listener_reconnects=listener.reconnects,
+        notifications=listener.notifications,
+        backfilled=listener.backfilled,
+        messages_routed=counters.messages_routed,
+        events_delivered=counters.events_delivered,
+        slow_consumer_disconnects=counters.slow_consumer_disconnects,
+        rejected_connections=counters.rejected_connections,
+        replayed_events=counters.replayed_events,
+        latency_buckets=latency.cumulative(),
+        latency_sum=latency.sum,
+        uptime_seconds=time.time() - broker.started_at,
+        tasks=len(asyncio.all_tasks()),
+    )

@@ -1,0 +1,20 @@
+// Types of react.js (`import ... from "pgsse-client/react"`).
+import type { MessageStreamComponent } from "./MessageStream.js";
+import type { UseSSE } from "./useSSE.js";
+
+export { createMessageStream } from "./MessageStream.js";
+export type { MessageStreamComponent, MessageStreamProps } from "./MessageStream.js";
+export type {
+  ConnectedEvent,
+  Message,
+  SSEClientOptions,
+  SSEState,
+  Status,
+} from "./sse-client.js";
+export { createUseSSE } from "./useSSE.js";
+export type { UseSSE, UseSSEOptions, UseSSEResult } from "./useSSE.js";
+
+/** The hook: connects on mount, closes on unmount, resumes from the last id on reconnect. */
+export const useSSE: UseSSE;
+/** A session's messages, live: a status line, Connect/Disconnect/Clear, an aria-live list. */
+export const MessageStream: MessageStreamComponent;

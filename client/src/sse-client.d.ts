@@ -1,0 +1,101 @@
+// Types of sse-client.js, the framework-free client (`import ... from "pgsse-client"`).
+
+/** One row of `messages`, as the broker sends it: the `data` of a `message` event. */
+export interface Message {
+  /** The row id as a decimal string (up to 19 digits: beyond a number's exact range). */
+  id: string;
+  sessionId: string;
+  robotId: string | null;
+  content: string;
+  isFromBot: boolean;
+  isHuman: boolean;
+  intent: string | null;
+  /** UTC with milliseconds, `2026-01-01T00:00:00.000Z`. */
+  createdAt: string;
+}
+
+/** The first event of every stream. */
+export interface ConnectedEvent {
+  type: "connected";
+  message: string;
+  timestamp: string;
+  sessionId: string | null;
+  robotId: string | null;
+}
+
+/** `failed`: reconnect attempts exhausted; `connect()` starts again. */
+export type Status = "idle" | "connecting" | "connected" | "reconnecting" | "failed";
+
+/** What the client needs of an `EventSource` (the `EventSource` option takes a replacement). */
+export interface EventSourceLike {
+  onopen: ((event: Event) => void) | null;
+  onmessage: ((event: MessageEvent<string>) => void) | null;
+  onerror: ((event: Event) => void) | null;
+  close(): void;
+}
+
+export interface SSEClientOptions {
+  /** Where the broker is; `""` (the default) is the page's own origin. */
+  baseUrl?: string;
+  /** The stream's filter; none (`null`, `undefined`, `""`) is the global stream. */
+  sessionId?: string | null;
+  robotId?: string | null;
+  /** For a broker with `BROKER_AUTH_SECRET`; a function is called at every (re)connect. */
+  token?: string | (() => string | null | undefined) | null;
+  /** ms before the first retry (3000); doubles on each failed attempt. */
+  reconnectInterval?: number;
+  /** ms, the cap of that backoff (30000). */
+  maxReconnectInterval?: number;
+  /** Consecutive failed attempts before giving up; `Infinity` (the default) never gives up. */
+  maxReconnectAttempts?: number;
+  /** `false`: report the first failure and stop (true). */
+  autoReconnect?: boolean;
+  /** Messages kept, the oldest going first (500). */
+  maxMessages?: number;
+  /** 1 to 1000: a stream with no resume point opens with the last rows stored (null). */
+  history?: number | null;
+  /** Resume point of a new client (e.g. one saved in `sessionStorage`). */
+  lastEventId?: string | null;
+  /** Called once per message id. */
+  onMessage?: (message: Message) => void;
+  onConnected?: (event: ConnectedEvent) => void;
+  onDisconnected?: (reason: string) => void;
+  onError?: (error: string) => void;
+  EventSource?: new (url: string) => EventSourceLike;
+}
+
+/** A snapshot: frozen, and a new object on every change. */
+export interface SSEState {
+  readonly connected: boolean;
+  /** Unique by id, in id order, at most `maxMessages`. */
+  readonly messages: readonly Message[];
+  readonly error: string | null;
+  readonly reconnectAttempts: number;
+  readonly lastEventId: string | null;
+  readonly status: Status;
+}
+
+export interface SSEClient extends SSEState {
+  /** Open the stream (resuming after the last id seen). Resets the attempt count. */
+  connect(): void;
+  /** Close the stream and stop reconnecting; messages and the last id are kept. */
+  disconnect(): void;
+  /** Forget the messages held; a row already received does not come back. */
+  clearMessages(): void;
+  /** Call `listener(state)` on every change; returns the function that unsubscribes. */
+  subscribe(listener: (state: SSEState) => void): () => void;
+  getSnapshot(): SSEState;
+  /** True while a reconnect is scheduled. */
+  readonly reconnecting: boolean;
+  /** The stream URL the next connect opens. */
+  readonly url: string;
+}
+
+/** English labels of the statuses, for a status line. */
+export const STATUS_TEXT: Readonly<Record<Status, string>>;
+
+/** Throws a TypeError naming the option for a bad value. */
+export function createSSEClient(options?: SSEClientOptions): SSEClient;
+
+/** Orders row ids (decimal strings of any length) as numbers: negative, 0 or positive. */
+export function compareIds(a: string | number, b: string | number): number;

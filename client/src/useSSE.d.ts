@@ -1,0 +1,24 @@
+// Types of useSSE.js: the hook, for React passed in (no build step).
+import type * as React from "react";
+import type { Message, SSEClientOptions, Status } from "./sse-client.js";
+
+export interface UseSSEOptions extends Omit<SSEClientOptions, "EventSource" | "lastEventId"> {
+  /** `false` waits (e.g. until the session id is known); true by default. */
+  enabled?: boolean;
+}
+
+export interface UseSSEResult {
+  connected: boolean;
+  messages: readonly Message[];
+  error: string | null;
+  reconnectAttempts: number;
+  status: Status;
+  lastEventId: string | null;
+  connect: () => void;
+  disconnect: () => void;
+  clearMessages: () => void;
+}
+
+export type UseSSE = (options?: UseSSEOptions) => UseSSEResult;
+
+export function createUseSSE(react: typeof React): UseSSE;

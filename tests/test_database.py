@@ -1,0 +1,162 @@
+"""The embedded PostgreSQL and the start-up checks of a database.
+
+Run by root, the server runs as user `pgserver`; in a mode-700 directory (as `/root` is) it
+must start and serve without changing the mode of that directory or of any parent.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from broker.database import EmbeddedPostgres, check_database, connect, migrate
+from broker.errors import BrokerError, ConfigError
+from broker.placement import BASE, installed_pginstall
+from tests.conftest import Database, chain_modes
+
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="root's placement of the server's files")
+
+
+@as_root
+def test_root_cluster_in_a_mode_700_home_changes_no_directory(home: Path) -> None:
+    before = chain_modes(home)
+    server = EmbeddedPostgres(home / "app" / ".data")
+    try:
+        server.start()
+        with psycopg.connect(server.url) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == ("postgres",)
+        assert chain_modes(home) == before
+        # The data went where user pgserver reaches it; BROKER_DATA_DIR links there.
+        assert server.data_dir.parent == BASE and server.data_dir.owner() == "pgserver"
+        assert (home / "app" / ".data").resolve() == server.data_dir
+        server.stop()
+        assert not server.is_running()
+        server.start()  # a second run finds the same cluster through the link
+        assert server.is_running()
+    finally:
+        server.destroy()
+    assert chain_modes(home) == before
+    assert not server.data_dir.exists() and not os.path.lexists(home / "app" / ".data")
+
+
+def test_the_test_suite_cluster_changed_no_directory(database: Database) -> None:
+    assert chain_modes(database.root) == database.modes_before
+
+
+def start_from(site: Path, data_dir: Path) -> tuple[Path, str]:
+    """Start, query and destroy a cluster in a process whose pgserver is the one in `site`;
+    the mirror its binaries ran from, and the query's answer."""
+    script = (
+        "import sys; from pathlib import Path; from broker.database import EmbeddedPostgres\n"
+        "import psycopg; from broker.log import configure\n"
+        "configure('json')  # to stderr: stdout carries the answers\n"
+        "server = EmbeddedPostgres(Path(sys.argv[1]))\n"
+        "try:\n"
+        "    server.start()\n"
+        "    print(server.placement.pginstall)\n"
+        "    print(psycopg.connect(server.url).execute('SELECT 41 + 1').fetchone()[0])\n"
+        "finally:\n"
+        "    server.destroy()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(data_dir)],
+        env={**os.environ, "PYTHONPATH": str(site), "BROKER_LOG_FORMAT": "json"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    pginstall, answer = done.stdout.split()
+    return Path(pginstall).parents[1], answer
+
+
+@as_root
+def test_binaries_the_server_user_cannot_reach_are_linked_where_it_can(home: Path) -> None:
+    """pgserver installed in a mode-700 home (a virtualenv in /root): the server runs from
+    links under /var/lib/pgsse, laid out so the binaries still find their libraries; the
+    links of an installation that is gone are removed."""
+    installed = installed_pginstall().parent.parent
+    sites = [home / "old-venv", home / "venv"]
+    for site in sites:
+        site.mkdir()
+        for part in ("pgserver", "pgserver.libs"):
+            if (installed / part).exists():
+                shutil.copytree(installed / part, site / part, symlinks=True, copy_function=os.link)
+    before = chain_modes(sites[1])
+    mirrors = []
+    try:
+        for site in sites:
+            mirror, answer = start_from(site, home / ".data")
+            mirrors.append(mirror)
+            assert mirror.parent == BASE and answer == "42"
+            assert (mirror / "pgserver.libs").is_dir() == (installed / "pgserver.libs").is_dir()
+            shutil.rmtree(sites[0], ignore_errors=True)  # the first virtualenv is removed
+        assert not mirrors[0].exists() and mirrors[1].is_dir()
+    finally:
+        for mirror in mirrors:
+            shutil.rmtree(mirror, ignore_errors=True)
+    assert chain_modes(sites[1]) == before
+
+
+@as_root
+def test_an_existing_cluster_the_server_user_cannot_reach_is_one_clear_error(home: Path) -> None:
+    (home / "data").mkdir()
+    (home / "data" / "PG_VERSION").write_text("16\n")
+    with pytest.raises(ConfigError) as caught:
+        EmbeddedPostgres(home / "data").start()
+    message = str(caught.value)
+    assert "BROKER_DATA_DIR" in message and "pgserver" in message and "\n" not in message
+
+
+def test_a_stale_pid_file_is_not_a_running_server() -> None:
+    """After a crash the pid in postmaster.pid may belong to another process by now."""
+    top = Path(tempfile.mkdtemp(prefix="pgsse-stale-"))
+    try:
+        top.chmod(0o755)
+        data = top / "data"
+        data.mkdir()
+        (data / "PG_VERSION").write_text("16\n")
+        server = EmbeddedPostgres(data)
+        assert server.data_dir == data and not server.is_running()
+        (data / "postmaster.pid").write_text(f"{os.getpid()}\n{data}\n")  # alive, not postgres
+        assert not server.is_running()
+        (data / "postmaster.pid").write_text("4194999\n")  # no such process
+        assert not server.is_running()
+    finally:
+        shutil.rmtree(top)
+
+
+def test_unreachable_database_is_one_line_naming_the_url_without_its_password(
+    tmp_path: Path,
+) -> None:
+    url = f"postgresql://someone:hunter2hunter2@/db?host={tmp_path}"
+    with pytest.raises(BrokerError) as caught:
+        connect(url)
+    message = str(caught.value)
+    assert message.startswith("cannot connect to DATABASE_URL=postgresql://someone:***@/db")
+    assert "hunter2" not in message and "\n" not in message
+
+
+def test_a_database_without_the_table_names_broker_migrate(database: Database) -> None:
+    name = f"empty_{uuid.uuid4().hex[:8]}"
+    with database.connect() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        empty = database.url.replace("/postgres?", f"/{name}?")
+        with pytest.raises(BrokerError) as caught:
+            check_database(empty)
+        assert "BROKER_MIGRATE" in str(caught.value) and "messages" in str(caught.value)
+        migrate(empty)
+        check_database(empty)  # no error once migrated
+    finally:
+        with database.connect() as conn:
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))

@@ -1,0 +1,129 @@
+"""broker.guard in process: routes declared with their checks, under a small Starlette app
+driven through httpx's ASGI transport (the URL's port is the request's local port). The end
+to end cases, over real sockets, are in test_limits, test_auth and test_attacks."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from broker.answers import HANDLERS
+from broker.config import Settings
+from broker.guard import AdminToken, Guard, StreamsPerClient
+
+PUBLIC, ADMIN = 5001, 9100
+TOKEN = "admin-token-0123456789"
+SECRET = "s" * 32
+
+
+async def ok(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def app_for(settings: Settings, stream: Endpoint = ok) -> Starlette:
+    guard = Guard(settings)
+    return Starlette(
+        routes=[
+            guard.stream("/stream", stream),
+            guard.admin("/stats", ok),
+            guard.public("/publish", ok, methods=["POST"]),
+            guard.probe("/healthz", ok),
+        ],
+        exception_handlers=dict(HANDLERS),
+    )
+
+
+async def status(app: Starlette, port: int, method: str, path: str, token: str = "") -> int:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport) as client:
+        response = await client.request(
+            method, f"http://broker:{port}{path}", headers=headers, timeout=5
+        )
+    return response.status_code
+
+
+SURFACES = [
+    # settings, port, method, path, token, expected status
+    (Settings(), PUBLIC, "GET", "/stats", "", 200),  # auth off, nothing set: public
+    (Settings(auth_secret=(SECRET,)), PUBLIC, "GET", "/stats", "", 404),  # hidden
+    (Settings(auth_secret=(SECRET,)), PUBLIC, "POST", "/stats", "", 404),  # any method
+    (Settings(admin_token=TOKEN), PUBLIC, "GET", "/stats", "", 401),
+    (Settings(admin_token=TOKEN), PUBLIC, "HEAD", "/stats", "", 401),
+    (Settings(admin_token=TOKEN), PUBLIC, "GET", "/stats", "wrong-token-0123456789", 401),
+    (Settings(admin_token=TOKEN), PUBLIC, "GET", "/stats", TOKEN, 200),
+    (Settings(admin_token=TOKEN), PUBLIC, "GET", "/stats%0A", "", 401),  # the route matches
+    (Settings(admin_port=ADMIN), PUBLIC, "GET", "/stats", "", 404),
+    (Settings(admin_port=ADMIN), PUBLIC, "POST", "/stats", "", 404),
+    (Settings(admin_port=ADMIN), ADMIN, "GET", "/stats", "", 200),
+    (Settings(admin_port=ADMIN, admin_token=TOKEN), ADMIN, "GET", "/stats", "", 401),
+    (Settings(admin_port=ADMIN, admin_token=TOKEN), ADMIN, "GET", "/stats", TOKEN, 200),
+    (Settings(admin_port=ADMIN, admin_token=TOKEN), PUBLIC, "GET", "/stats", TOKEN, 404),
+    (Settings(admin_port=ADMIN), ADMIN, "GET", "/healthz", "", 200),
+    (Settings(admin_port=ADMIN), PUBLIC, "GET", "/healthz", "", 200),
+    (Settings(admin_port=ADMIN), ADMIN, "GET", "/stream", "", 404),
+    (Settings(admin_port=ADMIN), ADMIN, "POST", "/publish", "", 404),
+    (Settings(admin_port=ADMIN), PUBLIC, "POST", "/publish", "", 200),
+    (Settings(admin_port=ADMIN), PUBLIC, "GET", "/publish", "", 405),
+]
+
+
+@pytest.mark.parametrize(("settings", "port", "method", "path", "token", "expected"), SURFACES)
+async def test_each_route_is_served_where_its_surface_is(
+    settings: Settings, port: int, method: str, path: str, token: str, expected: int
+) -> None:
+    assert await status(app_for(settings), port, method, path, token) == expected
+
+
+def _routes(app: Starlette) -> dict[str, Route]:
+    return {route.path: route for route in app.routes if isinstance(route, Route)}
+
+
+def test_routes_carry_only_the_middleware_their_settings_need() -> None:
+    plain = _routes(app_for(Settings()))
+    assert not isinstance(plain["/stream"].app, StreamsPerClient)
+    assert not isinstance(plain["/stats"].app, AdminToken)
+    guarded = app_for(Settings(max_streams_per_ip=2, admin_token=TOKEN))
+    routes = _routes(guarded)
+    assert isinstance(routes["/stream"].app, StreamsPerClient)
+    assert isinstance(routes["/stats"].app, AdminToken)
+    assert not isinstance(routes["/publish"].app, StreamsPerClient | AdminToken)
+
+
+async def test_a_stream_slot_is_held_while_the_request_runs_and_given_back() -> None:
+    release = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def held(request: Request) -> Response:
+        entered.set()
+        await release.wait()
+        return PlainTextResponse("done")
+
+    app = app_for(Settings(max_streams_per_ip=1), stream=held)
+    first = asyncio.create_task(status(app, PUBLIC, "GET", "/stream"))
+    await asyncio.wait_for(entered.wait(), 5)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport) as client:
+        refused = await client.get(f"http://broker:{PUBLIC}/stream", timeout=5)
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0
+    assert refused.json() == {
+        "success": False,
+        "error": "too many streams from this address (at most 1)",
+    }
+    release.set()
+    assert await asyncio.wait_for(first, 5) == 200
+    entered.clear()
+    again = asyncio.create_task(status(app, PUBLIC, "GET", "/stream"))
+    await asyncio.wait_for(entered.wait(), 5)  # the slot came back
+    release.set()
+    assert await asyncio.wait_for(again, 5) == 200
