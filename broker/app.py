@@ -26,7 +26,7 @@ from .guard import Guard
 from .metrics import create_registry, render
 from .service import Broker
 from .stats import snapshot
-from .stream import EventStreamHead
+from .stream import EventStreamHead, EventStreamResponse
 from .validation import (
     check_id,
     check_session_id,
@@ -112,11 +112,15 @@ async def stream_messages(request: Request) -> Response:
         # The status and headers a GET would get (503 when full); nothing is held.
         broker.hub.unsubscribe(broker.hub.subscribe(session_id, robot_id))
         return EventStreamHead()
-    return broker.open_stream(
-        session_id,
-        robot_id,
-        last_event_id=last_event_id,
-        history=history,
+    subscriber, replay = broker.open_stream(
+        session_id, robot_id, last_event_id=last_event_id, history=history
+    )
+    return EventStreamResponse(
+        broker.hub,
+        subscriber,
+        replay,
+        listening=broker.listener.started,
+        retry_ms=broker.settings.retry_ms,
         valid_until=grant.valid_until,
     )
 

@@ -15,11 +15,12 @@ from contextlib import asynccontextmanager
 import structlog
 
 from .config import Settings
+from .flusher import Flusher
 from .hub import Hub
 from .listener import Listener
 from .replay import Replay
 from .store import Store
-from .stream import EventStreamResponse, SocketFlusher
+from .subscriber import Subscriber
 
 __all__ = ["SHUTDOWN", "Broker"]
 
@@ -47,9 +48,7 @@ class Broker:
         assert settings.database_url is not None
         async with Store.open(settings.database_url) as store:
             broker = cls(settings, store)
-            flusher = SocketFlusher(
-                asyncio.get_running_loop(), broker.hub.counters.delivery_latency
-            )
+            flusher = Flusher(asyncio.get_running_loop(), broker.hub.counters.delivery_latency)
             broker.hub.on_idle_ready = flusher.mark
             tasks = [
                 asyncio.create_task(broker._supervise("listener", broker.listener.run)),
@@ -70,11 +69,9 @@ class Broker:
         *,
         last_event_id: int | None = None,
         history: int | None = None,
-        valid_until: float | None = None,
-    ) -> EventStreamResponse:
+    ) -> tuple[Subscriber, Replay | None]:
         """Subscribe a new stream and plan its replay (resume or history), in one event-loop
-        step; it ends at `valid_until` (epoch seconds: its token's expiry). Raises
-        `AtCapacity` at `max_connections`."""
+        step. Raises `AtCapacity` at `max_connections`."""
         subscriber = self.hub.subscribe(session_id, robot_id)
         replay = Replay.start(
             self.hub,
@@ -84,14 +81,7 @@ class Broker:
             history=history,
             limit=self.settings.replay_limit,
         )
-        return EventStreamResponse(
-            self.hub,
-            subscriber,
-            replay,
-            listening=self.listener.started,
-            retry_ms=self.settings.retry_ms,
-            valid_until=valid_until,
-        )
+        return subscriber, replay
 
     def close_streams(self, reason: str = SHUTDOWN) -> None:
         """Send every stream an `error` event and end it, so clients move elsewhere."""

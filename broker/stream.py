@@ -7,9 +7,9 @@ next write. The subscriber is registered before the response starts (so the 503 
 process is an ordinary answer) and removed when it ends, whatever ends it.
 
 Writes: every event queued since the last write goes out in one write. While the stream
-idles it hands its socket to the `SocketFlusher` (`Subscriber.transport`): events routed to
-it are then written by one callback per event-loop turn, for all idle streams, instead of by
-waking each stream's task. See `SocketFlusher` for why and when.
+idles it hands its socket's sink to its subscriber (`Subscriber.sink`, `socketsink.py`):
+events routed to it are then written by one callback per event-loop turn, for all idle
+streams, instead of by waking each stream's task. See `flusher.py` for why and when.
 
 Replay writes go at the pace the socket drains: a page (`replay.REPLAY_PAGE` rows and about
 `replay.REPLAY_PAGE_BYTES` at most) is written, and the next is read from PostgreSQL only once
@@ -40,18 +40,16 @@ from starlette.types import Receive, Scope, Send
 
 from .events import encode_connected, encode_error, encode_message, encode_retry
 from .hub import Hub, Subscriber
-from .latency import LatencyHistogram
 from .replay import Replay
+from .socketsink import SocketSink, sink_of
 from .store import DatabaseUnavailable
 from .subscriber import SLOW_CONSUMER
-from .transport import TRANSPORT_EXTENSION
 
 __all__ = [
     "REPLAY_LIMIT_REACHED",
     "TOKEN_EXPIRED",
     "EventStreamHead",
     "EventStreamResponse",
-    "SocketFlusher",
 ]
 
 REPLAY_LIMIT_REACHED = "replay limit reached: reconnect to resume"
@@ -68,52 +66,6 @@ HEADERS = {
 }
 
 log = structlog.get_logger(logger_name="broker.stream")
-
-
-class SocketFlusher:
-    """Writes the events queued for idle streams straight to their sockets.
-
-    Waking a stream's task to write one event costs a task switch and a trip through the ASGI
-    send chain (Starlette's middleware wrappers, uvicorn's send): with rows arriving one at a
-    time to 1,000 subscribers that was about half of the broker's CPU (`make bench`, fanout
-    at 50 rows/s, py-spy). The hub instead hands an idle stream's subscriber to `mark`, and
-    one callback, scheduled once per event-loop turn, writes each marked subscriber's queue as
-    one HTTP chunk in uvicorn's framing. Everything a burst routed in that turn goes out in
-    that one write, so batching is kept.
-
-    It writes only while the stream's task waits (that is when `Subscriber.transport` is set),
-    and only to a socket with nothing buffered; otherwise it wakes the task, whose ASGI send
-    applies flow control. Order holds: the task and the flusher never both hold events.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, latency: LatencyHistogram) -> None:
-        self._loop = loop
-        self._latency = latency
-        self._marked: list[Subscriber] = []
-
-    def mark(self, subscriber: Subscriber) -> None:
-        if not self._marked:
-            self._loop.call_soon(self._flush)
-        self._marked.append(subscriber)
-
-    def _flush(self) -> None:
-        marked, self._marked = self._marked, []
-        now = time.perf_counter()
-        observe = self._latency.observe
-        for subscriber in marked:
-            transport = subscriber.transport
-            if transport is None or subscriber.closed or not subscriber.queued:
-                continue  # its task took over meanwhile
-            if transport.get_write_buffer_size() or transport.is_closing():
-                subscriber.wake()
-                continue
-            events = subscriber.take()
-            body = events[0].data if len(events) == 1 else b"".join(e.data for e in events)
-            transport.write(b"%x\r\n%b\r\n" % (len(body), body))
-            subscriber.direct_sent += len(events)
-            for event in events:
-                if event.born:
-                    observe(now - event.born)
 
 
 class EventStreamHead(Response):
@@ -153,7 +105,7 @@ class EventStreamResponse(Response):
         self.retry_ms = retry_ms
         self.valid_until = valid_until
         self.events_sent = 0
-        self._direct: asyncio.WriteTransport | None = None  # the socket (transport.py)
+        self._sink: SocketSink | None = None  # the socket (socketsink.py)
         self.replayed = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -178,7 +130,7 @@ class EventStreamResponse(Response):
                     "headers": self.raw_headers,
                 }
             )
-            self._direct = scope.get("extensions", {}).get(TRANSPORT_EXTENSION)
+            self._sink = sink_of(scope)
             async with anyio.create_task_group() as group:
                 group.start_soon(self._watch_disconnect, receive, group.cancel_scope)
                 await self._pump(send)
@@ -226,9 +178,9 @@ class EventStreamResponse(Response):
             while not subscriber.closed:
                 # While the stream idles with nothing queued, the hub may write to the socket
                 # itself; never while this task is busy, which keeps events in order.
-                subscriber.transport = self._direct
+                subscriber.sink = self._sink
                 await subscriber.wait()
-                subscriber.transport = None
+                subscriber.sink = None
                 events = subscriber.take()
                 if events:
                     self.events_sent += len(events)
@@ -273,7 +225,7 @@ class EventStreamResponse(Response):
 
     def _buffered(self) -> int:
         """Bytes written to the socket that the client has yet to take."""
-        return 0 if self._direct is None else self._direct.get_write_buffer_size()
+        return 0 if self._sink is None else self._sink.buffered()
 
     async def _finish(self, send: Send) -> None:
         """Tell the client why the stream ends, if the broker ends it, then end the body.
@@ -284,8 +236,8 @@ class EventStreamResponse(Response):
             if reason is not None:
                 await self._write(send, encode_error(reason))
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        if ending.cancelled_caught and self._direct is not None:
-            self._direct.abort()
+        if ending.cancelled_caught and self._sink is not None:
+            self._sink.abort()
 
     @staticmethod
     async def _write(send: Send, body: bytes) -> None:

@@ -5,6 +5,9 @@ queue closes it (slow consumer). `Seen` records the rows a stream was sent outsi
 replay or history, read from the table): the hub skips those when it routes them later, and
 `Subscriber.drop_seen` removes copies already queued. That is how replay, backfill and live
 delivery agree on "nothing twice" (see `replay.py` for the rule).
+
+A `Sink` is where an idle stream's events may be written without waking its task: the
+server's socket, behind an interface that knows nothing of HTTP here (`socketsink.py`).
 """
 
 from __future__ import annotations
@@ -13,8 +16,17 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-__all__ = ["GLOBAL_CHANNEL", "SLOW_CONSUMER", "Event", "Seen", "Subscriber", "channel_of"]
+__all__ = [
+    "GLOBAL_CHANNEL",
+    "SLOW_CONSUMER",
+    "Event",
+    "Seen",
+    "Sink",
+    "Subscriber",
+    "channel_of",
+]
 
 GLOBAL_CHANNEL = "session_messages:global"
 SLOW_CONSUMER = "slow consumer: reconnect to resume"
@@ -33,6 +45,15 @@ class Event:
     id: int
     data: bytes
     born: float = 0.0
+
+
+class Sink(Protocol):
+    """Where an idle stream's events go straight out, as part of its response body."""
+
+    def write(self, data: bytes) -> bool:
+        """Send `data` now, or refuse (False) when it cannot be taken at once: the socket
+        still holds earlier bytes or is closing. A refusal writes nothing."""
+        ...
 
 
 class Seen:
@@ -76,7 +97,7 @@ class Subscriber:
         "robot_id",
         "seen",
         "session_id",
-        "transport",
+        "sink",
     )
 
     def __init__(self, session_id: str | None, robot_id: str | None, queue_size: int) -> None:
@@ -88,8 +109,9 @@ class Subscriber:
         self._pending: deque[Event] = deque()
         self._limit = queue_size
         self._waiter: asyncio.Future[None] | None = None
-        # Set by a live stream while it idles: its socket, for `stream.SocketFlusher`.
-        self.transport: asyncio.WriteTransport | None = None
+        # Set by a live stream while it idles with nothing queued: where `flusher.Flusher`
+        # writes what is routed to it.
+        self.sink: Sink | None = None
         self.direct_sent = 0
         # Set by `Hub.give` for a stream that was sent rows from the table (resume, history).
         self.seen: Seen | None = None
@@ -101,15 +123,14 @@ class Subscriber:
         return channel_of(self.session_id)
 
     def push(self, event: Event) -> bool:
-        """Queue `event`; at a full queue close the subscriber instead. True if queued."""
+        """Queue `event`; at a full queue close the subscriber instead. True if queued. The
+        caller wakes the stream when the queue was empty (`Hub` does, or hands it to a sink)."""
         if self.closed:
             return False
         if len(self._pending) >= self._limit:
             self.close(SLOW_CONSUMER)
             return False
         self._pending.append(event)
-        if len(self._pending) == 1:  # a waiting stream has an empty queue: wake it once
-            self.wake()
         return True
 
     def take(self) -> list[Event]:
@@ -117,6 +138,10 @@ class Subscriber:
         events = list(self._pending)
         self._pending.clear()
         return events
+
+    def put_back(self, events: list[Event]) -> None:
+        """Return `events`, just taken and not written, to the front of the queue."""
+        self._pending.extendleft(reversed(events))
 
     def drop_seen(self) -> None:
         """Remove queued events of rows the stream already has (`seen`)."""

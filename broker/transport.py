@@ -20,8 +20,8 @@ protocol that:
 - keeps reading while a pipelined request waits for the running response (uvicorn stops
   reading then, so a FIN or RST went unseen): the bytes behind it are held, at most
   `MAX_HELD_BYTES`, and parsed once it runs; a client that pipelines more is cut off;
-- puts the connection's transport in the request scope (`scope["extensions"]`), so an idle
-  event stream can be written to without a task switch and a stuck one aborted (`stream.py`).
+- puts a `SocketSink` of the connection in the request scope (`socketsink.py`), so an idle
+  event stream can be written to without a task switch and a stuck one aborted.
 
 This module is the one place that touches uvicorn's internals (`UVICORN_HOOKS`);
 `check_uvicorn` refuses to start on a uvicorn that lacks one, naming it, and
@@ -44,10 +44,10 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 
 from .answers import error_body
 from .config import Settings
+from .socketsink import SINK_EXTENSION, SocketSink
 
 __all__ = [
     "MAX_HELD_BYTES",
-    "TRANSPORT_EXTENSION",
     "UVICORN_HOOKS",
     "LimitedHttpToolsProtocol",
     "check_uvicorn",
@@ -55,7 +55,6 @@ __all__ = [
     "server_options",
 ]
 
-TRANSPORT_EXTENSION = "pgsse.transport"
 MAX_HELD_BYTES = 64 * 1024  # uvicorn's own bound on an unread body (HIGH_WATER_LIMIT)
 TESTED_UVICORN = ">=0.55,<0.56"  # as pinned in pyproject.toml
 
@@ -188,9 +187,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if has_body and self.parser.get_method() != b"POST":
             self._refuse(RESPONSE_400_BODY if self._line_idle() else None)
             return
-        # The socket, for the streams' direct writes (stream.py, `TRANSPORT_EXTENSION`).
+        # The socket, for the streams' direct writes.
         extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
-        extensions[TRANSPORT_EXTENSION] = self.transport
+        extensions[SINK_EXTENSION] = SocketSink(self.transport)
         previous = self.cycle
         super().on_headers_complete()
         if self.cycle is previous:

@@ -23,6 +23,7 @@ from uvicorn.server import ServerState
 
 from broker import transport
 from broker.config import Settings
+from broker.socketsink import sink_of
 from broker.transport import MAX_HELD_BYTES, TESTED_UVICORN, check_uvicorn, limited_protocol
 
 
@@ -57,6 +58,11 @@ class App:
                 pass
             self.gone.set()
             return
+        if path == "/sink":
+            # A write through the sink between two ASGI writes: one body, in uvicorn's framing.
+            await send({"type": "http.response.body", "body": b"started", "more_body": True})
+            sink = sink_of(scope)
+            assert sink is not None and sink.write(b"direct")
         if path == "/finite":
             await send({"type": "http.response.body", "body": b"started", "more_body": True})
             await self.finish.wait()
@@ -215,6 +221,23 @@ async def test_an_empty_body_is_no_body(served: Served) -> None:
     async with Client(served.port) as client:
         await client.send(b"GET /ok HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
         assert b"done" in await client.until(b"done")
+
+
+async def test_a_sink_write_is_part_of_the_response_body(served: Served) -> None:
+    """What socketsink.py relies on: uvicorn frames a body with no Content-Length in chunks."""
+    async with Client(served.port) as client:
+        await client.send(get("/sink"))
+        head = await client.until(b"\r\n\r\n")
+        assert b"transfer-encoding: chunked" in head.lower()
+        chunked = await client.until(b"0\r\n\r\n")
+    body, rest = b"", chunked
+    while True:
+        size_line, rest = rest.split(b"\r\n", 1)
+        size = int(size_line, 16)
+        if not size:
+            break
+        body, rest = body + rest[:size], rest[size + 2 :]
+    assert body == b"starteddirectdone"
 
 
 def test_uvicorn_has_every_hook(monkeypatch: pytest.MonkeyPatch) -> None:
