@@ -18,15 +18,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import structlog
 from psycopg import sql
+from psycopg.rows import AsyncRowFactory, kwargs_row, tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .errors import Unavailable
-from .events import Message
+from .events import Message, utc_timestamp
 
 __all__ = ["COLUMNS", "DatabaseUnavailable", "Store"]
 
@@ -36,6 +37,7 @@ APPLICATION_NAME = "pgsse-store"
 Query = sql.SQL | sql.Composed
 COLUMNS = sql.SQL("id, session_id, robot_id, content, is_from_bot, is_human, intent, created_at")
 ROW_OVERHEAD_BYTES = 512  # an encoded row's bytes besides its content, about (the other fields)
+Row = TypeVar("Row")
 
 log = structlog.get_logger(logger_name="broker.store")
 
@@ -45,6 +47,16 @@ class DatabaseUnavailable(Unavailable):
 
     def __init__(self, cause: BaseException) -> None:
         super().__init__(f"database unavailable: {type(cause).__name__}", retry_after=2)
+
+
+def _message(**columns: Any) -> Message:
+    """A `Message` from a row of `COLUMNS`, by column name (its fields are named for them)."""
+    columns["created_at"] = utc_timestamp(columns["created_at"])
+    return Message(**columns)
+
+
+MESSAGE_ROW = kwargs_row(_message)
+TUPLE_ROW: AsyncRowFactory[tuple[Any, ...]] = tuple_row
 
 
 class Store:
@@ -112,14 +124,14 @@ class Store:
             "INSERT INTO messages (session_id, robot_id, content, is_from_bot, is_human, intent)"
             " VALUES (%s, %s, %s, %s, %s, %s) RETURNING {}"
         ).format(COLUMNS)
-        row = await self._one(query, (session_id, robot_id, content, is_from_bot, is_human, intent))
-        assert row is not None  # INSERT ... RETURNING always returns the row
-        return Message.from_row(row)
+        params = (session_id, robot_id, content, is_from_bot, is_human, intent)
+        message = await self._one(query, params, MESSAGE_ROW)
+        assert message is not None  # INSERT ... RETURNING always returns the row
+        return message
 
     async def get(self, message_id: int) -> Message | None:
         query = sql.SQL("SELECT {} FROM messages WHERE id = %s").format(COLUMNS)
-        row = await self._one(query, (message_id,))
-        return None if row is None else Message.from_row(row)
+        return await self._one(query, (message_id,), MESSAGE_ROW)
 
     async def after(
         self,
@@ -139,7 +151,7 @@ class Store:
         if max_bytes is not None:
             query = _within(query, sql.Identifier("id"))
             params.append(max_bytes)
-        return [Message.from_row(row) for row in await self._all(query, tuple(params))]
+        return await self._all(query, tuple(params), MESSAGE_ROW)
 
     async def in_order(self, ids: list[int], max_bytes: int) -> list[Message]:
         """The rows of `ids` that exist, in the order of `ids`, as many as fit in about
@@ -149,13 +161,12 @@ class Store:
             " JOIN messages USING (id)"
         ).format(COLUMNS)
         query = _within(candidates, sql.Identifier("position"))
-        return [Message.from_row(row) for row in await self._all(query, (ids, max_bytes))]
+        return await self._all(query, (ids, max_bytes), MESSAGE_ROW)
 
     async def by_ids(self, ids: list[int]) -> dict[int, Message]:
         """The rows of `ids` that exist, by id."""
         query = sql.SQL("SELECT {} FROM messages WHERE id = ANY(%s)").format(COLUMNS)
-        rows = await self._all(query, (ids,))
-        return {message.id: message for message in map(Message.from_row, rows)}
+        return {message.id: message for message in await self._all(query, (ids,), MESSAGE_ROW)}
 
     async def oldest_of_last(
         self, count: int, session_id: str | None = None, robot_id: str | None = None
@@ -166,35 +177,39 @@ class Store:
         query = sql.SQL(
             "SELECT min(id) FROM (SELECT id FROM messages {} ORDER BY id DESC LIMIT %s) AS last"
         ).format(where)
-        row = await self._one(query, (*params, count))
+        row = await self._one(query, (*params, count), TUPLE_ROW)
         return None if row is None or row[0] is None else int(row[0])
 
     async def ids_after(self, after_id: int) -> list[int]:
         """Every id above `after_id`, in order (for the listener's backfill)."""
         query = sql.SQL("SELECT id FROM messages WHERE id > %s ORDER BY id")
-        return [int(row[0]) for row in await self._all(query, (after_id,))]
+        return [int(row[0]) for row in await self._all(query, (after_id,), TUPLE_ROW)]
 
     async def last_id(self) -> int:
         """The highest id committed so far, 0 for an empty table."""
-        row = await self._one(sql.SQL("SELECT coalesce(max(id), 0) FROM messages"), ())
+        row = await self._one(sql.SQL("SELECT coalesce(max(id), 0) FROM messages"), (), TUPLE_ROW)
         assert row is not None
         return int(row[0])
 
-    async def _all(self, query: Query, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    async def _all(
+        self, query: Query, params: tuple[Any, ...], rows: AsyncRowFactory[Row]
+    ) -> list[Row]:
         try:
             async with self._connection() as conn:
-                cursor = await conn.execute(query, params)
-                rows: list[tuple[Any, ...]] = await cursor.fetchall()
-                return rows
+                cursor = conn.cursor(row_factory=rows)
+                await cursor.execute(query, params)
+                return await cursor.fetchall()
         except (psycopg.Error, PoolTimeout) as exc:
             raise DatabaseUnavailable(exc) from exc
 
-    async def _one(self, query: Query, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    async def _one(
+        self, query: Query, params: tuple[Any, ...], rows: AsyncRowFactory[Row]
+    ) -> Row | None:
         try:
             async with self._connection() as conn:
-                cursor = await conn.execute(query, params)
-                row: tuple[Any, ...] | None = await cursor.fetchone()
-                return row
+                cursor = conn.cursor(row_factory=rows)
+                await cursor.execute(query, params)
+                return await cursor.fetchone()
         except (psycopg.Error, PoolTimeout) as exc:
             raise DatabaseUnavailable(exc) from exc
 
