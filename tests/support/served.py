@@ -77,9 +77,16 @@ class Served:
 
 @contextlib.asynccontextmanager
 async def serving() -> AsyncIterator[Served]:
-    """The protocol of `transport.limited_protocol` (2 s head and 1 s body deadlines) on a
-    real listening socket, serving `App`."""
+    """`App` served by `protocol_server`."""
     app = App()
+    async with protocol_server(app) as (port, state):
+        yield Served(app, port, state)
+
+
+@contextlib.asynccontextmanager
+async def protocol_server(app: Any) -> AsyncIterator[tuple[int, ServerState]]:
+    """The protocol of `transport.limited_protocol` (2 s head and 1 s body deadlines) on a
+    real listening socket, serving `app`: its port, and uvicorn's state of its connections."""
     settings = Settings(header_timeout_seconds=2, body_timeout_seconds=1)
     config = uvicorn.Config(app, lifespan="off", log_config=None)
     protocol = limited_protocol(settings)
@@ -88,7 +95,7 @@ async def serving() -> AsyncIterator[Served]:
         lambda: protocol(config=config, server_state=state, app_state={}), "127.0.0.1", 0
     )
     try:
-        yield Served(app, server.sockets[0].getsockname()[1], state)
+        yield server.sockets[0].getsockname()[1], state
     finally:
         server.close()
         for connection in list(state.connections):
