@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 RUN_STAMP := $(VENV)/.installed-run
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: run cluster test lint bench clean npm-packages
+.PHONY: run cluster test lint bench soak clean npm-packages
 
 $(RUN_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,12 @@ $(VENV)/.bench-installed: $(DEV_STAMP)
 
 bench: $(VENV)/.bench-installed
 	$(BIN)/python -m tests.bench $(BENCH_ARGS)
+
+# Two brokers behind nginx, ~300 clients, a writer and a fault a minute; an exact account at
+# the end (tests/soak). Minutes long, so not part of `make test`.
+SOAK_ARGS ?= --seconds 360 --seed 1
+soak: $(DEV_STAMP)
+	$(BIN)/python -m tests.soak $(SOAK_ARGS)
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check broker tests

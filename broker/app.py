@@ -27,7 +27,13 @@ from .metrics import create_registry, render
 from .service import Broker
 from .stats import snapshot
 from .stream import EventStreamHead, EventStreamResponse
-from .validation import check_id, check_session_id, parse_last_event_id, parse_new_message
+from .validation import (
+    check_id,
+    check_session_id,
+    parse_history,
+    parse_last_event_id,
+    parse_new_message,
+)
 
 __all__ = ["MAX_BODY_BYTES", "create_app"]
 
@@ -101,24 +107,19 @@ async def stream_messages(request: Request) -> Response:
     last_event_id = parse_last_event_id(
         request.headers.get("last-event-id", params.get("lastEventId"))
     )
-    subscriber = broker.hub.subscribe(session_id, robot_id)  # 503 when full
+    history = parse_history(params.get("history"))
     if request.method == "HEAD":
-        # The status and headers a GET would get; nothing is held past this line.
-        broker.hub.unsubscribe(subscriber)
+        # The status and headers a GET would get (503 when full); nothing is held.
+        broker.hub.unsubscribe(broker.hub.subscribe(session_id, robot_id))
         return EventStreamHead()
-    # No await between subscribing and reading the journal: no row can fall between them.
-    journal = broker.hub.journal
-    journal_ids = None
-    if last_event_id is not None:
-        journal_ids = journal.after(last_event_id, session_id, robot_id)
+    subscriber, replay = broker.open_stream(
+        session_id, robot_id, last_event_id=last_event_id, history=history
+    )
     return EventStreamResponse(
         broker.hub,
-        broker.store,
         subscriber,
-        last_event_id=last_event_id,
-        journal_ids=journal_ids,
-        journal_mark=journal.end,
-        replay_limit=broker.settings.replay_limit,
+        replay,
+        listening=broker.listener.started,
         retry_ms=broker.settings.retry_ms,
         valid_until=grant.valid_until,
     )

@@ -52,22 +52,6 @@ class Message:
             "createdAt": self.created_at,
         }
 
-    @classmethod
-    def from_row(cls, row: tuple[Any, ...]) -> Message:
-        """From `SELECT id, session_id, robot_id, content, is_from_bot, is_human, intent,
-        created_at` (see `store.COLUMNS`)."""
-        id_, session_id, robot_id, content, is_from_bot, is_human, intent, created_at = row
-        return cls(
-            id=int(id_),
-            session_id=session_id,
-            robot_id=robot_id,
-            content=content,
-            is_from_bot=bool(is_from_bot),
-            is_human=bool(is_human),
-            intent=intent,
-            created_at=utc_timestamp(created_at),
-        )
-
 
 @dataclass(frozen=True, slots=True)
 class Reference:

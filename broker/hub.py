@@ -7,135 +7,26 @@ bounded: when it is full the subscriber is closed (slow consumer) and its client
 replay, so one slow reader never delays the others and memory stays bounded.
 
 Everything here runs on the event loop thread and never awaits while routing, so a subscriber
-added between two notifications sees exactly the later one, which the replay merge relies on.
+added between two notifications sees exactly the later one, which the replay merge relies on;
+`give` records what a replay sent, so routing skips those rows (see `replay.py`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 
 from .errors import AtCapacity
 from .events import Message, encode_heartbeat, encode_message
 from .journal import Journal
 from .latency import LatencyHistogram
+from .subscriber import GLOBAL_CHANNEL, SLOW_CONSUMER, Event, Seen, Subscriber, channel_of
 
 __all__ = ["GLOBAL_CHANNEL", "Event", "Hub", "HubCounters", "Subscriber", "channel_of"]
 
-GLOBAL_CHANNEL = "session_messages:global"
-SLOW_CONSUMER = "slow consumer: reconnect to resume"
 JOURNAL_SIZE = 50_000
 _NOBODY: frozenset[Subscriber] = frozenset()
-
-
-def channel_of(session_id: str | None) -> str:
-    """The logical channel a stream is counted under in stats and logs."""
-    return GLOBAL_CHANNEL if session_id is None else f"session_messages:{session_id}"
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """Encoded bytes of one event, shared by its subscribers; `id` is the row id or 0.
-    `born` is the `time.perf_counter()` of its routing (0 for heartbeats), for latency."""
-
-    id: int
-    data: bytes
-    born: float = 0.0
-
-
-class Subscriber:
-    """One open stream's filter and bounded queue of encoded events."""
-
-    __slots__ = (
-        "_limit",
-        "_loop",
-        "_pending",
-        "_waiter",
-        "close_reason",
-        "closed",
-        "direct_sent",
-        "on_close",
-        "robot_id",
-        "session_id",
-        "transport",
-    )
-
-    def __init__(self, session_id: str | None, robot_id: str | None, queue_size: int) -> None:
-        self.session_id = session_id
-        self.robot_id = robot_id
-        self.closed = False
-        self.close_reason: str | None = None
-        self.on_close: Callable[[], None] | None = None
-        self._pending: deque[Event] = deque()
-        self._limit = queue_size
-        self._waiter: asyncio.Future[None] | None = None
-        # Set by a live stream while it idles: its socket, for `stream.SocketFlusher`.
-        self.transport: asyncio.WriteTransport | None = None
-        self.direct_sent = 0
-        # Kept, not looked up per wait: on CPython 3.11 get_running_loop() costs a getpid().
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    @property
-    def channel(self) -> str:
-        return channel_of(self.session_id)
-
-    def push(self, event: Event) -> bool:
-        """Queue `event`; at a full queue close the subscriber instead. True if queued."""
-        if self.closed:
-            return False
-        if len(self._pending) >= self._limit:
-            self.close(SLOW_CONSUMER)
-            return False
-        self._pending.append(event)
-        if len(self._pending) == 1:  # a waiting stream has an empty queue: wake it once
-            self.wake()
-        return True
-
-    def take(self) -> list[Event]:
-        """Every queued event, oldest first, leaving the queue empty."""
-        events = list(self._pending)
-        self._pending.clear()
-        return events
-
-    async def wait(self) -> None:
-        """Return once an event is queued or the subscriber is closed."""
-        if self._pending or self.closed:
-            return
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-        self._waiter = self._loop.create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
-
-    @property
-    def queued(self) -> int:
-        return len(self._pending)
-
-    def close(self, reason: str | None = None) -> None:
-        """Stop queueing; wake the stream so it can send `reason` (if any) and end.
-
-        `on_close` runs here, possibly while the hub iterates its subscribers: it may cancel
-        the stream's task but must not unsubscribe (the stream does that as it ends).
-        """
-        if self.closed:
-            return
-        self.closed = True
-        self.close_reason = reason
-        self._pending.clear()
-        self.wake()
-        if self.on_close is not None:
-            self.on_close()
-
-    def wake(self) -> None:
-        """Wake the stream's task if it waits (it then writes what is queued)."""
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
 
 @dataclass(slots=True)
@@ -157,8 +48,8 @@ class Hub:
     max_subscribers: int
     queue_size: int
     journal: Journal = field(default_factory=lambda: Journal(JOURNAL_SIZE))
-    # Called, instead of waking its task, for a subscriber in direct mode that just got its
-    # first queued event.
+    # Called, instead of waking its task, for a subscriber with a sink that just got its
+    # first queued event (`Flusher.mark`).
     on_idle_ready: Callable[[Subscriber], None] | None = None
     counters: HubCounters = field(default_factory=HubCounters)
     _by_session: dict[str, set[Subscriber]] = field(default_factory=dict)
@@ -198,20 +89,24 @@ class Hub:
         """Route one message to every matching subscriber; returns how many queued it.
 
         The hot path: `Subscriber.push` is inlined here (measured 3x faster per subscriber
-        than the method call and a generator over the candidate sets). A subscriber whose
-        stream idles in direct mode (`Subscriber.transport` set) is handed to
-        `on_idle_ready` instead of having its stream task woken (see `stream.SocketFlusher`).
+        than the method call and a generator over the candidate sets). A row the subscriber
+        already has (`Subscriber.seen`, from a replay) is skipped. A subscriber whose
+        stream idles with a sink (`Subscriber.sink`) is handed to `on_idle_ready` instead of
+        having its stream task woken (see `flusher.py`); `_queue` is the same, not inlined.
         """
         self.journal.append(message.id, message.session_id, message.robot_id)
         event = Event(message.id, encode_message(message), time.perf_counter())
         on_idle_ready = self.on_idle_ready
-        robot_id = message.robot_id
+        robot_id, message_id = message.robot_id, message.id
         delivered = slow = 0
         for group in (self._by_session.get(message.session_id, _NOBODY), self._global):
             for subscriber in group:
                 if subscriber.closed or (
                     subscriber.robot_id is not None and subscriber.robot_id != robot_id
                 ):
+                    continue
+                seen = subscriber.seen
+                if seen is not None and seen.skip(message_id):
                     continue
                 pending = subscriber._pending
                 if len(pending) >= subscriber._limit:
@@ -222,7 +117,7 @@ class Hub:
                 delivered += 1
                 if len(pending) > 1:  # already woken or handed over
                     continue
-                if subscriber.transport is not None and on_idle_ready is not None:
+                if subscriber.sink is not None and on_idle_ready is not None:
                     on_idle_ready(subscriber)
                     continue
                 waiter = subscriber._waiter
@@ -234,12 +129,39 @@ class Hub:
         counters.slow_consumer_disconnects += slow
         return delivered
 
+    def give(self, subscriber: Subscriber, ids: Collection[int], floor: int = 0) -> None:
+        """Record that `subscriber` was sent rows `ids` from the table, and that every row up
+        to `floor` counts as sent: copies already queued are dropped, and routing skips the
+        rest when it reaches them. Call it right after the read, before any await."""
+        seen = subscriber.seen
+        if seen is None:
+            seen = subscriber.seen = Seen()
+        seen.floor = max(seen.floor, floor)
+        fresh = [i for i in ids if i > seen.floor]
+        seen.pending.update(fresh)
+        subscriber.drop_seen()
+        # A row the journal holds was routed already (to the queue just emptied of it, or
+        # before this stream subscribed): it will not be routed again.
+        seen.pending.difference_update(i for i in fresh if i in self.journal)
+
     def heartbeat(self) -> None:
-        """Queue one heartbeat, encoded once, to every subscriber."""
+        """Queue one heartbeat, encoded once, to every subscriber, the way `publish` queues
+        a message: through its sink while it idles, else by waking its task."""
         event = Event(0, encode_heartbeat())
         for subscriber in self.subscribers():
-            if not subscriber.closed and not subscriber.push(event):
+            if not subscriber.closed and not self._queue(subscriber, event):
                 self.counters.slow_consumer_disconnects += 1
+
+    def _queue(self, subscriber: Subscriber, event: Event) -> bool:
+        """Queue `event` for `subscriber` and get it written (`publish`'s inlined steps)."""
+        if not subscriber.push(event):
+            return False
+        if subscriber.queued == 1:  # the stream had nothing queued: idle, or waiting
+            if subscriber.sink is not None and self.on_idle_ready is not None:
+                self.on_idle_ready(subscriber)
+            else:
+                subscriber.wake()
+        return True
 
     def close_all(self, reason: str) -> None:
         """Close every subscriber with `reason` (shutdown)."""

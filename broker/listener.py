@@ -4,11 +4,21 @@
 each notification once and hands the message to the hub. When the connection dies
 (`pg_terminate_backend`, a restart, a network cut found by the periodic health check) it
 reconnects with capped, jittered backoff, LISTENs again, and then backfills from the table every
-row with an id above the highest it delivered, before any notification that arrived meanwhile:
-so rows committed during the outage reach their subscribers once, in order.
+row it has not delivered, before any notification that arrived meanwhile: so rows committed
+during the outage reach their subscribers once, in order.
 
-The hub's journal of delivered rows removes the overlap between the backfill and the
-notifications of rows committed while it ran.
+Everything runs on the listening connection itself (backfill, rows too large for NOTIFY,
+health check), never through the store's pool: the listener is back as soon as PostgreSQL
+is, whatever the pool is doing. Notifications that arrive while a query runs wait in psycopg's
+backlog and come first from the next `notifies()`. The reconnect delay is capped at
+`RECONNECT_MAX_SECONDS`, so a returning server is noticed within half a second (measured:
+`tests/test_recovery.py`, issue 14 found 4.8 s and 11.3 s with a 5 s cap and a pooled
+backfill).
+
+`started` is set at the first LISTEN: streams wait for it before they read anything, so no
+row can commit between a stream's read of the table and the first LISTEN unseen (issue 14).
+The hub's journal removes the overlap between the backfill and the notifications of rows
+committed while it ran.
 """
 
 from __future__ import annotations
@@ -24,11 +34,13 @@ from .events import Message, Reference, parse_notification
 from .hub import Hub
 from .store import Store
 
-__all__ = ["CHANNEL", "Listener"]
+__all__ = ["APPLICATION_NAME", "CHANNEL", "Listener"]
 
 CHANNEL = "pgsse_messages"
+APPLICATION_NAME = "pgsse-listener"  # how pg_stat_activity shows it
 HEALTH_CHECK_SECONDS = 5.0
 HEALTH_CHECK_TIMEOUT = 5.0
+RECONNECT_MAX_SECONDS = 0.5
 BACKFILL_PAGE = 1_000
 
 log = structlog.get_logger(logger_name="broker.listener")
@@ -42,6 +54,7 @@ class Listener:
         self._hub = hub
         self._store = store
         self._floor: int | None = None  # rows up to this id committed before the first LISTEN
+        self.started = asyncio.Event()
         self.connected = False
         self.reconnects = 0
         self.notifications = 0
@@ -49,7 +62,7 @@ class Listener:
 
     async def run(self) -> None:
         """Listen until cancelled, reconnecting after any failure."""
-        backoff = Backoff()
+        backoff = Backoff(maximum=RECONNECT_MAX_SECONDS)
         while True:
             try:
                 await self._listen(backoff)
@@ -66,6 +79,7 @@ class Listener:
         async with await psycopg.AsyncConnection.connect(
             self._url,
             autocommit=True,
+            application_name=APPLICATION_NAME,
             connect_timeout=5,
             keepalives=1,
             keepalives_idle=10,
@@ -73,21 +87,32 @@ class Listener:
             keepalives_count=3,
         ) as conn:
             await conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(CHANNEL)))
+            rows = self._store.using(conn)
             if self._floor is None:
-                self._floor = await self._store.last_id()
+                self._floor = await rows.last_id()
             else:
-                await self._backfill()
+                await self._backfill(rows)
                 self.reconnects += 1
+                self._store.revive()
             self.connected = True
+            self.started.set()
             backoff.reset()
             log.info("listener_up", channel=CHANNEL, floor=self._floor, reconnects=self.reconnects)
             while True:
-                async for notify in conn.notifies(timeout=HEALTH_CHECK_SECONDS):
-                    self.notifications += 1
-                    await self._handle(notify.payload)
-                await asyncio.wait_for(conn.execute("SELECT 1"), HEALTH_CHECK_TIMEOUT)
+                # One batch at a time (stop_after=1 ends after the batch that holds the first
+                # notification), so that a reference can be read on this connection.
+                batch = [
+                    n.payload
+                    async for n in conn.notifies(timeout=HEALTH_CHECK_SECONDS, stop_after=1)
+                ]
+                if not batch:
+                    await asyncio.wait_for(conn.execute("SELECT 1"), HEALTH_CHECK_TIMEOUT)
+                    continue
+                self.notifications += len(batch)
+                for payload in batch:
+                    await self._handle(payload, rows)
 
-    async def _backfill(self) -> None:
+    async def _backfill(self, rows: Store) -> None:
         """Deliver every row committed while the connection was down, in id order.
 
         Every id the journal does not hold is looked for, down to the first LISTEN or the
@@ -97,24 +122,24 @@ class Listener:
         """
         journal = self._hub.journal
         floor = max(self._floor or 0, journal.forgotten_up_to)
-        missing = [i for i in await self._store.ids_after(floor) if i not in journal]
+        missing = [i for i in await rows.ids_after(floor) if i not in journal]
         for start in range(0, len(missing), BACKFILL_PAGE):
             page = missing[start : start + BACKFILL_PAGE]
-            rows = await self._store.by_ids(page)
+            found = await rows.by_ids(page)
             for message_id in page:
-                if message_id in rows:
-                    self._deliver(rows[message_id])
+                if message_id in found:
+                    self._deliver(found[message_id])
         self.backfilled += len(missing)
         log.info("listener_backfilled", after_id=floor, rows=len(missing))
 
-    async def _handle(self, payload: str) -> None:
+    async def _handle(self, payload: str, rows: Store) -> None:
         try:
             parsed = parse_notification(payload)
         except ValueError as exc:
             log.error("notification_malformed", error=str(exc), payload=payload[:200])
             return
         if isinstance(parsed, Reference):
-            message = await self._store.get(parsed.id)
+            message = await rows.get(parsed.id)
             if message is None:
                 log.warning("notification_row_missing", id=parsed.id)
                 return

@@ -15,10 +15,12 @@ from contextlib import asynccontextmanager
 import structlog
 
 from .config import Settings
+from .flusher import Flusher
 from .hub import Hub
 from .listener import Listener
+from .replay import Replay
 from .store import Store
-from .stream import SocketFlusher
+from .subscriber import Subscriber
 
 __all__ = ["SHUTDOWN", "Broker"]
 
@@ -46,9 +48,7 @@ class Broker:
         assert settings.database_url is not None
         async with Store.open(settings.database_url) as store:
             broker = cls(settings, store)
-            flusher = SocketFlusher(
-                asyncio.get_running_loop(), broker.hub.counters.delivery_latency
-            )
+            flusher = Flusher(asyncio.get_running_loop(), broker.hub.counters.delivery_latency)
             broker.hub.on_idle_ready = flusher.mark
             tasks = [
                 asyncio.create_task(broker._supervise("listener", broker.listener.run)),
@@ -61,6 +61,27 @@ class Broker:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+
+    def open_stream(
+        self,
+        session_id: str | None,
+        robot_id: str | None,
+        *,
+        last_event_id: int | None = None,
+        history: int | None = None,
+    ) -> tuple[Subscriber, Replay | None]:
+        """Subscribe a new stream and plan its replay (resume or history), in one event-loop
+        step. Raises `AtCapacity` at `max_connections`."""
+        subscriber = self.hub.subscribe(session_id, robot_id)
+        replay = Replay.start(
+            self.hub,
+            self.store,
+            subscriber,
+            last_event_id=last_event_id,
+            history=history,
+            limit=self.settings.replay_limit,
+        )
+        return subscriber, replay
 
     def close_streams(self, reason: str = SHUTDOWN) -> None:
         """Send every stream an `error` event and end it, so clients move elsewhere."""

@@ -1,28 +1,45 @@
-"""The queries on `messages`, through a small connection pool.
+"""The queries on `messages`, through a small connection pool or on one given connection.
 
 The pool is sized for replay and publish traffic, never per subscriber: the broker's
-PostgreSQL connections are this pool (at most `POOL_SIZE`) plus the one listening connection.
-psycopg errors are translated here into `DatabaseUnavailable`, so callers see broker errors.
+PostgreSQL connections are this pool (at most `POOL_SIZE`) plus the one listening connection,
+which runs the same queries through `Store.using(conn)` (its backfill must not wait for the
+pool). psycopg errors are translated here into `DatabaseUnavailable`, so callers see broker
+errors.
+
+Recovery: psycopg_pool retries a failed connection with its own backoff (1 s doubling, for up
+to `reconnect_timeout`), so after a 3 s outage the pool came back up to 7 s after PostgreSQL
+did and replays failed with `PoolTimeout` meanwhile (issue 14). A failed attempt here gives up
+after `RECONNECT_SECONDS` instead (the next request starts a new one at once), and the
+listener calls `revive` as soon as it is back, so the pool reconnects within the same second.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from typing import Any, TypeVar
 
 import psycopg
+import structlog
 from psycopg import sql
+from psycopg.rows import AsyncRowFactory, kwargs_row, tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .errors import Unavailable
-from .events import Message
+from .events import Message, utc_timestamp
 
 __all__ = ["COLUMNS", "DatabaseUnavailable", "Store"]
 
 POOL_SIZE = 4
+RECONNECT_SECONDS = 0.5
+APPLICATION_NAME = "pgsse-store"
+Query = sql.SQL | sql.Composed
 COLUMNS = sql.SQL("id, session_id, robot_id, content, is_from_bot, is_human, intent, created_at")
 ROW_OVERHEAD_BYTES = 512  # an encoded row's bytes besides its content, about (the other fields)
+Row = TypeVar("Row")
+
+log = structlog.get_logger(logger_name="broker.store")
 
 
 class DatabaseUnavailable(Unavailable):
@@ -32,11 +49,45 @@ class DatabaseUnavailable(Unavailable):
         super().__init__(f"database unavailable: {type(cause).__name__}", retry_after=2)
 
 
-class Store:
-    """Reads and writes rows of `messages`."""
+def _message(**columns: Any) -> Message:
+    """A `Message` from a row of `COLUMNS`, by column name (its fields are named for them)."""
+    columns["created_at"] = utc_timestamp(columns["created_at"])
+    return Message(**columns)
 
-    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
-        self._pool = pool
+
+MESSAGE_ROW = kwargs_row(_message)
+TUPLE_ROW: AsyncRowFactory[tuple[Any, ...]] = tuple_row
+
+
+class Store:
+    """Reads and writes rows of `messages`, through a pool or on one connection."""
+
+    def __init__(self, source: AsyncConnectionPool[Any] | psycopg.AsyncConnection[Any]) -> None:
+        self._source = source
+        self._revival: asyncio.Task[None] | None = None
+
+    def using(self, conn: psycopg.AsyncConnection[Any]) -> Store:
+        """The same queries, run on `conn` (an autocommit connection the caller holds)."""
+        return Store(conn)
+
+    def revive(self) -> None:
+        """PostgreSQL is back: have the pool test its connections and reconnect now, rather
+        than when its own retry comes due. Returns at once; the check runs as a task."""
+        pool = self._source
+        if not isinstance(pool, AsyncConnectionPool) or self._revival is not None:
+            return
+        self._revival = asyncio.create_task(pool.check())
+        self._revival.add_done_callback(self._revived)
+
+    def _revived(self, task: asyncio.Task[None]) -> None:
+        self._revival = None
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("store_revive_failed", error=repr(task.exception()))
+
+    def _connection(self) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
+        if isinstance(self._source, AsyncConnectionPool):
+            return self._source.connection()
+        return nullcontext(self._source)
 
     @classmethod
     @asynccontextmanager
@@ -47,8 +98,9 @@ class Store:
             min_size=1,
             max_size=POOL_SIZE,
             timeout=wait_seconds,
+            reconnect_timeout=RECONNECT_SECONDS,
             open=False,
-            kwargs={"autocommit": True},
+            kwargs={"autocommit": True, "application_name": APPLICATION_NAME},
             name="pgsse-store",
             # A connection that died while idle (PostgreSQL restarted) is replaced on checkout.
             check=AsyncConnectionPool.check_connection,
@@ -72,14 +124,14 @@ class Store:
             "INSERT INTO messages (session_id, robot_id, content, is_from_bot, is_human, intent)"
             " VALUES (%s, %s, %s, %s, %s, %s) RETURNING {}"
         ).format(COLUMNS)
-        row = await self._one(query, (session_id, robot_id, content, is_from_bot, is_human, intent))
-        assert row is not None  # INSERT ... RETURNING always returns the row
-        return Message.from_row(row)
+        params = (session_id, robot_id, content, is_from_bot, is_human, intent)
+        message = await self._one(query, params, MESSAGE_ROW)
+        assert message is not None  # INSERT ... RETURNING always returns the row
+        return message
 
     async def get(self, message_id: int) -> Message | None:
         query = sql.SQL("SELECT {} FROM messages WHERE id = %s").format(COLUMNS)
-        row = await self._one(query, (message_id,))
-        return None if row is None else Message.from_row(row)
+        return await self._one(query, (message_id,), MESSAGE_ROW)
 
     async def after(
         self,
@@ -91,22 +143,15 @@ class Store:
     ) -> list[Message]:
         """Rows with id > `after_id` matching the filter, in id order, at most `limit`; with
         `max_bytes`, only as many as fit in about that many bytes (always one at least)."""
-        conditions = [sql.SQL("id > %s")]
-        params: list[Any] = [after_id]
-        if session_id is not None:
-            conditions.append(sql.SQL("session_id = %s"))
-            params.append(session_id)
-        if robot_id is not None:
-            conditions.append(sql.SQL("robot_id = %s"))
-            params.append(robot_id)
-        params.append(limit)
-        query = sql.SQL("SELECT {} FROM messages WHERE {} ORDER BY id LIMIT %s").format(
-            COLUMNS, sql.SQL(" AND ").join(conditions)
+        where, params = _filter(session_id, robot_id, after_id)
+        query: Query = sql.SQL("SELECT {} FROM messages {} ORDER BY id LIMIT %s").format(
+            COLUMNS, where
         )
+        params.append(limit)
         if max_bytes is not None:
             query = _within(query, sql.Identifier("id"))
             params.append(max_bytes)
-        return [Message.from_row(row) for row in await self._all(query, tuple(params))]
+        return await self._all(query, tuple(params), MESSAGE_ROW)
 
     async def in_order(self, ids: list[int], max_bytes: int) -> list[Message]:
         """The rows of `ids` that exist, in the order of `ids`, as many as fit in about
@@ -116,42 +161,76 @@ class Store:
             " JOIN messages USING (id)"
         ).format(COLUMNS)
         query = _within(candidates, sql.Identifier("position"))
-        return [Message.from_row(row) for row in await self._all(query, (ids, max_bytes))]
+        return await self._all(query, (ids, max_bytes), MESSAGE_ROW)
 
     async def by_ids(self, ids: list[int]) -> dict[int, Message]:
         """The rows of `ids` that exist, by id."""
         query = sql.SQL("SELECT {} FROM messages WHERE id = ANY(%s)").format(COLUMNS)
-        rows = await self._all(query, (ids,))
-        return {message.id: message for message in map(Message.from_row, rows)}
+        return {message.id: message for message in await self._all(query, (ids,), MESSAGE_ROW)}
+
+    async def oldest_of_last(
+        self, count: int, session_id: str | None = None, robot_id: str | None = None
+    ) -> int | None:
+        """The id of the oldest of the last `count` rows matching the filter (`history=N`
+        starts there), None when none match."""
+        where, params = _filter(session_id, robot_id)
+        query = sql.SQL(
+            "SELECT min(id) FROM (SELECT id FROM messages {} ORDER BY id DESC LIMIT %s) AS last"
+        ).format(where)
+        row = await self._one(query, (*params, count), TUPLE_ROW)
+        return None if row is None or row[0] is None else int(row[0])
 
     async def ids_after(self, after_id: int) -> list[int]:
         """Every id above `after_id`, in order (for the listener's backfill)."""
         query = sql.SQL("SELECT id FROM messages WHERE id > %s ORDER BY id")
-        return [int(row[0]) for row in await self._all(query, (after_id,))]
+        return [int(row[0]) for row in await self._all(query, (after_id,), TUPLE_ROW)]
 
     async def last_id(self) -> int:
         """The highest id committed so far, 0 for an empty table."""
-        row = await self._one(sql.SQL("SELECT coalesce(max(id), 0) FROM messages"), ())
+        row = await self._one(sql.SQL("SELECT coalesce(max(id), 0) FROM messages"), (), TUPLE_ROW)
         assert row is not None
         return int(row[0])
 
-    async def _all(self, query: sql.Composable, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    async def _all(
+        self, query: Query, params: tuple[Any, ...], rows: AsyncRowFactory[Row]
+    ) -> list[Row]:
         try:
-            async with self._pool.connection() as conn:
-                cursor = await conn.execute(query, params)
-                rows: list[tuple[Any, ...]] = await cursor.fetchall()
-                return rows
+            async with self._connection() as conn:
+                cursor = conn.cursor(row_factory=rows)
+                await cursor.execute(query, params)
+                return await cursor.fetchall()
         except (psycopg.Error, PoolTimeout) as exc:
             raise DatabaseUnavailable(exc) from exc
 
-    async def _one(self, query: sql.Composable, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    async def _one(
+        self, query: Query, params: tuple[Any, ...], rows: AsyncRowFactory[Row]
+    ) -> Row | None:
         try:
-            async with self._pool.connection() as conn:
-                cursor = await conn.execute(query, params)
-                row: tuple[Any, ...] | None = await cursor.fetchone()
-                return row
+            async with self._connection() as conn:
+                cursor = conn.cursor(row_factory=rows)
+                await cursor.execute(query, params)
+                return await cursor.fetchone()
         except (psycopg.Error, PoolTimeout) as exc:
             raise DatabaseUnavailable(exc) from exc
+
+
+def _filter(
+    session_id: str | None, robot_id: str | None, after_id: int | None = None
+) -> tuple[sql.Composable, list[Any]]:
+    """The WHERE clause of a stream's filter (empty for none), and its parameters."""
+    conditions: list[sql.Composable] = []
+    params: list[Any] = []
+    for condition, value in (
+        ("id > %s", after_id),
+        ("session_id = %s", session_id),
+        ("robot_id = %s", robot_id),
+    ):
+        if value is not None:
+            conditions.append(sql.SQL(condition))
+            params.append(value)
+    if not conditions:
+        return sql.SQL(""), params
+    return sql.SQL("WHERE ") + sql.SQL(" AND ").join(conditions), params
 
 
 def _within(candidates: sql.Composable, order: sql.Identifier) -> sql.Composed:

@@ -7,31 +7,29 @@ next write. The subscriber is registered before the response starts (so the 503 
 process is an ordinary answer) and removed when it ends, whatever ends it.
 
 Writes: every event queued since the last write goes out in one write. While the stream
-idles it hands its socket to the `SocketFlusher` (`Subscriber.transport`): events routed to
-it are then written by one callback per event-loop turn, for all idle streams, instead of by
-waking each stream's task. See `SocketFlusher` for why and when.
+idles it hands its socket's sink to its subscriber (`Subscriber.sink`, `socketsink.py`):
+events routed to it are then written by one callback per event-loop turn, for all idle
+streams, instead of by waking each stream's task. See `flusher.py` for why and when.
 
-Replay writes go at the pace the socket drains: a page of at most `REPLAY_PAGE` rows and
-about `REPLAY_PAGE_BYTES` is written, and the next is read from PostgreSQL only once the
-socket has taken it. A client that takes nothing for `STALL_SECONDS` is cut as a slow
+Replay writes go at the pace the socket drains: a page (`replay.REPLAY_PAGE` rows and about
+`replay.REPLAY_PAGE_BYTES` at most) is written, and the next is read from PostgreSQL only once
+the socket has taken it. A client that takes nothing for `STALL_SECONDS` is cut as a slow
 consumer, so a reader that stops mid-replay holds one page and its queue, not the replay.
 
 A stream opened with a token that expires (`Grant.valid_until`) ends then, with an `error`
 event, so the client reconnects with a new token. HEAD on the stream is `EventStreamHead`:
 the stream's status and headers, and no subscription.
 
-Resume: the subscriber already queues live events when the replay runs, so a row committed
-during the replay is either in the replay or in the queue; rows sent by the replay are dropped
-from the queue by id. When the hub's journal holds the resume id, the replay is the journal's
-list of rows delivered after it (exact, in commit order), taken in the same event-loop step as
-the subscription; otherwise it reads the table by id.
+Resume and history: the subscriber already queues live events when its `Replay` runs, and
+the hub drops or skips the rows the replay sent (`replay.py` owns that rule); the stream only
+writes the replay's pages, then the queue. Nothing is written, not even `connected`, before the
+listener's first LISTEN, so a stream never misses a row committed after `connected`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
@@ -40,26 +38,25 @@ import structlog
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from .events import Message, encode_connected, encode_error, encode_message, encode_retry
-from .hub import SLOW_CONSUMER, Hub, Subscriber
-from .latency import LatencyHistogram
-from .store import DatabaseUnavailable, Store
-from .transport import TRANSPORT_EXTENSION
+from .events import encode_connected, encode_error, encode_message, encode_retry
+from .hub import Hub, Subscriber
+from .replay import Replay
+from .socketsink import SocketSink, sink_of
+from .store import DatabaseUnavailable
+from .subscriber import SLOW_CONSUMER
 
 __all__ = [
     "REPLAY_LIMIT_REACHED",
     "TOKEN_EXPIRED",
     "EventStreamHead",
     "EventStreamResponse",
-    "SocketFlusher",
 ]
 
-REPLAY_PAGE = 500
-REPLAY_PAGE_BYTES = 1024 * 1024
 REPLAY_LIMIT_REACHED = "replay limit reached: reconnect to resume"
 REPLAY_FAILED = "database unavailable: reconnect to resume"
 TOKEN_EXPIRED = "token expired: reconnect with a new token"
 CLOSE_TIMEOUT_SECONDS = 1.0
+FIRST_LISTEN_TIMEOUT_SECONDS = 10.0
 # A replay write that makes no progress (the socket takes not one byte) for this long cuts
 # the stream as a slow consumer.
 STALL_SECONDS = 5.0
@@ -69,52 +66,6 @@ HEADERS = {
 }
 
 log = structlog.get_logger(logger_name="broker.stream")
-
-
-class SocketFlusher:
-    """Writes the events queued for idle streams straight to their sockets.
-
-    Waking a stream's task to write one event costs a task switch and a trip through the ASGI
-    send chain (Starlette's middleware wrappers, uvicorn's send): with rows arriving one at a
-    time to 1,000 subscribers that was about half of the broker's CPU (`make bench`, fanout
-    at 50 rows/s, py-spy). The hub instead hands an idle stream's subscriber to `mark`, and
-    one callback, scheduled once per event-loop turn, writes each marked subscriber's queue as
-    one HTTP chunk in uvicorn's framing. Everything a burst routed in that turn goes out in
-    that one write, so batching is kept.
-
-    It writes only while the stream's task waits (that is when `Subscriber.transport` is set),
-    and only to a socket with nothing buffered; otherwise it wakes the task, whose ASGI send
-    applies flow control. Order holds: the task and the flusher never both hold events.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, latency: LatencyHistogram) -> None:
-        self._loop = loop
-        self._latency = latency
-        self._marked: list[Subscriber] = []
-
-    def mark(self, subscriber: Subscriber) -> None:
-        if not self._marked:
-            self._loop.call_soon(self._flush)
-        self._marked.append(subscriber)
-
-    def _flush(self) -> None:
-        marked, self._marked = self._marked, []
-        now = time.perf_counter()
-        observe = self._latency.observe
-        for subscriber in marked:
-            transport = subscriber.transport
-            if transport is None or subscriber.closed or not subscriber.queued:
-                continue  # its task took over meanwhile
-            if transport.get_write_buffer_size() or transport.is_closing():
-                subscriber.wake()
-                continue
-            events = subscriber.take()
-            body = events[0].data if len(events) == 1 else b"".join(e.data for e in events)
-            transport.write(b"%x\r\n%b\r\n" % (len(body), body))
-            subscriber.direct_sent += len(events)
-            for event in events:
-                if event.born:
-                    observe(now - event.born)
 
 
 class EventStreamHead(Response):
@@ -136,13 +87,10 @@ class EventStreamResponse(Response):
     def __init__(
         self,
         hub: Hub,
-        store: Store,
         subscriber: Subscriber,
+        replay: Replay | None,
         *,
-        last_event_id: int | None,
-        journal_ids: list[int] | None,
-        journal_mark: int,
-        replay_limit: int,
+        listening: asyncio.Event,
         retry_ms: int,
         valid_until: float | None = None,
     ) -> None:
@@ -151,26 +99,24 @@ class EventStreamResponse(Response):
         self.background = None
         self.init_headers(HEADERS)
         self.hub = hub
-        self.store = store
         self.subscriber = subscriber
-        self.last_event_id = last_event_id
-        self.journal_ids = journal_ids
-        self.journal_mark = journal_mark
-        self.replay_limit = replay_limit
+        self.replay = replay
+        self.listening = listening
         self.retry_ms = retry_ms
         self.valid_until = valid_until
         self.events_sent = 0
-        self._direct: asyncio.WriteTransport | None = None  # the socket (transport.py)
+        self._sink: SocketSink | None = None  # the socket (socketsink.py)
         self.replayed = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        subscriber = self.subscriber
+        subscriber, replay = self.subscriber, self.replay
         started = time.monotonic()
         log.debug(
             "stream_opened",
             channel=subscriber.channel,
             robot_id=subscriber.robot_id,
-            last_event_id=self.last_event_id,
+            last_event_id=None if replay is None or replay.history else replay.after,
+            history=None if replay is None else replay.history or None,
         )
         expiry = None
         if self.valid_until is not None:
@@ -184,7 +130,7 @@ class EventStreamResponse(Response):
                     "headers": self.raw_headers,
                 }
             )
-            self._direct = scope.get("extensions", {}).get(TRANSPORT_EXTENSION)
+            self._sink = sink_of(scope)
             async with anyio.create_task_group() as group:
                 group.start_soon(self._watch_disconnect, receive, group.cancel_scope)
                 await self._pump(send)
@@ -215,26 +161,27 @@ class EventStreamResponse(Response):
             subscriber.on_close = live.cancel
             if subscriber.closed:
                 live.cancel()
+            with anyio.move_on_after(FIRST_LISTEN_TIMEOUT_SECONDS):
+                await self.listening.wait()
+            if not self.listening.is_set():
+                subscriber.close(REPLAY_FAILED)
             await self._write(
                 send,
                 encode_retry(self.retry_ms)
                 + encode_connected(subscriber.session_id, subscriber.robot_id),
             )
-            queued_twice: set[int] = set()
-            if self.last_event_id is not None:
+            if self.replay is not None:
                 try:
-                    queued_twice = self._published_since_subscribed(await self._replay(send))
+                    await self._replay(send, self.replay)
                 except DatabaseUnavailable:
                     subscriber.close(REPLAY_FAILED)
             while not subscriber.closed:
                 # While the stream idles with nothing queued, the hub may write to the socket
                 # itself; never while this task is busy, which keeps events in order.
-                subscriber.transport = None if queued_twice else self._direct
+                subscriber.sink = self._sink
                 await subscriber.wait()
-                subscriber.transport = None
+                subscriber.sink = None
                 events = subscriber.take()
-                if queued_twice:
-                    events = [event for event in events if not _seen(event.id, queued_twice)]
                 if events:
                     self.events_sent += len(events)
                     await self._write(send, b"".join(event.data for event in events))
@@ -242,13 +189,12 @@ class EventStreamResponse(Response):
                     latency.observe_since(event.born for event in events if event.born)
         await self._finish(send)
 
-    async def _replay(self, send: Send) -> set[int]:
-        """Send the rows the client missed; returns their ids. At the replay limit, closes
+    async def _replay(self, send: Send, replay: Replay) -> None:
+        """Send the rows the client missed (or its history). At the replay limit, closes
         the subscriber so the client reconnects from the last row it got."""
-        sent: set[int] = set()
-        async with aclosing(self._missed_rows()) as pages:
+        async with aclosing(replay.pages()) as pages:
             async for page in pages:
-                room = self.replay_limit - self.replayed
+                room = replay.limit - self.replayed
                 over_limit = len(page) > room
                 page = page[:room]
                 if page:
@@ -256,48 +202,12 @@ class EventStreamResponse(Response):
                         self.hub.counters.slow_consumer_disconnects += 1
                         self.subscriber.close(SLOW_CONSUMER)
                         break
-                    sent.update(row.id for row in page)
                     self.replayed += len(page)
                     self.hub.counters.replayed_events += len(page)
                     self.events_sent += len(page)
                 if over_limit:
                     self.subscriber.close(REPLAY_LIMIT_REACHED)
                     break
-        return sent
-
-    def _published_since_subscribed(self, replayed: set[int]) -> set[int]:
-        """The replayed rows that also reach the queue: those the hub published after this
-        subscriber joined, or has yet to publish (a row is often read by the replay before
-        its notification arrives). Rows published before it joined never will."""
-        journal = self.hub.journal
-        return {
-            row_id
-            for row_id in replayed
-            if (position := journal.position(row_id)) is None or position >= self.journal_mark
-        }
-
-    async def _missed_rows(self) -> AsyncGenerator[list[Message], None]:
-        """Pages of rows after `last_event_id` that match the filter, in delivery order:
-        from the journal's ids when it holds `last_event_id`, else by id from the table."""
-        subscriber = self.subscriber
-        if self.journal_ids is not None:
-            ids = self.journal_ids[: self.replay_limit + 1]
-            while ids:
-                wanted = ids[:REPLAY_PAGE]
-                page = await self.store.in_order(wanted, REPLAY_PAGE_BYTES)
-                yield page
-                ids = ids[wanted.index(page[-1].id) + 1 if page else len(wanted) :]
-            return
-        cursor = self.last_event_id or 0
-        while True:
-            want = min(REPLAY_PAGE, self.replay_limit + 1 - self.replayed)
-            page = await self.store.after(
-                cursor, want, subscriber.session_id, subscriber.robot_id, REPLAY_PAGE_BYTES
-            )
-            if not page:  # a short page may only have been cut at its size: ask again
-                return
-            yield page
-            cursor = page[-1].id
 
     async def _write_drained(self, send: Send, events: bytes) -> bool:
         """Write `events`, then wait until the socket has taken them (an empty body message
@@ -315,7 +225,7 @@ class EventStreamResponse(Response):
 
     def _buffered(self) -> int:
         """Bytes written to the socket that the client has yet to take."""
-        return 0 if self._direct is None else self._direct.get_write_buffer_size()
+        return 0 if self._sink is None else self._sink.buffered()
 
     async def _finish(self, send: Send) -> None:
         """Tell the client why the stream ends, if the broker ends it, then end the body.
@@ -326,18 +236,10 @@ class EventStreamResponse(Response):
             if reason is not None:
                 await self._write(send, encode_error(reason))
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        if ending.cancelled_caught and self._direct is not None:
-            self._direct.abort()
+        if ending.cancelled_caught and self._sink is not None:
+            self._sink.abort()
 
     @staticmethod
     async def _write(send: Send, body: bytes) -> None:
         message: dict[str, Any] = {"type": "http.response.body", "body": body, "more_body": True}
         await send(message)
-
-
-def _seen(event_id: int, ids: set[int]) -> bool:
-    """True, once, for each id in `ids`, which shrinks to nothing as they arrive."""
-    if event_id in ids:
-        ids.discard(event_id)
-        return True
-    return False

@@ -14,11 +14,13 @@ import orjson
 from .errors import RequestError
 
 __all__ = [
+    "MAX_HISTORY",
     "MAX_ID_LENGTH",
     "RESERVED_SESSION_ID",
     "NewMessage",
     "check_id",
     "check_session_id",
+    "parse_history",
     "parse_last_event_id",
     "parse_new_message",
 ]
@@ -30,6 +32,8 @@ MAX_INTENT_LENGTH = 255
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc: C0, DEL and C1
 _LAST_EVENT_ID = re.compile(r"[0-9]{1,19}")
 _MAX_BIGINT = 2**63 - 1
+MAX_HISTORY = 1000
+_HISTORY = re.compile(r"[0-9]{1,4}")
 
 
 def check_id(name: str, value: str | None) -> str | None:
@@ -62,6 +66,15 @@ def parse_last_event_id(value: str | None) -> int | None:
     if value is None or not _LAST_EVENT_ID.fullmatch(value):
         return None
     return min(int(value), _MAX_BIGINT)
+
+
+def parse_history(value: str | None) -> int | None:
+    """The `history=N` of a stream (1 to `MAX_HISTORY` rows), None if absent; else 400."""
+    if value is None:
+        return None
+    if not _HISTORY.fullmatch(value) or not 1 <= int(value) <= MAX_HISTORY:
+        raise RequestError(400, f"history must be a whole number from 1 to {MAX_HISTORY}")
+    return int(value)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,8 @@ import psycopg
 import pytest
 
 from broker.database import EmbeddedPostgres, migrate
+from broker.listener import APPLICATION_NAME as LISTENER_NAME
+from tests.support.pgproxy import PostgresProxy
 from tests.support.processes import BrokerProcess
 from tests.support.redis import RedisServer, available
 from tests.support.sse import OPEN_CLIENTS
@@ -65,12 +67,20 @@ class Database:
             return conn.execute(sql.encode(), params).fetchall()
 
     def listening_backends(self) -> int:
-        """Backends LISTENing on the broker's channel (a LISTEN is its last query)."""
+        """Brokers' listening connections (they connect as `listener.APPLICATION_NAME`)."""
         rows = self.query(
-            "SELECT count(*) FROM pg_stat_activity WHERE query ILIKE 'LISTEN %%'"
-            " AND backend_type = 'client backend'"
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+            (LISTENER_NAME,),
         )
         return int(rows[0][0])
+
+    def terminate_listeners(self) -> int:
+        """pg_terminate_backend every broker's listening connection; how many there were."""
+        rows = self.query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            (LISTENER_NAME,),
+        )
+        return len(rows)
 
 
 @pytest.fixture(scope="session")
@@ -141,6 +151,14 @@ def start_broker(database: Database, tmp_path: Path) -> Iterator[Callable[..., B
     yield start
     for broker in started:
         broker.stop()
+
+
+@pytest.fixture
+def pgproxy(database: Database) -> Iterator[PostgresProxy]:
+    """A proxy to the cluster that can keep brokers' listeners out (`listener_blocked`)."""
+    proxy = PostgresProxy(database.server.socket_dir).start()
+    yield proxy
+    proxy.stop()
 
 
 @pytest.fixture

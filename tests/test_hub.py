@@ -97,3 +97,43 @@ async def test_wait_wakes_on_push_and_on_close() -> None:
     subscriber.close("bye")
     await asyncio.wait_for(waiter, 1)
     assert subscriber.close_reason == "bye"
+
+
+def test_give_drops_queued_copies_and_skips_later_routing_once() -> None:
+    """A replay sent rows 2 and 3: 2 was already queued (routed after subscribing), 3 has
+    yet to be routed (a notification in flight). Neither is queued twice, and once row 3
+    has been skipped it is forgotten."""
+    hub = Hub(max_subscribers=10, queue_size=10)
+    subscriber = hub.subscribe("a", None)
+    hub.publish(message(1))
+    hub.publish(message(2))
+    hub.heartbeat()
+    hub.give(subscriber, [2, 3])
+    assert [e.id for e in subscriber.take()] == [1, 0]  # the heartbeat stays
+    assert subscriber.seen is not None and subscriber.seen.pending == {3}
+    hub.publish(message(3))
+    hub.publish(message(4))
+    assert ids(subscriber) == [4]
+    assert subscriber.seen.pending == set()
+
+
+def test_give_with_a_floor_counts_every_lower_row_as_sent() -> None:
+    """A resume from id 10 that the journal does not hold: the backfill routes 8..12 later;
+    rows up to 10 never reach the stream, rows above it once."""
+    hub = Hub(max_subscribers=10, queue_size=10)
+    resumed, other = hub.subscribe("a", None), hub.subscribe("a", None)
+    hub.publish(message(7))
+    hub.give(resumed, [11], floor=10)
+    assert ids(resumed) == [] and ids(other) == [7]
+    for row_id in range(8, 13):
+        hub.publish(message(row_id))
+    assert ids(resumed) == [12]
+    assert ids(other) == [8, 9, 10, 11, 12]
+
+
+def test_rows_routed_before_subscribing_are_not_remembered() -> None:
+    hub = Hub(max_subscribers=10, queue_size=10)
+    hub.publish(message(1))
+    subscriber = hub.subscribe("a", None)
+    hub.give(subscriber, [1])  # a replay from the journal: routed already, never again
+    assert subscriber.seen is not None and subscriber.seen.pending == set()

@@ -11,7 +11,6 @@ import psycopg
 from tests.conftest import Database
 from tests.support.processes import BrokerProcess
 from tests.support.sse import SSEClient
-from tests.test_recovery import terminate_listener
 from tests.test_stream import subscribe
 
 
@@ -91,7 +90,7 @@ async def test_row_committed_while_the_listener_is_down_with_a_smaller_id_is_del
 
     async def outage() -> None:
         for _ in range(25):
-            await asyncio.to_thread(terminate_listener, database)
+            await asyncio.to_thread(database.terminate_listeners)
             await asyncio.sleep(0.02)
 
     killer = asyncio.ensure_future(outage())

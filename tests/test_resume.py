@@ -12,6 +12,7 @@ import psycopg
 import pytest
 
 from tests.conftest import Database
+from tests.support.pgproxy import PostgresProxy
 from tests.support.processes import BrokerProcess
 from tests.support.sse import SSEClient, SSEEvent
 from tests.test_stream import subscribe
@@ -67,7 +68,9 @@ async def test_resume_by_query_parameter_and_from_a_restarted_broker(
 async def test_bad_last_event_id_still_streams(
     broker: BrokerProcess, database: Database, session_id: str, value: str
 ) -> None:
-    database.insert(session_id, "old")
+    watcher = await subscribe(broker, sessionId=session_id)
+    old = database.insert(session_id, "old")
+    assert (await watcher.message()).id == str(old)  # routed: it cannot reach a later stream
     client = await SSEClient.open(
         broker.port, params={"sessionId": session_id}, headers={"Last-Event-ID": value}
     )
@@ -204,3 +207,71 @@ async def resuming_client_from(
             last = received[-1]
         await client.close()
     return received, last
+
+
+# Issue 14: a resume on a broker whose listener is down, or has not yet LISTENed.
+
+
+async def read_until(client: SSEClient, last: int) -> list[int]:
+    return message_ids(await client.events_until(lambda e: e.id == str(last)))
+
+
+async def test_resume_from_an_id_the_journal_lacks_gets_no_row_twice_from_the_backfill(
+    start_broker: Callable[..., BrokerProcess],
+    pgproxy: PostgresProxy,
+    database: Database,
+    session_id: str,
+) -> None:
+    """The soak's duplicates: a client moves to a broker whose listener is down, resuming
+    from an id that broker never delivered; the replay reads the table by id, then the
+    listener comes back and its backfill routes every row the journal lacks, the client's
+    own rows up to its resume id among them. None of those may reach it again."""
+    broker = start_broker(DATABASE_URL=pgproxy.url)
+    pgproxy.listener_blocked.set()
+    assert await asyncio.to_thread(database.terminate_listeners) == 1
+    await asyncio.to_thread(broker.wait_until, lambda: not broker.ready(), 10, "listener down")
+    rows = [database.insert(session_id, f"during {n}") for n in range(6)]
+    resumed = await SSEClient.open(
+        broker.port, params={"sessionId": session_id}, headers={"Last-Event-ID": str(rows[2])}
+    )
+    replayed = await resumed.events_until(lambda e: e.id == str(rows[-1]))
+    assert message_ids(replayed) == rows[3:]  # by id from the table, through the pool
+    pgproxy.listener_blocked.clear()
+    await asyncio.to_thread(broker.wait_until, broker.ready, 10, "listener back")
+    assert broker.stats()["listener"]["backfilled"] >= len(rows)
+    after = database.insert(session_id, "after")
+    assert await read_until(resumed, after) == [after]
+
+
+async def test_resume_before_the_first_listen_loses_no_row_committed_meanwhile(
+    start_broker: Callable[..., BrokerProcess],
+    pgproxy: PostgresProxy,
+    database: Database,
+    session_id: str,
+) -> None:
+    """The start-up window: a broker serves before its listener's first LISTEN. A stream
+    that read the table then would miss a row committed between that read and the LISTEN
+    (neither read nor notified, and below the first LISTEN's floor, so never backfilled).
+    Streams therefore read nothing, and send nothing, before the first LISTEN."""
+    pgproxy.listener_blocked.set()
+    broker = start_broker(wait_ready=False, DATABASE_URL=pgproxy.url)
+    await asyncio.to_thread(
+        broker.wait_until, lambda: pgproxy.refused > 0, 20, "the listener's first attempt"
+    )
+    resume_from = database.insert(session_id, "the client's last")
+    before = database.insert(session_id, "missed while away")
+    client = await SSEClient.open(
+        broker.port,
+        params={"sessionId": session_id},
+        headers={"Last-Event-ID": str(resume_from)},
+    )
+    assert client.status == 200
+    with pytest.raises(TimeoutError):  # nothing, not even `connected`, before the LISTEN
+        await client.event(timeout=0.5)
+    meanwhile = database.insert(session_id, "committed before the first LISTEN")
+    pgproxy.listener_blocked.clear()
+    await asyncio.to_thread(broker.wait_until, broker.ready, 10, "first LISTEN")
+    after = database.insert(session_id, "after")
+    events = await client.events_until(lambda e: e.id == str(after))
+    assert [e.type for e in events[:2]] == [None, "connected"]  # retry:, then connected
+    assert message_ids(events) == [before, meanwhile, after]

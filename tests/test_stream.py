@@ -1,4 +1,6 @@
-"""End to end: rows inserted into PostgreSQL reach real SSE clients of a real broker."""
+"""broker.stream: in process, an `EventStreamResponse` on the broker's protocol with a real hub
+and socket; end to end, rows inserted into PostgreSQL reach real SSE clients of a real broker.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +9,117 @@ import itertools
 import re
 import statistics
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
+from broker.events import Message
+from broker.flusher import Flusher
+from broker.hub import Hub
+from broker.stream import EventStreamResponse
+from broker.subscriber import Subscriber
 from tests.conftest import Database
 from tests.support.processes import BrokerProcess
+from tests.support.served import protocol_server
 from tests.support.sse import SSEClient
 
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+@dataclass
+class StreamApp:
+    """Every request is a stream of session "a" on `hub`; `ended` is set as one ends."""
+
+    hub: Hub = field(default_factory=lambda: Hub(max_subscribers=10, queue_size=10))
+    listening: asyncio.Event = field(default_factory=asyncio.Event)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        subscriber = self.hub.subscribe("a", None)
+        response = EventStreamResponse(
+            self.hub, subscriber, None, listening=self.listening, retry_ms=3000
+        )
+        try:
+            await response(scope, receive, send)
+        finally:
+            self.ended.set()
+
+
+@dataclass
+class InProcess:
+    app: StreamApp
+    port: int
+
+    async def open(self) -> SSEClient:
+        client = await SSEClient.open(self.port, path="/")
+        assert client.status == 200 and client.headers["content-type"].startswith("text/event")
+        return client
+
+    async def connected(self) -> tuple[SSEClient, Subscriber]:
+        """A stream read up to `connected`, the listener being up, and its subscriber."""
+        self.app.listening.set()
+        client = await self.open()
+        await client.events_until(lambda e: e.type == "connected")
+        (subscriber,) = self.app.hub.subscribers()
+        return client, subscriber
+
+
+@pytest.fixture
+async def in_process() -> AsyncIterator[InProcess]:
+    app = StreamApp()
+    app.hub.on_idle_ready = Flusher(
+        asyncio.get_running_loop(), app.hub.counters.delivery_latency
+    ).mark
+    async with protocol_server(app) as (port, _state):
+        yield InProcess(app, port)
+
+
+def row(id_: int) -> Message:
+    return Message(id_, "a", None, f"m{id_}", False, True, None, "2026-01-01T00:00:00.000Z")
+
+
+async def test_in_process_nothing_is_written_before_the_first_listen(in_process: InProcess) -> None:
+    client = await in_process.open()
+    with pytest.raises(TimeoutError):
+        await client.event(timeout=0.3)
+    in_process.app.listening.set()
+    assert (await client.event()).retry == 3000
+    assert (await client.event()).type == "connected"
+
+
+async def test_in_process_an_idle_stream_is_written_through_its_sink(
+    in_process: InProcess,
+) -> None:
+    client, subscriber = await in_process.connected()
+    in_process.app.hub.publish(row(1))
+    in_process.app.hub.publish(row(2))
+    in_process.app.hub.heartbeat()
+    events = await client.events_until(lambda e: e.type == "heartbeat")
+    assert [e.id for e in events] == ["1", "2", None]
+    assert subscriber.direct_sent == 3  # none woke the stream's task
+    assert in_process.app.hub.counters.delivery_latency.count == 2
+
+
+async def test_in_process_a_closed_subscriber_sends_its_reason_and_ends(
+    in_process: InProcess,
+) -> None:
+    client, subscriber = await in_process.connected()
+    subscriber.close("going away: reconnect")
+    error = await client.event()
+    assert error.json == {"type": "error", "error": "going away: reconnect"}
+    with pytest.raises(EOFError):
+        await client.event()
+    await asyncio.wait_for(in_process.app.ended.wait(), 2)
+    assert len(in_process.app.hub) == 0
+
+
+async def test_in_process_a_client_that_goes_is_unsubscribed(in_process: InProcess) -> None:
+    client, _subscriber = await in_process.connected()
+    await client.close()
+    await asyncio.wait_for(in_process.app.ended.wait(), 2)
+    assert len(in_process.app.hub) == 0
 
 
 async def subscribe(broker: BrokerProcess, **params: str) -> SSEClient:

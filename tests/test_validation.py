@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from broker.errors import RequestError
-from broker.validation import check_id, parse_last_event_id, parse_new_message
+from broker.validation import check_id, parse_history, parse_last_event_id, parse_new_message
 
 
 @pytest.mark.parametrize(
@@ -74,3 +74,19 @@ def test_new_message_null_optionals_are_defaults() -> None:
         b'{"sessionId": "s", "content": "c", "robotId": null, "isFromBot": null}'
     )
     assert message.robot_id is None and message.is_from_bot is False
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [(None, None), ("1", 1), ("1000", 1000), ("0042", 42)]
+)
+def test_history_takes_1_to_1000(value: str | None, expected: int | None) -> None:
+    assert parse_history(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value", ["0", "1001", "abc", "", "-1", "1.5", " 5", "١٢", "5\n", "9" * 30]
+)
+def test_bad_history_is_a_400_naming_it(value: str) -> None:
+    with pytest.raises(RequestError) as caught:
+        parse_history(value)
+    assert caught.value.status == 400 and str(caught.value).startswith("history must be")

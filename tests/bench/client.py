@@ -32,6 +32,8 @@ from urllib.parse import quote
 
 import orjson
 
+from tests.support.chunked import ChunkedDecoder
+
 OPEN_CONCURRENCY = 256
 CONNECT_TIMEOUT = 20.0
 MAX_RECONNECTS = 20
@@ -221,11 +223,8 @@ class SSEConnection(asyncio.Protocol):
         self.head = b""
         self.in_body = False
         self.chunked = False
-        self.raw = b""  # body bytes not yet de-chunked
-        self.chunk_left = 0  # data bytes left in the current chunk
-        self.skip = 0  # bytes of a chunk's closing CRLF still to skip
+        self.decoder = ChunkedDecoder()
         self.text = b""  # de-chunked bytes of an incomplete SSE frame
-        self.ended = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, hence no isinstance check.
@@ -256,7 +255,7 @@ class SSEConnection(asyncio.Protocol):
         if self.chunked:
             # Fast path: the read is exactly one whole chunk (one write of the broker).
             line_end = data.find(b"\r\n")
-            if not (self.raw or self.chunk_left or self.skip) and 0 < line_end < 9:
+            if self.decoder.idle and 0 < line_end < 9:
                 try:
                     size = int(data[:line_end], 16)
                 except ValueError:
@@ -265,7 +264,7 @@ class SSEConnection(asyncio.Protocol):
                 if size and len(data) == start + size + 2 and data.endswith(b"\r\n"):
                     self._feed(data[start : start + size], now)
                     return
-            data = self._dechunk(data)
+            data = self.decoder.feed(data)
         if data:
             self._feed(data, now)
 
@@ -290,37 +289,6 @@ class SSEConnection(asyncio.Protocol):
         self.stream.record.errors[reason] += 1
         if self.transport is not None:
             self.transport.close()
-
-    def _dechunk(self, data: bytes) -> bytes:
-        buf = self.raw + data if self.raw else data
-        out = []
-        pos = 0
-        size = len(buf)
-        while pos < size:
-            if self.chunk_left:
-                take = min(self.chunk_left, size - pos)
-                out.append(buf[pos : pos + take])
-                pos += take
-                self.chunk_left -= take
-                if not self.chunk_left:
-                    self.skip = 2
-            elif self.skip:
-                take = min(self.skip, size - pos)
-                pos += take
-                self.skip -= take
-            else:
-                line_end = buf.find(b"\r\n", pos)
-                if line_end < 0:
-                    break
-                length = int(buf[pos:line_end].split(b";", 1)[0], 16)
-                pos = line_end + 2
-                if length == 0:
-                    self.ended = True
-                    pos = size
-                    break
-                self.chunk_left = length
-        self.raw = buf[pos:] if pos < size else b""
-        return out[0] if len(out) == 1 else b"".join(out)
 
     def _feed(self, payload: bytes, now: float) -> None:
         text = self.text + payload if self.text else payload

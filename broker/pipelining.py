@@ -1,0 +1,105 @@
+"""uvicorn's httptools protocol, with pipelined requests that still hear their client go.
+
+uvicorn tells only the last request it parsed on a connection that the client has gone, and
+stops reading while a pipelined request waits for the running response, so a FIN or RST
+behind it went unseen: a stream with a request pipelined behind it never learnt of it.
+`PipelinedProtocol`:
+
+- tells every request of the connection, the running one as well as those pipelined behind
+  it, that the client has gone (FIN, RST, or a connection it closes);
+- keeps reading while a pipelined request waits: the bytes behind it are held, at most
+  `MAX_HELD_BYTES`, and parsed once it runs; a client that pipelines more is cut off.
+
+It is the base of `transport.LimitedHttpToolsProtocol`, which adds the request deadlines and
+limits; the uvicorn internals both rely on are listed in `uvicorn_hooks.UVICORN_HOOKS`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+__all__ = ["MAX_HELD_BYTES", "PipelinedProtocol"]
+
+MAX_HELD_BYTES = 64 * 1024  # uvicorn's own bound on an unread body (HIGH_WATER_LIMIT)
+
+log = structlog.get_logger(logger_name="broker.transport")
+
+
+class PipelinedProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, reading on behind pipelined requests and telling each
+    of them when the connection is lost."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._cycles: list[RequestResponseCycle] = []  # running and queued requests
+        self._held = bytearray()  # bytes behind a queued request, parsed once it runs
+
+    @property
+    def holding(self) -> bool:
+        """True while bytes that arrive are held, not parsed: a request waits to run."""
+        return bool(self.pipeline or self._held)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end_requests()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.holding:
+            self._hold(data)
+            return
+        super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        previous = self.cycle
+        super().on_headers_complete()
+        if self.cycle is previous:
+            return  # an upgrade: no request cycle
+        self._cycles = [cycle for cycle in self._cycles if not cycle.response_complete]
+        self._cycles.append(self.cycle)
+        if self.pipeline:
+            # Queued behind a running response: uvicorn stopped reading, which would hide
+            # the client's going. Read on; `data_received` holds what arrives.
+            self.flow.resume_reading()
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        if self.pipeline:  # a queued request's body, in the chunk that carried its head
+            self.flow.resume_reading()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.pipeline or self.transport.is_closing():
+            return
+        # The last request queued now runs: parse what arrived behind it.
+        if self._held:
+            held, self._held = bytes(self._held), bytearray()
+            self.data_received(held)
+
+    def _hold(self, data: bytes) -> None:
+        self._held += data
+        if len(self._held) > MAX_HELD_BYTES:
+            log.info("pipeline_overflow", held=len(self._held))
+            self._refuse(None)
+
+    def _refuse(self, answer: bytes | None) -> None:
+        """Send `answer` and close, or with none abort (close would wait to flush to a peer
+        that may never read). Every request on the connection is told the client has gone,
+        so none writes after this."""
+        self._held.clear()
+        self._end_requests()
+        if answer is None:
+            self.transport.abort()
+            return
+        self.transport.write(answer)
+        self.transport.close()
+
+    def _end_requests(self) -> None:
+        """Tell every request of the connection, running or queued, that it is gone."""
+        for cycle in self._cycles:
+            if not cycle.response_complete:
+                cycle.disconnected = True
+            cycle.message_event.set()
+        self._cycles.clear()

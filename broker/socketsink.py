@@ -1,0 +1,53 @@
+"""A response's socket, as the server hands it to the app: the sink idle streams write to.
+
+The protocol (`transport.py`) puts a `SocketSink` for the connection's socket in each
+request's scope (`scope["extensions"][SINK_EXTENSION]`). An event stream gives it to its
+subscriber while idle (`subscriber.Sink`: the flusher writes events there without waking the
+stream's task), reads how much the client has yet to take (replay pacing), and aborts a
+client that takes nothing. Everything here depends on how uvicorn writes a response with no
+`Content-Length` on HTTP/1.1: as chunks on the connection's transport. The framing is
+written here and nowhere else; tests/test_socketsink.py reads it back off a real socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["SINK_EXTENSION", "SocketSink", "sink_of"]
+
+SINK_EXTENSION = "pgsse.sink"
+
+
+class SocketSink:
+    """One connection's socket: chunked writes of a running response's body."""
+
+    __slots__ = ("_transport",)
+
+    def __init__(self, transport: asyncio.WriteTransport) -> None:
+        self._transport = transport
+
+    def write(self, data: bytes) -> bool:
+        """Write `data` as one HTTP chunk, unless the socket still holds earlier bytes or is
+        closing (then False, nothing written: the caller goes through ASGI send, which
+        applies flow control)."""
+        transport = self._transport
+        if transport.get_write_buffer_size() or transport.is_closing():
+            return False
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        return True
+
+    def buffered(self) -> int:
+        """Bytes written to the socket that the client has yet to take."""
+        return self._transport.get_write_buffer_size()
+
+    def abort(self) -> None:
+        """Cut the connection now, dropping what is buffered for it."""
+        self._transport.abort()
+
+
+def sink_of(scope: Mapping[str, Any]) -> SocketSink | None:
+    """The request's `SocketSink`, or None when the server is not ours (no direct writes)."""
+    sink: SocketSink | None = scope.get("extensions", {}).get(SINK_EXTENSION)
+    return sink

@@ -1,0 +1,189 @@
+"""One open stream as the hub sees it: its filter, its bounded queue, and what it already has.
+
+A `Subscriber` queues the encoded events the hub routes to it, up to `queue_size`; a full
+queue closes it (slow consumer). `Seen` records the rows a stream was sent outside routing (a
+replay or history, read from the table): the hub skips those when it routes them later, and
+`Subscriber.drop_seen` removes copies already queued. That is how replay, backfill and live
+delivery agree on "nothing twice" (see `replay.py` for the rule).
+
+A `Sink` is where an idle stream's events may be written without waking its task: the
+server's socket, behind an interface that knows nothing of HTTP here (`socketsink.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = [
+    "GLOBAL_CHANNEL",
+    "SLOW_CONSUMER",
+    "Event",
+    "Seen",
+    "Sink",
+    "Subscriber",
+    "channel_of",
+]
+
+GLOBAL_CHANNEL = "session_messages:global"
+SLOW_CONSUMER = "slow consumer: reconnect to resume"
+
+
+def channel_of(session_id: str | None) -> str:
+    """The logical channel a stream is counted under in stats and logs."""
+    return GLOBAL_CHANNEL if session_id is None else f"session_messages:{session_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Encoded bytes of one event, shared by its subscribers; `id` is the row id or 0.
+    `born` is the `time.perf_counter()` of its routing (0 for heartbeats), for latency."""
+
+    id: int
+    data: bytes
+    born: float = 0.0
+
+
+class Sink(Protocol):
+    """Where an idle stream's events go straight out, as part of its response body."""
+
+    def write(self, data: bytes) -> bool:
+        """Send `data` now, or refuse (False) when it cannot be taken at once: the socket
+        still holds earlier bytes or is closing. A refusal writes nothing."""
+        ...
+
+
+class Seen:
+    """Rows a stream already has from a read of the table: every id up to `floor`, and the
+    ids in `pending` above it, which the hub has yet to route (a notification in flight, or
+    a backfill after an outage). Each of those is skipped once, then forgotten."""
+
+    __slots__ = ("floor", "pending")
+
+    def __init__(self) -> None:
+        self.floor = 0
+        self.pending: set[int] = set()
+
+    def __contains__(self, message_id: object) -> bool:
+        return isinstance(message_id, int) and (
+            0 < message_id <= self.floor or message_id in self.pending
+        )
+
+    def skip(self, message_id: int) -> bool:
+        """True if the stream has row `message_id` already (the hub then does not queue it)."""
+        if message_id <= self.floor:
+            return True
+        if message_id in self.pending:
+            self.pending.discard(message_id)
+            return True
+        return False
+
+
+class Subscriber:
+    """One open stream's filter and bounded queue of encoded events."""
+
+    __slots__ = (
+        "_limit",
+        "_loop",
+        "_pending",
+        "_waiter",
+        "close_reason",
+        "closed",
+        "direct_sent",
+        "on_close",
+        "robot_id",
+        "seen",
+        "session_id",
+        "sink",
+    )
+
+    def __init__(self, session_id: str | None, robot_id: str | None, queue_size: int) -> None:
+        self.session_id = session_id
+        self.robot_id = robot_id
+        self.closed = False
+        self.close_reason: str | None = None
+        self.on_close: Callable[[], None] | None = None
+        self._pending: deque[Event] = deque()
+        self._limit = queue_size
+        self._waiter: asyncio.Future[None] | None = None
+        # Set by a live stream while it idles with nothing queued: where `flusher.Flusher`
+        # writes what is routed to it.
+        self.sink: Sink | None = None
+        self.direct_sent = 0
+        # Set by `Hub.give` for a stream that was sent rows from the table (resume, history).
+        self.seen: Seen | None = None
+        # Kept, not looked up per wait: on CPython 3.11 get_running_loop() costs a getpid().
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def channel(self) -> str:
+        return channel_of(self.session_id)
+
+    def push(self, event: Event) -> bool:
+        """Queue `event`; at a full queue close the subscriber instead. True if queued. The
+        caller wakes the stream when the queue was empty (`Hub` does, or hands it to a sink)."""
+        if self.closed:
+            return False
+        if len(self._pending) >= self._limit:
+            self.close(SLOW_CONSUMER)
+            return False
+        self._pending.append(event)
+        return True
+
+    def take(self) -> list[Event]:
+        """Every queued event, oldest first, leaving the queue empty."""
+        events = list(self._pending)
+        self._pending.clear()
+        return events
+
+    def put_back(self, events: list[Event]) -> None:
+        """Return `events`, just taken and not written, to the front of the queue."""
+        self._pending.extendleft(reversed(events))
+
+    def drop_seen(self) -> None:
+        """Remove queued events of rows the stream already has (`seen`)."""
+        seen = self.seen
+        if seen is not None and any(event.id in seen for event in self._pending):
+            kept = [event for event in self._pending if event.id not in seen]
+            self._pending.clear()
+            self._pending.extend(kept)
+
+    async def wait(self) -> None:
+        """Return once an event is queued or the subscriber is closed."""
+        if self._pending or self.closed:
+            return
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        self._waiter = self._loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    def close(self, reason: str | None = None) -> None:
+        """Stop queueing; wake the stream so it can send `reason` (if any) and end.
+
+        `on_close` runs here, possibly while the hub iterates its subscribers: it may cancel
+        the stream's task but must not unsubscribe (the stream does that as it ends).
+        """
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        self._pending.clear()
+        self.wake()
+        if self.on_close is not None:
+            self.on_close()
+
+    def wake(self) -> None:
+        """Wake the stream's task if it waits (it then writes what is queued)."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)

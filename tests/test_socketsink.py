@@ -1,0 +1,72 @@
+"""broker.socketsink in-process, on a real TCP connection: chunk framing, refusal while the
+socket holds bytes, and abort."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+from broker.socketsink import SINK_EXTENSION, SocketSink, sink_of
+
+
+@dataclass
+class Pair:
+    sink: SocketSink
+    transport: asyncio.WriteTransport
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[Pair]:
+    accepted: asyncio.Future[asyncio.StreamWriter] = asyncio.get_running_loop().create_future()
+
+    async def serve(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set_result(writer)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+    served = await asyncio.wait_for(accepted, 5)
+    transport = served.transport
+    try:
+        yield Pair(SocketSink(transport), transport, reader, writer)
+    finally:
+        transport.abort()
+        writer.transport.abort()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_write_frames_one_chunk(pair: Pair) -> None:
+    assert pair.sink.write(b"data: 1\n\n")
+    assert await asyncio.wait_for(pair.reader.readexactly(14), 5) == b"9\r\ndata: 1\n\n\r\n"
+
+
+async def test_a_socket_holding_bytes_refuses_and_writes_nothing(pair: Pair) -> None:
+    pair.writer.transport.pause_reading()  # the client stops reading
+    sock = pair.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    big = b"x" * 4_000_000
+    assert pair.sink.write(big)
+    assert pair.sink.buffered() > 0
+    before = pair.sink.buffered()
+    assert not pair.sink.write(b"more")
+    assert pair.sink.buffered() == before
+
+
+async def test_abort_closes_the_connection(pair: Pair) -> None:
+    pair.sink.abort()
+    with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+        await asyncio.wait_for(pair.reader.readexactly(1), 5)
+    assert not pair.sink.write(b"late")
+
+
+def test_sink_of_reads_the_scope() -> None:
+    assert sink_of({"type": "http"}) is None
+    assert sink_of({"extensions": {}}) is None
+    sink = SocketSink(asyncio.Transport())  # type: ignore[arg-type]
+    assert sink_of({"extensions": {SINK_EXTENSION: sink}}) is sink

@@ -1,0 +1,31 @@
+"""broker.uvicorn_hooks: the uvicorn installed has every hook the protocol relies on, a missing
+one is named, and the tested range is the pinned one."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from broker import uvicorn_hooks
+from broker.uvicorn_hooks import TESTED_UVICORN, check_uvicorn
+
+
+def test_uvicorn_has_every_hook(monkeypatch: pytest.MonkeyPatch) -> None:
+    check_uvicorn()
+    protocol = uvicorn_hooks.HttpToolsProtocol
+    monkeypatch.setitem(uvicorn_hooks.UVICORN_HOOKS, protocol, ("on_headers_complete", "self.gone"))
+    with pytest.raises(RuntimeError, match=r"has no HttpToolsProtocol\.gone, which broker/trans"):
+        check_uvicorn()
+
+
+def test_the_tested_uvicorn_range_is_the_pinned_one() -> None:
+    pyproject = tomllib.loads(Path(__file__).parents[1].joinpath("pyproject.toml").read_text())
+    pins = [d for d in pyproject["project"]["dependencies"] if d.startswith("uvicorn")]
+    assert pins == [f"uvicorn{TESTED_UVICORN}"]
+    low, high = re.findall(r"[\d.]+", TESTED_UVICORN)
+    version = tuple(int(part) for part in uvicorn.__version__.split(".")[:2])
+    assert tuple(map(int, low.split("."))) <= version < tuple(map(int, high.split(".")))
