@@ -119,7 +119,7 @@ async def stream_messages(request: Request) -> Response:
         broker.hub,
         subscriber,
         replay,
-        listening=broker.listener.started,
+        listening=broker.started,
         retry_ms=broker.settings.retry_ms,
         valid_until=grant.valid_until,
     )
@@ -159,7 +159,7 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    if not _broker(request).listener.connected:
+    if not _broker(request).ready:
         raise Unavailable("listener not connected", retry_after=1)
     return JSONResponse({"success": True, "data": {"status": "ready"}})
 

@@ -140,6 +140,8 @@ class BusReader:
         self._bus = bus
         self._hub = hub
         self.last_id: str | None = None
+        self.high_id: int | None = None  # the highest row id routed
+        self.started = asyncio.Event()  # set at the first read, as the listener's first LISTEN
         self.lag_ms = 0.0
         self.connected = False
         self.entries = 0
@@ -164,6 +166,7 @@ class BusReader:
             await self._bus.ping()
             self.reconnects += 1
         self.connected = True
+        self.started.set()
         backoff.reset()
         log.info("bus_up", stream=self._bus.key, last_id=self.last_id, reconnects=self.reconnects)
         while True:
@@ -186,6 +189,7 @@ class BusReader:
             if entry.message.id not in hub.journal:
                 hub.publish(entry.message)
             self.last_id = entry.stream_id
+            self.high_id = max(self.high_id or 0, entry.message.id)
             self.entries += 1
         if entries:
             self.lag_ms = max(0.0, time.time() * 1000 - entries[-1].added_ms)

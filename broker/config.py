@@ -228,6 +228,19 @@ class Settings:
         "largest request line plus headers; larger is answered 431",
     )
 
+    bus_url: str | None = setting(
+        None,
+        "BROKER_BUS_URL",
+        parsers.bus_url,
+        "Redis URL of the bus: one relay LISTENs, every broker reads one shared order"
+        " (docs/deployment.md)",
+        redact=redact_url,
+        shown_default="unset: every process LISTENs itself",
+    )
+    bus_stream: str = setting(
+        "pgsse:messages", "BROKER_BUS_STREAM", parsers.stream_key, "the bus's Redis stream key"
+    )
+
     def __post_init__(self) -> None:
         """Checks that span settings; each message names the setting to change."""
         if self.auth_secret and "*" in self.cors_origins:

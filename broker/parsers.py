@@ -20,6 +20,7 @@ __all__ = [
     "admin_port",
     "admin_token",
     "boolean",
+    "bus_url",
     "database_url",
     "header_bytes",
     "log_format",
@@ -31,6 +32,7 @@ __all__ = [
     "positive_int",
     "redact_url",
     "secrets",
+    "stream_key",
     "text",
 ]
 
@@ -144,6 +146,32 @@ def database_url(text: str) -> str:
         conninfo_to_dict(text)
     except psycopg.Error as exc:
         raise ValueError(redact_url(" ".join(str(exc).split()))) from None
+    return text
+
+
+_BUS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def bus_url(text: str) -> str:
+    """A Redis URL as redis-py reads it: `redis://host:port/db`, `rediss://` (TLS) or
+    `unix:///path?db=N`."""
+    text = text.strip()
+    if not text.lower().startswith(_BUS_SCHEMES):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    parts = urlsplit(text)
+    if parts.scheme.lower() != "unix" and not parts.hostname:
+        raise ValueError("needs a host, as in redis://host:6379/0")
+    try:
+        parts.port  # noqa: B018 -- raises ValueError on a bad port
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+    return text
+
+
+def stream_key(text: str) -> str:
+    """A Redis key: any bytes, but not empty nor surrounded by blanks (a likely typo)."""
+    if not text or text != text.strip() or len(text) > 512:
+        raise ValueError("must be 1 to 512 characters without surrounding blanks")
     return text
 
 

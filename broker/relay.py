@@ -26,7 +26,7 @@ from .backoff import Backoff
 from .bus import Bus, BusDown
 from .errors import BrokerError
 from .events import Message, Reference, parse_notification
-from .listener import CHANNEL, HEALTH_CHECK_SECONDS, HEALTH_CHECK_TIMEOUT
+from .listener import APPLICATION_NAME, CHANNEL, HEALTH_CHECK_SECONDS, HEALTH_CHECK_TIMEOUT
 from .store import Store
 
 __all__ = ["LOCK_CLASS", "Relay"]
@@ -34,6 +34,7 @@ __all__ = ["LOCK_CLASS", "Relay"]
 CAMPAIGN_SECONDS = 1.0
 LOCK_CLASS = 0x7067  # the advisory lock's first key ('pg'); the second is hashtext(stream)
 BACKFILL_PAGE = 1_000
+CANDIDATE_NAME = "pgsse-relay-candidate"  # a follower's campaign connection, in pg_stat_activity
 
 log = structlog.get_logger(logger_name="broker.relay")
 
@@ -84,12 +85,17 @@ class Relay:
             keepalives_idle=10,
             keepalives_interval=5,
             keepalives_count=3,
+            application_name=CANDIDATE_NAME,
         ) as conn:
             self.connected = True
             backoff.reset()
             # A poll, not an event: the lock's holder is another process, maybe another host.
             while not await self._won(conn):  # noqa: ASYNC110
                 await asyncio.sleep(CAMPAIGN_SECONDS)
+            # From here on pg_stat_activity shows it as the listener it now is.
+            await conn.execute(
+                "SELECT set_config('application_name', %s, false)", (APPLICATION_NAME,)
+            )
             await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
             self.role = "relay"
             self.elections += 1

@@ -14,10 +14,12 @@ from contextlib import asynccontextmanager
 
 import structlog
 
+from .bus import Bus, BusReader
 from .config import Settings
 from .flusher import Flusher
 from .hub import Hub
 from .listener import Listener
+from .relay import Relay
 from .replay import Replay
 from .store import Store
 from .subscriber import Subscriber
@@ -30,6 +32,15 @@ RESTART_DELAY_SECONDS = 1.0
 log = structlog.get_logger(logger_name="broker.service")
 
 
+class BusFeed:
+    """With `BROKER_BUS_URL`: the bus, this broker's reader of it, and its relay campaign."""
+
+    def __init__(self, url: str, stream: str, database_url: str, broker: Broker) -> None:
+        self.bus = Bus(url, stream)
+        self.reader = BusReader(self.bus, broker.hub)
+        self.relay = Relay(database_url, self.bus, broker.store, lambda: self.reader.high_id)
+
+
 class Broker:
     """What the HTTP layer talks to: the hub, the store and the listener's state."""
 
@@ -40,7 +51,22 @@ class Broker:
         self.store = store
         self.hub = Hub(max_subscribers=settings.max_connections, queue_size=settings.queue_size)
         self.listener = Listener(settings.database_url, self.hub, store)
+        self.bus: BusFeed | None = None
+        if settings.bus_url is not None:
+            self.bus = BusFeed(settings.bus_url, settings.bus_stream, settings.database_url, self)
         self.started_at = time.time()
+
+    @property
+    def started(self) -> asyncio.Event:
+        """Set once rows flow in: the first LISTEN, or the bus's first read."""
+        return self.listener.started if self.bus is None else self.bus.reader.started
+
+    @property
+    def ready(self) -> bool:
+        """What `/readyz` reports: the listener, or with a bus Redis and PostgreSQL, up."""
+        if self.bus is None:
+            return self.listener.connected
+        return self.bus.reader.connected and self.bus.relay.connected
 
     @classmethod
     @asynccontextmanager
@@ -50,8 +76,12 @@ class Broker:
             broker = cls(settings, store)
             flusher = Flusher(asyncio.get_running_loop(), broker.hub.counters.delivery_latency)
             broker.hub.on_idle_ready = flusher.mark
+            if broker.bus is None:
+                feeds = [("listener", broker.listener.run)]
+            else:  # the relay feeds the bus; every broker reads it (bus.py, relay.py)
+                feeds = [("relay", broker.bus.relay.run), ("bus", broker.bus.reader.run)]
             tasks = [
-                asyncio.create_task(broker._supervise("listener", broker.listener.run)),
+                *(asyncio.create_task(broker._supervise(name, run)) for name, run in feeds),
                 asyncio.create_task(broker._supervise("heartbeat", broker._heartbeat)),
             ]
             try:
@@ -61,6 +91,8 @@ class Broker:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                if broker.bus is not None:
+                    await broker.bus.bus.close()
 
     def open_stream(
         self,

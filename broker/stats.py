@@ -39,12 +39,18 @@ class Stats:
     latency_sum: float
     uptime_seconds: float
     tasks: int  # asyncio tasks of the process
+    bus_role: str | None = None  # "relay" or "follower"; None without a bus
+    bus_last_id: str | None = None  # the last stream id this broker read
+    bus_lag_ms: float = 0.0  # XADD to this broker's read, of the last entry read
 
     def as_json(self) -> dict[str, Any]:
         """The `data` of `GET /api/sse/stats`."""
         return {
             "totalConnections": self.open_streams,
             "channels": self.channels,
+            "bus": None
+            if self.bus_role is None
+            else {"role": self.bus_role, "lastId": self.bus_last_id, "lag": self.bus_lag_ms},
             "listener": {
                 "connected": self.listener_connected,
                 "reconnects": self.listener_reconnects,
@@ -85,4 +91,16 @@ def snapshot(broker: Broker) -> Stats:
         latency_sum=latency.sum,
         uptime_seconds=time.time() - broker.started_at,
         tasks=len(asyncio.all_tasks()),
+        **_bus(broker),
     )
+
+
+def _bus(broker: Broker) -> dict[str, Any]:
+    if broker.bus is None:
+        return {}
+    reader = broker.bus.reader
+    return {
+        "bus_role": broker.bus.relay.role,
+        "bus_last_id": reader.last_id,
+        "bus_lag_ms": round(reader.lag_ms, 3),
+    }

@@ -17,7 +17,7 @@ from tests.test_metrics import message, values
 
 def broker_of(hub: Hub) -> SimpleNamespace:
     listener = SimpleNamespace(connected=True, reconnects=1, notifications=5, backfilled=2)
-    return SimpleNamespace(hub=hub, listener=listener, started_at=time.time() - 3)
+    return SimpleNamespace(hub=hub, listener=listener, bus=None, started_at=time.time() - 3)
 
 
 async def test_the_stats_json_keeps_its_contract() -> None:
@@ -31,11 +31,13 @@ async def test_the_stats_json_keeps_its_contract() -> None:
     assert set(data) == {
         "totalConnections",
         "channels",
+        "bus",
         "listener",
         "counters",
         "uptimeSeconds",
         "tasks",
     }
+    assert data["bus"] is None  # no BROKER_BUS_URL (test_bus.py has it set)
     assert data["listener"] == {
         "connected": True,
         "reconnects": 1,

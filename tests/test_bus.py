@@ -1,0 +1,188 @@
+"""The bus end to end: broker processes on real PostgreSQL and real Redis (BROKER_BUS_URL).
+
+In-process tests of bus.py and relay.py are in test_bus_module.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+
+from tests.conftest import Database
+from tests.support.processes import BrokerProcess
+from tests.support.redis import RedisServer
+from tests.support.sse import SSEClient
+
+
+async def connected(client: SSEClient) -> SSEClient:
+    """`client` read up to its `connected` event (after the `retry:` hint)."""
+    assert client.status == 200
+    await client.events_until(lambda event: event.type == "connected")
+    return client
+
+
+def on_bus(
+    start_broker: Callable[..., BrokerProcess], redis: RedisServer, stream: str
+) -> BrokerProcess:
+    return start_broker(BROKER_BUS_URL=redis.url, BROKER_BUS_STREAM=stream)
+
+
+async def test_three_brokers_hold_one_listening_backend_and_all_deliver(
+    start_broker: Callable[..., BrokerProcess],
+    redis: RedisServer,
+    database: Database,
+    session_id: str,
+) -> None:
+    stream = f"test:{uuid.uuid4().hex[:8]}"
+    brokers = [on_bus(start_broker, redis, stream) for _ in range(3)]
+    brokers[0].wait_until(
+        lambda: (
+            sorted(str(b.stats()["bus"]["role"]) for b in brokers)
+            == ["follower", "follower", "relay"]
+        ),
+        20,
+        "one relay, two followers",
+    )
+    assert database.listening_backends() == 1
+    clients = [await SSEClient.open(b.port, params={"sessionId": session_id}) for b in brokers]
+    for client in clients:
+        await connected(client)
+    row = database.insert(session_id, "on the bus")
+    for client in clients:
+        event = await client.message(timeout=10)
+        assert event.json["data"]["id"] == str(row)
+        await client.close()
+    for broker in brokers:
+        bus = broker.stats()["bus"]
+        assert bus["lastId"] is not None and bus["lag"] >= 0
+
+
+async def test_resume_on_another_broker_follows_the_shared_order(
+    start_broker: Callable[..., BrokerProcess],
+    redis: RedisServer,
+    database: Database,
+    session_id: str,
+) -> None:
+    """A commits the smaller id after B: a client that got B on one broker resumes with B's id
+    on another and receives A exactly once."""
+    stream = f"test:{uuid.uuid4().hex[:8]}"
+    first, second = on_bus(start_broker, redis, stream), on_bus(start_broker, redis, stream)
+    client = await SSEClient.open(first.port, params={"sessionId": session_id})
+    await connected(client)
+    with database.connect() as a, database.connect() as b:
+        a.autocommit = b.autocommit = False
+        (id_a,) = a.execute(
+            "INSERT INTO messages (session_id, content) VALUES (%s, 'A') RETURNING id",
+            (session_id,),
+        ).fetchone() or (0,)
+        (id_b,) = b.execute(
+            "INSERT INTO messages (session_id, content) VALUES (%s, 'B') RETURNING id",
+            (session_id,),
+        ).fetchone() or (0,)
+        assert id_a < id_b
+        b.commit()
+        got = await client.message(timeout=10)
+        assert got.json["data"]["id"] == str(id_b)
+        await client.close()
+        a.commit()
+    second.wait_until(lambda: second.stats()["bus"]["lastId"] is not None, 10, "rows read")
+    resumed = await SSEClient.open(
+        second.port, params={"sessionId": session_id}, headers={"Last-Event-ID": str(id_b)}
+    )
+    await connected(resumed)
+    again = await resumed.message(timeout=10)
+    assert again.json["data"]["id"] == str(id_a)
+    later = database.insert(session_id, "C")
+    assert (await resumed.message(timeout=10)).json["data"]["id"] == str(later)
+    await resumed.close()
+
+
+async def test_redis_down_for_3s_loses_nothing_and_repeats_nothing(
+    start_broker: Callable[..., BrokerProcess],
+    redis: RedisServer,
+    database: Database,
+    session_id: str,
+) -> None:
+    """Readiness is 503 while Redis is down; the stream stays open; after Redis returns every
+    row committed meanwhile is delivered, once."""
+    stream = f"test:{uuid.uuid4().hex[:8]}"
+    brokers = [on_bus(start_broker, redis, stream) for _ in range(2)]
+    clients = [
+        await connected(await SSEClient.open(b.port, params={"sessionId": session_id}))
+        for b in brokers
+    ]
+    rows = [database.insert(session_id, "before")]
+    redis.stop()
+    for broker in brokers:
+        broker.wait_until(lambda b=broker: b.get("/readyz")[0] == 503, 10, "readyz 503")
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        rows.append(database.insert(session_id, "during"))
+        await asyncio.sleep(0.1)
+    redis.start()
+    rows += [database.insert(session_id, "after") for _ in range(3)]
+    for client in clients:
+        got = await client.events_until(lambda event: event.id == str(rows[-1]), timeout=30)
+        ids = [int(event.json["data"]["id"]) for event in got if event.type == "message"]
+        assert sorted(ids) == rows  # every row, none twice
+        await client.close()
+    for broker in brokers:
+        broker.wait_until(lambda b=broker: b.get("/readyz")[0] == 200, 10, "ready again")
+
+
+async def test_kill_9_of_the_relay_hands_over_within_5s_and_loses_nothing(
+    start_broker: Callable[..., BrokerProcess],
+    redis: RedisServer,
+    database: Database,
+    session_id: str,
+) -> None:
+    """Writing 100 rows/s, the relay is killed: another broker takes over within 5 s, and every
+    client, the dead broker's resuming on a survivor with its last id, gets every row once."""
+    stream = f"test:{uuid.uuid4().hex[:8]}"
+    brokers = [on_bus(start_broker, redis, stream) for _ in range(3)]
+    brokers[0].wait_until(
+        lambda: any(b.stats()["bus"]["role"] == "relay" for b in brokers), 20, "a relay"
+    )
+    relay = next(b for b in brokers if b.stats()["bus"]["role"] == "relay")
+    survivors = [b for b in brokers if b is not relay]
+    clients = [
+        await connected(await SSEClient.open(b.port, params={"sessionId": session_id}))
+        for b in brokers
+    ]
+    rows: list[int] = []
+    for _ in range(50):
+        rows.append(database.insert(session_id, "before"))
+        await asyncio.sleep(0.01)
+    assert relay.process is not None
+    relay.process.kill()
+    killed_at = time.monotonic()
+    took_over = None
+    while time.monotonic() - killed_at < 4:
+        rows.append(database.insert(session_id, "during"))
+        if took_over is None and any(b.stats()["bus"]["role"] == "relay" for b in survivors):
+            took_over = time.monotonic() - killed_at
+        await asyncio.sleep(0.01)
+    assert took_over is not None and took_over < 5, took_over
+
+    dead = clients[brokers.index(relay)]
+    seen: list[int] = []
+    # The dead broker's client read what arrived before the kill; read it to its end.
+    try:
+        while True:
+            event = await dead.event(timeout=2)
+            if event.type == "message":
+                seen.append(int(event.json["data"]["id"]))
+    except (TimeoutError, ConnectionError, EOFError, AssertionError):
+        pass
+    await dead.close()
+    resume = {"Last-Event-ID": str(seen[-1])} if seen else {}
+    resumed = await connected(
+        await SSEClient.open(survivors[0].port, params={"sessionId": session_id}, headers=resume)
+    )
+    for client, before in [(resumed, seen)] + [(clients[brokers.index(b)], []) for b in survivors]:
+        got = await client.events_until(lambda e: e.id == str(rows[-1]), timeout=30)
+        ids = before + [int(e.json["data"]["id"]) for e in got if e.type == "message"]
+        assert sorted(ids) == rows and len(ids) == len(set(ids))
+        await client.close()
