@@ -96,6 +96,17 @@ class BrokerCollector(Collector):
             "Rows read from the table after a listener reconnect (committed during the outage).",
             value=stats.backfilled,
         )
+        if stats.bus_role is not None:
+            yield GaugeMetricFamily(
+                "pgsse_bus_relay",
+                "1 while this broker is the bus's relay (holds the lock, LISTENs), else 0.",
+                value=int(stats.bus_role == "relay"),
+            )
+            yield GaugeMetricFamily(
+                "pgsse_bus_lag_seconds",
+                "Seconds from XADD to this broker's read, of the last bus entry it read.",
+                value=stats.bus_lag_ms / 1000,
+            )
         yield HistogramMetricFamily(
             "pgsse_delivery_latency_seconds",
             "Seconds from a row's notification being routed to its event being handed to the "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 
@@ -21,6 +22,11 @@ async def connected(client: SSEClient) -> SSEClient:
     assert client.status == 200
     await client.events_until(lambda event: event.type == "connected")
     return client
+
+
+def scrape(broker: BrokerProcess) -> str:
+    with urllib.request.urlopen(broker.base_url + "/metrics", timeout=5) as response:
+        return str(response.read().decode())
 
 
 def on_bus(
@@ -57,6 +63,9 @@ async def test_three_brokers_hold_one_listening_backend_and_all_deliver(
     for broker in brokers:
         bus = broker.stats()["bus"]
         assert bus["lastId"] is not None and bus["lag"] >= 0
+        metrics = scrape(broker)
+        relay = 1 if bus["role"] == "relay" else 0
+        assert f"pgsse_bus_relay {relay}.0" in metrics and "pgsse_bus_lag_seconds " in metrics
 
 
 async def test_resume_on_another_broker_follows_the_shared_order(
@@ -165,6 +174,7 @@ async def test_kill_9_of_the_relay_hands_over_within_5s_and_loses_nothing(
             took_over = time.monotonic() - killed_at
         await asyncio.sleep(0.01)
     assert took_over is not None and took_over < 5, took_over
+    print(f"\nrelay killed: another broker took over after {took_over:.2f} s")
 
     dead = clients[brokers.index(relay)]
     seen: list[int] = []
