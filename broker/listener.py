@@ -24,6 +24,7 @@ committed while it ran.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import psycopg
 import structlog
@@ -34,7 +35,7 @@ from .events import Message, Reference, parse_notification
 from .hub import Hub
 from .store import Store
 
-__all__ = ["APPLICATION_NAME", "CHANNEL", "Listener"]
+__all__ = ["APPLICATION_NAME", "CHANNEL", "Listener", "dedicated_connection"]
 
 CHANNEL = "pgsse_messages"
 APPLICATION_NAME = "pgsse-listener"  # how pg_stat_activity shows it
@@ -44,6 +45,21 @@ RECONNECT_MAX_SECONDS = 0.5
 BACKFILL_PAGE = 1_000
 
 log = structlog.get_logger(logger_name="broker.listener")
+
+
+async def dedicated_connection(url: str, application_name: str) -> psycopg.AsyncConnection[Any]:
+    """A connection of its own, outside the pool, for LISTEN or the relay's lock: autocommit,
+    with TCP keepalives so a silent network cut ends it within about 25 s."""
+    return await psycopg.AsyncConnection.connect(
+        url,
+        autocommit=True,
+        application_name=application_name,
+        connect_timeout=5,
+        keepalives=1,
+        keepalives_idle=10,
+        keepalives_interval=5,
+        keepalives_count=3,
+    )
 
 
 class Listener:
@@ -76,16 +92,7 @@ class Listener:
             await asyncio.sleep(backoff.next())
 
     async def _listen(self, backoff: Backoff) -> None:
-        async with await psycopg.AsyncConnection.connect(
-            self._url,
-            autocommit=True,
-            application_name=APPLICATION_NAME,
-            connect_timeout=5,
-            keepalives=1,
-            keepalives_idle=10,
-            keepalives_interval=5,
-            keepalives_count=3,
-        ) as conn:
+        async with await dedicated_connection(self._url, APPLICATION_NAME) as conn:
             await conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(CHANNEL)))
             rows = self._store.using(conn)
             if self._floor is None:

@@ -26,7 +26,13 @@ from .backoff import Backoff
 from .bus import Bus, BusDown
 from .errors import BrokerError
 from .events import Message, Reference, parse_notification
-from .listener import APPLICATION_NAME, CHANNEL, HEALTH_CHECK_SECONDS, HEALTH_CHECK_TIMEOUT
+from .listener import (
+    APPLICATION_NAME,
+    CHANNEL,
+    HEALTH_CHECK_SECONDS,
+    HEALTH_CHECK_TIMEOUT,
+    dedicated_connection,
+)
 from .store import Store
 
 __all__ = ["LOCK_CLASS", "Relay"]
@@ -77,16 +83,7 @@ class Relay:
             await asyncio.sleep(backoff.next())
 
     async def _campaign(self, backoff: Backoff) -> None:
-        async with await psycopg.AsyncConnection.connect(
-            self._url,
-            autocommit=True,
-            connect_timeout=5,
-            keepalives=1,
-            keepalives_idle=10,
-            keepalives_interval=5,
-            keepalives_count=3,
-            application_name=CANDIDATE_NAME,
-        ) as conn:
+        async with await dedicated_connection(self._url, CANDIDATE_NAME) as conn:
             self.connected = True
             backoff.reset()
             # A poll, not an event: the lock's holder is another process, maybe another host.
