@@ -176,3 +176,16 @@ def redis() -> Iterator[RedisServer]:
     server = RedisServer().start()
     yield server
     server.destroy()
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory every user may enter, as may each parent (pytest's tmp_path is below a
+    mode-700 directory)."""
+    path = Path(tempfile.mkdtemp(prefix="pgsse-open-"))
+    path.chmod(0o755)
+    yield path
+    for directory in path.rglob("*"):
+        if directory.is_dir() and not directory.is_symlink():
+            directory.chmod(0o755)
+    shutil.rmtree(path)

@@ -2,64 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from broker.placement import ServerUser, absolute
-
-NOBODY_ELSE = ServerUser("pgsse-test", uid=4242, gid=4242)  # owns nothing here
-
-
-@pytest.fixture
-def open_dir() -> Iterator[Path]:
-    """A directory every user may enter, as may each parent (pytest's open_dir is below a
-    mode-700 directory)."""
-    path = Path(tempfile.mkdtemp(prefix="pgsse-open-"))
-    path.chmod(0o755)
-    yield path
-    for directory in path.rglob("*"):
-        if directory.is_dir() and not directory.is_symlink():
-            directory.chmod(0o755)
-    shutil.rmtree(path)
-
-
-@pytest.mark.parametrize(
-    ("mode", "reachable"),
-    [(0o700, False), (0o750, False), (0o701, True), (0o711, True), (0o755, True)],
-)
-def test_a_directory_is_crossed_only_with_execute_for_others(
-    open_dir: Path, mode: int, reachable: bool
-) -> None:
-    middle = open_dir / "home"
-    (middle / "app").mkdir(parents=True)
-    middle.chmod(mode)
-    assert NOBODY_ELSE.can_traverse(middle / "app" / "data") is reachable
-    assert NOBODY_ELSE.can_traverse(open_dir)  # the parents alone are open
-
-
-def test_a_link_is_crossed_only_if_both_its_way_and_its_target_are_open(open_dir: Path) -> None:
-    closed, open_ = open_dir / "closed", open_dir / "open"
-    (closed / "data").mkdir(parents=True)
-    open_.mkdir()
-    (open_ / "link").symlink_to(closed / "data")
-    (closed / "link").symlink_to(open_)
-    closed.chmod(0o700)
-    assert not NOBODY_ELSE.can_traverse(open_ / "link")  # the target is behind `closed`
-    assert not NOBODY_ELSE.can_traverse(closed / "link")  # the way there is closed
-    assert NOBODY_ELSE.can_traverse(open_)
-
-
-def test_modes_are_read_for_the_owner_the_group_then_others(open_dir: Path) -> None:
-    target = open_dir / "file"
-    target.write_text("x")
-    target.chmod(0o604)
-    assert NOBODY_ELSE.may(target, 4) and not NOBODY_ELSE.may(target, 2)
-    me = ServerUser("me", uid=target.stat().st_uid, gid=target.stat().st_gid)
-    assert me.may(target, 6) and not me.may(target, 1)
+from broker.placement import absolute
 
 
 def test_a_data_dir_path_keeps_its_own_name_but_not_its_parents_links(open_dir: Path) -> None:
