@@ -93,6 +93,10 @@ def key_figures(name: str, result: dict[str, Any]) -> list[tuple[str, Any]]:
             ("  latency p50/p99/max ms", _lat(batch.get("latency_ms", {}))),
             ("  broker CPU us per row relayed", batch.get("broker_cpu_us_per_row")),
         ]
+        figures += [
+            (f"floor ({name.replace('_', ' ')}): CPU us per row", floor.get("cpu_us_per_row"))
+            for name, floor in result.get("floor", {}).items()
+        ]
     return figures
 
 

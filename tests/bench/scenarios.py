@@ -27,6 +27,7 @@ from typing import Any
 from broker.listener import CHANNEL
 from tests.bench.analysis import deliveries, summarize_records, trend
 from tests.bench.client import LoadClient, StreamRecord, StreamSpec
+from tests.bench.floor import FloorRelay
 from tests.bench.harness import (
     BareListener,
     BrokerProcess,
@@ -458,6 +459,9 @@ def relay(ctx: Context) -> dict[str, Any]:
             ctx.database.url, [session], rate=None, duration=seconds, connections=connections
         ).run()
     bare_received = bare.received()
+    floor = {
+        f"{batch}_per_statement": relay_floor(ctx, seconds, batch) for batch in (1, RELAY_BATCH)
+    }
     broker = ctx.broker("relay", queue_size=200_000).start()
     client = ctx.client(broker, processes=1)
 
@@ -522,6 +526,7 @@ def relay(ctx: Context) -> dict[str, Any]:
         "deliveries_per_broker_cpu_s": per_cpu_second(figures, cpu),
         "bottleneck": bottleneck(cpu),
         "batch": batch,
+        "floor": floor,
         "client_cpu_seconds": round(client_cpu, 2),
         "streams_summary": summarize_records(records),
         "targets": [
@@ -554,6 +559,21 @@ def relay(ctx: Context) -> dict[str, Any]:
                 batch_per_row is not None and batch_per_row <= 30,
             ),
         ],
+    }
+
+
+def relay_floor(ctx: Context, seconds: float, batch: int) -> dict[str, Any]:
+    """The same writer against `FloorRelay`: the machine's own cost of relaying a row."""
+    with FloorRelay(ctx.database.url, CHANNEL) as floor:
+        before = floor.cpu_seconds()
+        writes = Writer(ctx.database.url, ["relay"], rate=None, duration=seconds, batch=batch).run()
+        relayed = wait_for(lambda: floor.events >= len(writes), 60, interval=0.05)
+        cpu = floor.cpu_seconds() - before
+    return {
+        "rows": len(writes),
+        "rows_per_s": round(writes.rate, 1),
+        "all_relayed": relayed,
+        "cpu_us_per_row": round(cpu * 1e6 / len(writes), 1) if len(writes) else None,
     }
 
 
