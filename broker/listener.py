@@ -104,12 +104,11 @@ class Listener:
             self.started.set()
             backoff.reset()
             log.info("listener_up", channel=CHANNEL, floor=self._floor, reconnects=self.reconnects)
-            async with Notifications(conn) as notes:
+            async with Notifications(conn, self._deliver_now) as notes:
                 while True:
-                    batch = await notes.next()
-                    self.notifications += len(batch)
-                    for payload in batch:
-                        await self._handle(payload, rows, notes)
+                    for payload in await notes.next():
+                        if not self._deliver_now(payload):
+                            await self._deliver_reference(payload, rows, notes)
 
     async def _backfill(self, rows: Store) -> None:
         """Deliver every row committed while the connection was down, in id order.
@@ -131,20 +130,29 @@ class Listener:
         self.backfilled += len(missing)
         log.info("listener_backfilled", after_id=floor, rows=len(missing))
 
-    async def _handle(self, payload: str, rows: Store, notes: Notifications) -> None:
+    def _deliver_now(self, payload: str) -> bool:
+        """Deliver a notification's message; False, doing nothing, for a row too large for
+        NOTIFY (a `Reference`: reading it takes a query)."""
         try:
             parsed = parse_notification(payload)
         except ValueError as exc:
             log.error("notification_malformed", error=str(exc), payload=payload[:200])
-            return
+            self.notifications += 1
+            return True
         if isinstance(parsed, Reference):
-            async with notes.paused():
-                message = await rows.get(parsed.id)
-            if message is None:
-                log.warning("notification_row_missing", id=parsed.id)
-                return
-        else:
-            message = parsed
+            return False
+        self.notifications += 1
+        self._deliver(parsed)
+        return True
+
+    async def _deliver_reference(self, payload: str, rows: Store, notes: Notifications) -> None:
+        reference = parse_notification(payload)  # parsed once already; a rare, short payload
+        self.notifications += 1
+        async with notes.paused():
+            message = await rows.get(reference.id)
+        if message is None:
+            log.warning("notification_row_missing", id=reference.id)
+            return
         self._deliver(message)
 
     def _deliver(self, message: Message) -> None:

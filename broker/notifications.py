@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any
@@ -36,17 +36,27 @@ NOTIFICATION_OVERHEAD = 32  # bytes of a NotificationResponse besides its payloa
 
 class Notifications:
     """The payloads a LISTENing connection receives, in order, in batches: use as
-    `async with Notifications(conn) as notes`, then `await notes.next()` in a loop."""
+    `async with Notifications(conn) as notes`, then `await notes.next()` in a loop.
 
-    def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
+    With `deliver`, payloads that arrive while the consumer waits in `next()` (so every
+    earlier one is handled) are handed to it in the reader's callback, with no task switch;
+    it returns False for one it cannot handle there (one that needs a query), and that
+    payload and those after it go to `next()`, in order. An exception from `deliver` is
+    raised by `next()`.
+    """
+
+    def __init__(
+        self, conn: psycopg.AsyncConnection[Any], deliver: Callable[[str], bool] | None = None
+    ) -> None:
         self._conn = conn
+        self._deliver = deliver
         self._pgconn = conn.pgconn
         self._encoding = conn.info.encoding
         self._fd = conn.fileno()
         self._loop = asyncio.get_running_loop()
         self._payloads: deque[str] = deque()
         self._waiter: asyncio.Future[None] | None = None
-        self._error: psycopg.Error | None = None
+        self._error: Exception | None = None
         self._armed = False
         self._heard = self._loop.time()  # when the last payload came
         self._quiet_timer: asyncio.TimerHandle | None = None
@@ -67,7 +77,7 @@ class Notifications:
             self._quiet_timer.cancel()
 
     async def next(self) -> list[str]:
-        """Every payload received and not yet taken, at least one: after each
+        """Every payload received and not yet taken (nor delivered), at least one: after each
         `HEALTH_CHECK_SECONDS` without any, a health check (`SELECT 1`) runs. Raises what
         the connection raises when it fails (`psycopg.OperationalError`, `TimeoutError`)."""
         while not self._payloads:
@@ -137,11 +147,26 @@ class Notifications:
             if self._pgconn.status == pq.ConnStatus.BAD:
                 raise psycopg.OperationalError("the listening connection is closed")
         except psycopg.Error as exc:
-            self._error = exc
-            self._disarm()  # before any other socket can take the descriptor's number
-        if self._payloads or self._error:
+            self._fail(exc)
+        if self._payloads:
             self._heard = self._loop.time()
+            if self._deliver is not None and self._waiter is not None:
+                self._deliver_here(self._deliver)
+        if self._payloads or self._error is not None:
             self._wake()
+
+    def _deliver_here(self, deliver: Callable[[str], bool]) -> None:
+        payloads = self._payloads
+        try:
+            while payloads and deliver(payloads[0]):
+                payloads.popleft()
+        except Exception as exc:  # a bug: next() raises it, as it would from its caller
+            payloads.popleft()
+            self._fail(exc)
+
+    def _fail(self, exc: Exception) -> None:
+        self._error = exc
+        self._disarm()  # before any other socket can take the descriptor's number
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():

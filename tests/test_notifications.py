@@ -158,3 +158,48 @@ async def test_a_terminated_connection_raises_after_what_it_delivered(
             await asyncio.wait_for(notes.next(), 20)
         with pytest.raises(psycopg.OperationalError):  # and again, not a hang
             await asyncio.wait_for(notes.next(), 20)
+
+
+async def test_deliver_takes_payloads_in_the_callback_and_next_gets_the_rest_in_order(
+    database: Database, listening: psycopg.AsyncConnection[Any], channel: str
+) -> None:
+    delivered: list[str] = []
+    sixth = asyncio.Event()
+
+    def deliver(payload: str) -> bool:
+        if payload.startswith("query"):
+            return False
+        delivered.append(payload)
+        if payload == "6":
+            sixth.set()
+        return True
+
+    async with Notifications(listening, deliver) as notes:
+        reading = asyncio.create_task(notes.next())
+        await asyncio.to_thread(notify, database, channel, ["1", "2"], each_committed=True)
+        await asyncio.to_thread(
+            notify, database, channel, ["3", "query-4", "5"], each_committed=False
+        )
+        batch = await asyncio.wait_for(reading, 20)
+        assert delivered == ["1", "2", "3"]
+        assert batch == ["query-4", "5"]  # the consumer handles these, then waits again
+        reading = asyncio.create_task(notes.next())
+        await asyncio.to_thread(notify, database, channel, ["6"], each_committed=True)
+        await asyncio.wait_for(sixth.wait(), 20)
+        assert delivered == ["1", "2", "3", "6"] and not reading.done()
+        reading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+
+
+async def test_an_exception_from_deliver_is_raised_by_next(
+    database: Database, listening: psycopg.AsyncConnection[Any], channel: str
+) -> None:
+    def deliver(payload: str) -> bool:
+        raise RuntimeError(f"bug on {payload}")
+
+    async with Notifications(listening, deliver) as notes:
+        reading = asyncio.create_task(notes.next())
+        await asyncio.to_thread(notify, database, channel, ["boom"], each_committed=True)
+        with pytest.raises(RuntimeError, match="bug on boom"):
+            await asyncio.wait_for(reading, 20)
