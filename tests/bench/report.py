@@ -97,6 +97,13 @@ def key_figures(name: str, result: dict[str, Any]) -> list[tuple[str, Any]]:
             (f"floor ({name.replace('_', ' ')}): CPU us per row", floor.get("cpu_us_per_row"))
             for name, floor in result.get("floor", {}).items()
         ]
+        calls = result.get("syscalls_per_row", {})
+        figures.append(
+            (
+                f"system calls per row at {calls.get('rows_per_s')} rows/s",
+                "  ".join(f"{k} {v}" for k, v in calls.items() if k != "rows_per_s") or "-",
+            )
+        )
     return figures
 
 

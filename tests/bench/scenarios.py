@@ -12,7 +12,8 @@ those of the performance issue, for a 2-core machine with the broker alone on on
   with RST) while rows flow; RSS, open descriptors, threads and stats before and after.
 - `relay`: the rows/s the database commits with the trigger and the writer alone, then the
   same with the broker relaying to one subscriber; then 100 rows per statement as fast as the
-  writer can (many notifications per wake-up). Broker CPU per row relayed, for both.
+  writer can (many notifications per wake-up). Broker CPU per row relayed, for both, beside
+  the floor's (`floor.py`); and the broker's system calls per row at 500 rows/s (`strace -c`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.listener import CHANNEL
+from tests.bench import syscalls
 from tests.bench.analysis import deliveries, summarize_records, trend
 from tests.bench.client import LoadClient, StreamRecord, StreamSpec
 from tests.bench.floor import FloorRelay
@@ -40,6 +42,7 @@ from tests.bench.writer import Writer, Writes
 
 EVENT_BYTES_ESTIMATE = 420  # one encoded `message` event of the writer's rows
 RELAY_BATCH = 100  # rows per statement in the relay's batch phase
+TRACED_RATE = 500  # rows/s, one per statement, while strace counts the broker's system calls
 
 
 @dataclass(frozen=True)
@@ -487,6 +490,11 @@ def relay(ctx: Context) -> dict[str, Any]:
         with Sampler(broker) as sampler:
             writes, cpu = phase("relay", 1)
             batched, batch_cpu = phase("relay-batch", RELAY_BATCH)
+        with syscalls.counted(broker.pid) as calls:
+            traced = Writer(
+                ctx.database.url, [session], rate=TRACED_RATE, duration=ctx.pick(4, 2)
+            ).run()
+            client.wait_delivered({session: traced.ids[-1]}, timeout=60)
         records, client_cpu = client.close()
     finally:
         client.terminate()
@@ -527,6 +535,7 @@ def relay(ctx: Context) -> dict[str, Any]:
         "bottleneck": bottleneck(cpu),
         "batch": batch,
         "floor": floor,
+        "syscalls_per_row": {"rows_per_s": TRACED_RATE, **syscalls.per_row(calls, len(traced))},
         "client_cpu_seconds": round(client_cpu, 2),
         "streams_summary": summarize_records(records),
         "targets": [
