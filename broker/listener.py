@@ -9,9 +9,9 @@ during the outage reach their subscribers once, in order.
 
 Everything runs on the listening connection itself (backfill, rows too large for NOTIFY,
 health check), never through the store's pool: the listener is back as soon as PostgreSQL
-is, whatever the pool is doing. Notifications that arrive while a query runs wait in psycopg's
-backlog and come first from the next `notifies()`. The reconnect delay is capped at
-`RECONNECT_MAX_SECONDS`, so a returning server is noticed within half a second (measured:
+is, whatever the pool is doing. `Notifications` reads every notification the socket holds at
+each wake-up, and keeps in order those that arrive while a query runs. The reconnect delay is
+capped at `RECONNECT_MAX_SECONDS`, so a returning server is noticed within half a second (measured:
 `tests/test_recovery.py`, issue 14 found 4.8 s and 11.3 s with a 5 s cap and a pooled
 backfill).
 
@@ -33,14 +33,13 @@ from .backoff import Backoff
 from .errors import BrokerError
 from .events import Message, Reference, parse_notification
 from .hub import Hub
+from .notifications import Notifications
 from .store import Store
 
 __all__ = ["APPLICATION_NAME", "CHANNEL", "Listener", "dedicated_connection"]
 
 CHANNEL = "pgsse_messages"
 APPLICATION_NAME = "pgsse-listener"  # how pg_stat_activity shows it
-HEALTH_CHECK_SECONDS = 5.0
-HEALTH_CHECK_TIMEOUT = 5.0
 RECONNECT_MAX_SECONDS = 0.5
 BACKFILL_PAGE = 1_000
 
@@ -105,19 +104,11 @@ class Listener:
             self.started.set()
             backoff.reset()
             log.info("listener_up", channel=CHANNEL, floor=self._floor, reconnects=self.reconnects)
-            while True:
-                # One batch at a time (stop_after=1 ends after the batch that holds the first
-                # notification), so that a reference can be read on this connection.
-                batch = [
-                    n.payload
-                    async for n in conn.notifies(timeout=HEALTH_CHECK_SECONDS, stop_after=1)
-                ]
-                if not batch:
-                    await asyncio.wait_for(conn.execute("SELECT 1"), HEALTH_CHECK_TIMEOUT)
-                    continue
-                self.notifications += len(batch)
-                for payload in batch:
-                    await self._handle(payload, rows)
+            async with Notifications(conn, self._deliver_now) as notes:
+                while True:
+                    for payload in await notes.next():
+                        if not self._deliver_now(payload):
+                            await self._deliver_reference(payload, rows, notes)
 
     async def _backfill(self, rows: Store) -> None:
         """Deliver every row committed while the connection was down, in id order.
@@ -139,19 +130,29 @@ class Listener:
         self.backfilled += len(missing)
         log.info("listener_backfilled", after_id=floor, rows=len(missing))
 
-    async def _handle(self, payload: str, rows: Store) -> None:
+    def _deliver_now(self, payload: str) -> bool:
+        """Deliver a notification's message; False, doing nothing, for a row too large for
+        NOTIFY (a `Reference`: reading it takes a query)."""
         try:
             parsed = parse_notification(payload)
         except ValueError as exc:
             log.error("notification_malformed", error=str(exc), payload=payload[:200])
-            return
+            self.notifications += 1
+            return True
         if isinstance(parsed, Reference):
-            message = await rows.get(parsed.id)
-            if message is None:
-                log.warning("notification_row_missing", id=parsed.id)
-                return
-        else:
-            message = parsed
+            return False
+        self.notifications += 1
+        self._deliver(parsed)
+        return True
+
+    async def _deliver_reference(self, payload: str, rows: Store, notes: Notifications) -> None:
+        reference = parse_notification(payload)  # parsed once already; a rare, short payload
+        self.notifications += 1
+        async with notes.paused():
+            message = await rows.get(reference.id)
+        if message is None:
+            log.warning("notification_row_missing", id=reference.id)
+            return
         self._deliver(message)
 
     def _deliver(self, message: Message) -> None:

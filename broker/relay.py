@@ -26,13 +26,8 @@ from .backoff import Backoff
 from .bus import Bus, BusDown
 from .errors import BrokerError
 from .events import Message, Reference, parse_notification
-from .listener import (
-    APPLICATION_NAME,
-    CHANNEL,
-    HEALTH_CHECK_SECONDS,
-    HEALTH_CHECK_TIMEOUT,
-    dedicated_connection,
-)
+from .listener import APPLICATION_NAME, CHANNEL, dedicated_connection
+from .notifications import HEALTH_CHECK_TIMEOUT, Notifications
 from .store import Store
 
 __all__ = ["LOCK_CLASS", "Relay"]
@@ -98,10 +93,10 @@ class Relay:
             self.elections += 1
             log.info("relay_elected", stream=self._bus.key, elections=self.elections)
             await self._backfill()
-            while True:
-                async for notify in conn.notifies(timeout=HEALTH_CHECK_SECONDS):
-                    await self._handle(notify.payload)
-                await asyncio.wait_for(conn.execute("SELECT 1"), HEALTH_CHECK_TIMEOUT)
+            async with Notifications(conn) as notes:
+                while True:
+                    for payload in await notes.next():
+                        await self._handle(payload)
 
     async def _won(self, conn: psycopg.AsyncConnection[tuple[object, ...]]) -> bool:
         """Take the lock if Redis answers and no other broker holds it; also a health check."""

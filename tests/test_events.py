@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -66,3 +67,19 @@ def test_parse_notification_round_trips_the_trigger_shape() -> None:
 def test_malformed_notifications_raise_value_error(payload: str) -> None:
     with pytest.raises(ValueError, match="malformed"):
         parse_notification(payload)
+
+
+def test_current_timestamp_follows_the_clock_across_seconds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 2026-01-01T00:00:00Z, then the same second's next millisecond, then the next second.
+    base = 1_767_225_600_000
+    for now_ms, expected in (
+        (base + 999, "2026-01-01T00:00:00.999Z"),
+        (base + 999, "2026-01-01T00:00:00.999Z"),
+        (base + 1_000, "2026-01-01T00:00:01.000Z"),
+        (base + 1_007, "2026-01-01T00:00:01.007Z"),
+        (base - 60_000, "2025-12-31T23:59:00.000Z"),
+    ):
+        monkeypatch.setattr(time, "time_ns", lambda ms=now_ms: ms * 1_000_000)
+        assert utc_timestamp() == expected

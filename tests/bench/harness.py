@@ -138,6 +138,7 @@ class ProcessSample:
     rss_kb: int
     cpu_seconds: float
     cpus: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    system_seconds: float = 0.0  # the part of cpu_seconds spent in the kernel
 
 
 def cpu_ticks() -> dict[str, tuple[int, int, int]]:
@@ -257,7 +258,8 @@ class BrokerProcess:
         return cpu_seconds(self.pid)
 
     def sample(self) -> ProcessSample:
-        return ProcessSample(time.monotonic(), self.rss_kb(), self.cpu_seconds(), cpu_ticks())
+        user, system = cpu_times(self.pid)
+        return ProcessSample(time.monotonic(), self.rss_kb(), user + system, cpu_ticks(), system)
 
     def stop(self) -> int | None:
         if self.process is None:
@@ -274,8 +276,13 @@ class BrokerProcess:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of `pid` so far."""
+    return sum(cpu_times(pid))
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU time of `pid` so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
 
 
 class Sampler:
@@ -317,6 +324,7 @@ class Sampler:
         span = last.at - first.at
         result: dict[str, float | None] = {
             "broker_cpu_seconds": round(last.cpu_seconds - first.cpu_seconds, 3),
+            "broker_cpu_system_seconds": round(last.system_seconds - first.system_seconds, 3),
             "broker_cpu": round((last.cpu_seconds - first.cpu_seconds) / span, 3),
         }
         for name, (busy, steal, total) in last.cpus.items():

@@ -82,7 +82,28 @@ def key_figures(name: str, result: dict[str, Any]) -> list[tuple[str, Any]]:
             ),
             ("latency p50/p99/max ms", _lat(result.get("latency_ms", {}))),
             ("broker CPU (share of a core)", result.get("broker_cpu")),
+            ("broker CPU us per row relayed", result.get("broker_cpu_us_per_row")),
         ]
+        batch = result.get("batch", {})
+        figures += [
+            (
+                f"{batch.get('rows_per_statement')} rows/statement: committed, delivered rows/s",
+                f"{batch.get('committed_rows_per_s')}  {batch.get('deliveries_per_s')}",
+            ),
+            ("  latency p50/p99/max ms", _lat(batch.get("latency_ms", {}))),
+            ("  broker CPU us per row relayed", batch.get("broker_cpu_us_per_row")),
+        ]
+        figures += [
+            (f"floor ({name.replace('_', ' ')}): CPU us per row", floor.get("cpu_us_per_row"))
+            for name, floor in result.get("floor", {}).items()
+        ]
+        calls = result.get("syscalls_per_row", {})
+        figures.append(
+            (
+                f"system calls per row at {calls.get('rows_per_s')} rows/s",
+                "  ".join(f"{k} {v}" for k, v in calls.items() if k != "rows_per_s") or "-",
+            )
+        )
     return figures
 
 

@@ -11,7 +11,9 @@ those of the performance issue, for a 2-core machine with the broker alone on on
 - `churn`: streams opened and closed at a steady rate (some resume with Last-Event-ID, some end
   with RST) while rows flow; RSS, open descriptors, threads and stats before and after.
 - `relay`: the rows/s the database commits with the trigger and the writer alone, then the
-  same with the broker relaying to one subscriber.
+  same with the broker relaying to one subscriber; then 100 rows per statement as fast as the
+  writer can (many notifications per wake-up). Broker CPU per row relayed, for both, beside
+  the floor's (`floor.py`); and the broker's system calls per row at 500 rows/s (`strace -c`).
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from broker.listener import CHANNEL
+from tests.bench import syscalls
 from tests.bench.analysis import deliveries, summarize_records, trend
 from tests.bench.client import LoadClient, StreamRecord, StreamSpec
+from tests.bench.floor import FloorRelay
 from tests.bench.harness import (
     BareListener,
     BrokerProcess,
@@ -37,6 +41,8 @@ from tests.bench.harness import (
 from tests.bench.writer import Writer, Writes
 
 EVENT_BYTES_ESTIMATE = 420  # one encoded `message` event of the writer's rows
+RELAY_BATCH = 100  # rows per statement in the relay's batch phase
+TRACED_RATE = 500  # rows/s, one per statement, while strace counts the broker's system calls
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,13 @@ def per_cpu_second(figures: dict[str, Any], cpu: dict[str, Any]) -> float | None
     seconds = cpu.get("broker_cpu_seconds")
     delivered = figures.get("delivered")
     return round(delivered / seconds) if seconds and delivered else None
+
+
+def cpu_us_per_row(figures: dict[str, Any], cpu: dict[str, Any]) -> float | None:
+    """Broker CPU microseconds per row delivered (to one subscriber: per row relayed)."""
+    seconds = cpu.get("broker_cpu_seconds")
+    delivered = figures.get("delivered")
+    return round(seconds * 1e6 / delivered, 1) if seconds and delivered else None
 
 
 def bottleneck(window: dict[str, Any]) -> str:
@@ -449,23 +462,39 @@ def relay(ctx: Context) -> dict[str, Any]:
             ctx.database.url, [session], rate=None, duration=seconds, connections=connections
         ).run()
     bare_received = bare.received()
+    floor = {
+        f"{batch}_per_statement": relay_floor(ctx, seconds, batch) for batch in (1, RELAY_BATCH)
+    }
     broker = ctx.broker("relay", queue_size=200_000).start()
     client = ctx.client(broker, processes=1)
+
+    def phase(name: str, batch: int) -> tuple[Writes, dict[str, Any]]:
+        """The writer as fast as it can, `batch` rows per statement; the broker's window."""
+        started = time.monotonic()
+        with ctx.profile(broker, name, seconds + 2):
+            writes = Writer(
+                ctx.database.url,
+                [session],
+                rate=None,
+                duration=seconds,
+                connections=connections,
+                batch=batch,
+            ).run()
+        done, waited = client.wait_delivered({session: writes.ids[-1]}, timeout=60)
+        window = sampler.window(started, time.monotonic())
+        return writes, {**window, "drained": done, "drain_wait_s": round(waited, 2)}
+
     try:
         open_all(client, [StreamSpec(session)])
         time.sleep(1)
         with Sampler(broker) as sampler:
-            started = time.monotonic()
-            with ctx.profile(broker, "relay", seconds + 2):
-                writes = Writer(
-                    ctx.database.url,
-                    [session],
-                    rate=None,
-                    duration=seconds,
-                    connections=connections,
-                ).run()
-            done, waited = client.wait_delivered({session: writes.ids[-1]}, timeout=60)
-            cpu = sampler.window(started, time.monotonic())
+            writes, cpu = phase("relay", 1)
+            batched, batch_cpu = phase("relay-batch", RELAY_BATCH)
+        with syscalls.counted(broker.pid) as calls:
+            traced = Writer(
+                ctx.database.url, [session], rate=TRACED_RATE, duration=ctx.pick(4, 2)
+            ).run()
+            client.wait_delivered({session: traced.ids[-1]}, timeout=60)
         records, client_cpu = client.close()
     finally:
         client.terminate()
@@ -475,6 +504,16 @@ def relay(ctx: Context) -> dict[str, Any]:
     ratio = round(delivered_rate / alone.rate, 3) if alone.rate else None
     commit_ratio = round(writes.rate / alone.rate, 3) if alone.rate else None
     lag = figures.get("last_delivery_after_last_commit_s")
+    per_row = cpu_us_per_row(figures, cpu)
+    batch = {
+        "rows_per_statement": RELAY_BATCH,
+        "committed_rows_per_s": round(batched.rate, 1),
+        **deliveries(records, batched, [session]),
+        "latency_trend": trend(batched, records),
+        **batch_cpu,
+    }
+    batch["broker_cpu_us_per_row"] = batch_per_row = cpu_us_per_row(batch, batch_cpu)
+    batch_lag = batch.get("last_delivery_after_last_commit_s")
     return {
         "writer_connections": connections,
         "db_alone_rows_per_s": round(alone.rate, 1),
@@ -490,11 +529,13 @@ def relay(ctx: Context) -> dict[str, Any]:
         "committed_with_broker_over_alone": commit_ratio,
         **figures,
         "latency_trend": trend(writes, records),
-        "drained": done,
-        "drain_wait_s": round(waited, 2),
         **cpu,
+        "broker_cpu_us_per_row": per_row,
         "deliveries_per_broker_cpu_s": per_cpu_second(figures, cpu),
         "bottleneck": bottleneck(cpu),
+        "batch": batch,
+        "floor": floor,
+        "syscalls_per_row": {"rows_per_s": TRACED_RATE, **syscalls.per_row(calls, len(traced))},
         "client_cpu_seconds": round(client_cpu, 2),
         "streams_summary": summarize_records(records),
         "targets": [
@@ -506,7 +547,42 @@ def relay(ctx: Context) -> dict[str, Any]:
                 lag,
                 lag is not None and lag <= 1,
             ),
+            target(
+                "broker CPU per relayed row <= 30 us",
+                per_row,
+                per_row is not None and per_row <= 30,
+            ),
+            target(
+                f"{RELAY_BATCH} rows per statement: 100% delivered",
+                batch.get("completeness_percent"),
+                batch.get("completeness_percent") == 100,
+            ),
+            target(
+                f"{RELAY_BATCH} rows per statement: last delivery <= 1 s after last commit",
+                batch_lag,
+                batch_lag is not None and batch_lag <= 1,
+            ),
+            target(
+                f"{RELAY_BATCH} rows per statement: broker CPU per row <= 30 us",
+                batch_per_row,
+                batch_per_row is not None and batch_per_row <= 30,
+            ),
         ],
+    }
+
+
+def relay_floor(ctx: Context, seconds: float, batch: int) -> dict[str, Any]:
+    """The same writer against `FloorRelay`: the machine's own cost of relaying a row."""
+    with FloorRelay(ctx.database.url, CHANNEL) as floor:
+        before = floor.cpu_seconds()
+        writes = Writer(ctx.database.url, ["relay"], rate=None, duration=seconds, batch=batch).run()
+        relayed = wait_for(lambda: floor.events >= len(writes), 60, interval=0.05)
+        cpu = floor.cpu_seconds() - before
+    return {
+        "rows": len(writes),
+        "rows_per_s": round(writes.rate, 1),
+        "all_relayed": relayed,
+        "cpu_us_per_row": round(cpu * 1e6 / len(writes), 1) if len(writes) else None,
     }
 
 

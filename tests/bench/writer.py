@@ -2,7 +2,9 @@
 
 Each writer process holds one autocommit connection and inserts one row per statement, so each
 INSERT is its own transaction and fires the trigger once; the moment the statement returns is
-after the commit, and that `time.monotonic()` is the row's commit time. At a target rate the
+after the commit, and that `time.monotonic()` is the row's commit time. With `batch` N, each
+statement inserts N rows (one transaction, N notifications delivered together), all with the
+statement's commit time. At a target rate the
 schedule is open loop (row k is due at start + k / rate, late rows go at once); without one it
 inserts as fast as the connection allows. Several connections in parallel (one process each)
 find the database's own limit.
@@ -22,6 +24,10 @@ import psycopg
 INSERT = (
     b"INSERT INTO messages (session_id, robot_id, content, intent)"
     b" VALUES (%s, %s, %s, %s) RETURNING id"
+)
+INSERT_MANY = (
+    b"INSERT INTO messages (session_id, robot_id, content, intent)"
+    b" SELECT %s, %s, %s, %s FROM generate_series(1, %s) RETURNING id"
 )
 # About the size of a chat line, with multi-byte characters as real traffic has.
 CONTENT = "你好, this is a benchmark message of ordinary chat length: " + "x" * 40
@@ -80,6 +86,7 @@ class WriterPlan:
     offset: int = 0
     stride: int = 1
     robot_id: str | None = "bench-robot"
+    batch: int = 1  # rows per statement (and transaction)
 
 
 def write(plan: WriterPlan) -> Writes:
@@ -87,11 +94,13 @@ def write(plan: WriterPlan) -> Writes:
     result = Writes()
     sessions = plan.sessions
     count = len(sessions)
-    interval = 1.0 / plan.rate if plan.rate else 0.0
+    batch = plan.batch
+    interval = batch / plan.rate if plan.rate else 0.0
     with psycopg.connect(plan.url, autocommit=True) as conn:
         cursor = conn.cursor()
         # Warm the prepared statement before the clock starts.
-        cursor.execute(INSERT, ("bench-warmup", None, "warmup", None), prepare=True)
+        warmup = ("bench-warmup", None, "warmup", None, *([1] if batch > 1 else []))
+        cursor.execute(INSERT_MANY if batch > 1 else INSERT, warmup, prepare=True)
         delay = plan.start_at - time.monotonic()
         if delay > 0:
             time.sleep(delay)
@@ -99,7 +108,7 @@ def write(plan: WriterPlan) -> Writes:
         deadline = started + plan.duration
         result.started = started
         n = 0
-        while n < plan.max_rows:
+        while len(result.ids) < plan.max_rows:
             if interval:
                 due = started + n * interval
                 if due >= deadline:
@@ -110,21 +119,22 @@ def write(plan: WriterPlan) -> Writes:
             elif time.monotonic() >= deadline:
                 break
             index = (plan.offset + n * plan.stride) % count
+            row = (sessions[index], plan.robot_id, CONTENT, "bench")
             try:
-                cursor.execute(
-                    INSERT, (sessions[index], plan.robot_id, CONTENT, "bench"), prepare=True
-                )
-                row = cursor.fetchone()
+                if batch > 1:
+                    cursor.execute(INSERT_MANY, (*row, batch), prepare=True)
+                else:
+                    cursor.execute(INSERT, row, prepare=True)
+                ids = [int(found[0]) for found in cursor.fetchall()]
             except psycopg.Error:
                 result.errors += 1
                 if result.errors > 100:
                     break
                 continue
             committed = time.monotonic()
-            assert row is not None
-            result.ids.append(int(row[0]))
-            result.commits.append(committed)
-            result.sessions.append(index)
+            result.ids.extend(ids)
+            result.commits.extend([committed] * len(ids))
+            result.sessions.extend([index] * len(ids))
             n += 1
         result.ended = time.monotonic()
     return result
@@ -153,6 +163,7 @@ class Writer:
         max_rows: int = 10_000_000,
         connections: int = 1,
         delay: float = 1.0,
+        batch: int = 1,
     ) -> None:
         self.url = url
         self.sessions = sessions
@@ -161,6 +172,7 @@ class Writer:
         self.max_rows = max_rows
         self.connections = connections
         self.delay = delay
+        self.batch = batch
         self._children: list[tuple[Any, Connection]] = []
         self.start_at = 0.0
 
@@ -180,6 +192,7 @@ class Writer:
                 start_at=self.start_at,
                 offset=index,
                 stride=self.connections,
+                batch=self.batch,
             )
             receive, send = context.Pipe(duplex=False)
             process = context.Process(target=_child, args=(plan, send), daemon=True)
