@@ -6,7 +6,8 @@ behind it went unseen: a stream with a request pipelined behind it never learnt 
 `PipelinedProtocol`:
 
 - tells every request of the connection, the running one as well as those pipelined behind
-  it, that the client has gone (FIN, RST, or a connection it closes);
+  it, that the client has gone (FIN, RST, or a connection it closes), and the connection's
+  `SocketSink`, where an event stream hears it (`SocketSink.when_lost`);
 - keeps reading while a pipelined request waits: the bytes behind it are held, at most
   `MAX_HELD_BYTES`, and parsed once it runs; a client that pipelines more is cut off.
 
@@ -16,10 +17,13 @@ limits; the uvicorn internals both rely on are listed in `uvicorn_hooks.UVICORN_
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import structlog
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+from .socketsink import SocketSink
 
 __all__ = ["MAX_HELD_BYTES", "PipelinedProtocol"]
 
@@ -36,11 +40,16 @@ class PipelinedProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._cycles: list[RequestResponseCycle] = []  # running and queued requests
         self._held = bytearray()  # bytes behind a queued request, parsed once it runs
+        self.sink: SocketSink  # the connection's socket, for the streams (socketsink.py)
 
     @property
     def holding(self) -> bool:
         """True while bytes that arrive are held, not parsed: a request waits to run."""
         return bool(self.pipeline or self._held)
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.sink = SocketSink(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._end_requests()
@@ -97,7 +106,9 @@ class PipelinedProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def _end_requests(self) -> None:
-        """Tell every request of the connection, running or queued, that it is gone."""
+        """Tell every request of the connection, running or queued, that it is gone, and
+        the connection's sink (a stream learns it there, with no task waiting to hear it)."""
+        self.sink.lost()
         for cycle in self._cycles:
             if not cycle.response_complete:
                 cycle.disconnected = True

@@ -1,10 +1,12 @@
 """One subscriber's Server-Sent Events response: replay, then live, until either side ends.
 
-`EventStreamResponse` is a Starlette `Response` whose ASGI call runs two things in one task
-group: the pump, which writes the subscriber's queued events to the socket, and a watcher
-that waits for `http.disconnect`, so a vanished client is noticed at once rather than at the
-next write. The subscriber is registered before the response starts (so the 503 of a full
-process is an ordinary answer) and removed when it ends, whatever ends it.
+`EventStreamResponse` is a Starlette `Response` whose ASGI call writes the subscriber's
+queued events to the socket until the subscriber is closed: by the broker, or by the
+connection itself when the client goes (the protocol tells the socket's sink, which closes
+the subscriber: `SocketSink.when_lost`), so a vanished client is noticed at once rather than
+at the next write, with no second task per stream waiting for `http.disconnect`. The
+subscriber is registered before the response starts (so the 503 of a full process is an
+ordinary answer) and removed when it ends, whatever ends it.
 
 Writes: every event queued since the last write goes out in one write. While the stream
 idles it hands its socket's sink to its subscriber (`Subscriber.sink`, `socketsink.py`):
@@ -118,7 +120,8 @@ class EventStreamResponse(Response):
             last_event_id=None if replay is None or replay.history else replay.after,
             history=None if replay is None else replay.history or None,
         )
-        expiry = None
+        expiry: asyncio.TimerHandle | None = None
+        watcher: asyncio.Future[None] | None = None
         if self.valid_until is not None:
             delay = max(0.0, self.valid_until - time.time())
             expiry = asyncio.get_running_loop().call_later(delay, subscriber.close, TOKEN_EXPIRED)
@@ -130,12 +133,17 @@ class EventStreamResponse(Response):
                     "headers": self.raw_headers,
                 }
             )
-            self._sink = sink_of(scope)
-            async with anyio.create_task_group() as group:
-                group.start_soon(self._watch_disconnect, receive, group.cancel_scope)
-                await self._pump(send)
-                group.cancel_scope.cancel()
+            self._sink = sink = sink_of(scope)
+            if sink is not None:
+                sink.when_lost(subscriber.close)
+            else:  # not our server: a task waits to hear the client go
+                watcher = asyncio.ensure_future(self._watch_disconnect(receive))
+            await self._pump(send)
         finally:
+            if self._sink is not None:
+                self._sink.when_lost(None)
+            if watcher is not None:
+                watcher.cancel()
             if expiry is not None:
                 expiry.cancel()
             self.hub.unsubscribe(subscriber)
@@ -150,10 +158,10 @@ class EventStreamResponse(Response):
                 reason=subscriber.close_reason or "client",
             )
 
-    async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
+    async def _watch_disconnect(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
-        scope.cancel()
+        self.subscriber.close()
 
     async def _pump(self, send: Send) -> None:
         subscriber = self.subscriber

@@ -1,5 +1,5 @@
 """broker.socketsink in-process, on a real TCP connection: chunk framing, refusal while the
-socket holds bytes, and abort."""
+socket holds bytes, abort, and the news that the client has gone."""
 
 from __future__ import annotations
 
@@ -63,6 +63,19 @@ async def test_abort_closes_the_connection(pair: Pair) -> None:
     with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
         await asyncio.wait_for(pair.reader.readexactly(1), 5)
     assert not pair.sink.write(b"late")
+
+
+def test_when_lost_calls_back_once_the_client_has_gone(pair: Pair) -> None:
+    calls: list[str] = []
+    pair.sink.when_lost(lambda: calls.append("first"))
+    pair.sink.when_lost(None)  # the response that asked has ended
+    pair.sink.when_lost(lambda: calls.append("second"))
+    assert calls == []
+    pair.sink.lost()
+    pair.sink.lost()
+    assert calls == ["second"]
+    pair.sink.when_lost(lambda: calls.append("late"))  # asked after: told at once
+    assert calls == ["second", "late"]
 
 
 def test_sink_of_reads_the_scope() -> None:

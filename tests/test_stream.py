@@ -116,10 +116,14 @@ async def test_in_process_a_closed_subscriber_sends_its_reason_and_ends(
 
 
 async def test_in_process_a_client_that_goes_is_unsubscribed(in_process: InProcess) -> None:
-    client, _subscriber = await in_process.connected()
+    before = len(asyncio.all_tasks())
+    client, subscriber = await in_process.connected()
+    # The connection tells the stream its client went: no second task per stream waits for it.
+    assert len(asyncio.all_tasks()) == before + 1
     await client.close()
     await asyncio.wait_for(in_process.app.ended.wait(), 2)
     assert len(in_process.app.hub) == 0
+    assert subscriber.closed and subscriber.close_reason is None
 
 
 async def subscribe(broker: BrokerProcess, **params: str) -> SSEClient:
