@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from contextlib import aclosing
+from collections.abc import Iterator
+from contextlib import aclosing, contextmanager
 from typing import Any
 
 import anyio
@@ -165,10 +166,7 @@ class EventStreamResponse(Response):
 
     async def _pump(self, send: Send) -> None:
         subscriber = self.subscriber
-        with anyio.CancelScope() as live:
-            subscriber.on_close = live.cancel
-            if subscriber.closed:
-                live.cancel()
+        with self._until_closed():
             with anyio.move_on_after(FIRST_LISTEN_TIMEOUT_SECONDS):
                 await self.listening.wait()
             if not self.listening.is_set():
@@ -183,19 +181,34 @@ class EventStreamResponse(Response):
                     await self._replay(send, self.replay)
                 except DatabaseUnavailable:
                     subscriber.close(REPLAY_FAILED)
-            while not subscriber.closed:
-                # While the stream idles with nothing queued, the hub may write to the socket
-                # itself; never while this task is busy, which keeps events in order.
-                subscriber.sink = self._sink
-                await subscriber.wait()
-                subscriber.sink = None
-                events = subscriber.take()
-                if events:
-                    self.events_sent += len(events)
+        while not subscriber.closed:
+            # While the stream idles with nothing queued, the hub may write to the socket
+            # itself; never while this task is busy, which keeps events in order.
+            subscriber.sink = self._sink
+            await subscriber.wait()  # returns once closed, too
+            subscriber.sink = None
+            events = subscriber.take()
+            if events:
+                self.events_sent += len(events)
+                with self._until_closed():
                     await self._write(send, b"".join(event.data for event in events))
-                    latency = self.hub.counters.delivery_latency
-                    latency.observe_since(event.born for event in events if event.born)
+                latency = self.hub.counters.delivery_latency
+                latency.observe_since(event.born for event in events if event.born)
         await self._finish(send)
+
+    @contextmanager
+    def _until_closed(self) -> Iterator[None]:
+        """A scope that closing the subscriber cancels, for what may wait on the client or
+        the listener. Only while the stream is busy: an idle stream holds none."""
+        subscriber = self.subscriber
+        with anyio.CancelScope() as scope:
+            subscriber.on_close = scope.cancel
+            if subscriber.closed:
+                scope.cancel()
+            try:
+                yield
+            finally:
+                subscriber.on_close = None
 
     async def _replay(self, send: Send, replay: Replay) -> None:
         """Send the rows the client missed (or its history). At the replay limit, closes

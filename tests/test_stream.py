@@ -120,6 +120,7 @@ async def test_in_process_a_client_that_goes_is_unsubscribed(in_process: InProce
     client, subscriber = await in_process.connected()
     # The connection tells the stream its client went: no second task per stream waits for it.
     assert len(asyncio.all_tasks()) == before + 1
+    assert subscriber.on_close is None  # an idle stream holds no cancel scope either
     await client.close()
     await asyncio.wait_for(in_process.app.ended.wait(), 2)
     assert len(in_process.app.hub) == 0
