@@ -73,6 +73,9 @@ class LimitedHttpToolsProtocol(PipelinedProtocol):
     body_timeout: float = 10.0
     max_header_bytes: int = 16 * 1024
 
+    # Slots, as in PipelinedProtocol: they keep uvicorn's instance dict small.
+    __slots__ = ("_head_parsed", "_head_raw", "_in_head", "_refused", "_timer")
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._timer: asyncio.TimerHandle | None = None  # the head's or the body's deadline
