@@ -9,7 +9,9 @@ behind it went unseen: a stream with a request pipelined behind it never learnt 
   it, that the client has gone (FIN, RST, or a connection it closes), and the connection's
   `SocketSink`, where an event stream hears it (`SocketSink.when_lost`);
 - keeps reading while a pipelined request waits: the bytes behind it are held, at most
-  `MAX_HELD_BYTES`, and parsed once it runs; a client that pipelines more is cut off.
+  `MAX_HELD_BYTES`, and parsed once it runs; a client that pipelines more is cut off;
+- gives the connection's flow control and each request a `LeanEvent` for uvicorn's
+  `asyncio.Event`s, which cost ~760 B each for as long as a stream lasts.
 
 It is the base of `transport.LimitedHttpToolsProtocol`, which adds the request deadlines and
 limits; the uvicorn internals both rely on are listed in `uvicorn_hooks.UVICORN_HOOKS`.
@@ -23,6 +25,7 @@ from typing import Any
 import structlog
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from .leanevent import LeanEvent
 from .socketsink import SocketSink
 
 __all__ = ["MAX_HELD_BYTES", "PipelinedProtocol"]
@@ -54,6 +57,8 @@ class PipelinedProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.sink = SocketSink(transport)
+        flow = self.flow
+        flow._is_writable_event = LeanEvent(flow._is_writable_event.is_set())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._end_requests()
@@ -70,6 +75,7 @@ class PipelinedProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         if self.cycle is previous:
             return  # an upgrade: no request cycle
+        self.cycle.message_event = LeanEvent()  # its task has yet to run: none waits on it
         self._cycles = [cycle for cycle in self._cycles if not cycle.response_complete]
         self._cycles.append(self.cycle)
         if self.pipeline:

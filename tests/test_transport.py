@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from broker.leanevent import LeanEvent
 from tests.support.served import Client, Served, get, serving
 
 
@@ -85,3 +86,6 @@ async def test_a_connection_keeps_uvicorn_s_small_instance_dict(served: Served) 
         (protocol,) = served.state.connections
         assert len(vars(protocol)) <= 30
         assert sys.getsizeof(vars(protocol)) < 600
+        # uvicorn's events, the connection's and the request's, are lean ones.
+        assert isinstance(protocol.flow._is_writable_event, LeanEvent)
+        assert isinstance(protocol.cycle.message_event, LeanEvent)
