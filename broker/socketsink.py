@@ -53,7 +53,11 @@ class SocketSink:
         transport = self._transport
         if transport.get_write_buffer_size() or transport.is_closing():
             return False
-        transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        framed = _last_framed
+        if data is not framed.data:  # the event of a fan-out is framed once, for all sinks
+            framed.data = data
+            framed.chunk = b"%x\r\n%b\r\n" % (len(data), data)
+        transport.write(framed.chunk)
         return True
 
     def buffered(self) -> int:
@@ -63,6 +67,20 @@ class SocketSink:
     def abort(self) -> None:
         """Cut the connection now, dropping what is buffered for it."""
         self._transport.abort()
+
+
+class _Framed:
+    """The last body written and its chunk: the flusher writes one event's bytes to every
+    idle subscriber in turn, so the chunk is built once and shared."""
+
+    __slots__ = ("chunk", "data")
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.chunk = b""
+
+
+_last_framed = _Framed()
 
 
 def sink_of(scope: Mapping[str, Any]) -> SocketSink | None:

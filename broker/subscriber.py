@@ -138,10 +138,6 @@ class Subscriber:
         events, self._pending = self._pending, []
         return events
 
-    def put_back(self, events: list[Event]) -> None:
-        """Return `events`, just taken and not written, to the front of the queue."""
-        self._pending[:0] = events
-
     def drop_seen(self) -> None:
         """Remove queued events of rows the stream already has (`seen`)."""
         seen = self.seen

@@ -46,6 +46,13 @@ async def test_write_frames_one_chunk(pair: Pair) -> None:
     assert await asyncio.wait_for(pair.reader.readexactly(14), 5) == b"9\r\ndata: 1\n\n\r\n"
 
 
+async def test_each_body_gets_its_own_chunk_when_bodies_alternate(pair: Pair) -> None:
+    for body in (b"data: 1\n\n", b"data: 22\n\n", b"data: 1\n\n"):
+        assert pair.sink.write(body)
+    expected = b"9\r\ndata: 1\n\n\r\na\r\ndata: 22\n\n\r\n9\r\ndata: 1\n\n\r\n"
+    assert await asyncio.wait_for(pair.reader.readexactly(len(expected)), 5) == expected
+
+
 async def test_a_socket_holding_bytes_refuses_and_writes_nothing(pair: Pair) -> None:
     pair.writer.transport.pause_reading()  # the client stops reading
     sock = pair.transport.get_extra_info("socket")
