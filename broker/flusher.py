@@ -6,7 +6,8 @@ time to 1,000 subscribers that was about half of the broker's CPU (`make bench`,
 50 rows/s, py-spy). The hub instead hands an idle stream's subscriber to `Flusher.mark`, and
 one callback, scheduled once per event-loop turn, writes each marked subscriber's queue to
 its `Sink` in one write. Everything a burst routed in that turn goes out in that one write,
-so batching is kept.
+so batching is kept; an event written to many sinks in a turn is framed once
+(`socketsink.py`) and its latency observed once, with its count.
 
 A subscriber has a sink only while its stream's task waits with nothing queued; a sink that
 refuses (its socket still holds earlier bytes, or is closing) gets nothing, and the task is
