@@ -1,12 +1,10 @@
 """One subscriber's Server-Sent Events response: replay, then live, until either side ends.
 
-`EventStreamResponse` is a Starlette `Response` whose ASGI call writes the subscriber's
-queued events to the socket until the subscriber is closed: by the broker, or by the
-connection itself when the client goes (the protocol tells the socket's sink, which closes
-the subscriber: `SocketSink.when_lost`), so a vanished client is noticed at once rather than
-at the next write, with no second task per stream waiting for `http.disconnect`. The
-subscriber is registered before the response starts (so the 503 of a full process is an
-ordinary answer) and removed when it ends, whatever ends it.
+`EventStreamResponse` is a Starlette `Response` that writes the subscriber's queued events
+until the subscriber is closed: by the broker, or by the connection when the client goes
+(`SocketSink.when_lost`: noticed at once, with no second task waiting for it). The
+subscriber is registered before the response starts (a full process's 503 is an ordinary
+answer) and removed when it ends, whatever ends it.
 
 Writes: every event queued since the last write goes out in one write. While the stream
 idles it hands its socket's sink to its subscriber (`Subscriber.sink`, `socketsink.py`):
