@@ -22,7 +22,7 @@ from .answers import HANDLERS
 from .auth import Authenticator, authenticate
 from .config import Settings
 from .errors import RequestError, Unavailable
-from .guard import Guard
+from .guard import Guard, GuardedApp
 from .metrics import create_registry, render
 from .service import Broker
 from .stats import snapshot
@@ -54,8 +54,9 @@ def create_app(settings: Settings) -> Starlette:
 
     # Each route once, with its checks (guard.py): where it is served, admin token, stream cap.
     guard = Guard(settings)
+    stream_route = guard.stream("/api/sse/messages", stream_messages)
     routes: list[BaseRoute] = [
-        guard.stream("/api/sse/messages", stream_messages),
+        stream_route,
         guard.admin("/api/sse/stats", stats),
         guard.public("/api/messages", post_message, methods=["POST"]),
         guard.probe("/healthz", healthz),
@@ -79,7 +80,8 @@ def create_app(settings: Settings) -> Starlette:
                 max_age=600,
             )
         )
-    app = Starlette(
+    app = GuardedApp(
+        stream_route,
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,

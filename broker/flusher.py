@@ -6,7 +6,8 @@ time to 1,000 subscribers that was about half of the broker's CPU (`make bench`,
 50 rows/s, py-spy). The hub instead hands an idle stream's subscriber to `Flusher.mark`, and
 one callback, scheduled once per event-loop turn, writes each marked subscriber's queue to
 its `Sink` in one write. Everything a burst routed in that turn goes out in that one write,
-so batching is kept.
+so batching is kept; an event written to many sinks in a turn is framed once
+(`socketsink.py`) and its latency observed once, with its count.
 
 A subscriber has a sink only while its stream's task waits with nothing queued; a sink that
 refuses (its socket still holds earlier bytes, or is closing) gets nothing, and the task is
@@ -20,7 +21,7 @@ import asyncio
 import time
 
 from .latency import LatencyHistogram
-from .subscriber import Subscriber
+from .subscriber import Event, Subscriber
 
 __all__ = ["Flusher"]
 
@@ -42,18 +43,28 @@ class Flusher:
     def _flush(self) -> None:
         marked, self._marked = self._marked, []
         now = time.perf_counter()
+        # Every subscriber of a fan-out was routed the same event: its latency is observed
+        # once, with the number of deliveries, rather than once per delivery.
+        last: Event | None = None
+        times = 0
         observe = self._latency.observe
         for subscriber in marked:
             sink = subscriber.sink
-            if sink is None or subscriber.closed or not subscriber.queued:
+            pending = subscriber._pending  # the hub's inlined path reads it the same way
+            if sink is None or subscriber.closed or not pending:
                 continue  # its task took over meanwhile
-            events = subscriber.take()
-            body = events[0].data if len(events) == 1 else b"".join(e.data for e in events)
+            body = pending[0].data if len(pending) == 1 else b"".join([e.data for e in pending])
             if not sink.write(body):
-                subscriber.put_back(events)
-                subscriber.wake()
+                subscriber.wake()  # its task writes them, with flow control
                 continue
-            subscriber.direct_sent += len(events)
-            for event in events:
-                if event.born:
-                    observe(now - event.born)
+            subscriber.direct_sent += len(pending)
+            for event in pending:
+                if event is last:
+                    times += 1
+                elif event.born:
+                    if last is not None:
+                        observe(now - last.born, times)
+                    last, times = event, 1
+            pending.clear()
+        if last is not None:
+            observe(now - last.born, times)

@@ -14,8 +14,9 @@ carries its own checks, so nothing matches a request a second time:
 - `stream` routes are public and hold one of `BROKER_MAX_STREAMS_PER_IP` slots per client
   address (the request's `client`, which uvicorn takes from `X-Forwarded-For` only behind
   `BROKER_TRUSTED_PROXIES`: `transport.server_options`) for as long as the request runs; one
-  more is refused with `TooManyStreams` (429 with `Retry-After`). Without the setting the
-  stream route has no middleware at all.
+  more is refused with `TooManyStreams` (429 with `Retry-After`). The stream route is served
+  ahead of Starlette's middleware and exception chain (`StreamRoute`), which would otherwise
+  stay on the stack for the stream's whole life.
 
 A route not served on a port does not match there (`Match.NONE`), so the router answers 404
 for every method, exactly as for a path that does not exist. Refusals are raised as broker
@@ -25,22 +26,27 @@ errors; `answers.py` turns them into HTTP answers.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
+from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .answers import answer
 from .auth import bearer
 from .config import Settings
-from .errors import TooManyStreams, Unauthorized
+from .errors import BrokerError, TooManyStreams, Unauthorized
 from .limits import StreamCounter
 
-__all__ = ["Guard", "log_exposure"]
+__all__ = ["Guard", "GuardedApp", "StreamRoute", "log_exposure"]
 
 Served = Callable[[Scope], bool]
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 log = structlog.get_logger(logger_name="broker.guard")
 
@@ -57,6 +63,7 @@ class Guard:
             settings.auth_secret and settings.admin_token is None
         )
         self.max_streams_per_ip = settings.max_streams_per_ip
+        self.cors = bool(settings.cors_origins)
 
     def public(self, path: str, endpoint: Callable[..., Any], methods: list[str]) -> Route:
         return _Route(path, endpoint, methods=methods, served=self._on_public_port)
@@ -71,10 +78,12 @@ class Guard:
         token = [Middleware(AdminToken, token=self.admin_token)] if self.admin_token else []
         return _Route(path, endpoint, methods=["GET"], served=self._admin, middleware=token)
 
-    def stream(self, path: str, endpoint: Callable[..., Any]) -> Route:
+    def stream(self, path: str, endpoint: Endpoint) -> StreamRoute:
         limit = self.max_streams_per_ip
-        cap = [] if limit is None else [Middleware(StreamsPerClient, counter=StreamCounter(limit))]
-        return _Route(path, endpoint, methods=["GET"], served=self._on_public_port, middleware=cap)
+        counter = None if limit is None else StreamCounter(limit)
+        return StreamRoute(
+            path, endpoint, served=self._on_public_port, counter=counter, cors=self.cors
+        )
 
     def _on_public_port(self, scope: Scope) -> bool:
         return self.admin_port is None or _local_port(scope) != self.admin_port
@@ -108,6 +117,66 @@ class _Mount(_ServedOnly, Mount):
         self.served = served
 
 
+class StreamRoute(_Route):
+    """The stream route, which `run` serves straight from the server (`GuardedApp`), ahead of
+    Starlette's middleware, exception and routing chain: every layer of it would stay on the
+    stack, a coroutine frame or two each, for as long as the stream lasts. `run` does what
+    the chain did for it: the per-client cap, and a refusal raised as a broker error answered
+    (`answers.py`). A CORS request (`Origin`, with `BROKER_CORS_ORIGINS`) and every other
+    method take the ordinary way, through the router, which has this route too."""
+
+    def __init__(
+        self,
+        path: str,
+        endpoint: Endpoint,
+        *,
+        served: Served,
+        counter: StreamCounter | None,
+        cors: bool,
+    ) -> None:
+        self.counter = counter
+        middleware = [] if counter is None else [Middleware(StreamsPerClient, counter=counter)]
+        super().__init__(path, endpoint, methods=["GET"], served=served, middleware=middleware)
+        self.stream_endpoint = endpoint
+        self.cors = cors
+
+    def takes(self, scope: Scope) -> bool:
+        """True for a request `run` serves: this route's, on a port it is served on."""
+        if self.cors and _header(scope, b"origin") is not None:
+            return False
+        return self.matches(scope)[0] is Match.FULL
+
+    async def run(self, scope: Scope, receive: Receive, send: Send) -> None:
+        counter, address = self.counter, None
+        try:
+            try:
+                if counter is not None:
+                    address = _take_slot(counter, scope)
+                response = await self.stream_endpoint(Request(scope, receive))
+            except BrokerError as error:
+                response = answer(error)
+            await response(scope, receive, send)
+        finally:
+            if counter is not None and address is not None:
+                counter.release(address)
+
+
+class GuardedApp(Starlette):
+    """Starlette, with the stream route served ahead of its middleware and exception chain
+    (`StreamRoute`): an open stream keeps only its own frames on the stack."""
+
+    def __init__(self, stream_route: StreamRoute, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.stream_route = stream_route
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.stream_route.takes(scope):
+            scope["app"] = self
+            await self.stream_route.run(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
 class AdminToken:
     """Per-route middleware: `Authorization: Bearer <BROKER_ADMIN_TOKEN>`, else 401."""
 
@@ -135,16 +204,22 @@ class StreamsPerClient:
         self.counter = counter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        client = scope.get("client")
-        address = str(client[0]) if client else "unknown"
-        if not self.counter.acquire(address):
-            log.info("stream_refused", reason="per_client_limit", client=address)
-            limit = self.counter.limit
-            raise TooManyStreams(f"too many streams from this address (at most {limit})")
+        address = _take_slot(self.counter, scope)
         try:
             await self.app(scope, receive, send)
         finally:
             self.counter.release(address)
+
+
+def _take_slot(counter: StreamCounter, scope: Scope) -> str:
+    """Take one of the request's client address's stream slots and return the address (to
+    release it by); none left raises `TooManyStreams`."""
+    client = scope.get("client")
+    address = str(client[0]) if client else "unknown"
+    if not counter.acquire(address):
+        log.info("stream_refused", reason="per_client_limit", client=address)
+        raise TooManyStreams(f"too many streams from this address (at most {counter.limit})")
+    return address
 
 
 def log_exposure(settings: Settings) -> None:

@@ -51,9 +51,10 @@ class LatencyHistogram:
     def count(self) -> int:
         return sum(self.counts)
 
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(self.bounds, seconds)] += 1
-        self.sum += seconds
+    def observe(self, seconds: float, times: int = 1) -> None:
+        """Record `seconds`, `times` times over (the deliveries of one event in one write)."""
+        self.counts[bisect_left(self.bounds, seconds)] += times
+        self.sum += seconds * times
 
     def observe_since(self, starts: Iterable[float]) -> None:
         """Observe the time from each `time.perf_counter()` value of `starts` until now."""

@@ -12,7 +12,7 @@ written here and nowhere else; tests/test_socketsink.py reads it back off a real
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 __all__ = ["SINK_EXTENSION", "SocketSink", "sink_of"]
@@ -21,12 +21,30 @@ SINK_EXTENSION = "pgsse.sink"
 
 
 class SocketSink:
-    """One connection's socket: chunked writes of a running response's body."""
+    """One connection's socket: chunked writes of a running response's body, and the news
+    that its client has gone (`when_lost`), which the protocol brings (`lost`)."""
 
-    __slots__ = ("_transport",)
+    __slots__ = ("_lost", "_on_lost", "_transport")
 
     def __init__(self, transport: asyncio.WriteTransport) -> None:
         self._transport = transport
+        self._lost = False
+        self._on_lost: Callable[[], object] | None = None
+
+    def when_lost(self, callback: Callable[[], object] | None) -> None:
+        """Call `callback` once the client has gone: at once if it has already. None
+        forgets the callback (the response that set it has ended)."""
+        if callback is not None and self._lost:
+            callback()
+            return
+        self._on_lost = callback
+
+    def lost(self) -> None:
+        """The client has gone (FIN, RST, or the connection closed): called by the protocol."""
+        self._lost = True
+        callback, self._on_lost = self._on_lost, None
+        if callback is not None:
+            callback()
 
     def write(self, data: bytes) -> bool:
         """Write `data` as one HTTP chunk, unless the socket still holds earlier bytes or is
@@ -35,7 +53,11 @@ class SocketSink:
         transport = self._transport
         if transport.get_write_buffer_size() or transport.is_closing():
             return False
-        transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        framed = _last_framed
+        if data is not framed.data:  # the event of a fan-out is framed once, for all sinks
+            framed.data = data
+            framed.chunk = b"%x\r\n%b\r\n" % (len(data), data)
+        transport.write(framed.chunk)
         return True
 
     def buffered(self) -> int:
@@ -45,6 +67,20 @@ class SocketSink:
     def abort(self) -> None:
         """Cut the connection now, dropping what is buffered for it."""
         self._transport.abort()
+
+
+class _Framed:
+    """The last body written and its chunk: the flusher writes one event's bytes to every
+    idle subscriber in turn, so the chunk is built once and shared."""
+
+    __slots__ = ("chunk", "data")
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.chunk = b""
+
+
+_last_framed = _Framed()
 
 
 def sink_of(scope: Mapping[str, Any]) -> SocketSink | None:

@@ -1,10 +1,10 @@
 """One subscriber's Server-Sent Events response: replay, then live, until either side ends.
 
-`EventStreamResponse` is a Starlette `Response` whose ASGI call runs two things in one task
-group: the pump, which writes the subscriber's queued events to the socket, and a watcher
-that waits for `http.disconnect`, so a vanished client is noticed at once rather than at the
-next write. The subscriber is registered before the response starts (so the 503 of a full
-process is an ordinary answer) and removed when it ends, whatever ends it.
+`EventStreamResponse` is a Starlette `Response` that writes the subscriber's queued events
+until the subscriber is closed: by the broker, or by the connection when the client goes
+(`SocketSink.when_lost`: noticed at once, with no second task waiting for it). The
+subscriber is registered before the response starts (a full process's 503 is an ordinary
+answer) and removed when it ends, whatever ends it.
 
 Writes: every event queued since the last write goes out in one write. While the stream
 idles it hands its socket's sink to its subscriber (`Subscriber.sink`, `socketsink.py`):
@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from contextlib import aclosing
+from collections.abc import Iterator
+from contextlib import aclosing, contextmanager
 from typing import Any
 
 import anyio
@@ -118,7 +119,8 @@ class EventStreamResponse(Response):
             last_event_id=None if replay is None or replay.history else replay.after,
             history=None if replay is None else replay.history or None,
         )
-        expiry = None
+        expiry: asyncio.TimerHandle | None = None
+        watcher: asyncio.Future[None] | None = None
         if self.valid_until is not None:
             delay = max(0.0, self.valid_until - time.time())
             expiry = asyncio.get_running_loop().call_later(delay, subscriber.close, TOKEN_EXPIRED)
@@ -130,12 +132,17 @@ class EventStreamResponse(Response):
                     "headers": self.raw_headers,
                 }
             )
-            self._sink = sink_of(scope)
-            async with anyio.create_task_group() as group:
-                group.start_soon(self._watch_disconnect, receive, group.cancel_scope)
-                await self._pump(send)
-                group.cancel_scope.cancel()
+            self._sink = sink = sink_of(scope)
+            if sink is not None:
+                sink.when_lost(subscriber.close)
+            else:  # not our server: a task waits to hear the client go
+                watcher = asyncio.ensure_future(self._watch_disconnect(receive))
+            await self._pump(send)
         finally:
+            if self._sink is not None:
+                self._sink.when_lost(None)
+            if watcher is not None:
+                watcher.cancel()
             if expiry is not None:
                 expiry.cancel()
             self.hub.unsubscribe(subscriber)
@@ -150,17 +157,14 @@ class EventStreamResponse(Response):
                 reason=subscriber.close_reason or "client",
             )
 
-    async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
+    async def _watch_disconnect(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
-        scope.cancel()
+        self.subscriber.close()
 
     async def _pump(self, send: Send) -> None:
         subscriber = self.subscriber
-        with anyio.CancelScope() as live:
-            subscriber.on_close = live.cancel
-            if subscriber.closed:
-                live.cancel()
+        with self._until_closed():
             with anyio.move_on_after(FIRST_LISTEN_TIMEOUT_SECONDS):
                 await self.listening.wait()
             if not self.listening.is_set():
@@ -175,19 +179,34 @@ class EventStreamResponse(Response):
                     await self._replay(send, self.replay)
                 except DatabaseUnavailable:
                     subscriber.close(REPLAY_FAILED)
-            while not subscriber.closed:
-                # While the stream idles with nothing queued, the hub may write to the socket
-                # itself; never while this task is busy, which keeps events in order.
-                subscriber.sink = self._sink
-                await subscriber.wait()
-                subscriber.sink = None
-                events = subscriber.take()
-                if events:
-                    self.events_sent += len(events)
+        while not subscriber.closed:
+            # While the stream idles with nothing queued, the hub may write to the socket
+            # itself; never while this task is busy, which keeps events in order.
+            subscriber.sink = self._sink
+            await subscriber.wait()  # returns once closed, too
+            subscriber.sink = None
+            events = subscriber.take()
+            if events:
+                self.events_sent += len(events)
+                with self._until_closed():
                     await self._write(send, b"".join(event.data for event in events))
-                    latency = self.hub.counters.delivery_latency
-                    latency.observe_since(event.born for event in events if event.born)
+                latency = self.hub.counters.delivery_latency
+                latency.observe_since(event.born for event in events if event.born)
         await self._finish(send)
+
+    @contextmanager
+    def _until_closed(self) -> Iterator[None]:
+        """A scope that closing the subscriber cancels, for what may wait on the client or
+        the listener. Only while the stream is busy: an idle stream holds none."""
+        subscriber = self.subscriber
+        with anyio.CancelScope() as scope:
+            subscriber.on_close = scope.cancel
+            if subscriber.closed:
+                scope.cancel()
+            try:
+                yield
+            finally:
+                subscriber.on_close = None
 
     async def _replay(self, send: Send, replay: Replay) -> None:
         """Send the rows the client missed (or its history). At the replay limit, closes

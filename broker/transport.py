@@ -14,8 +14,9 @@ pipelined ones too, hear its client go) that:
 - answers 400 and closes when a request other than POST declares a body (no other endpoint
   takes one), and 408 and closes unless a body arrives whole within
   `BROKER_BODY_TIMEOUT_SECONDS` of its headers, on every endpoint;
-- puts a `SocketSink` of the connection in the request scope (`socketsink.py`), so an idle
-  event stream can be written to without a task switch and a stuck one aborted.
+- puts the connection's `SocketSink` (`pipelining.py` makes it) in the request scope
+  (`socketsink.py`), so an idle event stream can be written to without a task switch, a stuck
+  one aborted, and every stream told its client has gone without a task to wait for it.
 
 This module and its base, pipelining.py, are the only ones that touch uvicorn's internals
 (listed in `uvicorn_hooks.py`, which refuses to start on a uvicorn that lacks one, naming
@@ -35,7 +36,7 @@ import structlog
 from .answers import error_body
 from .config import Settings
 from .pipelining import MAX_HELD_BYTES, PipelinedProtocol
-from .socketsink import SINK_EXTENSION, SocketSink
+from .socketsink import SINK_EXTENSION
 from .uvicorn_hooks import check_uvicorn
 
 __all__ = [
@@ -71,6 +72,9 @@ class LimitedHttpToolsProtocol(PipelinedProtocol):
     header_timeout: float = 10.0
     body_timeout: float = 10.0
     max_header_bytes: int = 16 * 1024
+
+    # Slots, as in PipelinedProtocol: they keep uvicorn's instance dict small.
+    __slots__ = ("_head_parsed", "_head_raw", "_in_head", "_refused", "_timer")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -141,7 +145,7 @@ class LimitedHttpToolsProtocol(PipelinedProtocol):
             return
         # The socket, for the streams' direct writes.
         extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
-        extensions[SINK_EXTENSION] = SocketSink(self.transport)
+        extensions[SINK_EXTENSION] = self.sink
         previous = self.cycle
         super().on_headers_complete()
         if has_body and self.cycle is not previous and not self.pipeline:

@@ -41,7 +41,7 @@ UVICORN_HOOKS: dict[type, tuple[str, ...]] = {
         "self.loop",
         "self.transport",
     ),
-    FlowControl: ("resume_reading",),
+    FlowControl: ("resume_reading", "self._is_writable_event"),
     RequestResponseCycle: (
         "self.disconnected",
         "self.message_event",

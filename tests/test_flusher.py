@@ -76,3 +76,18 @@ async def test_without_a_sink_the_task_is_woken() -> None:
     hub.heartbeat()
     await asyncio.wait_for(waiter, 1)
     assert [event.id for event in subscriber.take()] == [0]
+
+
+async def test_the_deliveries_of_one_event_are_observed_together() -> None:
+    latency = LatencyHistogram()
+    hub = Hub(max_subscribers=10, queue_size=10)
+    hub.on_idle_ready = Flusher(asyncio.get_running_loop(), latency).mark
+    sinks = [RecordingSink() for _ in range(3)]
+    for sink in sinks:
+        hub.subscribe("a", None).sink = sink
+    hub.publish(message(1))
+    hub.publish(message(2))
+    hub.heartbeat()  # not a row: no latency
+    await next_turn()
+    assert all(len(sink.writes) == 1 for sink in sinks)
+    assert latency.count == 6 and sum(1 for count in latency.counts if count) <= 2

@@ -5,18 +5,21 @@ to end cases, over real sockets, are in test_limits, test_auth and test_attacks.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import httpx
 import pytest
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from broker.answers import HANDLERS
 from broker.config import Settings
-from broker.guard import AdminToken, Guard, StreamsPerClient
+from broker.errors import RequestError
+from broker.guard import AdminToken, Guard, GuardedApp, StreamsPerClient
 
 PUBLIC, ADMIN = 5001, 9100
 TOKEN = "admin-token-0123456789"
@@ -30,15 +33,20 @@ async def ok(request: Request) -> Response:
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-def app_for(settings: Settings, stream: Endpoint = ok) -> Starlette:
+def app_for(
+    settings: Settings, stream: Endpoint = ok, middleware: Sequence[Middleware] = ()
+) -> Starlette:
     guard = Guard(settings)
-    return Starlette(
+    stream_route = guard.stream("/stream", stream)
+    return GuardedApp(
+        stream_route,
         routes=[
-            guard.stream("/stream", stream),
+            stream_route,
             guard.admin("/stats", ok),
             guard.public("/publish", ok, methods=["POST"]),
             guard.probe("/healthz", ok),
         ],
+        middleware=middleware,
         exception_handlers=dict(HANDLERS),
     )
 
@@ -72,6 +80,9 @@ SURFACES = [
     (Settings(admin_port=ADMIN), ADMIN, "GET", "/healthz", "", 200),
     (Settings(admin_port=ADMIN), PUBLIC, "GET", "/healthz", "", 200),
     (Settings(admin_port=ADMIN), ADMIN, "GET", "/stream", "", 404),
+    (Settings(admin_port=ADMIN), PUBLIC, "GET", "/stream", "", 200),
+    (Settings(admin_port=ADMIN), PUBLIC, "HEAD", "/stream", "", 200),
+    (Settings(), PUBLIC, "POST", "/stream", "", 405),
     (Settings(admin_port=ADMIN), ADMIN, "POST", "/publish", "", 404),
     (Settings(admin_port=ADMIN), PUBLIC, "POST", "/publish", "", 200),
     (Settings(admin_port=ADMIN), PUBLIC, "GET", "/publish", "", 405),
@@ -127,3 +138,44 @@ async def test_a_stream_slot_is_held_while_the_request_runs_and_given_back() -> 
     await asyncio.wait_for(entered.wait(), 5)  # the slot came back
     release.set()
     assert await asyncio.wait_for(again, 5) == 200
+
+
+class Passed:
+    """Middleware that records in `paths` the paths it passed on."""
+
+    def __init__(self, app: ASGIApp, paths: list[str]) -> None:
+        self.app = app
+        self.paths = paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            self.paths.append(scope["path"])
+        await self.app(scope, receive, send)
+
+
+async def test_the_stream_route_runs_ahead_of_the_middleware_unless_cors_asks() -> None:
+    paths: list[str] = []
+    plain = app_for(Settings(), middleware=[Middleware(Passed, paths=paths)])
+    assert await status(plain, PUBLIC, "GET", "/stream") == 200
+    assert await status(plain, PUBLIC, "GET", "/healthz") == 200
+    assert paths == ["/healthz"]
+    cors_settings = Settings(cors_origins=("https://a.example",))
+    cors = app_for(cors_settings, middleware=[Middleware(Passed, paths=paths)])
+    transport = httpx.ASGITransport(app=cors)
+    async with httpx.AsyncClient(transport=transport) as client:
+        url = f"http://broker:{PUBLIC}/stream"
+        assert (await client.get(url, headers={"Origin": "https://a.example"})).status_code == 200
+        assert (await client.get(url)).status_code == 200
+    assert paths == ["/healthz", "/stream"]
+
+
+async def test_a_refusal_of_the_stream_route_is_answered_with_its_status() -> None:
+    async def refuse(request: Request) -> Response:
+        raise RequestError(400, "bad sessionId")
+
+    app = app_for(Settings(), stream=refuse)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport) as client:
+        response = await client.get(f"http://broker:{PUBLIC}/stream", timeout=5)
+    assert response.status_code == 400
+    assert response.json() == {"success": False, "error": "bad sessionId"}

@@ -19,6 +19,14 @@ def test_values_land_in_the_bucket_whose_bound_is_at_or_above_them() -> None:
     assert histogram.cumulative() == [(0.001, 2), (0.01, 4), (0.1, 6), (float("inf"), 8)]
 
 
+def test_a_value_observed_several_times_counts_each() -> None:
+    histogram = LatencyHistogram((0.001, 0.01))
+    histogram.observe(0.005, times=1000)
+    histogram.observe(0.0005)
+    assert histogram.counts == [1, 1000, 0] and histogram.count == 1001
+    assert histogram.sum == pytest.approx(5.0005)
+
+
 def test_observe_since_measures_from_perf_counter_values() -> None:
     histogram = LatencyHistogram()
     now = time.perf_counter()

@@ -1,5 +1,5 @@
 """broker.socketsink in-process, on a real TCP connection: chunk framing, refusal while the
-socket holds bytes, and abort."""
+socket holds bytes, abort, and the news that the client has gone."""
 
 from __future__ import annotations
 
@@ -46,6 +46,13 @@ async def test_write_frames_one_chunk(pair: Pair) -> None:
     assert await asyncio.wait_for(pair.reader.readexactly(14), 5) == b"9\r\ndata: 1\n\n\r\n"
 
 
+async def test_each_body_gets_its_own_chunk_when_bodies_alternate(pair: Pair) -> None:
+    for body in (b"data: 1\n\n", b"data: 22\n\n", b"data: 1\n\n"):
+        assert pair.sink.write(body)
+    expected = b"9\r\ndata: 1\n\n\r\na\r\ndata: 22\n\n\r\n9\r\ndata: 1\n\n\r\n"
+    assert await asyncio.wait_for(pair.reader.readexactly(len(expected)), 5) == expected
+
+
 async def test_a_socket_holding_bytes_refuses_and_writes_nothing(pair: Pair) -> None:
     pair.writer.transport.pause_reading()  # the client stops reading
     sock = pair.transport.get_extra_info("socket")
@@ -63,6 +70,19 @@ async def test_abort_closes_the_connection(pair: Pair) -> None:
     with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
         await asyncio.wait_for(pair.reader.readexactly(1), 5)
     assert not pair.sink.write(b"late")
+
+
+def test_when_lost_calls_back_once_the_client_has_gone(pair: Pair) -> None:
+    calls: list[str] = []
+    pair.sink.when_lost(lambda: calls.append("first"))
+    pair.sink.when_lost(None)  # the response that asked has ended
+    pair.sink.when_lost(lambda: calls.append("second"))
+    assert calls == []
+    pair.sink.lost()
+    pair.sink.lost()
+    assert calls == ["second"]
+    pair.sink.when_lost(lambda: calls.append("late"))  # asked after: told at once
+    assert calls == ["second", "late"]
 
 
 def test_sink_of_reads_the_scope() -> None:

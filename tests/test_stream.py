@@ -18,6 +18,7 @@ import pytest
 from broker.events import Message
 from broker.flusher import Flusher
 from broker.hub import Hub
+from broker.socketsink import SINK_EXTENSION
 from broker.stream import EventStreamResponse
 from broker.subscriber import Subscriber
 from tests.conftest import Database
@@ -35,8 +36,11 @@ class StreamApp:
     hub: Hub = field(default_factory=lambda: Hub(max_subscribers=10, queue_size=10))
     listening: asyncio.Event = field(default_factory=asyncio.Event)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    foreign: bool = False  # as under a server without our sink
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if self.foreign:
+            scope["extensions"].pop(SINK_EXTENSION)
         subscriber = self.hub.subscribe("a", None)
         response = EventStreamResponse(
             self.hub, subscriber, None, listening=self.listening, retry_ms=3000
@@ -116,10 +120,28 @@ async def test_in_process_a_closed_subscriber_sends_its_reason_and_ends(
 
 
 async def test_in_process_a_client_that_goes_is_unsubscribed(in_process: InProcess) -> None:
-    client, _subscriber = await in_process.connected()
+    before = len(asyncio.all_tasks())
+    client, subscriber = await in_process.connected()
+    # The connection tells the stream its client went: no second task per stream waits for it.
+    assert len(asyncio.all_tasks()) == before + 1
+    assert subscriber.on_close is None  # an idle stream holds no cancel scope either
     await client.close()
     await asyncio.wait_for(in_process.app.ended.wait(), 2)
     assert len(in_process.app.hub) == 0
+    assert subscriber.closed and subscriber.close_reason is None
+
+
+async def test_in_process_under_another_server_a_task_hears_the_client_go(
+    in_process: InProcess,
+) -> None:
+    in_process.app.foreign = True
+    before = len(asyncio.all_tasks())
+    client, subscriber = await in_process.connected()
+    assert len(asyncio.all_tasks()) == before + 2  # the request's, and the watcher
+    await client.close()
+    await asyncio.wait_for(in_process.app.ended.wait(), 2)
+    assert len(in_process.app.hub) == 0 and subscriber.closed
+    assert len(asyncio.all_tasks()) == before
 
 
 async def subscribe(broker: BrokerProcess, **params: str) -> SSEClient:

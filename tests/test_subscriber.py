@@ -1,4 +1,4 @@
-"""broker.subscriber, pure: the bounded queue, putting events back, and `Seen`."""
+"""broker.subscriber, pure: the bounded queue and `Seen`."""
 
 from __future__ import annotations
 
@@ -15,14 +15,13 @@ def test_a_full_queue_closes_the_subscriber_and_empties_it() -> None:
     assert subscriber.queued == 0 and not subscriber.push(Event(4, b"4"))
 
 
-def test_put_back_restores_order_ahead_of_later_events() -> None:
+def test_take_empties_the_queue_in_order() -> None:
     subscriber = Subscriber(None, None, queue_size=10)
     for id_ in (1, 2):
         subscriber.push(Event(id_, b""))
-    taken = subscriber.take()
+    assert [event.id for event in subscriber.take()] == [1, 2]
     subscriber.push(Event(3, b""))
-    subscriber.put_back(taken)
-    assert [event.id for event in subscriber.take()] == [1, 2, 3]
+    assert [event.id for event in subscriber.take()] == [3] and subscriber.queued == 0
 
 
 def test_seen_skips_up_to_its_floor_and_each_pending_id_once() -> None:

@@ -5,11 +5,13 @@ ASGI app, driven by raw client sockets: request deadlines and limits, and the si
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import AsyncIterator
 
 import pytest
 
+from broker.leanevent import LeanEvent
 from tests.support.served import Client, Served, get, serving
 
 
@@ -73,3 +75,17 @@ async def test_a_sink_write_is_part_of_the_response_body(served: Served) -> None
             break
         body, rest = body + rest[:size], rest[size + 2 :]
     assert body == b"starteddirectdone"
+
+
+async def test_a_connection_keeps_uvicorn_s_small_instance_dict(served: Served) -> None:
+    """The subclasses' state is in slots: the protocol's instance dict stays a key-sharing
+    one (at most 30 keys, a few hundred bytes) rather than a table of its own (~1.6 KB)."""
+    async with Client(served.port) as client:
+        await client.send(get("/stream"))
+        await client.until(b"started")
+        (protocol,) = served.state.connections
+        assert len(vars(protocol)) <= 30
+        assert sys.getsizeof(vars(protocol)) < 600
+        # uvicorn's events, the connection's and the request's, are lean ones.
+        assert isinstance(protocol.flow._is_writable_event, LeanEvent)
+        assert isinstance(protocol.cycle.message_event, LeanEvent)

@@ -220,10 +220,10 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
             linestyle=":",
             label=f"{name} (p50, p99, max)",
         )
-    axis.axhline(50, color="grey", linewidth=0.8, linestyle="--")
+    axis.axhline(20, color="grey", linewidth=0.8, linestyle="--")
     axis.annotate(
-        "50 ms: fanout target at 50 rows/s",
-        (0.01, 50),
+        "20 ms: fanout target at 50 rows/s",
+        (0.01, 20),
         xycoords=("axes fraction", "data"),
         xytext=(0, 3),
         textcoords="offset points",
