@@ -48,6 +48,12 @@ class Settings:
         shown_default="127.0.0.1 with the embedded PostgreSQL, else 0.0.0.0",
     )
     port: int = setting(5001, "BROKER_PORT", parsers.port, "port to listen on")
+    workers: int = setting(
+        1,
+        "BROKER_WORKERS",
+        parsers.positive_int,
+        "broker processes serving the port; each LISTENs unless BROKER_BUS_URL is set",
+    )
     max_connections: int = setting(
         10_000,
         "BROKER_MAX_CONNECTIONS",

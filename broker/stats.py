@@ -9,6 +9,7 @@ consistent and the two readers always agree. `Stats.as_json` is the stats endpoi
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,7 @@ class Stats:
     latency_sum: float
     uptime_seconds: float
     tasks: int  # asyncio tasks of the process
+    pid: int  # this process's: with `--workers N`, which worker answered
     bus_role: str | None = None  # "relay" or "follower"; None without a bus
     bus_last_id: str | None = None  # the last stream id this broker read
     bus_lag_ms: float = 0.0  # XADD to this broker's read, of the last entry read
@@ -66,6 +68,7 @@ class Stats:
             },
             "uptimeSeconds": round(self.uptime_seconds, 3),
             "tasks": self.tasks,
+            "pid": self.pid,
         }
 
 
@@ -91,6 +94,7 @@ def snapshot(broker: Broker) -> Stats:
         latency_sum=latency.sum,
         uptime_seconds=time.time() - broker.started_at,
         tasks=len(asyncio.all_tasks()),
+        pid=os.getpid(),
         **_bus(broker),
     )
 

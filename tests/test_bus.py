@@ -196,3 +196,37 @@ async def test_kill_9_of_the_relay_hands_over_within_5s_and_loses_nothing(
         ids = before + [int(e.json["data"]["id"]) for e in got if e.type == "message"]
         assert sorted(ids) == rows and len(ids) == len(set(ids))
         await client.close()
+
+
+async def test_two_workers_on_the_bus_hold_one_listening_backend_and_both_deliver(
+    start_broker: Callable[..., BrokerProcess],
+    redis: RedisServer,
+    database: Database,
+    session_id: str,
+) -> None:
+    """`--workers 2`: one port, two processes; one relay among them, streams on both, every
+    row delivered to every stream."""
+    stream = f"test:{uuid.uuid4().hex[:8]}"
+    broker = start_broker(BROKER_BUS_URL=redis.url, BROKER_BUS_STREAM=stream, BROKER_WORKERS="2")
+    broker.wait_until(
+        lambda: (
+            sorted(str(s["bus"]["role"]) for s in broker.worker_stats(2).values())
+            == ["follower", "relay"]
+        ),
+        20,
+        "one relay, one follower",
+    )
+    assert database.listening_backends() == 1
+    clients = [
+        await connected(await SSEClient.open(broker.port, params={"sessionId": session_id}))
+        for _ in range(20)
+    ]
+    streams = {pid: s["totalConnections"] for pid, s in broker.worker_stats(2).items()}
+    print(f"\nstreams per worker: {streams}")
+    assert sum(streams.values()) == len(clients) and min(streams.values()) > 0, streams
+    rows = [database.insert(session_id, f"row {i}") for i in range(10)]
+    for client in clients:
+        got = await client.events_until(lambda e: e.id == str(rows[-1]), timeout=15)
+        assert [int(e.json["data"]["id"]) for e in got if e.type == "message"] == rows
+        await client.close()
+    assert database.listening_backends() == 1
