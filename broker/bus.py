@@ -93,6 +93,19 @@ class Bus:
         )
         return _text(stream_id)
 
+    async def length(self) -> int:
+        """XLEN: the entries the stream holds now."""
+        return int(await self._call(self._redis.xlen(self.key)))
+
+    async def floor(self, proposed: int) -> int:
+        """The bus's floor, set to `proposed` unless it is set already: the table's last id
+        when the first relay of this stream LISTENed. Rows up to it predate the bus, and the
+        relay's backfill looks for no row at or below it."""
+        key = f"{self.key}:floor"
+        await self._call(self._redis.set(key, proposed, nx=True))
+        value = await self._call(self._redis.get(key))
+        return int(value) if value is not None else proposed
+
     async def tail(self, count: int | None = None) -> list[Entry]:
         """The last `count` entries (default `maxlen`), oldest first."""
         raw = await self._call(self._redis.xrevrange(self.key, count=count or self.maxlen))

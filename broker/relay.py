@@ -7,10 +7,11 @@ connection loses both the lock and the LISTEN at once: kill -9, a terminated bac
 network cut hand the role to the next broker to ask (every `CAMPAIGN_SECONDS`). A relay that
 cannot append to Redis closes its connection too, giving the role up.
 
-On taking the role the relay backfills: every row committed that the stream's tail lacks
-(rows committed while no relay was up, or appended by no one since Redis lost them) is
-appended once, in id order, before the notifications that queued meanwhile; those the backfill
-already appended are skipped.
+On taking the role the relay backfills: every row above the bus's floor (the table's last id
+when the stream's first relay LISTENed, kept in Redis) that the stream's tail lacks (rows
+committed while no relay was up, in any id order, or appended by no one since Redis lost them)
+is appended once, in id order, before the notifications that queued meanwhile; those the
+backfill already appended are skipped.
 """
 
 from __future__ import annotations
@@ -66,6 +67,12 @@ class Relay:
         self.elections = 0
         self.appended = 0
         self.backfilled = 0
+        self.notifications = 0
+
+    @property
+    def listening(self) -> bool:
+        """Whether this broker holds the one LISTEN connection: as the relay, connected."""
+        return self.role == "relay" and self.connected
 
     async def run(self) -> None:
         """Campaign until cancelled; after any failure, give the role up and campaign again."""
@@ -119,8 +126,21 @@ class Relay:
         return bool(row and row[0])
 
     async def _backfill(self) -> None:
+        """Append every row committed that the stream lacks, in id order.
+
+        Every id above the bus's floor that the stream's tail does not hold is looked for,
+        not only those above its oldest or newest entry: a transaction that drew its id before
+        a row the stream holds and committed while no relay listened is found too (as the
+        listener's backfill does against its journal). Once the stream has been trimmed, ids
+        below its oldest entry cannot be told from trimmed ones, so the floor rises to it.
+        """
         tail = {entry.message.id for entry in await self._bus.tail()}
-        floor = min(tail) if tail else self._floor_hint() or await self._store.last_id()
+        # A new stream's floor (or one Redis lost): the oldest id it holds, else the newest
+        # row this broker routed, else the table's last id now, after LISTEN.
+        proposed = min(tail) if tail else self._floor_hint() or await self._store.last_id()
+        floor = await self._bus.floor(proposed)
+        if tail and await self._bus.length() >= self._bus.maxlen:
+            floor = max(floor, min(tail))
         missing = [i for i in await self._store.ids_after(floor) if i not in tail]
         self._backfilled = set(missing)
         for start in range(0, len(missing), BACKFILL_PAGE):
@@ -133,6 +153,7 @@ class Relay:
         log.info("relay_backfilled", after_id=floor, rows=len(missing))
 
     async def _handle(self, payload: str) -> None:
+        self.notifications += 1
         try:
             parsed = parse_notification(payload)
         except ValueError as exc:

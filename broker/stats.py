@@ -74,17 +74,14 @@ class Stats:
 
 def snapshot(broker: Broker) -> Stats:
     """The numbers of `broker` now. Call it on the event loop thread."""
-    hub, listener = broker.hub, broker.listener
+    hub = broker.hub
     counters = hub.counters
     latency = counters.delivery_latency
     return Stats(
         open_streams=len(hub),
         max_streams=hub.max_subscribers,
         channels=hub.channels(),
-        listener_connected=listener.connected,
-        listener_reconnects=listener.reconnects,
-        notifications=listener.notifications,
-        backfilled=listener.backfilled,
+        **_listener(broker),
         messages_routed=counters.messages_routed,
         events_delivered=counters.events_delivered,
         slow_consumer_disconnects=counters.slow_consumer_disconnects,
@@ -97,6 +94,27 @@ def snapshot(broker: Broker) -> Stats:
         pid=os.getpid(),
         **_bus(broker),
     )
+
+
+def _listener(broker: Broker) -> dict[str, Any]:
+    """This process's LISTEN connection. With a bus only the relay holds one: `connected` is
+    true there alone, and the counters are its relay's (elections after the first count as
+    reconnects)."""
+    if broker.bus is None:
+        listener = broker.listener
+        return {
+            "listener_connected": listener.connected,
+            "listener_reconnects": listener.reconnects,
+            "notifications": listener.notifications,
+            "backfilled": listener.backfilled,
+        }
+    relay = broker.bus.relay
+    return {
+        "listener_connected": relay.listening,
+        "listener_reconnects": max(0, relay.elections - 1),
+        "notifications": relay.notifications,
+        "backfilled": relay.backfilled,
+    }
 
 
 def _bus(broker: Broker) -> dict[str, Any]:

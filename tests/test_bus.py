@@ -11,6 +11,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable
 
+from broker.relay import LOCK_CLASS
 from tests.conftest import Database
 from tests.support.nginx import Nginx
 from tests.support.processes import BrokerProcess
@@ -67,6 +68,8 @@ async def test_three_brokers_hold_one_listening_backend_and_all_deliver(
         assert bus["lastId"] is not None and bus["lag"] >= 0
         metrics = scrape(broker)
         relay = 1 if bus["role"] == "relay" else 0
+        # Only the relay holds a LISTEN connection, and stats say so.
+        assert broker.stats()["listener"]["connected"] is bool(relay)
         assert f"pgsse_bus_relay {relay}.0" in metrics and "pgsse_bus_lag_seconds " in metrics
 
 
@@ -278,3 +281,45 @@ async def test_two_workers_on_the_bus_hold_one_listening_backend_and_both_delive
         assert [int(e.json["data"]["id"]) for e in got if e.type == "message"] == rows
         await client.close()
     assert database.listening_backends() == 1
+
+
+async def test_a_smaller_id_committed_while_no_relay_listens_is_backfilled_once(
+    start_broker: Callable[..., BrokerProcess],
+    redis: RedisServer,
+    database: Database,
+    session_id: str,
+) -> None:
+    """A draws the smaller id, B commits and reaches the stream; the relay dies, and A commits
+    while no broker holds the role (the test holds the lock). The next relay's backfill finds A,
+    though the stream holds only ids above it, and a client on the survivor receives it once."""
+    stream = f"test:{uuid.uuid4().hex[:8]}"
+    brokers = [on_bus(start_broker, redis, stream) for _ in range(2)]
+    brokers[0].wait_until(
+        lambda: any(b.stats()["bus"]["role"] == "relay" for b in brokers), 20, "a relay"
+    )
+    relay = next(b for b in brokers if b.stats()["bus"]["role"] == "relay")
+    survivor = next(b for b in brokers if b is not relay)
+    client = await connected(await SSEClient.open(survivor.port, params={"sessionId": session_id}))
+    with database.connect() as a, database.connect() as lock:
+        a.autocommit = False
+        (id_a,) = a.execute(
+            "INSERT INTO messages (session_id, content) VALUES (%s, 'A') RETURNING id",
+            (session_id,),
+        ).fetchone() or (0,)
+        id_b = database.insert(session_id, "B")
+        assert (await client.message(timeout=10)).json["data"]["id"] == str(id_b)
+        assert relay.process is not None
+        relay.process.kill()
+        took = "SELECT pg_try_advisory_lock(%s, hashtext(%s))"
+        survivor.wait_until(
+            lambda: lock.execute(took, (LOCK_CLASS, stream)).fetchone() == (True,),
+            10,
+            "the dead relay's lock, for the test",
+        )
+        a.commit()  # no relay LISTENs now: only a backfill can find A
+        lock.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (LOCK_CLASS, stream))
+        survivor.wait_until(lambda: survivor.stats()["bus"]["role"] == "relay", 10, "takeover")
+    assert (await client.message(timeout=10)).json["data"]["id"] == str(id_a)
+    later = database.insert(session_id, "C")
+    assert (await client.message(timeout=10)).json["data"]["id"] == str(later)  # not A again
+    await client.close()
