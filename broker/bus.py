@@ -29,6 +29,7 @@ from .backoff import Backoff
 from .errors import BrokerError
 from .events import Message, parse_notification
 from .hub import JOURNAL_SIZE, Hub
+from .retry import retry_forever
 
 __all__ = ["Bus", "BusDown", "BusReader", "Entry"]
 
@@ -162,15 +163,14 @@ class BusReader:
 
     async def run(self) -> None:
         """Read until cancelled, reconnecting with backoff after any Redis failure."""
-        backoff = Backoff()
-        while True:
-            try:
-                await self._read(backoff)
-            except BusDown as exc:
-                if self.connected:
-                    log.warning("bus_down", error=str(exc))
-                self.connected = False
-            await asyncio.sleep(backoff.next())
+        await retry_forever(
+            self._read, self._set_down, expected=(BusDown,), crashed="bus_reader_crashed", log=log
+        )
+
+    def _set_down(self, exc: BaseException) -> None:
+        if self.connected:
+            log.warning("bus_down", error=str(exc))
+        self.connected = False
 
     async def _read(self, backoff: Backoff) -> None:
         if self.last_id is None:

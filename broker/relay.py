@@ -34,6 +34,7 @@ from .listener import (
     HEALTH_CHECK_TIMEOUT,
     dedicated_connection,
 )
+from .retry import retry_forever
 from .store import Store
 
 __all__ = ["LOCK_CLASS", "Relay"]
@@ -76,18 +77,13 @@ class Relay:
 
     async def run(self) -> None:
         """Campaign until cancelled; after any failure, give the role up and campaign again."""
-        backoff = Backoff()
-        while True:
-            try:
-                await self._campaign(backoff)
-            except asyncio.CancelledError:
-                raise
-            except (psycopg.Error, BrokerError, OSError, TimeoutError) as exc:
-                self._step_down(exc)
-            except Exception as exc:  # a bug must not end the campaign: log it loudly, go on
-                log.exception("relay_crashed")
-                self._step_down(exc)
-            await asyncio.sleep(backoff.next())
+        await retry_forever(
+            self._campaign,
+            self._step_down,
+            expected=(psycopg.Error, BrokerError, OSError, TimeoutError),
+            crashed="relay_crashed",
+            log=log,
+        )
 
     async def _campaign(self, backoff: Backoff) -> None:
         async with await dedicated_connection(self._url, CANDIDATE_NAME) as conn:
