@@ -29,7 +29,7 @@ from .backoff import Backoff
 from .errors import BrokerError
 from .events import Message, parse_notification
 from .hub import JOURNAL_SIZE, Hub
-from .retry import retry_forever
+from .retry import checkpoint, retry_forever
 
 __all__ = ["Bus", "BusDown", "BusReader", "Entry"]
 
@@ -184,6 +184,7 @@ class BusReader:
         log.info("bus_up", stream=self._bus.key, last_id=self.last_id, reconnects=self.reconnects)
         while True:
             self.route(await self._bus.read(self.last_id or "0-0"))
+            checkpoint()
 
     def _preload(self, entries: list[Entry]) -> None:
         """The journal from the stream's tail, so resume is exact from the first request."""

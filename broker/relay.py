@@ -34,7 +34,7 @@ from .listener import (
     HEALTH_CHECK_TIMEOUT,
     dedicated_connection,
 )
-from .retry import retry_forever
+from .retry import pause, retry_forever
 from .store import Store
 
 __all__ = ["LOCK_CLASS", "Relay"]
@@ -90,8 +90,8 @@ class Relay:
             self.connected = True
             backoff.reset()
             # A poll, not an event: the lock's holder is another process, maybe another host.
-            while not await self._won(conn):  # noqa: ASYNC110
-                await asyncio.sleep(CAMPAIGN_SECONDS)
+            while not await self._won(conn):
+                await pause(CAMPAIGN_SECONDS)
             # From here on pg_stat_activity shows it as the listener it now is.
             await conn.execute(
                 "SELECT set_config('application_name', %s, false)", (APPLICATION_NAME,)
@@ -112,13 +112,11 @@ class Relay:
             await self._bus.ping()
         except BusDown:
             return False
-        cursor = await asyncio.wait_for(
-            conn.execute(
+        async with asyncio.timeout(HEALTH_CHECK_TIMEOUT):  # not wait_for: see retry.checkpoint
+            cursor = await conn.execute(
                 "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (LOCK_CLASS, self._bus.key)
-            ),
-            HEALTH_CHECK_TIMEOUT,
-        )
-        row = await cursor.fetchone()
+            )
+            row = await cursor.fetchone()
         return bool(row and row[0])
 
     async def _backfill(self) -> None:

@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 from .backoff import Backoff
 
-__all__ = ["retry_forever"]
+__all__ = ["checkpoint", "pause", "retry_forever"]
 
 
 async def retry_forever(
@@ -40,4 +40,23 @@ async def retry_forever(
         except Exception as exc:
             log.exception(crashed)
             on_failure(exc)
-        await asyncio.sleep(backoff.next())
+        await pause(backoff.next())
+
+
+async def pause(seconds: float) -> None:
+    """`asyncio.sleep`, after `checkpoint()`: what every polling loop waits with."""
+    checkpoint()
+    await asyncio.sleep(seconds)
+
+
+def checkpoint() -> None:
+    """Raise `CancelledError` if this task was cancelled and something swallowed it.
+
+    Python 3.11's `asyncio.wait_for` loses a cancellation that arrives as its inner await
+    completes (gh-86296), and a library may turn one into its own timeout error. A loop that
+    then polls on would outlive its own shutdown: seen with `--workers 16` on one busy core,
+    where followers' campaigns kept polling after SIGTERM and uvicorn's shutdown never ended.
+    The task still counts the request (`Task.cancelling()`), so each loop checks it here."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

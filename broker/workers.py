@@ -14,13 +14,16 @@ sockets, and the kernel hands each new connection to one of them. The parent onl
   loop, so then every worker is stopped and the parent exits 1.
 
 Forked, not spawned: a worker inherits the bound sockets and the configured logging, and the
-parent holds no thread or event loop when it forks. Without a bus each worker LISTENs itself
-(N listening backends); with `BROKER_BUS_URL` one of all of them does.
+parent holds no thread or event loop when it forks. A worker dies with the parent (Linux's
+parent-death signal), so kill -9 of the parent leaves no orphan serving the port. Without a
+bus each worker LISTENs itself (N listening backends); with `BROKER_BUS_URL` one of all of
+them does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import time
@@ -33,6 +36,7 @@ __all__ = ["STARTUP_SECONDS", "run_workers"]
 
 STARTUP_SECONDS = 5.0
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 log = structlog.get_logger(logger_name="broker.workers")
 
@@ -40,6 +44,7 @@ log = structlog.get_logger(logger_name="broker.workers")
 def run_workers(count: int, serve: Callable[[], int]) -> int:
     """Run `serve` in `count` forked workers until a signal stops them; the exit status."""
     workers: dict[int, float] = {}  # pid -> when it was forked (monotonic)
+    parent = os.getpid()
     stopping = False
     status = 0
 
@@ -56,7 +61,7 @@ def run_workers(count: int, serve: Callable[[], int]) -> int:
         try:
             pid = os.fork()
             if pid == 0:
-                _worker(serve)  # never returns
+                _worker(serve, parent)  # never returns
             workers[pid] = time.monotonic()
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
@@ -88,11 +93,12 @@ def run_workers(count: int, serve: Callable[[], int]) -> int:
     return status
 
 
-def _worker(serve: Callable[[], int]) -> None:
+def _worker(serve: Callable[[], int], parent: int) -> None:
     """In the forked child: a process group of its own, default signal handling, then `serve`;
     exits with its status, never returning into the parent's stack."""
     code = 1
     try:
+        _die_with(parent)
         os.setpgid(0, 0)
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
@@ -102,3 +108,12 @@ def _worker(serve: Callable[[], int]) -> None:
         log.exception("worker_crashed")
     finally:
         os._exit(code)
+
+
+def _die_with(parent: int) -> None:
+    """Linux: the kernel kills this worker when the parent dies (kill -9 of it, say), so no
+    worker outlives its supervisor holding the port and a listening backend."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before prctl
+        os._exit(1)

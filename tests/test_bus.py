@@ -10,6 +10,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 from broker.relay import LOCK_CLASS
 from tests.conftest import Database
@@ -281,6 +282,14 @@ async def test_two_workers_on_the_bus_hold_one_listening_backend_and_both_delive
         assert [int(e.json["data"]["id"]) for e in got if e.type == "message"] == rows
         await client.close()
     assert database.listening_backends() == 1
+    # kill -9 of the parent: the workers die with it (no orphan keeps the port).
+    workers = list(broker.worker_stats(2))
+    assert broker.process is not None
+    broker.process.kill()
+    broker.process.wait(10)
+    broker.wait_until(
+        lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 10, "the workers gone"
+    )
 
 
 async def test_a_smaller_id_committed_while_no_relay_listens_is_backfilled_once(

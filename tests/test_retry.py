@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 import structlog
 from structlog.testing import capture_logs
 
 from broker.backoff import Backoff
-from broker.retry import retry_forever
+from broker.retry import pause, retry_forever
 
 log = structlog.get_logger(logger_name="tests.retry")
 
@@ -45,3 +46,19 @@ async def test_expected_failures_and_bugs_are_both_retried_until_cancelled() -> 
     assert [type(exc) for exc in failures] == [ConnectionError, KeyError, ConnectionError]
     crashed = [entry for entry in logs if entry["event"] == "thing_crashed"]
     assert len(crashed) == 1 and crashed[0]["log_level"] == "error"
+
+
+async def test_a_swallowed_cancellation_still_ends_a_polling_loop() -> None:
+    """As Python 3.11's wait_for can lose a cancellation: the loop's next pause raises it."""
+
+    async def polling() -> None:
+        while True:
+            with contextlib.suppress(asyncio.CancelledError):  # swallowed, as a library might
+                await asyncio.sleep(10)
+            await pause(0.01)
+
+    task = asyncio.ensure_future(polling())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=5)
+    assert task in done and task.cancelled()
