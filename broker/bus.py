@@ -94,6 +94,13 @@ class Bus:
         )
         return _text(stream_id)
 
+    async def append_many(self, messages: list[Message]) -> None:
+        """XADD each row, in order, in one pipeline: one round trip for the batch."""
+        pipe = self._redis.pipeline(transaction=False)
+        for message in messages:
+            pipe.xadd(self.key, {"row": encode_row(message)}, maxlen=self.maxlen, approximate=True)
+        await self._call(pipe.execute())
+
     async def length(self) -> int:
         """XLEN: the entries the stream holds now."""
         return int(await self._call(self._redis.xlen(self.key)))

@@ -11,13 +11,19 @@ On taking the role the relay backfills: every row above the bus's floor (the tab
 when the stream's first relay LISTENed, kept in Redis) that the stream's tail lacks (rows
 committed while no relay was up, in any id order, or appended by no one since Redis lost them)
 is appended once, in id order, before the notifications that queued meanwhile; those the
-backfill already appended are skipped.
+backfill already appended are skipped. Rows go to Redis through an `Appender`: one pipeline
+per batch of rows that queued during the previous round trip, in order; a failed append cuts
+the relay's own connection, so the role passes on exactly as if it had died.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import socket
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 import structlog
@@ -37,7 +43,7 @@ from .listener import (
 from .retry import pause, retry_forever
 from .store import Store
 
-__all__ = ["LOCK_CLASS", "Relay"]
+__all__ = ["LOCK_CLASS", "Appender", "Relay"]
 
 CAMPAIGN_SECONDS = 1.0
 LOCK_CLASS = 0x7067  # the advisory lock's first key ('pg'); the second is hashtext(stream)
@@ -69,6 +75,7 @@ class Relay:
         self.appended = 0
         self.backfilled = 0
         self.notifications = 0
+        self._appender: Appender | None = None
 
     @property
     def listening(self) -> bool:
@@ -101,6 +108,7 @@ class Relay:
             self.elections += 1
             log.info("relay_elected", stream=self._bus.key, elections=self.elections)
             await self._backfill()
+            self._appender = Appender(self._bus, lambda exc: _cut(conn, exc), self._count)
             while True:
                 async for notify in conn.notifies(timeout=HEALTH_CHECK_SECONDS):
                     await self._handle(notify.payload)
@@ -140,9 +148,9 @@ class Relay:
         for start in range(0, len(missing), BACKFILL_PAGE):
             page = missing[start : start + BACKFILL_PAGE]
             rows = await self._store.by_ids(page)
-            for message_id in page:
-                if message_id in rows:
-                    await self._append(rows[message_id])
+            found = [rows[message_id] for message_id in page if message_id in rows]
+            await self._bus.append_many(found)
+            self._count(len(found))
         self.backfilled += len(missing)
         log.info("relay_backfilled", after_id=floor, rows=len(missing))
 
@@ -159,11 +167,11 @@ class Relay:
         if message is None:
             log.warning("notification_row_missing", id=parsed.id)
             return
-        await self._append(message)
+        if self._appender is not None:
+            self._appender.put(message)
 
-    async def _append(self, message: Message) -> None:
-        await self._bus.append(message)
-        self.appended += 1
+    def _count(self, appended: int) -> None:
+        self.appended += appended
 
     def _step_down(self, exc: BaseException) -> None:
         error = f"{type(exc).__name__}: {exc}".strip()
@@ -173,3 +181,60 @@ class Relay:
             log.info("relay_campaign_failed", error=error)
         self.role = "follower"
         self.connected = False
+        if self._appender is not None:
+            self._appender.close()
+            self._appender = None
+
+
+class Appender:
+    """Appends rows to the bus in the order `put` gives them, without waiting for Redis: rows
+    that arrive while a pipeline is in flight go together in the next one, so the relay pays
+    one round trip per batch, not per row (the scaleout bench saw rows queue behind each
+    other's XADD at 500 rows/s on a busy core). A failed batch is reported to `on_failure`
+    once, and every later `put` raises it."""
+
+    def __init__(
+        self, bus: Bus, on_failure: Callable[[BusDown], None], on_appended: Callable[[int], None]
+    ) -> None:
+        self._bus = bus
+        self._on_failure = on_failure
+        self._on_appended = on_appended
+        self._queue: list[Message] = []
+        self._task: asyncio.Task[None] | None = None
+        self._error: BusDown | None = None
+
+    def put(self, message: Message) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.append(message)
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._flush())
+
+    def close(self) -> None:
+        """Stop appending; rows still queued are left to the next relay's backfill."""
+        if self._task is not None:
+            self._task.cancel()
+        self._queue.clear()
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                await self._bus.append_many(batch)
+                self._on_appended(len(batch))
+        except BusDown as exc:
+            self._error = exc
+            self._queue.clear()
+            self._on_failure(exc)
+
+
+def _cut(conn: psycopg.AsyncConnection[Any], exc: BusDown) -> None:
+    """An append failed: give the role up as if the connection had died, by shutting its
+    socket down, so the LISTEN loop ends, the lock goes with the connection and the next
+    relay's backfill appends what this one could not."""
+    log.warning("relay_append_failed", error=str(exc))
+    with (
+        contextlib.suppress(OSError, psycopg.Error),
+        socket.socket(fileno=os.dup(conn.fileno())) as sock,
+    ):
+        sock.shutdown(socket.SHUT_RDWR)

@@ -145,6 +145,9 @@ async def test_redis_down_for_3s_loses_nothing_and_repeats_nothing(
         await client.close()
     for broker in brokers:
         broker.wait_until(lambda b=broker: b.get("/readyz")[0] == 200, 10, "ready again")
+    # The relay that could not append gave the role up (its backfill then appended the rest).
+    events = {e["event"] for b in brokers for e in b.log_events()}
+    assert {"relay_append_failed", "relay_lost"} <= events
 
 
 class Follower:
@@ -242,7 +245,7 @@ async def test_kill_9_of_the_relay_behind_nginx_loses_nothing_and_repeats_nothin
         f"\n{len(rows)} rows; takeover after {took_over:.2f} s;"
         f" reconnects {[f.reconnects for f in followers]}"
     )
-    assert writer.failures == 0 and len(rows) >= 250
+    assert writer.failures == 0 and len(rows) >= 150  # ~100 rows/s for ~3 s, on a busy machine
     for follower in followers:
         assert sorted(follower.ids) == rows, follower.reconnects  # every row
         assert len(follower.ids) == len(set(follower.ids))  # none twice
