@@ -21,7 +21,8 @@ $(DEV_STAMP): $(RUN_STAMP)
 run: $(RUN_STAMP)
 	$(BIN)/pgsse serve
 
-# N instances (default 3) on ports 5001.. and nginx on 8080, one database: docs/deployment.md.
+# Redis, N instances (default 3) on the bus on ports 5001.. and nginx on 8080, one database:
+# docs/deployment.md.
 cluster: $(RUN_STAMP)
 	deploy/cluster.sh $(N)
 

@@ -39,6 +39,7 @@ from .service import Broker
 from .sockets import listen_sockets
 from .store import Store
 from .transport import server_options
+from .workers import run_workers
 
 __all__ = ["main"]
 
@@ -164,29 +165,46 @@ def _serve(settings: Settings) -> int:
                 migrate(url)
             else:
                 check_database(url)
-            app = create_app(settings)
-            config = uvicorn.Config(
-                app,
-                **server_options(settings),  # request limits; client address behind proxies
-                log_config=None,
-                access_log=False,
-                timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or 1,
-                server_header=False,
+            log.info(
+                "listening",
+                addresses=[_address(sock) for sock in sockets],
+                workers=settings.workers,
             )
-            server = _Server(config, app)
-            # uvicorn re-raises the signal it caught once it has shut down; ignoring it then
-            # lets a graceful stop exit 0 as the contract says.
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: None)
-            log.info("listening", addresses=[_address(sock) for sock in sockets])
             log_exposure(settings)
-            _tune_gc()
-            server.run(sockets=sockets)
-            log.info("stopped")
-            return 0 if server.started else 1
+            if settings.workers == 1:
+                return _run_server(settings, sockets)
+            if settings.bus_url is None:
+                log.warning(
+                    "workers_without_bus",
+                    listening_backends=settings.workers,
+                    advice="set BROKER_BUS_URL for one listening backend in all",
+                )
+            return run_workers(settings.workers, lambda: _run_server(settings, sockets))
     finally:
         for sock in sockets:
             sock.close()
+
+
+def _run_server(settings: Settings, sockets: list[socket.socket]) -> int:
+    """One broker process serving `sockets` until SIGTERM/SIGINT; its exit status."""
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        **server_options(settings),  # request limits; client address behind proxies
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or 1,
+        server_header=False,
+    )
+    server = _Server(config, app)
+    # uvicorn re-raises the signal it caught once it has shut down; ignoring it then lets a
+    # graceful stop exit 0 as the contract says.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    _tune_gc()
+    server.run(sockets=sockets)
+    log.info("stopped")
+    return 0 if server.started else 1
 
 
 def _address(sock: socket.socket) -> str:

@@ -2,8 +2,8 @@
 
 Every setting is one field of `Settings`, declared with `setting(...)`; its environment
 variable, command-line flag, default and parser (`parsers.py`) all come from that one
-declaration (`OPTIONS` is derived from the fields), so they can never drift apart. An invalid
-value raises `ConfigError` with a one-line message naming the setting.
+declaration (`OPTIONS` is derived from the fields by `options.py`), so they can never drift
+apart. An invalid value raises `ConfigError` with a one-line message naming the setting.
 """
 
 from __future__ import annotations
@@ -11,89 +11,17 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import parsers
 from .errors import ConfigError
+from .options import Option, declared_options, parse_raw, setting
 from .parsers import LOG_LEVELS, redact_url
 
 __all__ = ["LOG_LEVELS", "OPTIONS", "Option", "Settings", "redact_url", "setting"]
-
-
-@dataclass(frozen=True, slots=True)
-class Option:
-    """One setting as the environment and the command line see it, derived from its
-    `Settings` field (`OPTIONS`): the field's name and default, and what `setting` declared."""
-
-    field: str
-    env: str
-    parse: Callable[[str], Any]
-    help: str
-    value: Any  # the field's default
-    secret: bool = False  # never echo the value in an error message
-    redact: Callable[[str], str] | None = None  # what of the value an error message may show
-    default: str | None = None  # the default, in words, when the field's value does not say it
-    fallback_env: str | None = None  # read when `env` is unset or empty
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.field.replace("_", "-")
-
-    def default_text(self) -> str:
-        """The default as help shows it: `default`, else the field's value."""
-        if self.default is not None:
-            return self.default
-        if self.value is None or self.value == ():
-            return "unset"
-        if isinstance(self.value, bool):
-            return str(self.value).lower()
-        if isinstance(self.value, float):
-            return f"{self.value:g}"
-        return str(self.value)
-
-    def shown(self, value: str) -> str:
-        """`value` as an error message may quote it."""
-        if self.secret:
-            return "<hidden>"
-        return repr(value if self.redact is None else self.redact(value))
-
-    def read(self, environ: Mapping[str, str]) -> str:
-        """The raw value in `environ`; empty counts as unset."""
-        value = environ.get(self.env, "")
-        if not value and self.fallback_env is not None:
-            value = environ.get(self.fallback_env, "")
-        return value
-
-
-def setting(
-    default: Any,
-    env: str,
-    parse: Callable[[str], Any],
-    help: str,
-    *,
-    secret: bool = False,
-    redact: Callable[[str], str] | None = None,
-    shown_default: str | None = None,
-    fallback_env: str | None = None,
-) -> Any:
-    """A `Settings` field declared with everything else about it: its environment variable,
-    parser and help (the flag is its name). Secret values stay out of `repr`."""
-    declared = {
-        "env": env,
-        "parse": parse,
-        "help": help,
-        "secret": secret,
-        "redact": redact,
-        "default": shown_default,
-        "fallback_env": fallback_env,
-    }
-    return dataclasses.field(default=default, repr=not secret, metadata={_OPTION: declared})
-
-
-_OPTION = "broker.option"
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +48,12 @@ class Settings:
         shown_default="127.0.0.1 with the embedded PostgreSQL, else 0.0.0.0",
     )
     port: int = setting(5001, "BROKER_PORT", parsers.port, "port to listen on")
+    workers: int = setting(
+        1,
+        "BROKER_WORKERS",
+        parsers.positive_int,
+        "broker processes serving the port; each LISTENs unless BROKER_BUS_URL is set",
+    )
     max_connections: int = setting(
         10_000,
         "BROKER_MAX_CONNECTIONS",
@@ -275,25 +209,8 @@ class Settings:
             values["log_format"] = "console" if sys.stderr.isatty() else "json"
         if "host" not in raw and "database_url" not in raw:
             values["host"] = "127.0.0.1"
-        for option in OPTIONS:
-            if option.field not in raw:
-                continue
-            try:
-                values[option.field] = option.parse(raw[option.field])
-            except ValueError as exc:
-                shown = option.shown(raw[option.field])
-                raise ConfigError(f"invalid {option.env}={shown}: {_reason(exc)}") from None
+        values.update(parse_raw(OPTIONS, raw))
         return dataclasses.replace(cls(), **values)
 
 
-OPTIONS: tuple[Option, ...] = tuple(
-    Option(field=field.name, value=field.default, **field.metadata[_OPTION])
-    for field in dataclasses.fields(Settings)
-)
-
-
-def _reason(exc: ValueError) -> str:
-    text = str(exc)
-    if text.startswith(("invalid literal", "could not convert")):
-        return "not a number"
-    return text
+OPTIONS: tuple[Option, ...] = declared_options(Settings)

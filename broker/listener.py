@@ -34,6 +34,7 @@ from .errors import BrokerError
 from .events import Message, Reference, parse_notification
 from .hub import Hub
 from .notifications import Notifications
+from .retry import retry_forever
 from .store import Store
 
 __all__ = ["APPLICATION_NAME", "CHANNEL", "Listener", "dedicated_connection"]
@@ -77,18 +78,14 @@ class Listener:
 
     async def run(self) -> None:
         """Listen until cancelled, reconnecting after any failure."""
-        backoff = Backoff(maximum=RECONNECT_MAX_SECONDS)
-        while True:
-            try:
-                await self._listen(backoff)
-            except asyncio.CancelledError:
-                raise
-            except (psycopg.Error, BrokerError, OSError, TimeoutError) as exc:
-                self._set_down(exc)
-            except Exception as exc:  # a bug must not end delivery: log it loudly, go on
-                log.exception("listener_crashed")
-                self._set_down(exc)
-            await asyncio.sleep(backoff.next())
+        await retry_forever(
+            self._listen,
+            self._set_down,
+            expected=(psycopg.Error, BrokerError, OSError, TimeoutError),
+            crashed="listener_crashed",
+            log=log,
+            backoff=Backoff(maximum=RECONNECT_MAX_SECONDS),
+        )
 
     async def _listen(self, backoff: Backoff) -> None:
         async with await dedicated_connection(self._url, APPLICATION_NAME) as conn:

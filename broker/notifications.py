@@ -84,8 +84,8 @@ class Notifications:
             if self._error is not None:
                 raise self._error
             if not await self._wait():
-                async with self.paused():
-                    await asyncio.wait_for(self._conn.execute("SELECT 1"), HEALTH_CHECK_TIMEOUT)
+                async with self.paused(), asyncio.timeout(HEALTH_CHECK_TIMEOUT):
+                    await self._conn.execute("SELECT 1")  # not wait_for: see retry.checkpoint
                 self._heard = self._loop.time()
         batch = list(self._payloads)
         self._payloads.clear()

@@ -9,6 +9,7 @@ consistent and the two readers always agree. `Stats.as_json` is the stats endpoi
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,7 @@ class Stats:
     latency_sum: float
     uptime_seconds: float
     tasks: int  # asyncio tasks of the process
+    pid: int  # this process's: with `--workers N`, which worker answered
     bus_role: str | None = None  # "relay" or "follower"; None without a bus
     bus_last_id: str | None = None  # the last stream id this broker read
     bus_lag_ms: float = 0.0  # XADD to this broker's read, of the last entry read
@@ -66,22 +68,20 @@ class Stats:
             },
             "uptimeSeconds": round(self.uptime_seconds, 3),
             "tasks": self.tasks,
+            "pid": self.pid,
         }
 
 
 def snapshot(broker: Broker) -> Stats:
     """The numbers of `broker` now. Call it on the event loop thread."""
-    hub, listener = broker.hub, broker.listener
+    hub = broker.hub
     counters = hub.counters
     latency = counters.delivery_latency
     return Stats(
         open_streams=len(hub),
         max_streams=hub.max_subscribers,
         channels=hub.channels(),
-        listener_connected=listener.connected,
-        listener_reconnects=listener.reconnects,
-        notifications=listener.notifications,
-        backfilled=listener.backfilled,
+        **_listener(broker),
         messages_routed=counters.messages_routed,
         events_delivered=counters.events_delivered,
         slow_consumer_disconnects=counters.slow_consumer_disconnects,
@@ -91,8 +91,30 @@ def snapshot(broker: Broker) -> Stats:
         latency_sum=latency.sum,
         uptime_seconds=time.time() - broker.started_at,
         tasks=len(asyncio.all_tasks()),
+        pid=os.getpid(),
         **_bus(broker),
     )
+
+
+def _listener(broker: Broker) -> dict[str, Any]:
+    """This process's LISTEN connection. With a bus only the relay holds one: `connected` is
+    true there alone, and the counters are its relay's (elections after the first count as
+    reconnects)."""
+    if broker.bus is None:
+        listener = broker.listener
+        return {
+            "listener_connected": listener.connected,
+            "listener_reconnects": listener.reconnects,
+            "notifications": listener.notifications,
+            "backfilled": listener.backfilled,
+        }
+    relay = broker.bus.relay
+    return {
+        "listener_connected": relay.listening,
+        "listener_reconnects": max(0, relay.elections - 1),
+        "notifications": relay.notifications,
+        "backfilled": relay.backfilled,
+    }
 
 
 def _bus(broker: Broker) -> dict[str, Any]:

@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# The pool on one machine: N broker instances and nginx least_conn in front, one database.
+# The pool on one machine: Redis, N broker instances on the bus and nginx least_conn in front,
+# one database.
 #
 #   deploy/cluster.sh [N] [PUBLIC_PORT] [FIRST_PORT]
 #       Starts N instances (default 3) on FIRST_PORT, FIRST_PORT+1, ... (default 5001) and
 #       nginx on 127.0.0.1:PUBLIC_PORT (default 8080), all in the foreground: Ctrl-C (or
 #       SIGTERM) stops them all. DATABASE_URL names the database; unset, the embedded
 #       PostgreSQL under .data/ is started (and stopped again at exit if this script started
-#       it). Other BROKER_* variables reach every instance. Files go to $PGSSE_RUN_DIR
-#       (default .run/cluster): nginx's configuration and logs, one log per instance.
+#       it). The instances share a bus (docs/deployment.md, "When to use the bus"): a
+#       redis-server started here on 127.0.0.1:$PGSSE_REDIS_PORT (default 6380), or the one
+#       BROKER_BUS_URL names; PGSSE_CLUSTER_BUS=no (or no redis-server installed) runs them
+#       without one, each LISTENing. Other BROKER_* variables reach every instance. Files go
+#       to $PGSSE_RUN_DIR (default .run/cluster): nginx's configuration and logs, Redis's
+#       data and log, one log per instance.
 #
 #   deploy/cluster.sh render RUN_DIR PUBLIC_PORT PORT...
 #       Only writes the nginx configuration for those instance ports into RUN_DIR, from
@@ -60,6 +65,17 @@ COUNT=${1:-3}
 PUBLIC_PORT=${2:-8080}
 FIRST_PORT=${3:-5001}
 RUN_DIR=${PGSSE_RUN_DIR:-$ROOT/.run/cluster}
+REDIS_PORT=${PGSSE_REDIS_PORT:-6380}
+REDIS_SERVER=${REDIS_SERVER:-$(command -v redis-server || echo /usr/bin/redis-server)}
+start_redis=""
+if [ -z "${BROKER_BUS_URL:-}" ] && [ "${PGSSE_CLUSTER_BUS:-yes}" != "no" ]; then
+    if [ -x "$REDIS_SERVER" ]; then
+        start_redis=yes
+    else
+        echo "cluster.sh: redis-server not found (apt-get install redis-server): no bus," \
+            "every instance LISTENs" >&2
+    fi
+fi
 [ -x "$NGINX" ] || { echo "cluster.sh: nginx not found (apt-get install nginx)" >&2; exit 1; }
 [ -x "$PYTHON" ] || { echo "cluster.sh: no $PYTHON (run make cluster)" >&2; exit 1; }
 
@@ -73,7 +89,7 @@ done
 
 # Every port must be free before anything starts (`make run` holds 5001, say): each is bound
 # as the instances will (SO_REUSEADDR, so only a listener, not TIME_WAIT, counts as busy).
-busy=$("$PYTHON" - "$PUBLIC_PORT" "${ports[@]}" <<'EOF'
+busy=$("$PYTHON" - "$PUBLIC_PORT" "${ports[@]}" ${start_redis:+"$REDIS_PORT"} <<'EOF'
 import socket, sys
 for port in sys.argv[1:]:
     with socket.socket() as sock:
@@ -86,7 +102,8 @@ EOF
 )
 if [ -n "$busy" ]; then
     echo "cluster.sh: port(s) ${busy% } already in use (is \`make run\` or another cluster" \
-        "running?); stop that, or choose other ports: deploy/cluster.sh N PUBLIC_PORT FIRST_PORT" >&2
+        "running?); stop that, or choose other ports: deploy/cluster.sh N PUBLIC_PORT FIRST_PORT" \
+        "(PGSSE_REDIS_PORT for Redis)" >&2
     exit 1
 fi
 
@@ -97,6 +114,7 @@ show_log() {
 }
 
 pids=()
+redis_pid=""
 embedded_started=""
 cleanup() {
     trap - INT TERM EXIT
@@ -106,6 +124,10 @@ cleanup() {
     for pid in "${pids[@]}"; do
         wait "$pid" 2>/dev/null || true
     done
+    if [ -n "$redis_pid" ]; then  # last: the instances drain on the bus
+        kill -TERM "$redis_pid" 2>/dev/null || true
+        wait "$redis_pid" 2>/dev/null || true
+    fi
     if [ -n "$embedded_started" ]; then
         "$PYTHON" -c 'import sys; from pathlib import Path; from broker.database import EmbeddedPostgres as E; E(Path(sys.argv[1])).stop()' \
             "${BROKER_DATA_DIR:-.data}"
@@ -134,6 +156,30 @@ fi
 export DATABASE_URL=${DATABASE_URL:-$PGDATABASE_URL}
 "$PYTHON" -m broker migrate
 export BROKER_MIGRATE=false
+
+if [ -n "$start_redis" ]; then
+    # Persisted as a production bus would be (appendonly): a restart keeps the stream.
+    mkdir -p "$RUN_DIR/redis"
+    "$REDIS_SERVER" --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$RUN_DIR/redis" --save "" \
+        --appendonly yes --daemonize no --logfile "$RUN_DIR/redis/redis.log" </dev/null &
+    redis_pid=$!
+    for ((try = 0; try < 100; try++)); do
+        if { exec 3<>"/dev/tcp/127.0.0.1/$REDIS_PORT"; } 2>/dev/null; then
+            printf 'PING\r\n' >&3
+            read -r -t 1 reply <&3 || reply=""
+            exec 3>&-
+            [[ "$reply" == +PONG* ]] && break
+        fi
+        kill -0 "$redis_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if [[ "${reply:-}" != +PONG* ]]; then
+        echo "cluster.sh: redis-server on port $REDIS_PORT did not start; its log:" >&2
+        tail -n 20 "$RUN_DIR/redis/redis.log" >&2 || true
+        exit 1
+    fi
+    export BROKER_BUS_URL="redis://127.0.0.1:$REDIS_PORT/0"
+fi
 
 declare -A port_of=()
 instances=()
@@ -184,14 +230,20 @@ render "$RUN_DIR/nginx" "$PUBLIC_PORT" "${ports[@]}"
 "$NGINX" -p "$RUN_DIR/nginx/" -c "$RUN_DIR/nginx/nginx.conf" -e stderr -g 'daemon off;' &
 pids+=("$!")
 
-echo "pgsse cluster: ${COUNT} instances on ports ${ports[*]}, nginx on http://127.0.0.1:${PUBLIC_PORT}/"
+bus="without a bus (each LISTENs)"
+[ -z "${BROKER_BUS_URL:-}" ] || bus="on the bus (BROKER_BUS_URL)"
+[ -z "$start_redis" ] || bus="on the bus (redis-server on 127.0.0.1:$REDIS_PORT)"
+echo "pgsse cluster: ${COUNT} instances on ports ${ports[*]} $bus, nginx on http://127.0.0.1:${PUBLIC_PORT}/"
 echo "logs in $RUN_DIR; Ctrl-C stops everything"
 # Exit as soon as any process ends: a pool with a dead member is not what was asked for.
 ended=""
-wait -n -p ended "${pids[@]}" || true
+wait -n -p ended "${pids[@]}" $redis_pid || true
 if [ -n "$ended" ] && [ -n "${port_of[$ended]:-}" ]; then
     echo "cluster.sh: the instance on port ${port_of[$ended]} ended; stopping the others" >&2
     show_log "${port_of[$ended]}"
+elif [ -n "$ended" ] && [ "$ended" = "$redis_pid" ]; then
+    echo "cluster.sh: redis-server ended; stopping the others" >&2
+    redis_pid=""
 else
     echo "cluster.sh: nginx ended; stopping the others" >&2
 fi

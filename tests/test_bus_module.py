@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from broker.bus import Bus, BusReader
+from broker.bus import Bus, BusDown, BusReader
 from broker.events import Message
 from broker.hub import Hub
-from broker.relay import LOCK_CLASS, Relay
+from broker.relay import LOCK_CLASS, Appender, Relay
 from broker.store import Store
 from tests.conftest import Database
 from tests.support.redis import RedisServer
@@ -126,3 +126,23 @@ async def test_one_relay_is_elected_and_the_next_backfills_what_the_stream_lacks
             assert relay_locks(database, bus) == 1
         finally:
             await stop(*tasks)
+
+
+async def test_the_appender_pipelines_rows_in_order_and_reports_a_failure_once(
+    bus: Bus, redis: RedisServer
+) -> None:
+    batches: list[int] = []
+    failures: list[BusDown] = []
+    appender = Appender(bus, failures.append, batches.append)
+    for i in range(1, 201):
+        appender.put(message(i))
+    await eventually(lambda: sum(batches) == 200, 10, "every row appended")
+    assert [e.message.id for e in await bus.tail()] == list(range(1, 201))  # in order
+    assert len(batches) < 200  # rows that queued during a round trip shared the next one
+    redis.stop()
+    appender.put(message(201))
+    await eventually(lambda: len(failures) == 1, 10, "the failure reported")
+    with pytest.raises(BusDown):
+        appender.put(message(202))
+    assert len(failures) == 1
+    appender.close()

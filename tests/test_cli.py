@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
@@ -14,6 +17,7 @@ import pytest
 
 from broker.database import EmbeddedPostgres
 from broker.placement import BASE
+from broker.workers import STARTUP_SECONDS
 from tests.conftest import Database, chain_modes
 from tests.support.processes import BrokerProcess, free_port
 from tests.support.sse import SSEClient
@@ -236,3 +240,40 @@ async def test_streams_opening_and_closing_are_logged_at_debug(
     events = {e["event"] for e in broker.log_events()}
     assert ("stream_opened" in events) is logged and ("stream_closed" in events) is logged
     assert "listening" in events  # info still logged
+
+
+async def test_workers_without_a_bus_listen_each_and_one_killed_is_forked_again(
+    start_broker: Callable[..., BrokerProcess], database: Database, session_id: str
+) -> None:
+    """`--workers 2` with no bus: two listening backends, and a warning saying so. A worker
+    killed with -9 is forked again (its clients come back through the same port); SIGTERM
+    stops every worker and the parent exits 0."""
+    broker = start_broker(BROKER_WORKERS="2")
+    started = time.monotonic()
+    first = set(broker.worker_stats(2))
+    broker.wait_until(lambda: database.listening_backends() == 2, 10, "two listeners")
+    warned = [e for e in broker.log_events() if e["event"] == "workers_without_bus"]
+    assert warned and warned[0]["listening_backends"] == 2
+    # A worker that dies while starting stops them all instead: wait until that is past.
+    await asyncio.sleep(max(0.0, STARTUP_SECONDS - (time.monotonic() - started)))
+    victim = min(first)
+    os.kill(victim, signal.SIGKILL)
+    broker.wait_until(
+        lambda: (pids := set(broker.worker_stats(2))) != first and victim not in pids,
+        20,
+        "the killed worker forked again",
+    )
+    client = await SSEClient.open(broker.port, params={"sessionId": session_id})
+    await client.events_until(lambda event: event.type == "connected")
+    row = database.insert(session_id, "after the restart")
+    assert (await client.message(timeout=10)).json["data"]["id"] == str(row)
+    await client.close()
+    workers = set(broker.worker_stats(2))
+    broker.signal(signal.SIGTERM)
+    assert broker.wait() == 0
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    events = [e["event"] for e in broker.log_events()]
+    assert "worker_died" in events and "worker_restarted" in events
+    assert "workers_stopped" in events

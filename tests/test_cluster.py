@@ -1,16 +1,25 @@
-"""`make cluster` (deploy/cluster.sh): it checks its ports before starting anything, and an
-instance that fails is reported with the last lines of its log, not only a status."""
+"""`make cluster` (deploy/cluster.sh): Redis, brokers on the bus and nginx; it checks its ports
+before starting anything, and an instance that fails is reported with the last lines of its
+log, not only a status."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Database
-from tests.support.nginx import CLUSTER_SH, require_nginx
-from tests.support.processes import free_port
+from tests.support.nginx import CLUSTER_SH, ClusterScript, require_nginx
+from tests.support.processes import free_port, http_json
+from tests.support.redis import available as redis_available
+from tests.support.sse import SSEClient
+from tests.test_nginx import consecutive_free_ports
 
 
 def run_cluster(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -22,6 +31,7 @@ def run_cluster(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedP
             "PYTHON": sys.executable,
             "PGSSE_RUN_DIR": str(tmp_path / "run"),
             "BROKER_LOG_FORMAT": "json",
+            "PGSSE_REDIS_PORT": str(free_port()),  # not 6380: other runs may hold it
             **env,
         },
         capture_output=True,
@@ -59,3 +69,42 @@ def test_a_failing_instance_is_shown_with_its_log(
     # Its log's last line, quoted: the one-line reason naming the setting.
     assert f"pgsse: invalid BROKER_ADMIN_PORT={busy_port}" in done.stderr
     assert "cluster stopped" in done.stdout
+
+
+async def test_the_cluster_runs_three_brokers_on_a_bus_it_starts_behind_nginx(
+    database: Database, session_id: str
+) -> None:
+    """`make cluster`: Redis, three brokers on the bus (one listening backend, one relay),
+    nginx in front delivering; SIGTERM stops everything, Redis last."""
+    require_nginx()
+    if not redis_available():
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    public, redis_port, first = free_port(), free_port(), consecutive_free_ports(3)
+    env = {"DATABASE_URL": database.url, "PGSSE_REDIS_PORT": str(redis_port)}
+    cluster = ClusterScript(env, 3, public, first).start()
+    try:
+        assert "on the bus (redis-server on" in cluster.output()
+        ports = [first + i for i in range(3)]
+
+        def roles() -> list[str]:
+            stats = [http_json(f"http://127.0.0.1:{port}/api/sse/stats")[1] for port in ports]
+            return sorted(str(s["data"]["bus"]["role"]) for s in stats)
+
+        deadline = time.monotonic() + 20
+        while roles() != ["follower", "follower", "relay"]:
+            assert time.monotonic() < deadline, roles()
+            await asyncio.sleep(0.05)
+        assert database.listening_backends() == 1
+        client = await SSEClient.open(public, params={"sessionId": session_id})
+        await client.events_until(lambda event: event.type == "connected")
+        row = database.insert(session_id, "through the cluster")
+        assert (await client.message(timeout=10)).json["data"]["id"] == str(row)
+        await client.close()
+    finally:
+        code = cluster.stop()
+        output = cluster.output()
+        cluster.remove()
+    assert code == 0, output
+    assert "cluster stopped" in output
+    with socket.socket() as sock:  # Redis is gone too: its port is free again
+        sock.bind(("127.0.0.1", redis_port))

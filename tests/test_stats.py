@@ -3,6 +3,7 @@ Prometheus families, which must agree (the end-to-end agreement is in test_metri
 
 from __future__ import annotations
 
+import os
 import time
 from types import SimpleNamespace
 
@@ -36,7 +37,9 @@ async def test_the_stats_json_keeps_its_contract() -> None:
         "counters",
         "uptimeSeconds",
         "tasks",
+        "pid",
     }
+    assert data["pid"] == os.getpid()  # with --workers, which worker answered
     assert data["bus"] is None  # no BROKER_BUS_URL (test_bus.py has it set)
     assert data["listener"] == {
         "connected": True,

@@ -78,6 +78,18 @@ class BrokerProcess:
         data: dict[str, Any] = body["data"]
         return data
 
+    def worker_stats(self, workers: int, timeout: float = 20.0) -> dict[int, dict[str, Any]]:
+        """With `--workers`: each worker's stats by its pid, asked on new connections (the
+        kernel picks the worker) until all `workers` answered."""
+        seen: dict[int, dict[str, Any]] = {}
+        deadline = time.monotonic() + timeout
+        while len(seen) < workers:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only workers {sorted(seen)} answered in {timeout}s")
+            stats = self.stats()
+            seen[int(stats["pid"])] = stats
+        return seen
+
     def wait_until(self, condition: Any, timeout: float = 10.0, what: str = "condition") -> None:
         deadline = time.monotonic() + timeout
         while not condition():

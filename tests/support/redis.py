@@ -26,8 +26,9 @@ def available() -> bool:
 class RedisServer:
     """One `redis-server` process; `url` is what BROKER_BUS_URL takes."""
 
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self, root: Path | None = None, fsync: str = "always") -> None:
         self.root = root or Path(tempfile.mkdtemp(prefix="pgsse-redis-"))
+        self.fsync = fsync  # appendfsync: "always" for the tests, "everysec" for the bench
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -43,7 +44,7 @@ class RedisServer:
             "--dir", str(self.root),
             "--save", "",
             "--appendonly", "yes",
-            "--appendfsync", "always",
+            "--appendfsync", self.fsync,
             "--daemonize", "no",
             "--logfile", str(self.root / "redis.log"),
         ]  # fmt: skip
