@@ -1,4 +1,4 @@
-"""Capped exponential backoff with full jitter, for reconnecting to PostgreSQL."""
+"""Capped exponential backoff with half jitter, for reconnecting to PostgreSQL (and Redis)."""
 
 from __future__ import annotations
 

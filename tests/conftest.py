@@ -21,6 +21,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from broker.bus import Bus
 from broker.database import EmbeddedPostgres, migrate
 from broker.listener import APPLICATION_NAME as LISTENER_NAME
 from tests.support.pgproxy import PostgresProxy
@@ -176,6 +177,14 @@ def redis() -> Iterator[RedisServer]:
     server = RedisServer().start()
     yield server
     server.destroy()
+
+
+@pytest.fixture
+async def bus(redis: RedisServer) -> AsyncIterator[Bus]:
+    """A stream of its own on a fresh Redis, for the in-process bus and relay tests."""
+    bus = Bus(redis.url, f"test:{uuid.uuid4().hex[:8]}", maxlen=1_000)
+    yield bus
+    await bus.close()
 
 
 @pytest.fixture

@@ -53,11 +53,6 @@ def test_an_error_no_request_should_meet_is_a_500_left_unhandled() -> None:
     assert ConfigError not in HANDLERS and BrokerError not in HANDLERS
 
 
-def test_the_core_errors_carry_no_http() -> None:
-    for error in (AtCapacity("x"), DatabaseUnavailable(OSError()), Forbidden("x")):
-        assert not hasattr(error, "status") and not hasattr(error, "headers")
-
-
 def test_the_handlers_cover_every_error_a_route_raises() -> None:
     for kind in (RequestError, Unauthorized, Forbidden, TooManyStreams, Unavailable):
         assert kind in HANDLERS

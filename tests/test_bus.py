@@ -1,6 +1,6 @@
 """The bus end to end: broker processes on real PostgreSQL and real Redis (BROKER_BUS_URL).
 
-In-process tests of bus.py and relay.py are in test_bus_module.py.
+In-process tests: bus.py in test_bus_module.py, relay.py in test_relay.py.
 """
 
 from __future__ import annotations

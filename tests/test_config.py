@@ -60,20 +60,6 @@ def test_the_embedded_database_listens_on_loopback_unless_told() -> None:
     assert Settings.load({}, {"host": "::"}).host == "::"
 
 
-@pytest.mark.parametrize(
-    ("url", "normalised"),
-    [
-        ("postgresql+psycopg://u:p@h:5432/db", "postgresql://u:p@h:5432/db"),
-        ("postgresql+psycopg2://u@h/db", "postgresql://u@h/db"),
-        ("postgres://u@h/db?sslmode=require", "postgresql://u@h/db?sslmode=require"),
-        ("postgresql://u@/db?host=/run/postgresql", "postgresql://u@/db?host=/run/postgresql"),
-        ("host=h dbname=db user=u", "host=h dbname=db user=u"),
-    ],
-)
-def test_database_urls_of_other_tools_are_normalised(url: str, normalised: str) -> None:
-    assert Settings.load({"DATABASE_URL": url}).database_url == normalised
-
-
 def test_a_bad_database_url_is_named_without_its_password() -> None:
     with pytest.raises(ConfigError) as caught:
         Settings.load({"DATABASE_URL": "postgresql://u:hunter2@h/db?nope=1"})
