@@ -65,6 +65,32 @@ async def test_a_socket_holding_bytes_refuses_and_writes_nothing(pair: Pair) -> 
     assert pair.sink.buffered() == before
 
 
+async def test_what_the_socket_does_not_take_follows_through_the_transport_in_order(
+    pair: Pair,
+) -> None:
+    pair.writer.transport.pause_reading()
+    sock = pair.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    big = bytes(range(256)) * 16_000  # 4 MB: more than the socket takes at once
+    assert pair.sink.write(big)
+    assert pair.sink.buffered() > 0  # the socket took part of it; the transport holds the rest
+    pair.writer.transport.resume_reading()
+    framed = b"%x\r\n%b\r\n" % (len(big), big)
+    assert await asyncio.wait_for(read_in_pieces(pair.reader, len(framed)), 10) == framed
+    assert pair.sink.buffered() == 0
+    assert pair.sink.write(b"data: after\n\n")
+    after = b"d\r\ndata: after\n\n\r\n"
+    assert await asyncio.wait_for(pair.reader.readexactly(len(after)), 5) == after
+
+
+async def read_in_pieces(reader: asyncio.StreamReader, size: int) -> bytes:
+    """`readexactly` of more than the reader's limit would stall: it pauses the transport."""
+    received = bytearray()
+    while len(received) < size:
+        received += await reader.read(size - len(received))
+    return bytes(received)
+
+
 async def test_abort_closes_the_connection(pair: Pair) -> None:
     pair.sink.abort()
     with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
