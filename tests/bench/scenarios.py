@@ -371,7 +371,7 @@ def spread(ctx: Context) -> dict[str, Any]:
                 figures.get("completeness_percent"),
                 figures.get("completeness_percent") == 100,
             ),
-            target("p99 <= 10 ms", p99, p99 is not None and p99 <= 10),
+            target("p99 <= 1 ms", p99, p99 is not None and p99 <= 1),
         ],
     }
 
