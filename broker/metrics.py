@@ -83,7 +83,8 @@ class BrokerCollector(Collector):
             yield CounterMetricFamily(name, help_text, value=value)
         yield GaugeMetricFamily(
             "pgsse_listener_up",
-            "1 while the LISTEN connection is up (what /readyz reports), else 0.",
+            "1 while this process holds a LISTEN connection up, else 0: with a bus, 1 on the "
+            "relay only (followers are ready with 0; see pgsse_bus_*).",
             value=int(stats.listener_connected),
         )
         yield CounterMetricFamily(
