@@ -4,6 +4,7 @@ processes the API is test_api's."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import httpx
@@ -109,3 +110,23 @@ async def test_cors_answers_a_configured_origin_only(client: httpx.AsyncClient) 
     assert allowed.headers["access-control-allow-origin"] == "https://app.example"
     other = await client.get("/healthz", headers={"Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in other.headers
+
+
+async def test_a_stream_on_a_server_without_our_sink_ends_itself_at_the_replay_limit(
+    database: Database, session_id: str
+) -> None:
+    """No `SocketSink` in the scope (not our uvicorn protocol): the stream hears its client
+    through ASGI `receive`, and still ends when it closes itself."""
+    first = database.insert(session_id, "one")
+    database.insert(session_id, "two")
+    app = create_app(Settings(database_url=database.url, replay_limit=1))
+    async with app.router.lifespan_context(app):
+        await asyncio.wait_for(app.state.broker.started.wait(), 10)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://broker:5001") as client:
+            params = {"sessionId": session_id, "lastEventId": str(first - 1)}
+            response = await asyncio.wait_for(client.get("/api/sse/messages", params=params), 10)
+        assert len(app.state.broker.hub) == 0
+    assert response.status_code == 200
+    assert f"id: {first}\n" in response.text and '"content":"two"' not in response.text
+    assert '"error":"replay limit reached' in response.text
