@@ -37,11 +37,13 @@ from .notifications import Notifications
 from .retry import retry_forever
 from .store import Store
 
-__all__ = ["APPLICATION_NAME", "CHANNEL", "Listener", "dedicated_connection"]
+__all__ = ["APPLICATION_NAME", "CHANNEL", "CONNECTION_FAILURES", "Listener", "dedicated_connection"]
 
 CHANNEL = "pgsse_messages"
 APPLICATION_NAME = "pgsse-listener"  # how pg_stat_activity shows it
 RECONNECT_MAX_SECONDS = 0.5
+# What ends a dedicated connection's loop when the server goes (retried, not a crash).
+CONNECTION_FAILURES = (psycopg.Error, BrokerError, OSError, TimeoutError)
 BACKFILL_PAGE = 1_000
 
 log = structlog.get_logger(logger_name="broker.listener")
@@ -81,7 +83,7 @@ class Listener:
         await retry_forever(
             self._listen,
             self._set_down,
-            expected=(psycopg.Error, BrokerError, OSError, TimeoutError),
+            expected=CONNECTION_FAILURES,
             crashed="listener_crashed",
             log=log,
             backoff=Backoff(maximum=RECONNECT_MAX_SECONDS),

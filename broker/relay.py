@@ -31,9 +31,8 @@ from psycopg import sql
 
 from .backoff import Backoff
 from .bus import Bus, BusDown
-from .errors import BrokerError
 from .events import Message, Reference, parse_notification
-from .listener import APPLICATION_NAME, CHANNEL, dedicated_connection
+from .listener import APPLICATION_NAME, CHANNEL, CONNECTION_FAILURES, dedicated_connection
 from .notifications import HEALTH_CHECK_TIMEOUT, Notifications
 from .retry import pause, retry_forever
 from .store import Store
@@ -82,7 +81,7 @@ class Relay:
         await retry_forever(
             self._campaign,
             self._step_down,
-            expected=(psycopg.Error, BrokerError, OSError, TimeoutError),
+            expected=CONNECTION_FAILURES,
             crashed="relay_crashed",
             log=log,
         )
