@@ -226,7 +226,9 @@ EOF
 fi
 
 render "$RUN_DIR/nginx" "$PUBLIC_PORT" "${ports[@]}"
-"$NGINX" -q -t -p "$RUN_DIR/nginx/" -c "$RUN_DIR/nginx/nginx.conf" -e stderr
+# No separate `nginx -t` first: it binds and listens on the public port while it checks, and a
+# client that connects in that moment is reset when it exits (a test caught it). nginx checks
+# its configuration as it starts, and one it refuses ends it: "nginx ended" below.
 "$NGINX" -p "$RUN_DIR/nginx/" -c "$RUN_DIR/nginx/nginx.conf" -e stderr -g 'daemon off;' &
 pids+=("$!")
 

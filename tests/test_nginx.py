@@ -339,7 +339,8 @@ async def test_make_cluster_as_documented(database: Database, session_id: str) -
         assert (await asyncio.to_thread(raw_request, first, "GET", "/metrics"))[0] == 200
     finally:
         code = cluster.stop()
-        output = cluster.output()
+        output = cluster.run_report()
+        print(output)  # pytest shows it when the test fails
         cluster.remove()
     assert code == 0, output
     assert not any(port_open(port) for port in (public, first, first + 1))

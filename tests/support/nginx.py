@@ -70,6 +70,28 @@ def wait_for_port(port: int, timeout: float, alive: subprocess.Popen[bytes] | No
             time.sleep(0.02)
 
 
+def wait_for_answer(port: int, timeout: float, alive: subprocess.Popen[bytes]) -> None:
+    """Wait, polling every 5 ms, until `port` answers an HTTP request. A refused connection
+    means nothing listens yet; a connection accepted and then reset or closed unanswered is
+    raised: whatever listens on the public port must answer (`nginx -t`, which cluster.sh
+    once ran there, listens while it checks and resets whoever connected when it exits)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if alive.poll() is not None:
+            raise RuntimeError(f"process exited {alive.returncode} before port {port} answered")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: pgsse\r\nConnection: close\r\n\r\n")
+                status = sock.makefile("rb").readline()
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing answers on port {port} after {timeout}s") from None
+            time.sleep(0.005)
+            continue
+        assert status.startswith(b"HTTP/1.1 "), f"port {port} accepted, then answered {status!r}"
+        return
+
+
 @dataclass
 class Nginx:
     """nginx serving a run directory; `port` is its public (plain HTTP) port."""
@@ -170,10 +192,10 @@ class ClusterScript:
                 start_new_session=True,
             )
         try:
-            wait_for_port(self.public_port, timeout, self.process)
+            wait_for_answer(self.public_port, timeout, self.process)
         except (TimeoutError, RuntimeError) as exc:
             self.stop()
-            raise RuntimeError(f"{exc}\n{self.output()}") from None
+            raise RuntimeError(f"{exc}\n{self.run_report()}") from None
         return self
 
     def stop(self) -> int:
@@ -191,6 +213,15 @@ class ClusterScript:
 
     def output(self) -> str:
         return (self.run_dir / "cluster.out").read_text(errors="replace")[-5000:]
+
+    def run_report(self) -> str:
+        """The script's output, then the tail of every log in its run directory."""
+        parts = [self.output()]
+        for path in sorted(self.run_dir.rglob("*.log")):
+            parts.append(
+                f"--- {path.relative_to(self.run_dir)}\n" + path.read_text(errors="replace")[-2000:]
+            )
+        return "\n".join(parts)
 
     def remove(self) -> None:
         shutil.rmtree(self.run_dir, ignore_errors=True)
