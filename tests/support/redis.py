@@ -26,19 +26,32 @@ def available() -> bool:
 class RedisServer:
     """One `redis-server` process; `url` is what BROKER_BUS_URL takes."""
 
-    def __init__(self, root: Path | None = None, fsync: str = "always") -> None:
+    def __init__(
+        self, root: Path | None = None, fsync: str = "always", password: str | None = None
+    ) -> None:
         self.root = root or Path(tempfile.mkdtemp(prefix="pgsse-redis-"))
         self.fsync = fsync  # appendfsync: "always" for the tests, "everysec" for the bench
+        self.password = password  # requirepass, given in a configuration file
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
+        """With the password, if there is one."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def open_url(self) -> str:
+        """Without the password."""
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
+        config = self.root / "redis.conf"
+        config.write_text(f"requirepass {self.password}\n" if self.password else "")
         args = [
             REDIS_SERVER,
+            str(config),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--dir", str(self.root),
@@ -62,7 +75,9 @@ class RedisServer:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
                 sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
+                reply = sock.recv(64)
+                # NOAUTH: it answers, it wants the password
+                return reply.startswith(b"+PONG") or reply.startswith(b"-NOAUTH")
         except OSError:
             return False
 
