@@ -65,6 +65,30 @@ def role(broker: BrokerProcess) -> str:
     return str(broker.stats()["bus"]["role"])
 
 
+async def delivers_and_refuses(
+    start_broker: Callable[..., BrokerProcess],
+    database: Database,
+    session_id: str,
+    urls: tuple[str, str],
+    password: str,
+) -> None:
+    """A broker on the first URL delivers a row; one on the second stays up and not ready
+    (503) for 3 s; `password` is in neither's log."""
+    stream = f"test:{uuid.uuid4().hex[:8]}"
+    good = start_broker(BROKER_BUS_URL=urls[0], BROKER_BUS_STREAM=stream)
+    client = await connected(await SSEClient.open(good.port, params={"sessionId": session_id}))
+    row = database.insert(session_id, "on a protected bus")
+    assert (await client.message(timeout=10)).json["data"]["id"] == str(row)
+    await client.close()
+    refused = start_broker(wait_ready=False, BROKER_BUS_URL=urls[1], BROKER_BUS_STREAM=stream)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        assert not refused.ready()  # raises if the process ended
+        await asyncio.sleep(0.2)
+    for broker in (good, refused):
+        assert password not in broker.log_path.read_text(errors="replace")
+
+
 async def test_a_password_protected_redis_delivers_with_the_password_only(
     start_broker: Callable[..., BrokerProcess],
     password_redis: RedisServer,
@@ -73,23 +97,32 @@ async def test_a_password_protected_redis_delivers_with_the_password_only(
 ) -> None:
     """With the password in BROKER_BUS_URL a broker delivers; without it, another reports the
     bus down (503) and keeps running; the password is in no log."""
-    stream = f"test:{uuid.uuid4().hex[:8]}"
-    good = start_broker(BROKER_BUS_URL=password_redis.url, BROKER_BUS_STREAM=stream)
-    client = await connected(await SSEClient.open(good.port, params={"sessionId": session_id}))
-    row = database.insert(session_id, "with a password")
-    assert (await client.message(timeout=10)).json["data"]["id"] == str(row)
-    await client.close()
-    refused = start_broker(
-        wait_ready=False, BROKER_BUS_URL=password_redis.open_url, BROKER_BUS_STREAM=stream
-    )
-    deadline = time.monotonic() + 3
-    while time.monotonic() < deadline:  # it stays up and not ready
-        assert not refused.ready()
-        await asyncio.sleep(0.2)
-    assert refused.process is not None and refused.process.poll() is None
     assert password_redis.password is not None
-    for broker in (good, refused):
-        assert password_redis.password not in broker.log_path.read_text(errors="replace")
+    await delivers_and_refuses(
+        start_broker,
+        database,
+        session_id,
+        (password_redis.url, password_redis.open_url),
+        password_redis.password,
+    )
+
+
+async def test_a_tls_redis_delivers_with_its_ca_and_refuses_without(
+    start_broker: Callable[..., BrokerProcess], database: Database, session_id: str
+) -> None:
+    """`rediss://` with the CA in `ssl_ca_certs=`, and a password: delivers. Without the CA
+    the certificate is not trusted: the broker stays up and not ready."""
+    if not available():
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    server = RedisServer(password=f"pw-{uuid.uuid4().hex}").use_tls().start()
+    try:
+        assert server.password is not None
+        trusted = f"{server.url}?ssl_ca_certs={server.tls_ca}"
+        await delivers_and_refuses(
+            start_broker, database, session_id, (trusted, server.url), server.password
+        )
+    finally:
+        server.destroy()
 
 
 async def test_a_starting_broker_reads_a_stream_of_large_rows_in_bounded_memory(
