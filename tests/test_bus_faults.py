@@ -223,6 +223,7 @@ async def test_a_follower_stopped_while_the_stream_is_trimmed_past_it_loses_no_r
     print(f"\n{len(rows)} rows while stopped; {len(live)} live before the error; lost 0")
     assert sorted(ids) == rows and len(ids) == len(set(ids))  # every row, none twice
     assert "bus_gap" in {e["event"] for e in follower.log_events()}
+    assert follower.stats()["bus"]["gaps"] >= 1
 
 
 async def test_a_stopped_relay_is_noticed_within_5s_and_replaced(
@@ -264,6 +265,8 @@ async def test_a_stopped_relay_is_noticed_within_5s_and_replaced(
     assert noticed < 5
     events = {e["event"] for b in others for e in b.log_events()}
     assert "relay_stale_terminated" in events
+    assert sum(b.stats()["bus"]["takeovers"] for b in others) >= 1
+    assert all(b.stats()["bus"]["leaseLive"] for b in brokers)
 
 
 async def test_two_redis_servers_on_one_database_each_elect_a_relay(
