@@ -89,6 +89,7 @@ class Relay:
         self.takeovers = 0  # stale relays' backends this broker terminated
         self.lease_live = False  # whether a relay (this broker or another) holds a live lease
         self._lease_missing = False  # seen gone at the previous poll, the lock held
+        self._refused = False  # the holder's backend could not be terminated, this lapse
         self._appender: Appender | None = None
 
     @property
@@ -152,8 +153,10 @@ class Relay:
             )
             row = await cursor.fetchone()
             if row and row[0]:
+                self._lease_missing = self._refused = False
                 return True
             self.lease_live = holder is not None
+            self._refused = self._refused and holder is None
             if holder is None and self._lease_missing:
                 await self._terminate_holder(conn, name)
             self._lease_missing = holder is None
@@ -164,18 +167,23 @@ class Relay:
     ) -> None:
         """The lock's holder let its lease lapse twice in a row: end its backend, so the lock
         passes on. Refused (another role's backend, no pg_signal_backend): log and wait."""
-        cursor = await conn.execute(
-            "SELECT pid, pg_terminate_backend(pid) FROM pg_locks"
-            " WHERE locktype = 'advisory' AND granted AND classid = %s"
-            " AND objid = hashtext(%s)::oid AND objsubid = 2",
-            (LOCK_CLASS, name),
-        )
-        for pid, ended in await cursor.fetchall():
-            if ended:
+        try:
+            cursor = await conn.execute(
+                "SELECT pid, pg_terminate_backend(pid) FROM pg_locks"
+                " WHERE locktype = 'advisory' AND granted AND classid = %s"
+                " AND objid = hashtext(%s)::oid AND objsubid = 2",
+                (LOCK_CLASS, name),
+            )
+            ended = await cursor.fetchall()
+        except psycopg.errors.InsufficientPrivilege as exc:
+            if not self._refused:  # once per lapse, not every poll
+                log.error("takeover_refused", stream=self._bus.key, error=str(exc).strip())
+            self._refused = True
+            return
+        for pid, done in ended:
+            if done:
                 self.takeovers += 1
                 log.warning("relay_stale_terminated", backend_pid=pid, stream=self._bus.key)
-            else:
-                log.error("takeover_refused", backend_pid=pid, stream=self._bus.key)
 
     async def _renew(self, conn: psycopg.AsyncConnection[Any], token: str) -> None:
         """Renew the lease until cancelled; a lease lost (expired while this process was

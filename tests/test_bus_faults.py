@@ -18,13 +18,15 @@ from pathlib import Path
 import orjson
 import pytest
 import redis as redis_client
+from psycopg import sql
 
+from broker.relay import LOCK_CLASS, lock_name
 from tests.conftest import Database
 from tests.support.nginx import ClusterScript, require_nginx
 from tests.support.processes import BrokerProcess, free_port, http_json
 from tests.support.redis import RedisServer, available
 from tests.support.sse import SSEClient
-from tests.test_bus import connected
+from tests.test_bus import bus_identity, connected
 from tests.test_nginx import consecutive_free_ports
 
 
@@ -336,3 +338,35 @@ async def test_the_clusters_redis_wants_a_password_and_its_files_are_private(
     finally:
         cluster.stop()
         cluster.remove()
+
+
+async def test_a_stale_relay_of_another_role_is_reported_not_terminated(
+    start_broker: Callable[..., BrokerProcess],
+    redis: RedisServer,
+    database: Database,
+) -> None:
+    """The relay lock held by a session of another role (here a superuser's) with no lease:
+    a broker whose role may not end it reports not ready and `takeover_refused` once, keeps
+    running, and takes the role once the lock is free."""
+    stream = f"test:{uuid.uuid4().hex[:8]}"
+    role_name = f"pgsse_{uuid.uuid4().hex[:8]}"
+    with database.connect() as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role_name)))
+        conn.execute(sql.SQL("GRANT SELECT ON messages TO {}").format(sql.Identifier(role_name)))
+    url = database.url.replace("postgres@", f"{role_name}@", 1)
+    name = lock_name(stream, await bus_identity(redis, stream))
+    with database.connect() as holder:
+        holder.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (LOCK_CLASS, name))
+        broker = start_broker(
+            wait_ready=False, DATABASE_URL=url, BROKER_BUS_URL=redis.url, BROKER_BUS_STREAM=stream
+        )
+        broker.wait_until(
+            lambda: "takeover_refused" in {e["event"] for e in broker.log_events()},
+            15,
+            "takeover_refused",
+        )
+        await asyncio.sleep(2.5)  # more polls: still refused, logged once, not ready
+        assert not broker.ready()
+        events = [e["event"] for e in broker.log_events()]
+        assert events.count("takeover_refused") == 1
+    broker.wait_until(lambda: role(broker) == "relay" and broker.ready(), 15, "the role")
