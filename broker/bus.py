@@ -7,14 +7,24 @@ each row into its hub. So every broker delivers in the stream's order, and its j
 resume by `Last-Event-ID`) is that order too: the reader preloads the journal from the stream's
 tail when it starts, so a broker that just started resumes exactly like one up for hours.
 
-Redis errors are translated here, at the boundary, into `BusDown`.
+Memory is bounded by bytes, not only by rows: the stream is trimmed to `max_bytes`
+(`BROKER_BUS_MAX_BYTES`) besides `maxlen` entries, and every read asks for a page sized from the
+entries' measured size so that one reply holds about `PAGE_BYTES` (`Pager`): 300 rows of 1 MiB
+no longer arrive in one reply. A reader that fell so far behind that the stream was trimmed past
+its position (a gap) cannot know what it missed: it ends every stream with an `error` event and
+forgets its journal, so clients resume by id from the table (`BusReader._gap`).
+
+Redis errors are translated here, at the boundary, into `BusDown`; their text never holds the
+URL's password (redis-py names only host and port).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Iterable
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,12 +39,18 @@ from .backoff import Backoff
 from .errors import BrokerError
 from .events import Message, parse_notification
 from .hub import JOURNAL_SIZE, Hub
+from .journal import Journal
 from .retry import checkpoint, retry_forever
 
 __all__ = ["Bus", "BusDown", "BusReader", "Entry"]
 
 READ_BLOCK_MS = 1_000
-READ_COUNT = 1_000
+READ_COUNT = 1_000  # entries a read asks for, at most
+PAGE_BYTES = 4 * 1024 * 1024  # and about this many bytes (one entry at least)
+FIRST_PAGE = 16  # entries asked for before any size is known
+MAX_BYTES = 64 * 1024 * 1024  # BROKER_BUS_MAX_BYTES' default: the stream's byte budget
+LEASE_MS = 3_000  # the relay's lease (`Bus.take_lease`) lapses this long after its renewal
+GAP = "missed rows on the bus: reconnect to resume"
 SOCKET_TIMEOUT = 5.0  # longer than READ_BLOCK_MS: a blocked XREAD is not a dead server
 
 log = structlog.get_logger(logger_name="broker.bus")
@@ -57,17 +73,86 @@ class Entry:
         return int(self.stream_id.split("-", 1)[0])
 
 
+# The stream's first entry id, without sending the entry itself (it may be a MiB).
+_FIRST_ID = """
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
+if first then return first[1] end
+return false
+"""
+# Extend the lease only while it is still ours: a relay frozen past its lease must not take it
+# back from the broker that took over.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+
 def encode_row(message: Message) -> bytes:
     """The row as the trigger's NOTIFY payload carries it (`events.parse_notification`)."""
     return orjson.dumps(message.as_json())
 
 
-class Bus:
-    """The stream `key` on the Redis at `url`. Every method raises `BusDown` on failure."""
+class Pager:
+    """How many entries to ask for so that a reply holds about `PAGE_BYTES`: from the mean
+    size of the entries read so far (rows of 1 MiB get pages of 4, rows of 1 KiB of 1,000)."""
 
-    def __init__(self, url: str, key: str, maxlen: int = JOURNAL_SIZE) -> None:
+    def __init__(self) -> None:
+        self.count = FIRST_PAGE
+
+    def measured(self, entries: int, size: int) -> None:
+        if entries:
+            self.count = max(1, min(READ_COUNT, PAGE_BYTES * entries // max(size, 1)))
+
+
+class Sizes:
+    """What the stream holds, in bytes, as its appender knows it: the size of each entry, oldest
+    first, from the relay's reading of the stream when it took the role and its appends since.
+    `keep()` says how many entries to keep (XTRIM MAXLEN) so that the stream stays within
+    `budget` bytes, the newest entry always kept."""
+
+    def __init__(self, budget: int, maxlen: int) -> None:
+        self.budget = budget
+        self.maxlen = maxlen
+        self._sizes: deque[int] = deque()
+        self.total = 0
+
+    def reset(self, sizes_oldest_first: Iterable[int]) -> None:
+        self._sizes.clear()
+        self.total = 0
+        self.add(sizes_oldest_first)
+
+    def add(self, sizes: Iterable[int]) -> None:
+        for size in sizes:
+            self._sizes.append(size)
+            self.total += size
+        while len(self._sizes) > self.maxlen:  # XADD's own MAXLEN trims these
+            self.total -= self._sizes.popleft()
+
+    def keep(self) -> int | None:
+        """Drop the oldest sizes until within budget; the entries to keep, None if all."""
+        dropped = 0
+        while self.total > self.budget and len(self._sizes) > 1:
+            self.total -= self._sizes.popleft()
+            dropped += 1
+        return len(self._sizes) if dropped else None
+
+
+class Bus:
+    """The stream `key` on the Redis at `url`. Every method raises `BusDown` on failure.
+
+    `url` may carry credentials (`redis://user:password@host:port/db`) and ask for TLS
+    (`rediss://`, with `ssl_ca_certs=` and `ssl_cert_reqs=` in its query string, as redis-py
+    reads them).
+    """
+
+    def __init__(
+        self, url: str, key: str, maxlen: int = JOURNAL_SIZE, max_bytes: int = MAX_BYTES
+    ) -> None:
         self.key = key
         self.maxlen = maxlen
+        self.sizes = Sizes(max_bytes, maxlen)
         self._redis = redis.asyncio.Redis.from_url(
             url,
             socket_timeout=SOCKET_TIMEOUT,
@@ -78,6 +163,8 @@ class Bus:
             retry=Retry(NoBackoff(), 1),
             decode_responses=False,
         )
+        self._renew = self._redis.register_script(_RENEW)
+        self.lease_key = f"{key}:relay"
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -87,19 +174,46 @@ class Bus:
 
     async def append(self, message: Message) -> str:
         """XADD the row, trimming the stream to about `maxlen` entries; its stream id."""
-        stream_id = await self._call(
-            self._redis.xadd(
-                self.key, {"row": encode_row(message)}, maxlen=self.maxlen, approximate=True
-            )
-        )
-        return _text(stream_id)
+        return (await self.append_many([message]))[0]
 
-    async def append_many(self, messages: list[Message]) -> None:
-        """XADD each row, in order, in one pipeline: one round trip for the batch."""
+    async def append_many(self, messages: list[Message]) -> list[str]:
+        """XADD each row, in order, in one pipeline: one round trip for the batch; then trim
+        the stream to its byte budget (`sizes`) in the same pipeline. Their stream ids."""
         pipe = self._redis.pipeline(transaction=False)
-        for message in messages:
-            pipe.xadd(self.key, {"row": encode_row(message)}, maxlen=self.maxlen, approximate=True)
-        await self._call(pipe.execute())
+        rows = [encode_row(message) for message in messages]
+        for row in rows:
+            pipe.xadd(self.key, {"row": row}, maxlen=self.maxlen, approximate=True)
+        self.sizes.add(len(row) for row in rows)
+        keep = self.sizes.keep()
+        if keep is not None:
+            pipe.xtrim(self.key, maxlen=keep, approximate=False)
+        replies = await self._call(pipe.execute())
+        return [_text(stream_id) for stream_id in replies[: len(rows)]]
+
+    async def identity(self) -> str:
+        """The bus's identity: a random id the first broker to ask keeps in Redis (`:id`).
+        Two deployments on one database with the same stream key on different Redis servers
+        have different ones (so different relay locks); a Redis that lost its data gets a new
+        one."""
+        key = f"{self.key}:id"
+        await self._call(self._redis.set(key, uuid.uuid4().hex, nx=True))
+        value = await self._call(self._redis.get(key))
+        if value is None:
+            raise BusDown(f"{key} vanished")
+        return _text(value)
+
+    async def take_lease(self, token: str) -> None:
+        """The relay's lease: `token` under `lease_key` for `LEASE_MS`."""
+        await self._call(self._redis.set(self.lease_key, token, px=LEASE_MS))
+
+    async def renew_lease(self, token: str) -> bool:
+        """Extend the lease if it is still `token`'s; False if it expired or passed on."""
+        return bool(await self._call(self._renew(keys=[self.lease_key], args=[token, LEASE_MS])))
+
+    async def lease_holder(self) -> str | None:
+        """The live lease's token, None when no relay renewed it within `LEASE_MS`."""
+        value = await self._call(self._redis.get(self.lease_key))
+        return None if value is None else _text(value)
 
     async def length(self) -> int:
         """XLEN: the entries the stream holds now."""
@@ -115,16 +229,42 @@ class Bus:
         return int(value) if value is not None else proposed
 
     async def tail(self, count: int | None = None) -> list[Entry]:
-        """The last `count` entries (default `maxlen`), oldest first."""
-        raw = await self._call(self._redis.xrevrange(self.key, count=count or self.maxlen))
-        return _entries(reversed(raw))
+        """The last `count` entries (default `maxlen`), oldest first. Holds them all: for
+        tests and small counts; `pages` reads the whole stream in bounded memory."""
+        entries = [entry async for page in self.pages(count) for entry, _ in page]
+        return entries[::-1]
 
-    async def read(self, after: str, block_ms: int = READ_BLOCK_MS) -> list[Entry]:
-        """Entries after stream id `after`, waiting up to `block_ms` for the first one."""
-        raw = await self._call(
-            self._redis.xread({self.key: after}, count=READ_COUNT, block=block_ms)
-        )
-        return _entries(entry for _, entries in raw or [] for entry in entries)
+    async def pages(self, count: int | None = None) -> AsyncIterator[list[tuple[Entry, int]]]:
+        """The last `count` entries (default `maxlen`), newest first, a bounded page at a
+        time, each with its size in bytes."""
+        left = count or self.maxlen
+        pager = Pager()
+        end = "+"
+        while left > 0:
+            raw = await self._call(
+                self._redis.xrevrange(self.key, max=end, count=min(left, pager.count))
+            )
+            if not raw:
+                return
+            pager.measured(len(raw), sum(_size(fields) for _, fields in raw))
+            left -= len(raw)
+            end = "(" + _text(raw[-1][0])
+            yield [(entry, _size(fields)) for entry, fields in _pairs(raw)]
+
+    async def read(
+        self, after: str, block_ms: int = READ_BLOCK_MS, pager: Pager | None = None
+    ) -> tuple[list[Entry], str | None]:
+        """Entries after stream id `after`, waiting up to `block_ms` for the first one, and the
+        stream's first id once they were read (None if empty): a first id above `after`
+        means entries after `after` may have been trimmed unread."""
+        pager = pager or Pager()
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xread({self.key: after}, count=pager.count, block=block_ms)
+        pipe.eval(_FIRST_ID, 1, self.key)  # a hundred bytes; Redis caches it compiled
+        raw, first = await self._call(pipe.execute())
+        pairs = [entry for _, entries in raw or [] for entry in entries]
+        pager.measured(len(pairs), sum(_size(fields) for _, fields in pairs))
+        return _entries(pairs), None if first is None else _text(first)
 
     async def _call(self, awaitable: Awaitable[Any]) -> Any:
         try:
@@ -137,7 +277,23 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _size(fields: dict[bytes, bytes]) -> int:
+    return sum(len(value) for value in fields.values())
+
+
+def stream_position(stream_id: str) -> tuple[int, int]:
+    """A stream id as a comparable pair: `10-2` < `9-5` as text, not as ids."""
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def _entries(raw: Iterable[tuple[bytes, dict[bytes, bytes]]]) -> list[Entry]:
+    return [entry for entry, _ in _pairs(raw)]
+
+
+def _pairs(
+    raw: Iterable[tuple[bytes, dict[bytes, bytes]]],
+) -> list[tuple[Entry, dict[bytes, bytes]]]:
     entries = []
     for stream_id, fields in raw:
         try:
@@ -146,7 +302,7 @@ def _entries(raw: Iterable[tuple[bytes, dict[bytes, bytes]]]) -> list[Entry]:
             log.error("bus_entry_malformed", stream_id=_text(stream_id), error=str(exc))
             continue
         if isinstance(parsed, Message):
-            entries.append(Entry(_text(stream_id), parsed))
+            entries.append((Entry(_text(stream_id), parsed), fields))
     return entries
 
 
@@ -167,6 +323,7 @@ class BusReader:
         self.connected = False
         self.entries = 0
         self.reconnects = 0
+        self.gaps = 0  # times the stream was trimmed past this reader (`_gap`)
 
     async def run(self) -> None:
         """Read until cancelled, reconnecting with backoff after any Redis failure."""
@@ -181,7 +338,7 @@ class BusReader:
 
     async def _read(self, backoff: Backoff) -> None:
         if self.last_id is None:
-            self._preload(await self._bus.tail())
+            await self._preload()
         else:
             await self._bus.ping()
             self.reconnects += 1
@@ -189,19 +346,42 @@ class BusReader:
         self.started.set()
         backoff.reset()
         log.info("bus_up", stream=self._bus.key, last_id=self.last_id, reconnects=self.reconnects)
+        pager = Pager()
         while True:
-            self.route(await self._bus.read(self.last_id or "0-0"))
+            after = self.last_id or "0-0"
+            entries, first_id = await self._bus.read(after, pager=pager)
+            if first_id is not None and after != "0-0" and _trimmed(after, first_id):
+                self._gap(after, first_id)
+            self.route(entries)
             checkpoint()
 
-    def _preload(self, entries: list[Entry]) -> None:
-        """The journal from the stream's tail, so resume is exact from the first request."""
+    async def _preload(self) -> None:
+        """The journal from the stream's tail, so resume is exact from the first request; read
+        a bounded page at a time, keeping only each row's routing keys."""
+        rows: list[tuple[int, str, str | None]] = []
+        last_id: str | None = None
+        async for page in self._bus.pages():
+            for entry, _ in page:
+                message = entry.message
+                last_id = last_id or entry.stream_id
+                rows.append((message.id, message.session_id, message.robot_id))
         journal = self._hub.journal
-        for entry in entries:
-            message = entry.message
-            if message.id not in journal:
-                journal.append(message.id, message.session_id, message.robot_id)
-        self.last_id = entries[-1].stream_id if entries else "0-0"
-        log.info("bus_preloaded", rows=len(entries), last_id=self.last_id)
+        for message_id, session_id, robot_id in reversed(rows):
+            if message_id not in journal:
+                journal.append(message_id, session_id, robot_id)
+        self.last_id = last_id or "0-0"
+        log.info("bus_preloaded", rows=len(rows), last_id=self.last_id)
+
+    def _gap(self, after: str, first_id: str) -> None:
+        """The stream was trimmed past this reader's position: rows it never read are gone
+        from the bus. They are in the table, so every stream is ended with an `error` event
+        and the journal forgotten: each client resumes by id from the table (replay.py), which
+        sends the rows it missed. Filling the gap here instead would mean reading an unknown
+        number of rows in no known order while streams wait."""
+        self.gaps += 1
+        log.warning("bus_gap", last_id=after, first_id=first_id, streams=len(self._hub))
+        self._hub.journal = Journal(JOURNAL_SIZE)
+        self._hub.close_all(GAP)
 
     def route(self, entries: list[Entry]) -> None:
         """Publish each entry's row unless this hub delivered it already (a duplicate)."""
@@ -214,3 +394,11 @@ class BusReader:
             self.entries += 1
         if entries:
             self.lag_ms = max(0.0, time.time() * 1000 - entries[-1].added_ms)
+
+
+def _trimmed(after: str, first_id: str) -> bool:
+    """Whether entries after `after` may have been trimmed before this reader got them: the
+    stream now starts above `after`. On the safe side: when only the entry at `after` itself
+    went, nothing was lost, but that cannot be told apart without a round trip more; a reader
+    that keeps up is never there (the newest entry is never trimmed)."""
+    return stream_position(first_id) > stream_position(after)

@@ -174,6 +174,13 @@ class Settings:
     bus_stream: str = setting(
         "pgsse:messages", "BROKER_BUS_STREAM", parsers.stream_key, "the bus's Redis stream key"
     )
+    bus_max_bytes: int = setting(
+        64 * 1024 * 1024,
+        "BROKER_BUS_MAX_BYTES",
+        parsers.positive_int,
+        "bytes of rows the bus's stream keeps at most (it keeps 50,000 rows at most too);"
+        " a broker that falls further behind ends its streams so clients resume",
+    )
 
     def __post_init__(self) -> None:
         """Checks that span settings; each message names the setting to change."""

@@ -14,6 +14,21 @@ is appended once, in id order, before the notifications that queued meanwhile; t
 backfill already appended are skipped. Rows go to Redis through an `Appender`: one pipeline
 per batch of rows that queued during the previous round trip, in order; a failed append cuts
 the relay's own connection, so the role passes on exactly as if it had died.
+
+The lock's key is the stream's key and the bus's identity (`Bus.identity`, kept in Redis): two
+deployments on one database with the same stream key on different Redis servers each elect
+their own relay.
+
+A live relay proves it: it holds a lease in Redis (`Bus.lease_key`, `LEASE_MS`) that it renews
+every `RENEW_SECONDS`. A relay that stops (SIGSTOP, a paused VM, a blocked event loop) keeps
+its PostgreSQL session, hence the lock, but not the lease: every broker sees the lease gone at
+its next campaign poll and reports not ready (`lease_live`), and at the poll after that, with
+the lease still gone, terminates the holder's backend (`pg_terminate_backend`, allowed for a
+backend of the same database role) so the lock passes on and the pool delivers again. Without
+the privilege (the relay's backend runs as another role), brokers stay not ready until the
+relay resumes or dies: `takeover_refused` says so. A frozen relay that wakes finds its lease
+taken (renewal is conditional) and its connection gone, and steps down; rows it had queued are
+in the table, appended by the new relay's backfill too, and readers drop the second copy.
 """
 
 from __future__ import annotations
@@ -22,6 +37,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -30,17 +46,18 @@ import structlog
 from psycopg import sql
 
 from .backoff import Backoff
-from .bus import Bus, BusDown
+from .bus import LEASE_MS, Bus, BusDown
 from .events import Message, Reference, parse_notification
 from .listener import APPLICATION_NAME, CHANNEL, CONNECTION_FAILURES, dedicated_connection
 from .notifications import HEALTH_CHECK_TIMEOUT, Notifications
 from .retry import pause, retry_forever
 from .store import Store
 
-__all__ = ["LOCK_CLASS", "Appender", "Relay"]
+__all__ = ["LOCK_CLASS", "Appender", "Relay", "lock_name"]
 
 CAMPAIGN_SECONDS = 1.0
-LOCK_CLASS = 0x7067  # the advisory lock's first key ('pg'); the second is hashtext(stream)
+RENEW_SECONDS = LEASE_MS / 1000 / 6  # six renewals per lease: a busy loop may miss a few
+LOCK_CLASS = 0x7067  # the advisory lock's first key ('pg'); the second is hashtext(lock_name)
 BACKFILL_PAGE = 1_000
 CANDIDATE_NAME = "pgsse-relay-candidate"  # a follower's campaign connection, in pg_stat_activity
 
@@ -69,6 +86,10 @@ class Relay:
         self.appended = 0
         self.backfilled = 0
         self.notifications = 0
+        self.takeovers = 0  # stale relays' backends this broker terminated
+        self.lease_live = False  # whether a relay (this broker or another) holds a live lease
+        self._lease_missing = False  # seen gone at the previous poll, the lock held
+        self._refused = False  # the holder's backend could not be terminated, this lapse
         self._appender: Appender | None = None
 
     @property
@@ -93,33 +114,102 @@ class Relay:
             # A poll, not an event: the lock's holder is another process, maybe another host.
             while not await self._won(conn):
                 await pause(CAMPAIGN_SECONDS)
-            # From here on pg_stat_activity shows it as the listener it now is.
-            await conn.execute(
-                "SELECT set_config('application_name', %s, false)", (APPLICATION_NAME,)
-            )
-            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
-            self.role = "relay"
-            self.elections += 1
-            log.info("relay_elected", stream=self._bus.key, elections=self.elections)
-            await self._backfill()
-            self._appender = Appender(self._bus, lambda exc: _cut(conn, exc), self._count)
-            async with Notifications(conn) as notes:
-                while True:
-                    for payload in await notes.next():
-                        await self._handle(payload)
+            token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+            await self._bus.take_lease(token)
+            self.lease_live = True
+            renewing = asyncio.ensure_future(self._renew(conn, token))
+            try:
+                await self._serve(conn)
+            finally:
+                renewing.cancel()
+
+    async def _serve(self, conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
+        """The relay's work once elected: LISTEN, backfill, append every notification."""
+        # From here on pg_stat_activity shows it as the listener it now is.
+        await conn.execute("SELECT set_config('application_name', %s, false)", (APPLICATION_NAME,))
+        await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+        self.role = "relay"
+        self.elections += 1
+        log.info("relay_elected", stream=self._bus.key, elections=self.elections)
+        await self._backfill()
+        self._appender = Appender(self._bus, lambda exc: _cut(conn, exc), self._count)
+        async with Notifications(conn) as notes:
+            while True:
+                for payload in await notes.next():
+                    await self._handle(payload)
 
     async def _won(self, conn: psycopg.AsyncConnection[tuple[object, ...]]) -> bool:
-        """Take the lock if Redis answers and no other broker holds it; also a health check."""
+        """Take the lock if Redis answers and no other broker holds it; also a health check.
+        Not taken: check the holder's lease (the module's docstring)."""
         try:
-            await self._bus.ping()
+            name = lock_name(self._bus.key, await self._bus.identity())
+            holder = await self._bus.lease_holder()
         except BusDown:
+            self.lease_live = False
             return False
         async with asyncio.timeout(HEALTH_CHECK_TIMEOUT):  # not wait_for: see retry.checkpoint
             cursor = await conn.execute(
-                "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (LOCK_CLASS, self._bus.key)
+                "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (LOCK_CLASS, name)
             )
             row = await cursor.fetchone()
-        return bool(row and row[0])
+            if row and row[0]:
+                self._lease_missing = self._refused = False
+                return True
+            self.lease_live = holder is not None
+            self._refused = self._refused and holder is None
+            if holder is None and self._lease_missing:
+                await self._terminate_holder(conn, name)
+            self._lease_missing = holder is None
+        return False
+
+    async def _terminate_holder(
+        self, conn: psycopg.AsyncConnection[tuple[object, ...]], name: str
+    ) -> None:
+        """The lock's holder let its lease lapse twice in a row: end its backend, so the lock
+        passes on. Refused (another role's backend, no pg_signal_backend): log and wait."""
+        try:
+            cursor = await conn.execute(
+                "SELECT pid, pg_terminate_backend(pid) FROM pg_locks"
+                " WHERE locktype = 'advisory' AND granted AND classid = %s"
+                " AND objid = hashtext(%s)::oid AND objsubid = 2",
+                (LOCK_CLASS, name),
+            )
+            ended = await cursor.fetchall()
+        except psycopg.errors.InsufficientPrivilege as exc:
+            if not self._refused:  # once per lapse, not every poll
+                log.error("takeover_refused", stream=self._bus.key, error=str(exc).strip())
+            self._refused = True
+            return
+        for pid, done in ended:
+            if done:
+                self.takeovers += 1
+                log.warning("relay_stale_terminated", backend_pid=pid, stream=self._bus.key)
+
+    async def _renew(self, conn: psycopg.AsyncConnection[Any], token: str) -> None:
+        """Renew the lease until cancelled; a lease lost (expired while this process was
+        stopped, taken by another) or a Redis that fails gives the role up."""
+        while True:
+            await asyncio.sleep(RENEW_SECONDS)
+            try:
+                kept = await self._bus.renew_lease(token)
+            except BusDown as exc:
+                _cut(conn, exc)
+                return
+            if not kept:
+                self.lease_live = False
+                _cut(conn, BusDown("relay lease lost"))
+                return
+
+    async def _tail_ids(self) -> set[int]:
+        """The ids the stream holds, read in bounded pages; the byte budget's sizes with them."""
+        ids: set[int] = set()
+        sizes: list[int] = []
+        async for page in self._bus.pages():
+            for entry, size in page:
+                ids.add(entry.message.id)
+                sizes.append(size)
+        self._bus.sizes.reset(reversed(sizes))
+        return ids
 
     async def _backfill(self) -> None:
         """Append every row committed that the stream lacks, in id order.
@@ -130,7 +220,7 @@ class Relay:
         listener's backfill does against its journal). Once the stream has been trimmed, ids
         below its oldest entry cannot be told from trimmed ones, so the floor rises to it.
         """
-        tail = {entry.message.id for entry in await self._bus.tail()}
+        tail = await self._tail_ids()
         # A new stream's floor (or one Redis lost): the oldest id it holds, else the newest
         # row this broker routed, else the table's last id now, after LISTEN.
         proposed = min(tail) if tail else self._floor_hint() or await self._store.last_id()
@@ -175,6 +265,7 @@ class Relay:
             log.info("relay_campaign_failed", error=error)
         self.role = "follower"
         self.connected = False
+        self.lease_live = False
         if self._appender is not None:
             self._appender.close()
             self._appender = None
@@ -232,3 +323,8 @@ def _cut(conn: psycopg.AsyncConnection[Any], exc: BusDown) -> None:
         socket.socket(fileno=os.dup(conn.fileno())) as sock,
     ):
         sock.shutdown(socket.SHUT_RDWR)
+
+
+def lock_name(stream: str, identity: str) -> str:
+    """The text whose hashtext is the relay lock's second key: one bus, one lock."""
+    return f"{stream}:{identity}"

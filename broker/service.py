@@ -35,8 +35,9 @@ log = structlog.get_logger(logger_name="broker.service")
 class BusFeed:
     """With `BROKER_BUS_URL`: the bus, this broker's reader of it, and its relay campaign."""
 
-    def __init__(self, url: str, stream: str, database_url: str, broker: Broker) -> None:
-        self.bus = Bus(url, stream)
+    def __init__(self, settings: Settings, database_url: str, broker: Broker) -> None:
+        assert settings.bus_url is not None
+        self.bus = Bus(settings.bus_url, settings.bus_stream, max_bytes=settings.bus_max_bytes)
         self.reader = BusReader(self.bus, broker.hub)
         self.relay = Relay(database_url, self.bus, broker.store, lambda: self.reader.high_id)
 
@@ -53,7 +54,7 @@ class Broker:
         self.listener = Listener(settings.database_url, self.hub, store)
         self.bus: BusFeed | None = None
         if settings.bus_url is not None:
-            self.bus = BusFeed(settings.bus_url, settings.bus_stream, settings.database_url, self)
+            self.bus = BusFeed(settings, settings.database_url, self)
         self.started_at = time.time()
 
     @property
@@ -63,10 +64,12 @@ class Broker:
 
     @property
     def ready(self) -> bool:
-        """What `/readyz` reports: the listener, or with a bus Redis and PostgreSQL, up."""
+        """What `/readyz` reports: the listener, or with a bus Redis and PostgreSQL up and a
+        live relay (its lease renewed: relay.py)."""
         if self.bus is None:
             return self.listener.connected
-        return self.bus.reader.connected and self.bus.relay.connected
+        relay = self.bus.relay
+        return self.bus.reader.connected and relay.connected and relay.lease_live
 
     @classmethod
     @asynccontextmanager

@@ -44,6 +44,9 @@ class Stats:
     bus_role: str | None = None  # "relay" or "follower"; None without a bus
     bus_last_id: str | None = None  # the last stream id this broker read
     bus_lag_ms: float = 0.0  # XADD to this broker's read, of the last entry read
+    bus_lease_live: bool = False  # a relay renews its lease (relay.py)
+    bus_gaps: int = 0  # times the stream was trimmed past this broker's position (bus.py)
+    bus_takeovers: int = 0  # frozen relays' backends this broker terminated
 
     def as_json(self) -> dict[str, Any]:
         """The `data` of `GET /api/sse/stats`."""
@@ -52,7 +55,14 @@ class Stats:
             "channels": self.channels,
             "bus": None
             if self.bus_role is None
-            else {"role": self.bus_role, "lastId": self.bus_last_id, "lag": self.bus_lag_ms},
+            else {
+                "role": self.bus_role,
+                "lastId": self.bus_last_id,
+                "lag": self.bus_lag_ms,
+                "leaseLive": self.bus_lease_live,
+                "gaps": self.bus_gaps,
+                "takeovers": self.bus_takeovers,
+            },
             "listener": {
                 "connected": self.listener_connected,
                 "reconnects": self.listener_reconnects,
@@ -125,4 +135,7 @@ def _bus(broker: Broker) -> dict[str, Any]:
         "bus_role": broker.bus.relay.role,
         "bus_last_id": reader.last_id,
         "bus_lag_ms": round(reader.lag_ms, 3),
+        "bus_lease_live": broker.bus.relay.lease_live,
+        "bus_gaps": reader.gaps,
+        "bus_takeovers": broker.bus.relay.takeovers,
     }

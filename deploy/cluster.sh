@@ -12,7 +12,10 @@
 #       BROKER_BUS_URL names; PGSSE_CLUSTER_BUS=no (or no redis-server installed) runs them
 #       without one, each LISTENing. Other BROKER_* variables reach every instance. Files go
 #       to $PGSSE_RUN_DIR (default .run/cluster): nginx's configuration and logs, Redis's
-#       data and log, one log per instance.
+#       data and log, one log per instance. All but nginx's is private to the user (umask 077,
+#       Redis's directory mode 700): Redis's append-only file holds every row. The Redis started
+#       here requires a password, generated once into $PGSSE_RUN_DIR/redis/password (mode
+#       600) and given to redis-server in a configuration file, never on a command line.
 #
 #   deploy/cluster.sh render RUN_DIR PUBLIC_PORT PORT...
 #       Only writes the nginx configuration for those instance ports into RUN_DIR, from
@@ -21,13 +24,16 @@
 #       per port. Start nginx on it with
 #           nginx -p RUN_DIR/ -c RUN_DIR/nginx.conf -e stderr -g 'daemon off;'
 set -euo pipefail
+umask 077  # what this script and what it starts create is the user's alone (nginx: render)
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 NGINX_CONF_DIR="$ROOT/deploy/nginx"
 NGINX=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 
-render() {
+# nginx's files are not private: its workers (`nobody` under a root master) must reach them.
+render() (
+    umask 022
     local run_dir=$1 public_port=$2
     shift 2
     [ $# -gt 0 ] || { echo "cluster.sh render: no instance ports given" >&2; return 2; }
@@ -52,7 +58,7 @@ render() {
         }
         { print }
     ' "$NGINX_CONF_DIR/pgsse-upstream.conf" >"$run_dir/pgsse/pgsse-upstream.conf"
-}
+)
 
 if [ "${1:-}" = "render" ]; then
     shift
@@ -79,7 +85,7 @@ fi
 [ -x "$NGINX" ] || { echo "cluster.sh: nginx not found (apt-get install nginx)" >&2; exit 1; }
 [ -x "$PYTHON" ] || { echo "cluster.sh: no $PYTHON (run make cluster)" >&2; exit 1; }
 
-mkdir -p "$RUN_DIR"
+(umask 022 && mkdir -p "$RUN_DIR")  # for nginx (render); what else goes in it is 600/700
 cd "$ROOT"
 
 ports=()
@@ -158,14 +164,26 @@ export DATABASE_URL=${DATABASE_URL:-$PGDATABASE_URL}
 export BROKER_MIGRATE=false
 
 if [ -n "$start_redis" ]; then
-    # Persisted as a production bus would be (appendonly): a restart keeps the stream.
+    # Persisted as a production bus would be (appendonly): a restart keeps the stream. Only
+    # with the password: any local user can connect to 127.0.0.1.
     mkdir -p "$RUN_DIR/redis"
-    "$REDIS_SERVER" --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$RUN_DIR/redis" --save "" \
-        --appendonly yes --daemonize no --logfile "$RUN_DIR/redis/redis.log" </dev/null &
+    chmod 700 "$RUN_DIR/redis"
+    if [ ! -s "$RUN_DIR/redis/password" ]; then
+        "$PYTHON" -c 'import secrets; print(secrets.token_hex(24))' >"$RUN_DIR/redis/password"
+    fi
+    chmod 600 "$RUN_DIR/redis/password"
+    redis_password=$(<"$RUN_DIR/redis/password")
+    printf 'requirepass %s\n' "$redis_password" >"$RUN_DIR/redis/redis.conf"
+    chmod 600 "$RUN_DIR/redis/redis.conf"
+    find "$RUN_DIR/redis" -type d -exec chmod 700 {} + -o -type f -exec chmod 600 {} +
+    "$REDIS_SERVER" "$RUN_DIR/redis/redis.conf" --port "$REDIS_PORT" --bind 127.0.0.1 \
+        --dir "$RUN_DIR/redis" --save "" --appendonly yes --daemonize no \
+        --logfile "$RUN_DIR/redis/redis.log" </dev/null &
     redis_pid=$!
     for ((try = 0; try < 100; try++)); do
         if { exec 3<>"/dev/tcp/127.0.0.1/$REDIS_PORT"; } 2>/dev/null; then
-            printf 'PING\r\n' >&3
+            printf 'AUTH %s\r\nPING\r\n' "$redis_password" >&3
+            read -r -t 1 reply <&3 || reply=""  # +OK to AUTH
             read -r -t 1 reply <&3 || reply=""
             exec 3>&-
             [[ "$reply" == +PONG* ]] && break
@@ -178,7 +196,7 @@ if [ -n "$start_redis" ]; then
         tail -n 20 "$RUN_DIR/redis/redis.log" >&2 || true
         exit 1
     fi
-    export BROKER_BUS_URL="redis://127.0.0.1:$REDIS_PORT/0"
+    export BROKER_BUS_URL="redis://:$redis_password@127.0.0.1:$REDIS_PORT/0"
 fi
 
 declare -A port_of=()
@@ -234,7 +252,7 @@ pids+=("$!")
 
 bus="without a bus (each LISTENs)"
 [ -z "${BROKER_BUS_URL:-}" ] || bus="on the bus (BROKER_BUS_URL)"
-[ -z "$start_redis" ] || bus="on the bus (redis-server on 127.0.0.1:$REDIS_PORT)"
+[ -z "$start_redis" ] || bus="on the bus (redis-server on 127.0.0.1:$REDIS_PORT, password in $RUN_DIR/redis/password)"
 echo "pgsse cluster: ${COUNT} instances on ports ${ports[*]} $bus, nginx on http://127.0.0.1:${PUBLIC_PORT}/"
 echo "logs in $RUN_DIR; Ctrl-C stops everything"
 # Exit as soon as any process ends: a pool with a dead member is not what was asked for.

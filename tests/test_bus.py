@@ -12,7 +12,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from broker.relay import LOCK_CLASS
+from broker.bus import Bus
+from broker.relay import LOCK_CLASS, lock_name
 from tests.conftest import Database
 from tests.support.nginx import Nginx
 from tests.support.processes import BrokerProcess
@@ -26,6 +27,15 @@ async def connected(client: SSEClient) -> SSEClient:
     assert client.status == 200
     await client.events_until(lambda event: event.type == "connected")
     return client
+
+
+async def bus_identity(redis: RedisServer, stream: str) -> str:
+    """The identity the brokers on `stream` keep in Redis (part of their relay lock's key)."""
+    bus = Bus(redis.url, stream)
+    try:
+        return await bus.identity()
+    finally:
+        await bus.close()
 
 
 def scrape(broker: BrokerProcess) -> str:
@@ -323,13 +333,14 @@ async def test_a_smaller_id_committed_while_no_relay_listens_is_backfilled_once(
         assert relay.process is not None
         relay.process.kill()
         took = "SELECT pg_try_advisory_lock(%s, hashtext(%s))"
+        name = lock_name(stream, await bus_identity(redis, stream))
         survivor.wait_until(
-            lambda: lock.execute(took, (LOCK_CLASS, stream)).fetchone() == (True,),
+            lambda: lock.execute(took, (LOCK_CLASS, name)).fetchone() == (True,),
             10,
             "the dead relay's lock, for the test",
         )
         a.commit()  # no relay LISTENs now: only a backfill can find A
-        lock.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (LOCK_CLASS, stream))
+        lock.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (LOCK_CLASS, name))
         survivor.wait_until(lambda: survivor.stats()["bus"]["role"] == "relay", 10, "takeover")
     assert (await client.message(timeout=10)).json["data"]["id"] == str(id_a)
     later = database.insert(session_id, "C")

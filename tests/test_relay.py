@@ -12,19 +12,19 @@ import time
 import pytest
 
 from broker.bus import Bus, BusDown
-from broker.relay import LOCK_CLASS, Appender, Relay
+from broker.relay import LOCK_CLASS, Appender, Relay, lock_name
 from broker.store import Store
 from tests.conftest import Database
 from tests.support.inprocess import eventually, message, stop
 from tests.support.redis import RedisServer
 
 
-def relay_locks(database: Database, bus: Bus) -> int:
-    """Advisory locks granted on `bus`'s key: how many relays hold the role."""
+async def relay_locks(database: Database, bus: Bus) -> int:
+    """Advisory locks granted on `bus`'s lock: how many relays hold the role."""
     rows = database.query(
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
         " AND classid = %s AND objid = hashtext(%s)::oid",
-        (LOCK_CLASS, bus.key),
+        (LOCK_CLASS, lock_name(bus.key, await bus.identity())),
     )
     return int(rows[0][0])
 
@@ -40,7 +40,7 @@ async def test_one_relay_is_elected_and_the_next_backfills_what_the_stream_lacks
             await asyncio.sleep(2.5)  # two campaign rounds: the other must stay a follower
             assert sorted(r.role for r in relays) == ["follower", "relay"]
             first = next(i for i, r in enumerate(relays) if r.role == "relay")
-            assert relay_locks(database, bus) == 1
+            assert await relay_locks(database, bus) == 1
             database.insert(session_id, "live")
             await eventually(lambda: relays[first].appended == 1, 10, "the row appended")
 
@@ -55,7 +55,7 @@ async def test_one_relay_is_elected_and_the_next_backfills_what_the_stream_lacks
             await eventually(lambda: other.appended == 4, 10, "the next row appended")
             rows = [e.message.id for e in await bus.tail() if e.message.session_id == session_id]
             assert rows[1:] == [*gap, after]
-            assert relay_locks(database, bus) == 1
+            assert await relay_locks(database, bus) == 1
         finally:
             await stop(*tasks)
 
@@ -99,6 +99,6 @@ async def test_a_relay_whose_backend_is_terminated_steps_down_and_is_elected_aga
             await eventually(lambda: relay.appended == 3, 10, "every row appended")
             rows = [e.message.id for e in await bus.tail() if e.message.session_id == session_id]
             assert rows == [first, meanwhile, after]
-            assert relay_locks(database, bus) == 1 and relay.listening
+            assert await relay_locks(database, bus) == 1 and relay.listening
         finally:
             await stop(task)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -26,19 +27,41 @@ def available() -> bool:
 class RedisServer:
     """One `redis-server` process; `url` is what BROKER_BUS_URL takes."""
 
-    def __init__(self, root: Path | None = None, fsync: str = "always") -> None:
+    def __init__(
+        self, root: Path | None = None, fsync: str = "always", password: str | None = None
+    ) -> None:
         self.root = root or Path(tempfile.mkdtemp(prefix="pgsse-redis-"))
         self.fsync = fsync  # appendfsync: "always" for the tests, "everysec" for the bench
+        self.password = password  # requirepass, given in a configuration file
+        self.tls_ca: Path | None = None  # with `use_tls`: TLS only, a certificate of this CA
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
+    def use_tls(self) -> RedisServer:
+        """Serve TLS only, with a certificate for 127.0.0.1 signed by a CA made here
+        (`tls_ca`); before `start`."""
+        make_certificates(self.root)
+        self.tls_ca = self.root / "ca.crt"
+        return self
+
     @property
     def url(self) -> str:
+        """With the password, if there is one; `rediss://` with TLS (the CA not named)."""
+        auth = f":{self.password}@" if self.password else ""
+        scheme = "rediss" if self.tls_ca else "redis"
+        return f"{scheme}://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def open_url(self) -> str:
+        """Without the password."""
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
+        config = self.root / "redis.conf"
+        config.write_text(f"requirepass {self.password}\n" if self.password else "")
         args = [
             REDIS_SERVER,
+            str(config),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--dir", str(self.root),
@@ -48,6 +71,14 @@ class RedisServer:
             "--daemonize", "no",
             "--logfile", str(self.root / "redis.log"),
         ]  # fmt: skip
+        if self.tls_ca is not None:
+            args[2:4] = ["--port", "0", "--tls-port", str(self.port)]
+            args += [
+                "--tls-cert-file", str(self.root / "server.crt"),
+                "--tls-key-file", str(self.root / "server.key"),
+                "--tls-ca-cert-file", str(self.tls_ca),
+                "--tls-auth-clients", "no",
+            ]  # fmt: skip
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while not self.ping():
@@ -60,9 +91,17 @@ class RedisServer:
 
     def ping(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as raw:
+                if self.tls_ca is None:
+                    raw.sendall(b"PING\r\n")
+                    reply = raw.recv(64)
+                else:
+                    context = ssl.create_default_context(cafile=str(self.tls_ca))
+                    with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+                        sock.sendall(b"PING\r\n")
+                        reply = sock.recv(64)
+                # NOAUTH: it answers, it wants the password
+                return reply.startswith(b"+PONG") or reply.startswith(b"-NOAUTH")
         except OSError:
             return False
 
@@ -83,3 +122,19 @@ class RedisServer:
     def log(self) -> str:
         path = self.root / "redis.log"
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+
+def make_certificates(directory: Path) -> None:
+    """ca.crt, and server.crt/server.key for IP 127.0.0.1 signed by it, with openssl."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key",
+            "-out", "ca.crt", "-days", "2", "-subj", "/CN=pgsse test CA")  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key",
+            "-out", "server.csr", "-subj", "/CN=127.0.0.1")  # fmt: skip
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "server.crt", "-days", "2",
+            "-extfile", "san.ext")  # fmt: skip
