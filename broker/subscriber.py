@@ -1,7 +1,11 @@
 """One open stream as the hub sees it: its filter, its bounded queue, and what it already has.
 
-A `Subscriber` queues the encoded events the hub routes to it, up to `queue_size`; a full
-queue closes it (slow consumer). `Seen` records the rows a stream was sent outside routing (a
+A `Subscriber` queues the encoded events the hub routes to it, up to `queue_size` events and
+`queue_bytes` bytes; a full queue, by either, closes it (slow consumer). The bytes are counted
+as events are queued (`len` of the shared bytes, no copy): a client that never read was held
+1,000 events of large rows before (two of them 318 MB for over 20 s, issue 20). An empty queue
+takes one event whatever its size, so a row larger than the budget still reaches a reader that
+keeps up. `Seen` records the rows a stream was sent outside routing (a
 replay or history, read from the table): the hub skips those when it routes them later, and
 `Subscriber.drop_seen` removes copies already queued. That is how replay, backfill and live
 delivery agree on "nothing twice" (see `replay.py` for the rule).
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 __all__ = [
+    "DEFAULT_QUEUE_BYTES",
     "GLOBAL_CHANNEL",
     "SLOW_CONSUMER",
     "Event",
@@ -29,6 +34,7 @@ __all__ = [
 
 GLOBAL_CHANNEL = "session_messages:global"
 SLOW_CONSUMER = "slow consumer: reconnect to resume"
+DEFAULT_QUEUE_BYTES = 4 * 1024 * 1024  # as `BROKER_QUEUE_BYTES`
 
 
 def channel_of(session_id: str | None) -> str:
@@ -87,7 +93,9 @@ class Subscriber:
     __slots__ = (
         "_limit",
         "_loop",
+        "_max_bytes",
         "_pending",
+        "_room",
         "_waiter",
         "close_reason",
         "closed",
@@ -99,7 +107,13 @@ class Subscriber:
         "sink",
     )
 
-    def __init__(self, session_id: str | None, robot_id: str | None, queue_size: int) -> None:
+    def __init__(
+        self,
+        session_id: str | None,
+        robot_id: str | None,
+        queue_size: int,
+        queue_bytes: int = DEFAULT_QUEUE_BYTES,
+    ) -> None:
         self.session_id = session_id
         self.robot_id = robot_id
         self.closed = False
@@ -108,6 +122,10 @@ class Subscriber:
         # A list, not a deque: an empty deque allocates a 64-slot block (~700 B per stream).
         self._pending: list[Event] = []
         self._limit = queue_size
+        # Bytes the queue may still take: `queue_bytes` less those queued. Whoever empties
+        # `_pending` resets it to `_max_bytes` (`take`, the flusher).
+        self._max_bytes = queue_bytes
+        self._room = queue_bytes
         self._waiter: asyncio.Future[None] | None = None
         # Set by a live stream while it idles with nothing queued: where `flusher.Flusher`
         # writes what is routed to it.
@@ -127,15 +145,18 @@ class Subscriber:
         caller wakes the stream when the queue was empty (`Hub` does, or hands it to a sink)."""
         if self.closed:
             return False
-        if len(self._pending) >= self._limit:
+        room = self._room - len(event.data)
+        if len(self._pending) >= self._limit or (room < 0 and self._pending):
             self.close(SLOW_CONSUMER)
             return False
+        self._room = room
         self._pending.append(event)
         return True
 
     def take(self) -> list[Event]:
         """Every queued event, oldest first, leaving the queue empty."""
         events, self._pending = self._pending, []
+        self._room = self._max_bytes
         return events
 
     def drop_seen(self) -> None:
@@ -143,6 +164,7 @@ class Subscriber:
         seen = self.seen
         if seen is not None and any(event.id in seen for event in self._pending):
             self._pending = [event for event in self._pending if event.id not in seen]
+            self._room = self._max_bytes - sum(len(event.data) for event in self._pending)
 
     async def wait(self) -> None:
         """Return once an event is queued or the subscriber is closed."""
@@ -171,6 +193,7 @@ class Subscriber:
         self.closed = True
         self.close_reason = reason
         self._pending.clear()
+        self._room = self._max_bytes
         self.wake()
         if self.on_close is not None:
             self.on_close()
