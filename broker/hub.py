@@ -29,6 +29,8 @@ from .subscriber import (
     Seen,
     Subscriber,
     channel_of,
+    extra_slots,
+    slot_bytes,
 )
 
 __all__ = ["GLOBAL_CHANNEL", "Event", "Hub", "HubCounters", "Subscriber", "channel_of"]
@@ -106,7 +108,8 @@ class Hub:
         self.journal.append(message.id, message.session_id, message.robot_id)
         data = encode_message(message)
         event = Event(message.id, data, time.perf_counter())
-        size = len(data)
+        # Slots it takes past the first: 0 but for a large event (subscriber.py).
+        extra = extra_slots(len(data), slot_bytes(self.queue_size, self.queue_bytes))
         on_idle_ready = self.on_idle_ready
         robot_id, message_id = message.robot_id, message.id
         delivered = slow = 0
@@ -120,12 +123,12 @@ class Hub:
                 if seen is not None and seen.skip(message_id):
                     continue
                 pending = subscriber._pending
-                room = subscriber._room - size
-                if len(pending) >= subscriber._limit or (room < 0 and pending):
+                if len(pending) + extra >= subscriber._limit and pending:
                     subscriber.close(SLOW_CONSUMER)
                     slow += 1
                     continue
-                subscriber._room = room
+                if extra:
+                    subscriber._limit -= extra
                 pending.append(event)
                 delivered += 1
                 if len(pending) > 1:  # already woken or handed over
