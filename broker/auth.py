@@ -6,8 +6,9 @@ signs, every one verifies, so a secret can be rotated without cutting anyone off
     sessions  list of session ids, or "*" for every session (needed by the global stream)
     robots    list of robot ids, or "*" (the default) for every robot
     publish   true to allow `POST /api/messages` within the same sessions and robots
-    exp       expiry, seconds since the epoch (required, a number); a stream opened with the
-              token ends when it expires (`Grant.valid_until`)
+    exp       expiry, seconds since the epoch (required, a number, at most
+              `MAX_TOKEN_SECONDS` ahead); a stream opened with the token ends when it expires
+              (`Grant.valid_until`)
     aud       refused whatever its value: the broker is no token's audience
 
 With no secret configured the broker runs open: `Authenticator.authenticate` grants
@@ -35,6 +36,7 @@ from .errors import ConfigError, Forbidden, Unauthorized
 
 __all__ = [
     "ALGORITHM",
+    "MAX_TOKEN_SECONDS",
     "OPEN",
     "Authenticator",
     "Grant",
@@ -46,6 +48,11 @@ __all__ = [
 ALGORITHM = "HS256"
 LEEWAY_SECONDS = 5  # clock skew between the app backend that mints and this broker
 MAX_CLAIM_ITEMS = 1000
+# The furthest `exp` accepted, from now: a year. A token is a bearer secret that only rotating
+# BROKER_AUTH_SECRET revokes, so one that never expires must not exist; and an `exp` past the
+# float range (`1e400` as an integer) made the stream's timer raise, a 500 that left the
+# subscription counted for good (issue 20). Mint short-lived tokens; a stream outlives none.
+MAX_TOKEN_SECONDS = 366 * 24 * 3600
 
 log = structlog.get_logger(logger_name="broker.auth")
 
@@ -215,13 +222,16 @@ def bearer(header: str | None) -> str | None:
 
 
 def _check_registered(claims: dict[str, Any]) -> None:
-    """Refuse an `aud`, and time claims that are not numbers: PyJWT takes `"99999999999"`."""
+    """Refuse an `aud`, time claims that are not numbers (PyJWT takes `"99999999999"`), and
+    an `exp` more than `MAX_TOKEN_SECONDS` ahead."""
     if "aud" in claims:
         raise Unauthorized("token has an aud claim: the broker accepts none")
     for name in ("exp", "nbf", "iat"):
         value = claims.get(name, 0)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise Unauthorized(f"token claim {name} must be a number")
+    if not claims["exp"] <= time.time() + MAX_TOKEN_SECONDS:  # NaN fails it too
+        raise Unauthorized("token claim exp must be at most a year ahead")
 
 
 def _scope(claims: dict[str, Any], name: str, default: Any) -> frozenset[str] | None:

@@ -29,7 +29,7 @@ from starlette.applications import Starlette
 
 from . import __version__
 from .app import create_app
-from .auth import Authenticator
+from .auth import MAX_TOKEN_SECONDS, Authenticator
 from .config import OPTIONS, Option, Settings
 from .database import EmbeddedPostgres, check_database, migrate
 from .errors import BrokerError
@@ -226,8 +226,8 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
     def ids(text: str) -> list[str] | str:
         return "*" if text.strip() == "*" else [p.strip() for p in text.split(",") if p.strip()]
 
-    if args.ttl < 1:
-        raise BrokerError("--ttl must be at least 1 second")
+    if not 1 <= args.ttl <= MAX_TOKEN_SECONDS:
+        raise BrokerError(f"--ttl must be from 1 to {MAX_TOKEN_SECONDS} seconds (a year)")
     token = Authenticator(settings.auth_secret).mint(
         ids(args.sessions), ids(args.robots), publish=args.publish, ttl_seconds=args.ttl
     )

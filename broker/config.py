@@ -69,6 +69,19 @@ class Settings:
         parsers.positive_int,
         "events queued per subscriber before it is closed as a slow consumer",
     )
+    queue_bytes: int = setting(
+        4 * 1024 * 1024,
+        "BROKER_QUEUE_BYTES",
+        parsers.positive_int,
+        "bytes of events queued per subscriber before it is closed as a slow consumer"
+        " (an empty queue takes one event whatever its size)",
+    )
+    max_row_bytes: int = setting(
+        1024 * 1024,
+        "BROKER_MAX_ROW_BYTES",
+        parsers.row_bytes,
+        "content bytes of a row sent whole; a larger row is sent cut, with truncated: true",
+    )
     retry_ms: int = setting(
         3_000, "BROKER_RETRY_MS", parsers.positive_int, "the SSE retry: hint, milliseconds"
     )

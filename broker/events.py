@@ -17,6 +17,7 @@ import orjson
 __all__ = [
     "Message",
     "Reference",
+    "cut_content",
     "encode_connected",
     "encode_error",
     "encode_heartbeat",
@@ -39,9 +40,12 @@ class Message:
     is_human: bool
     intent: str | None
     created_at: str
+    # Set when `content` was cut to `BROKER_MAX_ROW_BYTES`: the stored content's full size,
+    # in bytes. The event then says `"truncated": true` and `"contentBytes"` (`store.py`).
+    content_bytes: int | None = None
 
     def as_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "id": str(self.id),
             "sessionId": self.session_id,
             "robotId": self.robot_id,
@@ -51,6 +55,10 @@ class Message:
             "intent": self.intent,
             "createdAt": self.created_at,
         }
+        if self.content_bytes is not None:
+            data["truncated"] = True
+            data["contentBytes"] = self.content_bytes
+        return data
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,9 +84,27 @@ def parse_notification(payload: str | bytes) -> Message | Reference:
             is_human=bool(data["isHuman"]),
             intent=data["intent"],
             created_at=data["createdAt"],
+            content_bytes=_content_bytes(data),
         )
     except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
         raise ValueError(f"malformed notification payload: {exc}") from None
+
+
+def _content_bytes(data: dict[str, Any]) -> int | None:
+    """The full size of a cut row's content (the bus carries cut rows as `as_json` writes
+    them); None for a whole row. Raises `ValueError` for a flag without a size."""
+    if not data.get("truncated"):
+        return None
+    size = data.get("contentBytes")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError("truncated row without a valid contentBytes")
+    return size
+
+
+def cut_content(content: str, max_bytes: int) -> str:
+    """The longest prefix of `content` whose UTF-8 encoding fits in `max_bytes` (a character
+    split by the cut is left out whole)."""
+    return content.encode()[:max_bytes].decode("utf-8", "ignore")
 
 
 def utc_timestamp(moment: datetime | None = None) -> str:

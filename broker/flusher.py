@@ -66,5 +66,6 @@ class Flusher:
                         observe(now - last.born, times)
                     last, times = event, 1
             pending.clear()
+            subscriber._limit = subscriber._size  # as `Subscriber.take` does
         if last is not None:
             observe(now - last.born, times)

@@ -21,7 +21,17 @@ from .errors import AtCapacity
 from .events import Message, encode_heartbeat, encode_message
 from .journal import Journal
 from .latency import LatencyHistogram
-from .subscriber import GLOBAL_CHANNEL, SLOW_CONSUMER, Event, Seen, Subscriber, channel_of
+from .subscriber import (
+    DEFAULT_QUEUE_BYTES,
+    GLOBAL_CHANNEL,
+    SLOW_CONSUMER,
+    Event,
+    Seen,
+    Subscriber,
+    channel_of,
+    extra_slots,
+    slot_bytes,
+)
 
 __all__ = ["GLOBAL_CHANNEL", "Event", "Hub", "HubCounters", "Subscriber", "channel_of"]
 
@@ -47,6 +57,7 @@ class Hub:
 
     max_subscribers: int
     queue_size: int
+    queue_bytes: int = DEFAULT_QUEUE_BYTES
     journal: Journal = field(default_factory=lambda: Journal(JOURNAL_SIZE))
     # Called, instead of waking its task, for a subscriber with a sink that just got its
     # first queued event (`Flusher.mark`).
@@ -64,7 +75,7 @@ class Hub:
         if self._count >= self.max_subscribers:
             self.counters.rejected_connections += 1
             raise AtCapacity("too many connections: retry later")
-        subscriber = Subscriber(session_id, robot_id, self.queue_size)
+        subscriber = Subscriber(session_id, robot_id, self.queue_size, self.queue_bytes)
         if session_id is None:
             self._global.add(subscriber)
         else:
@@ -95,7 +106,10 @@ class Hub:
         having its stream task woken (see `flusher.py`); `_queue` is the same, not inlined.
         """
         self.journal.append(message.id, message.session_id, message.robot_id)
-        event = Event(message.id, encode_message(message), time.perf_counter())
+        data = encode_message(message)
+        event = Event(message.id, data, time.perf_counter())
+        # Slots it takes past the first: 0 but for a large event (subscriber.py).
+        extra = extra_slots(len(data), slot_bytes(self.queue_size, self.queue_bytes))
         on_idle_ready = self.on_idle_ready
         robot_id, message_id = message.robot_id, message.id
         delivered = slow = 0
@@ -109,10 +123,12 @@ class Hub:
                 if seen is not None and seen.skip(message_id):
                     continue
                 pending = subscriber._pending
-                if len(pending) >= subscriber._limit:
+                if len(pending) + extra >= subscriber._limit and pending:
                     subscriber.close(SLOW_CONSUMER)
                     slow += 1
                     continue
+                if extra:
+                    subscriber._limit -= extra
                 pending.append(event)
                 delivered += 1
                 if len(pending) > 1:  # already woken or handed over

@@ -131,6 +131,15 @@ def header_bytes(text: str) -> int:
     return value
 
 
+def row_bytes(text: str) -> int:
+    """At least 8 KiB: a row NOTIFY carries inline (under 8000 bytes) is then never cut, so
+    the listener cuts only rows it reads from the table itself."""
+    value = int(text)
+    if value < 8192:
+        raise ValueError("must be at least 8192")
+    return value
+
+
 _DRIVER_SCHEME = re.compile(r"^postgres(?:ql)?(?:\+[a-z0-9_]+)?://", re.IGNORECASE)
 
 

@@ -50,7 +50,11 @@ class Broker:
             raise ValueError("settings.database_url must be resolved before the broker starts")
         self.settings = settings
         self.store = store
-        self.hub = Hub(max_subscribers=settings.max_connections, queue_size=settings.queue_size)
+        self.hub = Hub(
+            max_subscribers=settings.max_connections,
+            queue_size=settings.queue_size,
+            queue_bytes=settings.queue_bytes,
+        )
         self.listener = Listener(settings.database_url, self.hub, store)
         self.bus: BusFeed | None = None
         if settings.bus_url is not None:
@@ -75,7 +79,7 @@ class Broker:
     @asynccontextmanager
     async def running(cls, settings: Settings) -> AsyncIterator[Broker]:
         assert settings.database_url is not None
-        async with Store.open(settings.database_url) as store:
+        async with Store.open(settings.database_url, max_row_bytes=settings.max_row_bytes) as store:
             broker = cls(settings, store)
             flusher = Flusher(asyncio.get_running_loop(), broker.hub.counters.delivery_latency)
             broker.hub.on_idle_ready = flusher.mark

@@ -11,6 +11,14 @@ to `reconnect_timeout`), so after a 3 s outage the pool came back up to 7 s afte
 did and replays failed with `PoolTimeout` meanwhile (issue 14). A failed attempt here gives up
 after `RECONNECT_SECONDS` instead (the next request starts a new one at once), and the
 listener calls `revive` as soon as it is back, so the pool reconnects within the same second.
+
+What one row may cost is bounded (issue 20): a row whose content is over `max_row_bytes`
+(`BROKER_MAX_ROW_BYTES`) is read cut, by PostgreSQL, to its first `max_row_bytes` characters
+(`left` reads only that slice of a stored value, `octet_length` its size without fetching it),
+then to as many bytes here; the `Message` carries the full size (`content_bytes`) and its event
+says `"truncated": true`. Every read goes through here (live, backfill, relay, replay,
+history), so a client sees one row the same way live and on resume. A 50 MiB row read whole
+delayed every other session's rows by 2.5 s and kept the broker's RSS 100 MiB higher.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from functools import partial
 from typing import Any, TypeVar
 
 import psycopg
@@ -27,15 +36,16 @@ from psycopg.rows import AsyncRowFactory, kwargs_row, tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .errors import Unavailable
-from .events import Message, utc_timestamp
+from .events import Message, cut_content, utc_timestamp
 
-__all__ = ["COLUMNS", "DatabaseUnavailable", "Store"]
+__all__ = ["COLUMNS", "DEFAULT_MAX_ROW_BYTES", "DatabaseUnavailable", "Store"]
 
 POOL_SIZE = 4
 RECONNECT_SECONDS = 0.5
 APPLICATION_NAME = "pgsse-store"
 Query = sql.SQL | sql.Composed
 COLUMNS = sql.SQL("id, session_id, robot_id, content, is_from_bot, is_human, intent, created_at")
+DEFAULT_MAX_ROW_BYTES = 1024 * 1024  # as `BROKER_MAX_ROW_BYTES`
 ROW_OVERHEAD_BYTES = 512  # an encoded row's bytes besides its content, about (the other fields)
 Row = TypeVar("Row")
 
@@ -55,6 +65,26 @@ def _message(**columns: Any) -> Message:
     return Message(**columns)
 
 
+def _bounded_message(max_bytes: int, **columns: Any) -> Message:
+    """A `Message` from a row of `_bounded_columns(max_bytes)`: a cut content is cut again
+    to `max_bytes` bytes (PostgreSQL cut it to as many characters)."""
+    if columns["content_bytes"] is not None:
+        columns["content"] = cut_content(columns["content"], max_bytes)
+    return _message(**columns)
+
+
+def _bounded_columns(max_bytes: int) -> sql.Composed:
+    """`COLUMNS`, with `content` cut to `max_bytes` characters when it is over `max_bytes`
+    bytes, and `content_bytes`: its full size when cut, else NULL."""
+    return sql.SQL(
+        "id, session_id, robot_id,"
+        " CASE WHEN octet_length(content) > {max} THEN left(content, {max}) ELSE content END"
+        " AS content,"
+        " is_from_bot, is_human, intent, created_at,"
+        " CASE WHEN octet_length(content) > {max} THEN octet_length(content) END AS content_bytes"
+    ).format(max=sql.Literal(max_bytes))
+
+
 MESSAGE_ROW = kwargs_row(_message)
 TUPLE_ROW: AsyncRowFactory[tuple[Any, ...]] = tuple_row
 
@@ -62,13 +92,20 @@ TUPLE_ROW: AsyncRowFactory[tuple[Any, ...]] = tuple_row
 class Store:
     """Reads and writes rows of `messages`, through a pool or on one connection."""
 
-    def __init__(self, source: AsyncConnectionPool[Any] | psycopg.AsyncConnection[Any]) -> None:
+    def __init__(
+        self,
+        source: AsyncConnectionPool[Any] | psycopg.AsyncConnection[Any],
+        max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
+    ) -> None:
         self._source = source
         self._revival: asyncio.Task[None] | None = None
+        self.max_row_bytes = max_row_bytes
+        self._columns = _bounded_columns(max_row_bytes)
+        self._rows = kwargs_row(partial(_bounded_message, max_row_bytes))
 
     def using(self, conn: psycopg.AsyncConnection[Any]) -> Store:
         """The same queries, run on `conn` (an autocommit connection the caller holds)."""
-        return Store(conn)
+        return Store(conn, self.max_row_bytes)
 
     def revive(self) -> None:
         """PostgreSQL is back: have the pool test its connections and reconnect now, rather
@@ -91,7 +128,9 @@ class Store:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, url: str, wait_seconds: float = 5.0) -> AsyncIterator[Store]:
+    async def open(
+        cls, url: str, wait_seconds: float = 5.0, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES
+    ) -> AsyncIterator[Store]:
         """A store whose pool connects lazily: the broker starts even if PostgreSQL is down."""
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             url,
@@ -107,7 +146,7 @@ class Store:
         )
         await pool.open(wait=False)
         try:
-            yield cls(pool)
+            yield cls(pool, max_row_bytes)
         finally:
             await pool.close()
 
@@ -130,8 +169,8 @@ class Store:
         return message
 
     async def get(self, message_id: int) -> Message | None:
-        query = sql.SQL("SELECT {} FROM messages WHERE id = %s").format(COLUMNS)
-        return await self._one(query, (message_id,), MESSAGE_ROW)
+        query = sql.SQL("SELECT {} FROM messages WHERE id = %s").format(self._columns)
+        return await self._one(query, (message_id,), self._rows)
 
     async def after(
         self,
@@ -145,13 +184,13 @@ class Store:
         `max_bytes`, only as many as fit in about that many bytes (always one at least)."""
         where, params = _filter(session_id, robot_id, after_id)
         query: Query = sql.SQL("SELECT {} FROM messages {} ORDER BY id LIMIT %s").format(
-            COLUMNS, where
+            COLUMNS if max_bytes is not None else self._columns, where
         )
         params.append(limit)
         if max_bytes is not None:
-            query = _within(query, sql.Identifier("id"))
+            query = self._within(query, sql.Identifier("id"))
             params.append(max_bytes)
-        return await self._all(query, tuple(params), MESSAGE_ROW)
+        return await self._all(query, tuple(params), self._rows)
 
     async def in_order(self, ids: list[int], max_bytes: int) -> list[Message]:
         """The rows of `ids` that exist, in the order of `ids`, as many as fit in about
@@ -160,13 +199,13 @@ class Store:
             "SELECT {}, position FROM unnest(%s::bigint[]) WITH ORDINALITY AS wanted (id, position)"
             " JOIN messages USING (id)"
         ).format(COLUMNS)
-        query = _within(candidates, sql.Identifier("position"))
-        return await self._all(query, (ids, max_bytes), MESSAGE_ROW)
+        query = self._within(candidates, sql.Identifier("position"))
+        return await self._all(query, (ids, max_bytes), self._rows)
 
     async def by_ids(self, ids: list[int]) -> dict[int, Message]:
         """The rows of `ids` that exist, by id."""
-        query = sql.SQL("SELECT {} FROM messages WHERE id = ANY(%s)").format(COLUMNS)
-        return {message.id: message for message in await self._all(query, (ids,), MESSAGE_ROW)}
+        query = sql.SQL("SELECT {} FROM messages WHERE id = ANY(%s)").format(self._columns)
+        return {message.id: message for message in await self._all(query, (ids,), self._rows)}
 
     async def oldest_of_last(
         self, count: int, session_id: str | None = None, robot_id: str | None = None
@@ -190,6 +229,26 @@ class Store:
         row = await self._one(sql.SQL("SELECT coalesce(max(id), 0) FROM messages"), (), TUPLE_ROW)
         assert row is not None
         return int(row[0])
+
+    def _within(self, candidates: sql.Composable, order: sql.Identifier) -> sql.Composed:
+        """`candidates` (COLUMNS and `order`), in `order`, cut where their running size passes
+        a last parameter of bytes; the first row always stays. Sizes come from PostgreSQL
+        (`octet_length` reads a stored value's length without fetching it), so rows past the
+        budget never reach the broker's memory; a row counts as at most `max_row_bytes`, what
+        is read of it."""
+        return sql.SQL(
+            "SELECT {columns} FROM (SELECT *,"
+            " sum(least(octet_length(content), {max}) + {overhead}) OVER (ORDER BY {order})"
+            " AS running,"
+            " row_number() OVER (ORDER BY {order}) AS n FROM ({candidates}) AS candidates) AS page"
+            " WHERE n = 1 OR running <= %s ORDER BY {order}"
+        ).format(
+            columns=self._columns,
+            order=order,
+            max=sql.Literal(self.max_row_bytes),
+            overhead=sql.Literal(ROW_OVERHEAD_BYTES),
+            candidates=candidates,
+        )
 
     async def _all(
         self, query: Query, params: tuple[Any, ...], rows: AsyncRowFactory[Row]
@@ -231,21 +290,3 @@ def _filter(
     if not conditions:
         return sql.SQL(""), params
     return sql.SQL("WHERE ") + sql.SQL(" AND ").join(conditions), params
-
-
-def _within(candidates: sql.Composable, order: sql.Identifier) -> sql.Composed:
-    """`candidates` (COLUMNS and `order`), in `order`, cut where their running size passes a
-    last parameter of bytes; the first row always stays. Sizes come from PostgreSQL
-    (`octet_length` reads a stored value's length without fetching it), so rows past the
-    budget never reach the broker's memory."""
-    return sql.SQL(
-        "SELECT {columns} FROM (SELECT *,"
-        " sum(octet_length(content) + {overhead}) OVER (ORDER BY {order}) AS running,"
-        " row_number() OVER (ORDER BY {order}) AS n FROM ({candidates}) AS candidates) AS page"
-        " WHERE n = 1 OR running <= %s ORDER BY {order}"
-    ).format(
-        columns=COLUMNS,
-        order=order,
-        overhead=sql.Literal(ROW_OVERHEAD_BYTES),
-        candidates=candidates,
-    )

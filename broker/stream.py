@@ -121,10 +121,15 @@ class EventStreamResponse(Response):
         )
         expiry: asyncio.TimerHandle | None = None
         watcher: asyncio.Future[None] | None = None
-        if self.valid_until is not None:
-            delay = max(0.0, self.valid_until - time.time())
-            expiry = asyncio.get_running_loop().call_later(delay, subscriber.close, TOKEN_EXPIRED)
+        # Everything from here on is inside the try: whatever raises, the subscription is
+        # released (a token's exp past the float range raised before it and left one counted
+        # for good, issue 20).
         try:
+            if self.valid_until is not None:
+                delay = max(0.0, self.valid_until - time.time())
+                expiry = asyncio.get_running_loop().call_later(
+                    delay, subscriber.close, TOKEN_EXPIRED
+                )
             await send(
                 {
                     "type": "http.response.start",

@@ -1,9 +1,21 @@
 """One open stream as the hub sees it: its filter, its bounded queue, and what it already has.
 
-A `Subscriber` queues the encoded events the hub routes to it, up to `queue_size`; a full
-queue closes it (slow consumer). `Seen` records the rows a stream was sent outside routing (a
-replay or history, read from the table): the hub skips those when it routes them later, and
-`Subscriber.drop_seen` removes copies already queued. That is how replay, backfill and live
+A `Subscriber` queues the encoded events the hub routes to it, up to `queue_size` events and
+`queue_bytes` bytes; a full queue, by either, closes it (slow consumer). A client that never
+read was held 1,000 events of large rows before (two of them 318 MB for over 20 s, issue 20).
+
+Both bounds are one count of slots: the queue has `queue_size` slots of `unit` =
+`queue_bytes // queue_size` bytes (4 KiB by default). An event takes one slot per `unit` of its
+size (`len` of the shared bytes, no copy), at least one, so small events fill the queue exactly
+as the count did, and large ones fill it by bytes: at most `queue_size * unit` bytes are
+queued. The hub's fan-out checks `len(queue) + extra >= limit`, where `extra` (the slots past
+the first) is worked out once per event: a separate byte count per subscriber made
+`Hub.publish` 30% slower per delivery. An empty queue takes one event whatever its size, so a
+row larger than the budget still reaches a reader that keeps up.
+
+`Seen` records the rows a stream was sent outside routing (a replay or history, read from the
+table): the hub skips those when it routes them later, and `Subscriber.drop_seen` removes
+copies already queued. That is how replay, backfill and live
 delivery agree on "nothing twice" (see `replay.py` for the rule).
 
 A `Sink` is where an idle stream's events may be written without waking its task: the
@@ -18,6 +30,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 __all__ = [
+    "DEFAULT_QUEUE_BYTES",
     "GLOBAL_CHANNEL",
     "SLOW_CONSUMER",
     "Event",
@@ -25,10 +38,23 @@ __all__ = [
     "Sink",
     "Subscriber",
     "channel_of",
+    "extra_slots",
+    "slot_bytes",
 ]
 
 GLOBAL_CHANNEL = "session_messages:global"
 SLOW_CONSUMER = "slow consumer: reconnect to resume"
+DEFAULT_QUEUE_BYTES = 4 * 1024 * 1024  # as `BROKER_QUEUE_BYTES`
+
+
+def slot_bytes(queue_size: int, queue_bytes: int) -> int:
+    """The bytes of one of a queue's slots (the module docstring)."""
+    return max(1, queue_bytes // queue_size)
+
+
+def extra_slots(size: int, unit: int) -> int:
+    """The slots past the first that an event of `size` bytes takes (module docstring)."""
+    return (size - 1) // unit if size > unit else 0
 
 
 def channel_of(session_id: str | None) -> str:
@@ -88,6 +114,7 @@ class Subscriber:
         "_limit",
         "_loop",
         "_pending",
+        "_size",
         "_waiter",
         "close_reason",
         "closed",
@@ -97,9 +124,16 @@ class Subscriber:
         "seen",
         "session_id",
         "sink",
+        "unit",
     )
 
-    def __init__(self, session_id: str | None, robot_id: str | None, queue_size: int) -> None:
+    def __init__(
+        self,
+        session_id: str | None,
+        robot_id: str | None,
+        queue_size: int,
+        queue_bytes: int = DEFAULT_QUEUE_BYTES,
+    ) -> None:
         self.session_id = session_id
         self.robot_id = robot_id
         self.closed = False
@@ -107,7 +141,10 @@ class Subscriber:
         self.on_close: Callable[[], None] | None = None
         # A list, not a deque: an empty deque allocates a 64-slot block (~700 B per stream).
         self._pending: list[Event] = []
-        self._limit = queue_size
+        # Slots: `_limit` is `queue_size` less the extra slots of the large events queued;
+        # whoever empties `_pending` resets it to `_size` (`take`, the flusher).
+        self._size = self._limit = queue_size
+        self.unit = slot_bytes(queue_size, queue_bytes)
         self._waiter: asyncio.Future[None] | None = None
         # Set by a live stream while it idles with nothing queued: where `flusher.Flusher`
         # writes what is routed to it.
@@ -127,15 +164,18 @@ class Subscriber:
         caller wakes the stream when the queue was empty (`Hub` does, or hands it to a sink)."""
         if self.closed:
             return False
-        if len(self._pending) >= self._limit:
+        extra = extra_slots(len(event.data), self.unit)
+        if len(self._pending) + extra >= self._limit and self._pending:
             self.close(SLOW_CONSUMER)
             return False
+        self._limit -= extra
         self._pending.append(event)
         return True
 
     def take(self) -> list[Event]:
         """Every queued event, oldest first, leaving the queue empty."""
         events, self._pending = self._pending, []
+        self._limit = self._size
         return events
 
     def drop_seen(self) -> None:
@@ -143,6 +183,8 @@ class Subscriber:
         seen = self.seen
         if seen is not None and any(event.id in seen for event in self._pending):
             self._pending = [event for event in self._pending if event.id not in seen]
+            extra = (extra_slots(len(event.data), self.unit) for event in self._pending)
+            self._limit = self._size - sum(extra)
 
     async def wait(self) -> None:
         """Return once an event is queued or the subscriber is closed."""
@@ -171,6 +213,7 @@ class Subscriber:
         self.closed = True
         self.close_reason = reason
         self._pending.clear()
+        self._limit = self._size
         self.wake()
         if self.on_close is not None:
             self.on_close()

@@ -13,13 +13,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 import jwt
 import pytest
 
-from broker.auth import Authenticator, bearer
+from broker.auth import MAX_TOKEN_SECONDS, Authenticator, bearer
 from broker.config import Settings
 from broker.errors import ConfigError, Forbidden, Unauthorized
 from tests.conftest import Database
@@ -456,3 +457,14 @@ async def test_many_refusals_leave_no_stream_open(
         broker.port, "GET", "/api/sse/stats", {"Authorization": f"Bearer {admin_token}"}
     )
     assert answer.status == 200 and answer.json["data"]["totalConnections"] == 0
+
+
+@pytest.mark.parametrize("exp", [10**400, 1e300, float("nan"), "a year and a day"])
+def test_exp_further_than_a_year_is_refused(exp: Any) -> None:
+    secret = new_secret()
+    if exp == "a year and a day":
+        exp = int(time.time()) + MAX_TOKEN_SECONDS + 86_400
+    with pytest.raises(Unauthorized):
+        Authenticator([secret]).verify(_signed(secret, exp=exp))
+    a_year = _signed(secret, exp=int(time.time()) + MAX_TOKEN_SECONDS - 60)
+    assert Authenticator([secret]).verify(a_year).valid_until is not None

@@ -137,3 +137,19 @@ def test_rows_routed_before_subscribing_are_not_remembered() -> None:
     subscriber = hub.subscribe("a", None)
     hub.give(subscriber, [1])  # a replay from the journal: routed already, never again
     assert subscriber.seen is not None and subscriber.seen.pending == set()
+
+
+def test_a_queue_full_by_bytes_closes_the_subscriber_as_one_full_by_count_does() -> None:
+    hub = Hub(max_subscribers=10, queue_size=1000, queue_bytes=1000)
+    slow, fast = hub.subscribe("a", None), hub.subscribe("a", None)
+    big = Message(1, "a", None, "x" * 5000, False, True, None, "2026-01-01T00:00:00.000Z")
+    hub.publish(big)  # an empty queue takes one event whatever its size
+    assert ids(fast) == [1] and not slow.closed
+    hub.publish(message(2))  # and nothing more past its bytes
+    assert slow.closed and slow.close_reason and "slow consumer" in slow.close_reason
+    assert ids(fast) == [2] and hub.counters.slow_consumer_disconnects == 1
+    for n in range(3, 20):  # a reader that keeps up is never cut: taking frees the bytes
+        hub.publish(message(n))
+        hub.heartbeat()
+        assert len(fast.take()) == 2
+    assert not fast.closed

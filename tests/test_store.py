@@ -41,3 +41,27 @@ async def test_replay_queries_keep_their_order_and_budget(
     assert await store.oldest_of_last(2, session_id=session_id + "-none") is None
     assert (await store.ids_after(ids[1]))[:2] == ids[2:]
     assert await store.last_id() >= ids[-1]
+
+
+async def test_a_row_over_max_row_bytes_is_read_cut_and_flagged(
+    database: Database, session_id: str
+) -> None:
+    content = "a" + "你" * 5000  # 15,001 bytes; the cut must not split a character
+    row_id = database.insert(session_id, content)
+    async with Store.open(database.url, max_row_bytes=8192) as store:
+        reads = [
+            await store.get(row_id),
+            (await store.by_ids([row_id]))[row_id],
+            (await store.after(row_id - 1, 1, session_id=session_id))[0],
+            (await store.after(row_id - 1, 1, session_id=session_id, max_bytes=10**6))[0],
+            (await store.in_order([row_id], 10**6))[0],
+        ]
+    cut = "a" + "你" * 2730  # 8,191 bytes: the next character would make 8,194
+    for message in reads:
+        assert message is not None
+        assert (message.content, message.content_bytes) == (cut, 15_001)
+        assert message.as_json()["truncated"] is True
+    async with Store.open(database.url, max_row_bytes=16_384) as store:
+        whole = await store.get(row_id)
+    assert whole is not None and (whole.content, whole.content_bytes) == (content, None)
+    assert "truncated" not in whole.as_json()

@@ -320,3 +320,20 @@ async def test_one_listening_backend_for_a_thousand_subscribers(
     assert {event.id for event in events} == {str(row_id)}
     await asyncio.gather(*(client.close() for client in clients))
     broker.wait_until(lambda: broker.stats()["totalConnections"] == 0, 5, "streams closed")
+
+
+async def test_an_error_opening_the_stream_releases_its_subscription() -> None:
+    # An exp past the float range (a token before issue 20) raised before the stream's
+    # `try`: a 500 and a subscription counted for good. Whatever raises now, it is released.
+    hub = Hub(max_subscribers=10, queue_size=10)
+    subscriber = hub.subscribe("a", None)
+    response = EventStreamResponse(
+        hub, subscriber, None, listening=asyncio.Event(), retry_ms=3000, valid_until=10**400
+    )
+
+    async def never(*_: Any) -> Any:
+        raise AssertionError("nothing is received or sent")
+
+    with pytest.raises(OverflowError):
+        await response({"type": "http", "extensions": {}}, never, never)
+    assert len(hub) == 0 and hub.channels() == {} and subscriber.closed

@@ -12,6 +12,11 @@ export interface Message {
   intent: string | null;
   /** UTC with milliseconds, `2026-01-01T00:00:00.000Z`. */
   createdAt: string;
+  /** Present (true) only on a row over the broker's `BROKER_MAX_ROW_BYTES`: `content` is then
+   * its first bytes, and the whole row stays in the table. */
+  truncated?: true;
+  /** The stored content's full size in bytes, with `truncated`. */
+  contentBytes?: number;
 }
 
 /** The first event of every stream. */
