@@ -152,8 +152,9 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
         broker: Broker | None = getattr(self.app.state, "broker", None)  # set by the lifespan
         if first and broker is not None:
-            log.info("shutdown_requested", signal=signal.Signals(sig).name)
+            # Streams first: nothing, not even a failing log line, may come before them.
             asyncio.get_running_loop().call_soon_threadsafe(broker.close_streams)
+            log.info("shutdown_requested", signal=signal.Signals(sig).name)
 
 
 def _serve(settings: Settings) -> int:

@@ -277,3 +277,50 @@ async def test_workers_without_a_bus_listen_each_and_one_killed_is_forked_again(
     events = [e["event"] for e in broker.log_events()]
     assert "worker_died" in events and "worker_restarted" in events
     assert "workers_stopped" in events
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+async def test_shutdown_with_a_dead_log_pipe_closes_streams_and_exits_zero(
+    sig: signal.Signals, database: Database, session_id: str
+) -> None:
+    """`make run 2>&1 | tee run.log`, then Ctrl-C, which ends `tee` as well: the broker's
+    stdout and stderr are a pipe nobody reads any more. Writing its log fails from then on
+    (EPIPE), which must not stop the shutdown: every stream still gets the error event and
+    the broker exits 0 at once, not after the grace period."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": database.url,
+        "BROKER_MIGRATE": "false",
+        "BROKER_LOG_FORMAT": "json",
+        "BROKER_HOST": "127.0.0.1",
+        "BROKER_PORT": str(port),
+        "BROKER_SHUTDOWN_GRACE_SECONDS": "10",
+    }
+    process = await asyncio.to_thread(
+        subprocess.Popen,
+        [sys.executable, "-m", "broker", "serve"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        broker = BrokerProcess({}, Path(os.devnull), port=port, process=process)
+        await asyncio.to_thread(broker.wait_until, broker.ready, 20, "broker ready")
+        client = await SSEClient.open(port, params={"sessionId": session_id})
+        await client.events_until(lambda event: event.type == "connected")
+        assert process.stdout is not None
+        process.stdout.close()  # the reader of the pipe is gone, as `tee` is after Ctrl-C
+        started = time.monotonic()
+        process.send_signal(sig)
+        events = await client.events_until(lambda event: event.type == "error", timeout=5)
+        assert "shutting down" in events[-1].json["error"]
+        assert await asyncio.to_thread(process.wait, 8) == 0
+        elapsed = time.monotonic() - started
+        assert elapsed < 3, f"shutdown took {elapsed:.1f}s"
+        await client.close()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
