@@ -30,7 +30,7 @@ from starlette.applications import Starlette
 from . import __version__
 from .app import create_app
 from .auth import Authenticator
-from .config import OPTIONS, Option, Settings
+from .config import OPTIONS, Option, Settings, unknown_settings
 from .database import EmbeddedPostgres, check_database, migrate
 from .errors import BrokerError
 from .guard import log_exposure
@@ -58,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokerError as exc:
         return _fail(exc, 2)
     configure(settings.log_format, settings.log_level)
+    for name, closest in unknown_settings(os.environ):
+        log.warning("unknown_setting", variable=name, closest=closest, ignored=True)
     try:
         if args.command == "serve":
             return _serve(settings)

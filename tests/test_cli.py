@@ -324,3 +324,21 @@ async def test_shutdown_with_a_dead_log_pipe_closes_streams_and_exits_zero(
         if process.poll() is None:
             process.kill()
             process.wait(5)
+
+
+def test_a_misspelt_setting_is_warned_about_in_one_line_naming_the_closest() -> None:
+    result = run_broker(
+        "token",
+        "--sessions",
+        "s1",
+        BROKER_AUTH_SECRET="a-secret-of-thirty-two-bytes-or-more!",
+        BROKER_MAX_CONECTIONS="5",
+        BROKER_LOG_FORMAT="json",
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    warning = json.loads(lines[0])
+    assert warning["event"] == "unknown_setting" and warning["level"] == "warning"
+    assert warning["variable"] == "BROKER_MAX_CONECTIONS"
+    assert warning["closest"] == "BROKER_MAX_CONNECTIONS"
