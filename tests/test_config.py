@@ -11,8 +11,8 @@ import pytest
 
 from broker.cli import _parser
 from broker.config import OPTIONS, Option, Settings, unknown_settings
-from broker.options import unknown_variables
 from broker.errors import ConfigError
+from broker.options import unknown_variables
 
 
 def test_defaults_match_the_contract() -> None:
