@@ -1,49 +1,40 @@
 """`pgsse serve | migrate | publish | token`: the command line (`broker` is the same command).
 
 Every `serve` flag is a `Settings` field (`config.OPTIONS`); flags win over the environment.
-With no database URL, each command uses the embedded PostgreSQL under `--data-dir`, starting
-it if needed and stopping it at exit only if it started it. A failure to start is one line on
-stderr naming the setting to change, found before the embedded database starts where it can be
-(the listening address and port are bound first).
+With no database URL, `serve` uses the embedded PostgreSQL under `--data-dir`, creating and
+starting it if needed and stopping it at exit only if it started it. The other commands use
+that cluster only if it exists (starting it if stopped): run in the wrong directory they would
+otherwise create a second, empty cluster and fail on its missing table; they say instead in
+one line where they looked and what to set. `migrate` included: `serve` migrates the cluster
+it creates, so a `migrate` with nothing to migrate is that same mistake. A failure to start is
+one line on stderr naming the setting to change, found before the embedded database starts
+where it can be (the listening address and port are bound first).
+
+Commands print their result and their errors, nothing else: the commands other than `serve`
+log warnings and errors only. The server and the database are imported only by the command
+that needs them, so `pgsse --version` and `--help` answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import dataclasses
-import gc
 import os
-import signal
-import socket
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from types import FrameType
-
-import orjson
-import structlog
-import uvicorn
-from starlette.applications import Starlette
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .app import create_app
-from .auth import Authenticator
 from .config import OPTIONS, Option, Settings, unknown_settings
-from .database import EmbeddedPostgres, check_database, migrate
 from .errors import BrokerError
-from .guard import log_exposure
-from .log import configure
-from .service import Broker
-from .sockets import listen_sockets
-from .store import Store
-from .transport import server_options
-from .workers import run_workers
+
+if TYPE_CHECKING:
+    import socket
 
 __all__ = ["main"]
 
-log = structlog.get_logger(logger_name="broker.cli")
+QUIET_LEVEL = "warning"  # what the commands other than `serve` log
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,16 +48,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.load(os.environ, overrides)
     except BrokerError as exc:
         return _fail(exc, 2)
-    configure(settings.log_format, settings.log_level)
+    import structlog
+
+    from .log import configure
+
+    quiet = args.command != "serve"
+    configure(settings.log_format, QUIET_LEVEL if quiet else settings.log_level)
     for name, closest in unknown_settings(os.environ):
-        log.warning("unknown_setting", variable=name, closest=closest, ignored=True)
+        structlog.get_logger(logger_name="broker.cli").warning(
+            "unknown_setting", variable=name, closest=closest, ignored=True
+        )
     try:
         if args.command == "serve":
             return _serve(settings)
         if args.command == "migrate":
-            with _database(settings) as url:
-                migrate(url)
-            return 0
+            return _migrate(settings)
         if args.command == "token":
             return _token(settings, args)
         return _publish(settings, args.session, args.robot, args.text)
@@ -126,12 +122,21 @@ def _add_option(parser: argparse.ArgumentParser, option: Option) -> None:
 
 
 @contextmanager
-def _database(settings: Settings) -> Iterator[str]:
-    """The database URL: the configured one, or the embedded server's (started if needed)."""
+def _database(settings: Settings, create: bool = False) -> Iterator[str]:
+    """The database URL: the configured one, or the embedded server's (started if needed).
+    Unless `create`, an embedded cluster that does not exist yet is an error, not created."""
+    from .database import EmbeddedPostgres
+
     if settings.database_url is not None:
         yield settings.database_url
         return
     embedded = EmbeddedPostgres(settings.data_dir)
+    if not create and not embedded.exists():
+        raise BrokerError(
+            f"no database: DATABASE_URL is unset and BROKER_DATA_DIR={str(embedded.requested)!r}"
+            " holds no embedded PostgreSQL (`pgsse serve` creates it); set DATABASE_URL, or"
+            " BROKER_DATA_DIR (--data-dir) to the data directory `pgsse serve` uses"
+        )
     started = not embedded.is_running()
     embedded.start()
     try:
@@ -141,28 +146,29 @@ def _database(settings: Settings) -> Iterator[str]:
             embedded.stop()
 
 
-class _Server(uvicorn.Server):
-    """uvicorn, plus: on the first SIGTERM/SIGINT, every stream is sent `error` and closed,
-    so that clients reconnect to another instance while this one drains."""
+def _migrate(settings: Settings) -> int:
+    from .database import migrate
 
-    def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
-        super().__init__(config)
-        self.app = app
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        first = not self.should_exit
-        super().handle_exit(sig, frame)
-        broker: Broker | None = getattr(self.app.state, "broker", None)  # set by the lifespan
-        if first and broker is not None:
-            # Streams first: nothing, not even a failing log line, may come before them.
-            asyncio.get_running_loop().call_soon_threadsafe(broker.close_streams)
-            log.info("shutdown_requested", signal=signal.Signals(sig).name)
+    with _database(settings) as url:
+        files = migrate(url)
+    sys.stdout.write("migrated: " + ", ".join(files) + "\n")
+    return 0
 
 
 def _serve(settings: Settings) -> int:
+    import dataclasses
+
+    import structlog
+
+    from .database import check_database, migrate
+    from .guard import log_exposure
+    from .sockets import listen_sockets
+    from .workers import run_workers
+
+    log = structlog.get_logger(logger_name="broker.cli")
     sockets = listen_sockets(settings)  # public + admin port, if any
     try:
-        with _database(settings) as url:
+        with _database(settings, create=True) as url:
             settings = dataclasses.replace(settings, database_url=url)
             if settings.migrate:
                 migrate(url)
@@ -190,6 +196,32 @@ def _serve(settings: Settings) -> int:
 
 def _run_server(settings: Settings, sockets: list[socket.socket]) -> int:
     """One broker process serving `sockets` until SIGTERM/SIGINT; its exit status."""
+    import asyncio
+    import signal
+    from types import FrameType
+
+    import structlog
+    import uvicorn
+
+    from .app import create_app
+    from .service import Broker
+    from .transport import server_options
+
+    log = structlog.get_logger(logger_name="broker.cli")
+
+    class _Server(uvicorn.Server):
+        """uvicorn, plus: on the first SIGTERM/SIGINT, every stream is sent `error` and
+        closed, so that clients reconnect to another instance while this one drains."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            first = not self.should_exit
+            super().handle_exit(sig, frame)
+            broker: Broker | None = getattr(app.state, "broker", None)  # set by the lifespan
+            if first and broker is not None:
+                # Streams first: nothing, not even a failing log line, may come before them.
+                asyncio.get_running_loop().call_soon_threadsafe(broker.close_streams)
+                log.info("shutdown_requested", signal=signal.Signals(sig).name)
+
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -199,7 +231,7 @@ def _run_server(settings: Settings, sockets: list[socket.socket]) -> int:
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or 1,
         server_header=False,
     )
-    server = _Server(config, app)
+    server = _Server(config)
     # uvicorn re-raises the signal it caught once it has shut down; ignoring it then lets a
     # graceful stop exit 0 as the contract says.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -220,6 +252,8 @@ def _tune_gc() -> None:
     the whole run, so freeze them out of every collection; and let the young generation grow
     before it is collected, since each delivery allocates a few short-lived objects
     (py-spy under `make bench` fanout showed 6-9% of the broker's CPU in the collector)."""
+    import gc
+
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 10, 10)
@@ -228,6 +262,8 @@ def _tune_gc() -> None:
 def _token(settings: Settings, args: argparse.Namespace) -> int:
     def ids(text: str) -> list[str] | str:
         return "*" if text.strip() == "*" else [p.strip() for p in text.split(",") if p.strip()]
+
+    from .auth import Authenticator
 
     if args.ttl < 1:
         raise BrokerError("--ttl must be at least 1 second")
@@ -239,6 +275,12 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _publish(settings: Settings, session: str, robot: str | None, text: str) -> int:
+    import asyncio
+
+    import orjson
+
+    from .store import Store
+
     async def insert(url: str) -> None:
         async with Store.open(url) as store:
             message = await store.insert(session, text, robot)

@@ -118,6 +118,11 @@ class EmbeddedPostgres:
     def url(self) -> str:
         return f"postgresql://postgres@/postgres?host={quote(str(self.socket_dir), safe='/')}"
 
+    def exists(self) -> bool:
+        """Whether a cluster was created for BROKER_DATA_DIR (in it, or where its link
+        points); looks only, creating nothing (`placement` may create the server's user)."""
+        return (self.requested / "PG_VERSION").exists()
+
     def is_running(self) -> bool:
         """Whether the postmaster of `postmaster.pid` is alive (what `pg_ctl status` checks,
         without needing the binaries or the server's user)."""

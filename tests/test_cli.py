@@ -165,6 +165,7 @@ def test_publish_inserts_and_prints_the_stored_message(database: Database, sessi
         BROKER_LOG_FORMAT="json",
     )
     assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
     printed = json.loads(result.stdout)
     assert printed["sessionId"] == session_id and printed["content"] == "hé 你好"
     rows = database.query(
@@ -184,8 +185,9 @@ def test_migrate_is_idempotent_and_safe_in_parallel(database: Database) -> None:
         for _ in range(4)
     ]
     for run in runs:
-        _, err = run.communicate(timeout=60)
+        out, err = run.communicate(timeout=60)
         assert run.returncode == 0, err
+        assert out.startswith(b"migrated: 001_messages.sql") and err == b""
     triggers = database.query(
         "SELECT count(*) FROM pg_trigger WHERE tgname = 'trigger_notify_new_message'"
     )
@@ -209,6 +211,7 @@ async def test_serve_without_database_url_starts_the_embedded_postgres(
         client = await SSEClient.open(broker.port, params={"sessionId": session_id})
         published = run_broker("publish", "--session", session_id, "hello", **env)
         assert published.returncode == 0, published.stderr
+        assert published.stderr == ""  # its result on stdout, and nothing else
         assert json.loads(published.stdout)["content"] == "hello"
         assert json.loads((await client.message(timeout=10)).data or "")["data"]["content"] == (
             "hello"
@@ -342,3 +345,42 @@ def test_a_misspelt_setting_is_warned_about_in_one_line_naming_the_closest() -> 
     assert warning["event"] == "unknown_setting" and warning["level"] == "warning"
     assert warning["variable"] == "BROKER_MAX_CONECTIONS"
     assert warning["closest"] == "BROKER_MAX_CONNECTIONS"
+
+
+@pytest.mark.parametrize(
+    "args", [("publish", "--session", "s1", "hello"), ("migrate",)], ids=["publish", "migrate"]
+)
+def test_commands_other_than_serve_create_no_database(
+    args: tuple[str, ...], tmp_path: Path
+) -> None:
+    """Run in the wrong directory, `publish` used to create an embedded cluster there, fail
+    on its missing table after seconds and leave it behind. It says instead, in one line,
+    where it looked and what to set."""
+    data_dir = tmp_path / "elsewhere" / ".data"
+    env = {**NO_DATABASE_URL, "BROKER_DATA_DIR": str(data_dir), "BROKER_LOG_FORMAT": "json"}
+    started = time.monotonic()
+    result = run_broker(*args, **env)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("pgsse: no database:")
+    assert str(data_dir) in lines[0] and "DATABASE_URL" in lines[0]
+    assert "BROKER_DATA_DIR" in lines[0]
+    assert not os.path.lexists(data_dir) and not os.path.lexists(data_dir.parent)
+    assert time.monotonic() - started < 10
+
+
+def test_version_imports_neither_the_server_nor_the_database() -> None:
+    """`pgsse --version` answers at once: it used to import the whole server (1.2 s)."""
+    heavy = ("uvicorn", "starlette", "psycopg", "structlog", "orjson", "redis", "jwt")
+    probe = (
+        "import sys\n"
+        "from broker.cli import main\n"
+        "try:\n    main(['--version'])\n"
+        "except SystemExit:\n    pass\n"
+        f"print(sorted(set({heavy!r}) & set(sys.modules)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert done.stdout.splitlines() == [f"pgsse {version('pgsse')}", "[]"]
