@@ -177,3 +177,49 @@ async def test_a_killed_instance_is_started_again_and_clients_keep_every_row(
         cluster.remove()
     assert code == 0, output
     assert "cluster stopped" in output
+
+
+async def test_an_instance_that_cannot_start_again_is_left_down_and_the_pool_serves(
+    database: Database, session_id: str
+) -> None:
+    """An instance killed whose port is then taken fails each restart at once: after the
+    third the script leaves it down, says so, and keeps serving through the other."""
+    require_nginx()
+    public, first = free_port(), consecutive_free_ports(2)
+    env = {"DATABASE_URL": database.url, "PGSSE_CLUSTER_BUS": "no"}
+    cluster = ClusterScript(env, 2, public, first).start()
+    squatter = socket.socket()
+    try:
+        status, body = http_json(f"http://127.0.0.1:{first}/api/sse/stats")
+        assert status == 200
+        os.kill(int(body["data"]["pid"]), signal.SIGKILL)
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        deadline = time.monotonic() + 5
+        while True:  # the port is free once the killed process is gone
+            try:
+                squatter.bind(("127.0.0.1", first))
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the killed instance kept its port"
+                await asyncio.sleep(0.02)
+        squatter.listen()
+        left_down = f"the instance on port {first} ended 3 times within 10 s of starting"
+        deadline = time.monotonic() + 30
+        while left_down not in cluster.output():
+            assert time.monotonic() < deadline, cluster.run_report()
+            assert cluster.process is not None and cluster.process.poll() is None
+            await asyncio.sleep(0.1)
+        assert "leaving it down" in cluster.output()
+        client = await SSEClient.open(public, params={"sessionId": session_id})
+        assert client.status == 200
+        await client.events_until(lambda event: event.type == "connected")
+        row = database.insert(session_id, "served by the one left")
+        assert (await client.message(timeout=10)).json["data"]["id"] == str(row)
+        await client.close()
+        assert cluster.process.poll() is None
+    finally:
+        squatter.close()
+        code = cluster.stop()
+        output = cluster.run_report()
+        cluster.remove()
+    assert code == 0, output
