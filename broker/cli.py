@@ -1,4 +1,4 @@
-"""`pgsse serve | migrate | publish | token`: the command line (`broker` is the same command).
+"""`pgsse serve | migrate | publish | token | clean`: the command line (`broker` is the same one).
 
 Every `serve` flag is a `Settings` field (`config.OPTIONS`); flags win over the environment.
 With no database URL, `serve` uses the embedded PostgreSQL under `--data-dir`, creating and
@@ -18,7 +18,9 @@ that needs them, so `pgsse --version` and `--help` answer at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -50,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(exc, 2)
     import structlog
 
-    from .log import configure
+    from .log import configure, silence_closed_pipe
 
     quiet = args.command != "serve"
     configure(settings.log_format, QUIET_LEVEL if quiet else settings.log_level)
@@ -65,9 +67,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _migrate(settings)
         if args.command == "token":
             return _token(settings, args)
+        if args.command == "clean":
+            return _clean(settings, args.yes)
         return _publish(settings, args.session, args.robot, args.text)
     except BrokerError as exc:
         return _fail(exc, 1)
+    except BrokenPipeError as exc:  # `pgsse clean | head`: the reader stopped reading
+        silence_closed_pipe(sys.stdout, exc)
+        return 1
 
 
 def _fail(exc: BrokerError, status: int) -> int:
@@ -90,10 +97,20 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (
         ("migrate", "apply sql/ idempotently"),
         ("publish", "insert one message, for trying it out"),
+        (
+            "clean",
+            "show what the embedded PostgreSQL keeps on disk; --yes removes BROKER_DATA_DIR's",
+        ),
     ):
         sub = commands.add_parser(name, help=text, description=text)
         for option in database_options:
             _add_option(sub, option)
+    commands.choices["clean"].add_argument(
+        "--yes",
+        action="store_true",
+        help="remove BROKER_DATA_DIR's embedded PostgreSQL, and stopped ones whose"
+        " BROKER_DATA_DIR is gone (default: only show)",
+    )
     publish = commands.choices["publish"]
     publish.add_argument("--session", required=True, help="sessionId of the message (required)")
     publish.add_argument("--robot", help="robotId of the message (default: none)")
@@ -153,6 +170,63 @@ def _migrate(settings: Settings) -> int:
         files = migrate(url)
     sys.stdout.write("migrated: " + ", ".join(files) + "\n")
     return 0
+
+
+def _clean(settings: Settings, remove: bool) -> int:
+    """What the embedded PostgreSQL keeps: BROKER_DATA_DIR's cluster (wherever it really is),
+    then every entry of /var/lib/pgsse, where its files go when run by root. With `remove`:
+    BROKER_DATA_DIR's cluster, and every stopped one there whose BROKER_DATA_DIR no longer
+    leads to it (a removed checkout, a test run that was killed). A cluster whose origin is
+    not recorded (made by an older pgsse) is only shown: it may be another checkout's data."""
+    from .database import EmbeddedPostgres, postmaster_alive
+    from .placement import BASE, orphaned, source_file
+
+    def say(line: str) -> None:
+        sys.stdout.write(line + "\n")
+
+    embedded = EmbeddedPostgres(settings.data_dir)
+    where = embedded.requested
+    if not embedded.exists():
+        say(f"{where}: no embedded PostgreSQL")
+    else:
+        real = where.resolve()
+        running = postmaster_alive(real)
+        state = "running" if running else "stopped"
+        say(f"{where}: embedded PostgreSQL in {real}, {_megabytes(real)}, {state}")
+        if remove and running:
+            raise BrokerError(f"{where} is in use by a running PostgreSQL: stop it first")
+        if remove:
+            embedded.destroy()
+            say(f"removed {real}" + (f" and the link {where}" if real != where else ""))
+    if not BASE.is_dir():
+        return 0
+    for entry in sorted(path for path in BASE.iterdir() if path.is_dir()):
+        size = _megabytes(entry)
+        if entry.name.startswith("pginstall-"):
+            say(f"{entry}: a copy of the PostgreSQL binaries, made again when needed, {size}")
+            continue
+        source = source_file(entry)
+        origin = source.read_text() if source.exists() else "a BROKER_DATA_DIR not recorded"
+        if postmaster_alive(entry):
+            say(f"{entry}: embedded PostgreSQL for {origin}, {size}, running")
+        elif orphaned(entry) and remove:
+            shutil.rmtree(entry, ignore_errors=True)
+            source.unlink(missing_ok=True)
+            say(f"removed {entry}: embedded PostgreSQL for {origin}, which is gone, {size}")
+        elif orphaned(entry):
+            say(f"{entry}: embedded PostgreSQL for {origin}, which is gone, {size}, stopped")
+        else:
+            say(f"{entry}: embedded PostgreSQL for {origin}, {size}, stopped")
+    return 0
+
+
+def _megabytes(path: Path) -> str:
+    total = 0
+    for directory, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):  # a file removed meanwhile
+                total += os.lstat(os.path.join(directory, name)).st_size
+    return f"{total / 1e6:.0f} MB"
 
 
 def _serve(settings: Settings) -> int:

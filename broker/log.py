@@ -12,7 +12,7 @@ import structlog
 
 from .config import LOG_LEVELS
 
-__all__ = ["configure"]
+__all__ = ["configure", "silence_closed_pipe"]
 
 
 def configure(log_format: str, level_name: str = "info") -> None:
@@ -76,7 +76,7 @@ class _Writer(structlog.WriteLogger):
         try:
             super().msg(message)
         except OSError as exc:
-            _dropped(self._file, exc)
+            silence_closed_pipe(self._file, exc)
 
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg
@@ -97,13 +97,14 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
     def handleError(self, record: logging.LogRecord) -> None:
         exc = sys.exc_info()[1]
         if isinstance(exc, OSError):
-            _dropped(self.stream, exc)
+            silence_closed_pipe(self.stream, exc)
         else:
             super().handleError(record)
 
 
-def _dropped(file: IO[str], exc: OSError) -> None:
-    """After a failed write to `file`: a closed pipe's descriptor now points at /dev/null."""
+def silence_closed_pipe(file: IO[str], exc: OSError) -> None:
+    """After a failed write to `file`: a closed pipe's descriptor now points at /dev/null, so
+    that no later write, nor the flush at exit, fails again."""
     if not isinstance(exc, BrokenPipeError):
         return
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,7 +133,7 @@ def test_pgsse_and_broker_are_one_command_with_a_version() -> None:
         assert done.stdout.split() == [name, version("pgsse")]
 
 
-@pytest.mark.parametrize("command", ["serve", "migrate", "publish", "token"])
+@pytest.mark.parametrize("command", ["serve", "migrate", "publish", "token", "clean"])
 def test_every_flag_says_its_default(command: str) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "broker", command, "--help"],
@@ -384,3 +385,41 @@ def test_version_imports_neither_the_server_nor_the_database() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30, check=True
     )
     assert done.stdout.splitlines() == [f"pgsse {version('pgsse')}", "[]"]
+
+
+@pytest.mark.slow
+def test_clean_shows_what_is_kept_and_removes_only_what_is_unused(
+    home: Path, database: Database
+) -> None:
+    """`pgsse clean` lists BROKER_DATA_DIR's cluster and what /var/lib/pgsse holds; with
+    --yes it removes BROKER_DATA_DIR's cluster and, as root, stopped clusters whose checkout
+    is gone, never a running one (the test session's) or one in use."""
+    mine, gone, kept = home / "mine" / ".data", home / "gone" / ".data", home / "kept" / ".data"
+    clusters = {path: EmbeddedPostgres(path) for path in (mine, gone, kept)}
+    for cluster in clusters.values():
+        cluster.start()
+        cluster.stop()
+    real = {path: path.resolve() for path in clusters}
+    shutil.rmtree(gone.parent)  # a checkout removed without `make clean`
+    try:
+        shown = run_broker("clean", "--data-dir", str(mine), **NO_DATABASE_URL)
+        assert shown.returncode == 0 and shown.stderr == "", shown.stderr
+        lines = shown.stdout.splitlines()
+        assert (
+            lines[0]
+            == f"{mine}: embedded PostgreSQL in {real[mine]}, {lines[0].split(', ')[1]}, stopped"
+        )
+        assert all(path.exists() for path in real.values())  # only shown
+
+        removed = run_broker("clean", "--yes", "--data-dir", str(mine), **NO_DATABASE_URL)
+        assert removed.returncode == 0, removed.stderr
+        assert not real[mine].exists() and not os.path.lexists(mine)
+        assert real[kept].exists() and database.server.data_dir.exists()  # in use; running
+        if os.geteuid() == 0:  # relocated under /var/lib/pgsse, with their origin recorded
+            assert f"{real[kept]}: embedded PostgreSQL for {kept}," in shown.stdout
+            assert f"{real[gone]}: embedded PostgreSQL for {gone}, which is gone," in shown.stdout
+            assert f"removed {real[gone]}" in removed.stdout and not real[gone].exists()
+            assert f"{database.server.data_dir}: embedded PostgreSQL for" in removed.stdout
+    finally:
+        for cluster in clusters.values():
+            cluster.destroy()
