@@ -1,49 +1,42 @@
-"""`pgsse serve | migrate | publish | token`: the command line (`broker` is the same command).
+"""`pgsse serve | migrate | publish | token | clean`: the command line (`broker` is the same one).
 
 Every `serve` flag is a `Settings` field (`config.OPTIONS`); flags win over the environment.
-With no database URL, each command uses the embedded PostgreSQL under `--data-dir`, starting
-it if needed and stopping it at exit only if it started it. A failure to start is one line on
-stderr naming the setting to change, found before the embedded database starts where it can be
-(the listening address and port are bound first).
+With no database URL, `serve` uses the embedded PostgreSQL under `--data-dir`, creating and
+starting it if needed and stopping it at exit only if it started it. The other commands use
+that cluster only if it exists (starting it if stopped): run in the wrong directory they would
+otherwise create a second, empty cluster and fail on its missing table; they say instead in
+one line where they looked and what to set. `migrate` included: `serve` migrates the cluster
+it creates, so a `migrate` with nothing to migrate is that same mistake. A failure to start is
+one line on stderr naming the setting to change, found before the embedded database starts
+where it can be (the listening address and port are bound first).
+
+Commands print their result and their errors, nothing else: the commands other than `serve`
+log warnings and errors only. The server and the database are imported only by the command
+that needs them, so `pgsse --version` and `--help` answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import dataclasses
-import gc
+import contextlib
 import os
-import signal
-import socket
+import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from types import FrameType
-
-import orjson
-import structlog
-import uvicorn
-from starlette.applications import Starlette
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .app import create_app
-from .auth import MAX_TOKEN_SECONDS, Authenticator
-from .config import OPTIONS, Option, Settings
-from .database import EmbeddedPostgres, check_database, migrate
+from .config import OPTIONS, Option, Settings, unknown_settings
 from .errors import BrokerError
-from .guard import log_exposure
-from .log import configure
-from .service import Broker
-from .sockets import listen_sockets
-from .store import Store
-from .transport import server_options
-from .workers import run_workers
+
+if TYPE_CHECKING:
+    import socket
 
 __all__ = ["main"]
 
-log = structlog.get_logger(logger_name="broker.cli")
+QUIET_LEVEL = "warning"  # what the commands other than `serve` log
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,19 +50,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.load(os.environ, overrides)
     except BrokerError as exc:
         return _fail(exc, 2)
-    configure(settings.log_format, settings.log_level)
+    import structlog
+
+    from .log import configure, silence_closed_pipe
+
+    quiet = args.command != "serve"
+    configure(settings.log_format, QUIET_LEVEL if quiet else settings.log_level)
+    for name, closest in unknown_settings(os.environ):
+        structlog.get_logger(logger_name="broker.cli").warning(
+            "unknown_setting", variable=name, closest=closest, ignored=True
+        )
     try:
         if args.command == "serve":
             return _serve(settings)
         if args.command == "migrate":
-            with _database(settings) as url:
-                migrate(url)
-            return 0
+            return _migrate(settings)
         if args.command == "token":
             return _token(settings, args)
+        if args.command == "clean":
+            return _clean(settings, args.yes)
         return _publish(settings, args.session, args.robot, args.text)
     except BrokerError as exc:
         return _fail(exc, 1)
+    except BrokenPipeError as exc:  # `pgsse clean | head`: the reader stopped reading
+        silence_closed_pipe(sys.stdout, exc)
+        return 1
 
 
 def _fail(exc: BrokerError, status: int) -> int:
@@ -92,10 +97,20 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (
         ("migrate", "apply sql/ idempotently"),
         ("publish", "insert one message, for trying it out"),
+        (
+            "clean",
+            "show what the embedded PostgreSQL keeps on disk; --yes removes BROKER_DATA_DIR's",
+        ),
     ):
         sub = commands.add_parser(name, help=text, description=text)
         for option in database_options:
             _add_option(sub, option)
+    commands.choices["clean"].add_argument(
+        "--yes",
+        action="store_true",
+        help="remove BROKER_DATA_DIR's embedded PostgreSQL, and stopped ones whose"
+        " BROKER_DATA_DIR is gone (default: only show)",
+    )
     publish = commands.choices["publish"]
     publish.add_argument("--session", required=True, help="sessionId of the message (required)")
     publish.add_argument("--robot", help="robotId of the message (default: none)")
@@ -124,12 +139,21 @@ def _add_option(parser: argparse.ArgumentParser, option: Option) -> None:
 
 
 @contextmanager
-def _database(settings: Settings) -> Iterator[str]:
-    """The database URL: the configured one, or the embedded server's (started if needed)."""
+def _database(settings: Settings, create: bool = False) -> Iterator[str]:
+    """The database URL: the configured one, or the embedded server's (started if needed).
+    Unless `create`, an embedded cluster that does not exist yet is an error, not created."""
+    from .database import EmbeddedPostgres
+
     if settings.database_url is not None:
         yield settings.database_url
         return
     embedded = EmbeddedPostgres(settings.data_dir)
+    if not create and not embedded.exists():
+        raise BrokerError(
+            f"no database: DATABASE_URL is unset and BROKER_DATA_DIR={str(embedded.requested)!r}"
+            " holds no embedded PostgreSQL (`pgsse serve` creates it); set DATABASE_URL, or"
+            " BROKER_DATA_DIR (--data-dir) to the data directory `pgsse serve` uses"
+        )
     started = not embedded.is_running()
     embedded.start()
     try:
@@ -139,27 +163,86 @@ def _database(settings: Settings) -> Iterator[str]:
             embedded.stop()
 
 
-class _Server(uvicorn.Server):
-    """uvicorn, plus: on the first SIGTERM/SIGINT, every stream is sent `error` and closed,
-    so that clients reconnect to another instance while this one drains."""
+def _migrate(settings: Settings) -> int:
+    from .database import migrate
 
-    def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
-        super().__init__(config)
-        self.app = app
+    with _database(settings) as url:
+        files = migrate(url)
+    sys.stdout.write("migrated: " + ", ".join(files) + "\n")
+    return 0
 
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        first = not self.should_exit
-        super().handle_exit(sig, frame)
-        broker: Broker | None = getattr(self.app.state, "broker", None)  # set by the lifespan
-        if first and broker is not None:
-            log.info("shutdown_requested", signal=signal.Signals(sig).name)
-            asyncio.get_running_loop().call_soon_threadsafe(broker.close_streams)
+
+def _clean(settings: Settings, remove: bool) -> int:
+    """What the embedded PostgreSQL keeps: BROKER_DATA_DIR's cluster (wherever it really is),
+    then every entry of /var/lib/pgsse, where its files go when run by root. With `remove`:
+    BROKER_DATA_DIR's cluster, and every stopped one there whose BROKER_DATA_DIR no longer
+    leads to it (a removed checkout, a test run that was killed). A cluster whose origin is
+    not recorded (made by an older pgsse) is only shown: it may be another checkout's data."""
+    from .database import EmbeddedPostgres, postmaster_alive
+    from .placement import BASE, orphaned, source_file
+
+    def say(line: str) -> None:
+        sys.stdout.write(line + "\n")
+
+    embedded = EmbeddedPostgres(settings.data_dir)
+    where = embedded.requested
+    if not embedded.exists():
+        say(f"{where}: no embedded PostgreSQL")
+    else:
+        real = where.resolve()
+        running = postmaster_alive(real)
+        state = "running" if running else "stopped"
+        say(f"{where}: embedded PostgreSQL in {real}, {_megabytes(real)}, {state}")
+        if remove and running:
+            raise BrokerError(f"{where} is in use by a running PostgreSQL: stop it first")
+        if remove:
+            embedded.destroy()
+            say(f"removed {real}" + (f" and the link {where}" if real != where else ""))
+    if not BASE.is_dir():
+        return 0
+    for entry in sorted(path for path in BASE.iterdir() if path.is_dir()):
+        size = _megabytes(entry)
+        if entry.name.startswith("pginstall-"):
+            say(f"{entry}: a copy of the PostgreSQL binaries, made again when needed, {size}")
+            continue
+        source = source_file(entry)
+        origin = source.read_text() if source.exists() else "a BROKER_DATA_DIR not recorded"
+        if postmaster_alive(entry):
+            say(f"{entry}: embedded PostgreSQL for {origin}, {size}, running")
+        elif orphaned(entry) and remove:
+            shutil.rmtree(entry, ignore_errors=True)
+            source.unlink(missing_ok=True)
+            say(f"removed {entry}: embedded PostgreSQL for {origin}, which is gone, {size}")
+        elif orphaned(entry):
+            say(f"{entry}: embedded PostgreSQL for {origin}, which is gone, {size}, stopped")
+        else:
+            say(f"{entry}: embedded PostgreSQL for {origin}, {size}, stopped")
+    return 0
+
+
+def _megabytes(path: Path) -> str:
+    total = 0
+    for directory, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):  # a file removed meanwhile
+                total += os.lstat(os.path.join(directory, name)).st_size
+    return f"{total / 1e6:.0f} MB"
 
 
 def _serve(settings: Settings) -> int:
+    import dataclasses
+
+    import structlog
+
+    from .database import check_database, migrate
+    from .guard import log_exposure
+    from .sockets import listen_sockets
+    from .workers import run_workers
+
+    log = structlog.get_logger(logger_name="broker.cli")
     sockets = listen_sockets(settings)  # public + admin port, if any
     try:
-        with _database(settings) as url:
+        with _database(settings, create=True) as url:
             settings = dataclasses.replace(settings, database_url=url)
             if settings.migrate:
                 migrate(url)
@@ -187,6 +270,32 @@ def _serve(settings: Settings) -> int:
 
 def _run_server(settings: Settings, sockets: list[socket.socket]) -> int:
     """One broker process serving `sockets` until SIGTERM/SIGINT; its exit status."""
+    import asyncio
+    import signal
+    from types import FrameType
+
+    import structlog
+    import uvicorn
+
+    from .app import create_app
+    from .service import Broker
+    from .transport import server_options
+
+    log = structlog.get_logger(logger_name="broker.cli")
+
+    class _Server(uvicorn.Server):
+        """uvicorn, plus: on the first SIGTERM/SIGINT, every stream is sent `error` and
+        closed, so that clients reconnect to another instance while this one drains."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            first = not self.should_exit
+            super().handle_exit(sig, frame)
+            broker: Broker | None = getattr(app.state, "broker", None)  # set by the lifespan
+            if first and broker is not None:
+                # Streams first: nothing, not even a failing log line, may come before them.
+                asyncio.get_running_loop().call_soon_threadsafe(broker.close_streams)
+                log.info("shutdown_requested", signal=signal.Signals(sig).name)
+
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -196,7 +305,7 @@ def _run_server(settings: Settings, sockets: list[socket.socket]) -> int:
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or 1,
         server_header=False,
     )
-    server = _Server(config, app)
+    server = _Server(config)
     # uvicorn re-raises the signal it caught once it has shut down; ignoring it then lets a
     # graceful stop exit 0 as the contract says.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -217,6 +326,8 @@ def _tune_gc() -> None:
     the whole run, so freeze them out of every collection; and let the young generation grow
     before it is collected, since each delivery allocates a few short-lived objects
     (py-spy under `make bench` fanout showed 6-9% of the broker's CPU in the collector)."""
+    import gc
+
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 10, 10)
@@ -225,6 +336,8 @@ def _tune_gc() -> None:
 def _token(settings: Settings, args: argparse.Namespace) -> int:
     def ids(text: str) -> list[str] | str:
         return "*" if text.strip() == "*" else [p.strip() for p in text.split(",") if p.strip()]
+
+    from .auth import MAX_TOKEN_SECONDS, Authenticator
 
     if not 1 <= args.ttl <= MAX_TOKEN_SECONDS:
         raise BrokerError(f"--ttl must be from 1 to {MAX_TOKEN_SECONDS} seconds (a year)")
@@ -236,6 +349,12 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _publish(settings: Settings, session: str, robot: str | None, text: str) -> int:
+    import asyncio
+
+    import orjson
+
+    from .store import Store
+
     async def insert(url: str) -> None:
         async with Store.open(url) as store:
             message = await store.insert(session, text, robot)

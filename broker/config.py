@@ -18,10 +18,18 @@ from typing import Any
 
 from . import parsers
 from .errors import ConfigError
-from .options import Option, declared_options, parse_raw, setting
+from .options import Option, declared_options, parse_raw, setting, unknown_variables
 from .parsers import LOG_LEVELS, redact_url
 
-__all__ = ["LOG_LEVELS", "OPTIONS", "Option", "Settings", "redact_url", "setting"]
+__all__ = [
+    "LOG_LEVELS",
+    "OPTIONS",
+    "Option",
+    "Settings",
+    "redact_url",
+    "setting",
+    "unknown_settings",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,3 +242,9 @@ class Settings:
 
 
 OPTIONS: tuple[Option, ...] = declared_options(Settings)
+
+
+def unknown_settings(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """The `BROKER_*` variables of `environ` that are no setting, each with the closest
+    setting's variable (or None)."""
+    return unknown_variables(OPTIONS, environ)

@@ -24,9 +24,16 @@ import structlog
 
 from .config import redact_url
 from .errors import BrokerError
-from .placement import Placement, absolute, locate
+from .placement import Placement, absolute, locate, source_file
 
-__all__ = ["EmbeddedPostgres", "check_database", "connect", "migrate", "sql_files"]
+__all__ = [
+    "EmbeddedPostgres",
+    "check_database",
+    "connect",
+    "migrate",
+    "postmaster_alive",
+    "sql_files",
+]
 
 MIGRATION_LOCK = 0x70677373  # "pgss": the advisory lock key migrations serialise on
 SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; keep room for "/.s.PGSQL.5432"
@@ -88,6 +95,25 @@ def check_database(url: str) -> None:
         )
 
 
+def postmaster_alive(data_dir: Path) -> bool:
+    """Whether the postmaster of `data_dir`'s `postmaster.pid` is alive (what `pg_ctl status`
+    checks, without needing the binaries or the server's user)."""
+    try:
+        pid = int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, and another user's
+    try:  # a pid file left by a crash may name a pid reused since
+        return Path(f"/proc/{pid}/comm").read_text().startswith("postgres")
+    except OSError:
+        return True
+
+
 class EmbeddedPostgres:
     """A PostgreSQL cluster for BROKER_DATA_DIR `data_dir`, created on first start.
     Blocking calls. `placement.py` says where its files really are."""
@@ -118,23 +144,13 @@ class EmbeddedPostgres:
     def url(self) -> str:
         return f"postgresql://postgres@/postgres?host={quote(str(self.socket_dir), safe='/')}"
 
+    def exists(self) -> bool:
+        """Whether a cluster was created for BROKER_DATA_DIR (in it, or where its link
+        points); looks only, creating nothing (`placement` may create the server's user)."""
+        return (self.requested / "PG_VERSION").exists()
+
     def is_running(self) -> bool:
-        """Whether the postmaster of `postmaster.pid` is alive (what `pg_ctl status` checks,
-        without needing the binaries or the server's user)."""
-        try:
-            pid = int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
-        except (OSError, ValueError):
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass  # alive, and another user's
-        try:  # a pid file left by a crash may name a pid reused since
-            return Path(f"/proc/{pid}/comm").read_text().startswith("postgres")
-        except OSError:
-            return True
+        return postmaster_alive(self.data_dir)
 
     def start(self) -> None:
         """Create the cluster if needed and start it; no-op if it is running."""
@@ -192,6 +208,7 @@ class EmbeddedPostgres:
         """Stop the server and delete the cluster, wherever it is, and the link to it."""
         self.stop("immediate")
         shutil.rmtree(self.data_dir, ignore_errors=True)
+        source_file(self.data_dir).unlink(missing_ok=True)
         if self.socket_dir != self.data_dir:
             shutil.rmtree(self.socket_dir, ignore_errors=True)
         if self.requested.is_symlink():

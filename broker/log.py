@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from typing import Any
+from typing import IO, Any, TextIO
 
 import orjson
 import structlog
 
 from .config import LOG_LEVELS
 
-__all__ = ["configure"]
+__all__ = ["configure", "silence_closed_pipe"]
 
 
 def configure(log_format: str, level_name: str = "info") -> None:
@@ -21,6 +22,12 @@ def configure(log_format: str, level_name: str = "info") -> None:
     The broker's own events go through structlog's plain writer rather than the `logging`
     module, which looks up the caller's frame for every record: that was a fifth of the CPU
     of opening a stream (measured with py-spy under `make bench`'s churn scenario).
+
+    A line that cannot be written is dropped, never raised to the code that logged it: behind
+    `make run 2>&1 | tee run.log`, Ctrl-C ends `tee` too, and a shutdown that raised
+    `BrokenPipeError` from its first log line left every stream open for the whole grace
+    period and exited 1. A closed pipe (EPIPE) is then replaced by /dev/null, as nobody can
+    read it again; any other failure (a full disk) drops only that line.
     """
     level = LOG_LEVELS[level_name]
     shared: list[structlog.types.Processor] = [
@@ -38,11 +45,11 @@ def configure(log_format: str, level_name: str = "info") -> None:
 
     structlog.configure(
         processors=[*shared, renderer],
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        logger_factory=_WriterFactory(sys.stderr),
         wrapper_class=structlog.make_filtering_bound_logger(level),
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Handler(sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
@@ -60,6 +67,54 @@ def configure(log_format: str, level_name: str = "info") -> None:
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True
     logging.getLogger("uvicorn.error").addFilter(_drop_cut_stream_report)
+
+
+class _Writer(structlog.WriteLogger):
+    """structlog's plain writer, whose failures to write are dropped (see `configure`)."""
+
+    def msg(self, message: str) -> None:
+        try:
+            super().msg(message)
+        except OSError as exc:
+            silence_closed_pipe(self._file, exc)
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+class _WriterFactory(structlog.WriteLoggerFactory):
+    def __init__(self, file: TextIO) -> None:
+        self._out = file
+
+    def __call__(self, *args: Any) -> _Writer:
+        return _Writer(self._out)
+
+
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The standard library's records, whose failures to write are dropped like structlog's
+    (its own `handleError` would print a traceback to the same dead stream)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            silence_closed_pipe(self.stream, exc)
+        else:
+            super().handleError(record)
+
+
+def silence_closed_pipe(file: IO[str], exc: OSError) -> None:
+    """After a failed write to `file`: a closed pipe's descriptor now points at /dev/null, so
+    that no later write, nor the flush at exit, fails again."""
+    if not isinstance(exc, BrokenPipeError):
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, file.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError):  # no descriptor (a test's capture), or closed
+        pass
 
 
 def _logger_key(_: Any, __: str, event_dict: structlog.types.EventDict) -> Any:

@@ -6,13 +6,14 @@ command line see it, and `declared_options` derives them all from a dataclass's 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["Option", "declared_options", "parse_raw", "setting"]
+__all__ = ["Option", "declared_options", "parse_raw", "setting", "unknown_variables"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,3 +117,30 @@ def _reason(exc: ValueError) -> str:
     if text.startswith(("invalid literal", "could not convert")):
         return "not a number"
     return text
+
+
+def unknown_variables(
+    options: tuple[Option, ...], environ: Mapping[str, str], prefix: str = "BROKER_"
+) -> list[tuple[str, str | None]]:
+    """Each variable of `environ` named `prefix*` that no option reads, with the closest name
+    an option does read (None if none is close): a misspelt setting would otherwise be
+    ignored without a word. The names known are those `options` declare, so a new setting
+    is known as soon as it is declared."""
+    known = sorted(
+        name
+        for option in options
+        for name in (option.env, option.fallback_env)
+        if name is not None and name.startswith(prefix)
+    )
+
+    def closest(name: str) -> str | None:
+        # Compared without the prefix, which every name shares and would make all alike.
+        rests = [known_name.removeprefix(prefix) for known_name in known]
+        found = difflib.get_close_matches(name.removeprefix(prefix), rests, n=1, cutoff=0.6)
+        return prefix + found[0] if found else None
+
+    return [
+        (name, closest(name))
+        for name in sorted(environ)
+        if name.startswith(prefix) and name not in known
+    ]

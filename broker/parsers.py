@@ -12,9 +12,6 @@ import logging
 import re
 from urllib.parse import urlsplit
 
-import psycopg
-from psycopg.conninfo import conninfo_to_dict
-
 __all__ = [
     "LOG_LEVELS",
     "admin_port",
@@ -145,7 +142,11 @@ _DRIVER_SCHEME = re.compile(r"^postgres(?:ql)?(?:\+[a-z0-9_]+)?://", re.IGNORECA
 
 def database_url(text: str) -> str:
     """A libpq connection string. SQLAlchemy-style `postgresql+psycopg://` and Heroku-style
-    `postgres://` URLs are accepted and normalised to `postgresql://`."""
+    `postgres://` URLs are accepted and normalised to `postgresql://`. (psycopg is imported
+    here, not with the module: `pgsse --version` and `token` never need it.)"""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
     text = text.strip()
     if "://" in text:
         if not _DRIVER_SCHEME.match(text):

@@ -13,7 +13,9 @@ directory pgsse creates (root's, mode 755):
   site-packages since the binaries find their libraries at `$ORIGIN/../../../pgserver.libs`;
   shared by every data directory;
 - the data: `/var/lib/pgsse/data-<hash of BROKER_DATA_DIR>`; BROKER_DATA_DIR, when it does
-  not exist yet, becomes a symbolic link to it, so paths through it keep working.
+  not exist yet, becomes a symbolic link to it, so paths through it keep working, and
+  `data-<hash>.source` beside it names BROKER_DATA_DIR, so that `pgsse clean` can tell a
+  cluster whose link is gone (a removed checkout) from one in use.
 
 Run by any other user, the server runs as that user and every file stays where it is.
 """
@@ -32,7 +34,16 @@ from pathlib import Path
 from .errors import BrokerError, ConfigError
 from .server_user import SERVER_USER, ServerUser
 
-__all__ = ["BASE", "SERVER_USER", "Placement", "ServerUser", "installed_pginstall", "locate"]
+__all__ = [
+    "BASE",
+    "SERVER_USER",
+    "Placement",
+    "ServerUser",
+    "installed_pginstall",
+    "locate",
+    "orphaned",
+    "source_file",
+]
 
 BASE = Path("/var/lib/pgsse")
 # What the server needs of the pgserver wheel, relative to site-packages: the build, and the
@@ -79,6 +90,8 @@ class Placement:
             if self.relocated and not os.path.lexists(self.requested):
                 _make_dirs(self.requested.parent)
                 self.requested.symlink_to(self.data_dir, target_is_directory=True)
+            if self.relocated and not source_file(self.data_dir).exists():
+                source_file(self.data_dir).write_text(str(self.requested))
         except OSError as exc:
             raise ConfigError(
                 f"invalid BROKER_DATA_DIR={str(self.requested)!r}: cannot create"
@@ -111,6 +124,21 @@ def locate(requested: Path) -> Placement:
     if _can_create_for(user, requested):
         return Placement(requested, requested, pginstall, user)
     return Placement(requested, BASE / f"data-{_digest(str(requested))}", pginstall, user)
+
+
+def source_file(data_dir: Path) -> Path:
+    """The file beside a relocated data directory naming the BROKER_DATA_DIR it is for."""
+    return data_dir.with_name(data_dir.name + ".source")
+
+
+def orphaned(data_dir: Path) -> bool | None:
+    """Whether the BROKER_DATA_DIR that a relocated data directory was made for no longer
+    leads to it (None: not recorded, as for clusters made before the record was kept)."""
+    try:
+        requested = Path(source_file(data_dir).read_text())
+    except OSError:
+        return None
+    return requested.resolve() != data_dir.resolve()
 
 
 def absolute(path: Path) -> Path:

@@ -5,7 +5,10 @@
 #   deploy/cluster.sh [N] [PUBLIC_PORT] [FIRST_PORT]
 #       Starts N instances (default 3) on FIRST_PORT, FIRST_PORT+1, ... (default 5001) and
 #       nginx on 127.0.0.1:PUBLIC_PORT (default 8080), all in the foreground: Ctrl-C (or
-#       SIGTERM) stops them all. DATABASE_URL names the database; unset, the embedded
+#       SIGTERM) stops them all, and nothing else does. An instance that ends is started
+#       again, so its clients' reconnections land on the others meanwhile (failover, as in
+#       production); one that ends 3 times in a row within 10 s of starting is left down, and
+#       the script says so. DATABASE_URL names the database; unset, the embedded
 #       PostgreSQL under .data/ is started (and stopped again at exit if this script started
 #       it). The instances share a bus (docs/deployment.md, "When to use the bus"): a
 #       redis-server started here on 127.0.0.1:$PGSSE_REDIS_PORT (default 6380), or the one
@@ -199,12 +202,18 @@ if [ -n "$start_redis" ]; then
     export BROKER_BUS_URL="redis://:$redis_password@127.0.0.1:$REDIS_PORT/0"
 fi
 
-declare -A port_of=()
+declare -A port_of=() started_at=() quick_ends=()
+# One instance in the background, its log appended to (a restart keeps what led to it).
+start_instance() {
+    "$PYTHON" -m broker serve --host 127.0.0.1 --port "$1" >>"$RUN_DIR/broker-$1.log" 2>&1 &
+    pids+=("$!")
+    port_of[$!]=$1
+    started_at[$1]=$SECONDS
+}
 instances=()
 for port in "${ports[@]}"; do
-    "$PYTHON" -m broker serve --host 127.0.0.1 --port "$port" >"$RUN_DIR/broker-$port.log" 2>&1 &
-    pids+=("$!")
-    port_of[$!]=$port
+    : >"$RUN_DIR/broker-$port.log"
+    start_instance "$port"
     instances+=("$!:$port")
 done
 
@@ -255,16 +264,46 @@ bus="without a bus (each LISTENs)"
 [ -z "$start_redis" ] || bus="on the bus (redis-server on 127.0.0.1:$REDIS_PORT, password in $RUN_DIR/redis/password)"
 echo "pgsse cluster: ${COUNT} instances on ports ${ports[*]} $bus, nginx on http://127.0.0.1:${PUBLIC_PORT}/"
 echo "logs in $RUN_DIR; Ctrl-C stops everything"
-# Exit as soon as any process ends: a pool with a dead member is not what was asked for.
-ended=""
-wait -n -p ended "${pids[@]}" $redis_pid || true
-if [ -n "$ended" ] && [ -n "${port_of[$ended]:-}" ]; then
-    echo "cluster.sh: the instance on port ${port_of[$ended]} ended; stopping the others" >&2
-    show_log "${port_of[$ended]}"
-elif [ -n "$ended" ] && [ "$ended" = "$redis_pid" ]; then
-    echo "cluster.sh: redis-server ended; stopping the others" >&2
-    redis_pid=""
-else
-    echo "cluster.sh: nginx ended; stopping the others" >&2
-fi
-exit 1
+# Supervise until Ctrl-C: an instance that ends is started again (its clients reconnect to the
+# others meanwhile, which is what the pool is for), unless it keeps ending as soon as it
+# starts: then it is left down. nginx or Redis ending stops the pool: there is no pool without
+# them.
+nginx_pid=${pids[-1]}
+while true; do
+    ended=""
+    status=0
+    wait -n -p ended "${pids[@]}" $redis_pid || status=$?
+    [ -n "$ended" ] || continue
+    if [ "$ended" = "$nginx_pid" ]; then
+        echo "cluster.sh: nginx ended (status $status); stopping the others" >&2
+        exit 1
+    fi
+    if [ "$ended" = "$redis_pid" ]; then
+        echo "cluster.sh: redis-server ended (status $status); stopping the others" >&2
+        redis_pid=""
+        exit 1
+    fi
+    port=${port_of[$ended]}
+    unset "port_of[$ended]"
+    alive=()
+    for pid in "${pids[@]}"; do
+        [ "$pid" = "$ended" ] || alive+=("$pid")
+    done
+    pids=("${alive[@]}")
+    if ((SECONDS - started_at[$port] < 10)); then
+        quick_ends[$port]=$((${quick_ends[$port]:-0} + 1))
+    else
+        quick_ends[$port]=0
+    fi
+    if ((quick_ends[$port] >= 3)); then
+        echo "cluster.sh: the instance on port $port ended 3 times within 10 s of starting;" \
+            "leaving it down, the others keep serving (Ctrl-C stops the cluster)" >&2
+        show_log "$port"
+        continue
+    fi
+    echo "cluster.sh: the instance on port $port ended (status $status); the others keep" \
+        "serving; starting it again" >&2
+    show_log "$port"
+    sleep 1  # a crash loop must not spin
+    start_instance "$port"
+done

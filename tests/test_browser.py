@@ -3,7 +3,8 @@
 The demo page is served by the broker under test. The React fixture (tests/browser/react.html,
 React from the npm-installed UMD builds) is served by a static server of the test's own, on
 another origin, so its streams are cross-origin, as for a frontend on another port. The npm
-package itself, packed and installed as an app gets it: tests/test_client_package.py.
+package itself, packed and installed as an app gets it: tests/test_client_package.py. Last,
+the browser's own EventSource through the shipped nginx configuration across a rolling restart.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from tests.support.browser import (
     stream_requests,
     wait_for_streams,
 )
+from tests.support.nginx import Nginx
 from tests.support.processes import BrokerProcess
 from tests.support.sse import SSEClient
 
@@ -623,3 +625,81 @@ async def test_react_hook_and_component_stream_resume_and_clean_up(
     await page.click("#unmount")
     await wait_for_streams(broker, 0)
     assert console_errors == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Behind the shipped nginx configuration
+
+
+STREAMS = 5
+NATIVE_STREAMS = """([url, count]) => {
+    // Plain EventSources, no client library: what a page that uses the browser's own gets.
+    window.native = Array.from({length: count}, () => {
+        const state = {ids: [], opens: 0, connected: 0, errors: 0, closed: false};
+        const source = new EventSource(url);
+        source.onopen = () => { state.opens += 1; };
+        source.onerror = () => {
+            state.errors += 1;
+            if (source.readyState === EventSource.CLOSED) state.closed = true;  // gave up
+        };
+        source.onmessage = (event) => {
+            const type = JSON.parse(event.data).type;
+            if (type === "message") state.ids.push(Number(event.lastEventId));
+            if (type === "connected") state.connected += 1;
+        };
+        return state;
+    });
+}"""
+
+
+async def test_rolling_restart_behind_nginx_keeps_every_native_event_source(
+    context: BrowserContext,
+    start_broker: Callable[..., BrokerProcess],
+    database: Database,
+    session_id: str,
+) -> None:
+    """docs/deployment.md's rolling restart (one instance, ready again, then the next) behind
+    deploy/nginx, with the browser's own `EventSource`, which never reconnects after an HTTP
+    error such as nginx's `502 no live upstreams`. With `max_fails=1 fail_timeout=5s` the
+    first instance was still marked failed when the second went down, and the streams that
+    reconnected then got the 502 and stopped for good; none may, and none may lose a row."""
+    brokers = [start_broker(BROKER_RETRY_MS="300") for _ in range(2)]
+    nginx = Nginx.render([broker.port for broker in brokers]).start()
+    try:
+        page = await context.new_page()
+        await page.goto(f"http://127.0.0.1:{nginx.port}/healthz")  # the pool's origin
+        url = f"/api/sse/messages?{urlencode({'sessionId': session_id})}"
+        # 5: over HTTP/1.1 Chromium opens at most 6 connections to an origin.
+        await page.evaluate(NATIVE_STREAMS, [url, STREAMS])
+        await page.wait_for_function("window.native.every(s => s.connected === 1)")
+        expected = [await insert(database, session_id, "before")]
+        # Every stream has a last id before the first restart, to resume from.
+        await page.wait_for_function(
+            "first => window.native.every(s => s.ids[0] === first)", arg=int(expected[0])
+        )
+
+        for restarts, broker in enumerate(brokers * 2, 1):  # twice round: restarts close together
+            broker.stop()  # SIGTERM: its streams get `error` and reconnect through nginx
+            expected.append(await insert(database, session_id, f"while {broker.port} is down"))
+            await asyncio.to_thread(broker.start)  # returns once /readyz answers 200
+            expected.append(await insert(database, session_id, f"after restart {restarts}"))
+        expected.append(await insert(database, session_id, "end"))
+
+        wanted = [int(row) for row in expected]
+        await page.wait_for_function(
+            "([n, last]) => window.native.every(s => s.closed || s.ids.at(-1) === last)",
+            arg=[len(wanted), wanted[-1]],
+            timeout=30_000,
+        )
+        streams = await page.evaluate("window.native")
+        access = (nginx.run_dir / "access.log").read_text()
+    finally:
+        nginx.stop()
+        nginx.remove()
+    assert [s["closed"] for s in streams] == [False] * STREAMS, "an EventSource gave up"
+    assert " 502 " not in access, access
+    for state in streams:
+        assert state["ids"] == wanted
+    reconnects = sum(state["opens"] for state in streams) - STREAMS
+    assert reconnects >= STREAMS  # each was on an instance that restarted at least once
+    print(f"\nrolling restart of 2 instances, twice round: {reconnects} reconnects, no 502")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,7 +133,7 @@ def test_pgsse_and_broker_are_one_command_with_a_version() -> None:
         assert done.stdout.split() == [name, version("pgsse")]
 
 
-@pytest.mark.parametrize("command", ["serve", "migrate", "publish", "token"])
+@pytest.mark.parametrize("command", ["serve", "migrate", "publish", "token", "clean"])
 def test_every_flag_says_its_default(command: str) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "broker", command, "--help"],
@@ -165,6 +166,7 @@ def test_publish_inserts_and_prints_the_stored_message(database: Database, sessi
         BROKER_LOG_FORMAT="json",
     )
     assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
     printed = json.loads(result.stdout)
     assert printed["sessionId"] == session_id and printed["content"] == "hé 你好"
     rows = database.query(
@@ -184,8 +186,9 @@ def test_migrate_is_idempotent_and_safe_in_parallel(database: Database) -> None:
         for _ in range(4)
     ]
     for run in runs:
-        _, err = run.communicate(timeout=60)
+        out, err = run.communicate(timeout=60)
         assert run.returncode == 0, err
+        assert out.startswith(b"migrated: 001_messages.sql") and err == b""
     triggers = database.query(
         "SELECT count(*) FROM pg_trigger WHERE tgname = 'trigger_notify_new_message'"
     )
@@ -209,6 +212,7 @@ async def test_serve_without_database_url_starts_the_embedded_postgres(
         client = await SSEClient.open(broker.port, params={"sessionId": session_id})
         published = run_broker("publish", "--session", session_id, "hello", **env)
         assert published.returncode == 0, published.stderr
+        assert published.stderr == ""  # its result on stdout, and nothing else
         assert json.loads(published.stdout)["content"] == "hello"
         assert json.loads((await client.message(timeout=10)).data or "")["data"]["content"] == (
             "hello"
@@ -277,3 +281,145 @@ async def test_workers_without_a_bus_listen_each_and_one_killed_is_forked_again(
     events = [e["event"] for e in broker.log_events()]
     assert "worker_died" in events and "worker_restarted" in events
     assert "workers_stopped" in events
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+async def test_shutdown_with_a_dead_log_pipe_closes_streams_and_exits_zero(
+    sig: signal.Signals, database: Database, session_id: str
+) -> None:
+    """`make run 2>&1 | tee run.log`, then Ctrl-C, which ends `tee` as well: the broker's
+    stdout and stderr are a pipe nobody reads any more. Writing its log fails from then on
+    (EPIPE), which must not stop the shutdown: every stream still gets the error event and
+    the broker exits 0 at once, not after the grace period."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": database.url,
+        "BROKER_MIGRATE": "false",
+        "BROKER_LOG_FORMAT": "json",
+        "BROKER_HOST": "127.0.0.1",
+        "BROKER_PORT": str(port),
+        "BROKER_SHUTDOWN_GRACE_SECONDS": "10",
+    }
+    process = await asyncio.to_thread(
+        subprocess.Popen,
+        [sys.executable, "-m", "broker", "serve"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        broker = BrokerProcess({}, Path(os.devnull), port=port, process=process)
+        await asyncio.to_thread(broker.wait_until, broker.ready, 20, "broker ready")
+        client = await SSEClient.open(port, params={"sessionId": session_id})
+        await client.events_until(lambda event: event.type == "connected")
+        assert process.stdout is not None
+        process.stdout.close()  # the reader of the pipe is gone, as `tee` is after Ctrl-C
+        started = time.monotonic()
+        process.send_signal(sig)
+        events = await client.events_until(lambda event: event.type == "error", timeout=5)
+        assert "shutting down" in events[-1].json["error"]
+        assert await asyncio.to_thread(process.wait, 8) == 0
+        elapsed = time.monotonic() - started
+        assert elapsed < 3, f"shutdown took {elapsed:.1f}s"
+        await client.close()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+
+
+def test_a_misspelt_setting_is_warned_about_in_one_line_naming_the_closest() -> None:
+    result = run_broker(
+        "token",
+        "--sessions",
+        "s1",
+        BROKER_AUTH_SECRET="a-secret-of-thirty-two-bytes-or-more!",
+        BROKER_MAX_CONECTIONS="5",
+        BROKER_LOG_FORMAT="json",
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    warning = json.loads(lines[0])
+    assert warning["event"] == "unknown_setting" and warning["level"] == "warning"
+    assert warning["variable"] == "BROKER_MAX_CONECTIONS"
+    assert warning["closest"] == "BROKER_MAX_CONNECTIONS"
+
+
+@pytest.mark.parametrize(
+    "args", [("publish", "--session", "s1", "hello"), ("migrate",)], ids=["publish", "migrate"]
+)
+def test_commands_other_than_serve_create_no_database(
+    args: tuple[str, ...], tmp_path: Path
+) -> None:
+    """Run in the wrong directory, `publish` used to create an embedded cluster there, fail
+    on its missing table after seconds and leave it behind. It says instead, in one line,
+    where it looked and what to set."""
+    data_dir = tmp_path / "elsewhere" / ".data"
+    env = {**NO_DATABASE_URL, "BROKER_DATA_DIR": str(data_dir), "BROKER_LOG_FORMAT": "json"}
+    started = time.monotonic()
+    result = run_broker(*args, **env)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("pgsse: no database:")
+    assert str(data_dir) in lines[0] and "DATABASE_URL" in lines[0]
+    assert "BROKER_DATA_DIR" in lines[0]
+    assert not os.path.lexists(data_dir) and not os.path.lexists(data_dir.parent)
+    assert time.monotonic() - started < 10
+
+
+def test_version_imports_neither_the_server_nor_the_database() -> None:
+    """`pgsse --version` answers at once: it used to import the whole server (1.2 s)."""
+    heavy = ("uvicorn", "starlette", "psycopg", "structlog", "orjson", "redis", "jwt")
+    probe = (
+        "import sys\n"
+        "from broker.cli import main\n"
+        "try:\n    main(['--version'])\n"
+        "except SystemExit:\n    pass\n"
+        f"print(sorted(set({heavy!r}) & set(sys.modules)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert done.stdout.splitlines() == [f"pgsse {version('pgsse')}", "[]"]
+
+
+@pytest.mark.slow
+def test_clean_shows_what_is_kept_and_removes_only_what_is_unused(
+    home: Path, database: Database
+) -> None:
+    """`pgsse clean` lists BROKER_DATA_DIR's cluster and what /var/lib/pgsse holds; with
+    --yes it removes BROKER_DATA_DIR's cluster and, as root, stopped clusters whose checkout
+    is gone, never a running one (the test session's) or one in use."""
+    mine, gone, kept = home / "mine" / ".data", home / "gone" / ".data", home / "kept" / ".data"
+    clusters = {path: EmbeddedPostgres(path) for path in (mine, gone, kept)}
+    for cluster in clusters.values():
+        cluster.start()
+        cluster.stop()
+    real = {path: path.resolve() for path in clusters}
+    shutil.rmtree(gone.parent)  # a checkout removed without `make clean`
+    try:
+        shown = run_broker("clean", "--data-dir", str(mine), **NO_DATABASE_URL)
+        assert shown.returncode == 0 and shown.stderr == "", shown.stderr
+        lines = shown.stdout.splitlines()
+        assert (
+            lines[0]
+            == f"{mine}: embedded PostgreSQL in {real[mine]}, {lines[0].split(', ')[1]}, stopped"
+        )
+        assert all(path.exists() for path in real.values())  # only shown
+
+        removed = run_broker("clean", "--yes", "--data-dir", str(mine), **NO_DATABASE_URL)
+        assert removed.returncode == 0, removed.stderr
+        assert not real[mine].exists() and not os.path.lexists(mine)
+        assert real[kept].exists() and database.server.data_dir.exists()  # in use; running
+        if os.geteuid() == 0:  # relocated under /var/lib/pgsse, with their origin recorded
+            assert f"{real[kept]}: embedded PostgreSQL for {kept}," in shown.stdout
+            assert f"{real[gone]}: embedded PostgreSQL for {gone}, which is gone," in shown.stdout
+            assert f"removed {real[gone]}" in removed.stdout and not real[gone].exists()
+            assert f"{database.server.data_dir}: embedded PostgreSQL for" in removed.stdout
+    finally:
+        for cluster in clusters.values():
+            cluster.destroy()

@@ -1,11 +1,12 @@
 """`make cluster` (deploy/cluster.sh): Redis, brokers on the bus and nginx; it checks its ports
-before starting anything, and an instance that fails is reported with the last lines of its
-log, not only a status."""
+before starting anything, an instance that fails is reported with the last lines of its log,
+not only a status, and one that dies is started again while the others keep serving."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from tests.support.nginx import CLUSTER_SH, ClusterScript, require_nginx
 from tests.support.processes import free_port, http_json
 from tests.support.redis import available as redis_available
 from tests.support.sse import SSEClient
-from tests.test_nginx import consecutive_free_ports
+from tests.test_nginx import Follower, consecutive_free_ports
 
 
 def run_cluster(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -108,3 +109,117 @@ async def test_the_cluster_runs_three_brokers_on_a_bus_it_starts_behind_nginx(
     assert "cluster stopped" in output
     with socket.socket() as sock:  # Redis is gone too: its port is free again
         sock.bind(("127.0.0.1", redis_port))
+
+
+async def test_a_killed_instance_is_started_again_and_clients_keep_every_row(
+    database: Database, session_id: str
+) -> None:
+    """The README's promise on `make cluster`: kill -9 of the instance holding streams, while
+    rows are written. The script keeps the pool up (it used to stop everything), the clients
+    reconnect through nginx with Last-Event-ID and have every row once, in order, and the
+    instance is started again on its port."""
+    require_nginx()
+    public, first = free_port(), consecutive_free_ports(2)
+    env = {"DATABASE_URL": database.url, "PGSSE_REDIS_PORT": str(free_port())}
+    cluster = ClusterScript(env, 2, public, first).start()
+    try:
+        ports = [first, first + 1]
+        followers = [Follower(public, session_id) for _ in range(4)]
+        tasks = [asyncio.create_task(follower.run()) for follower in followers]
+        await asyncio.wait_for(asyncio.gather(*(f.opened.wait() for f in followers)), 15)
+        database.insert(session_id, "start")  # every client has a last id before the kill
+        await asyncio.wait_for(asyncio.gather(*(f.first_row.wait() for f in followers)), 15)
+        stats = [http_json(f"http://127.0.0.1:{port}/api/sse/stats")[1]["data"] for port in ports]
+        counts = [s["totalConnections"] for s in stats]
+        victim_port, victim_pid = (
+            ports[counts.index(max(counts))],
+            stats[counts.index(max(counts))]["pid"],
+        )
+        assert max(counts) > 0
+
+        for n in range(60):
+            await asyncio.to_thread(database.insert, session_id, f"m{n}")
+            if n == 20:
+                os.kill(int(victim_pid), signal.SIGKILL)
+            await asyncio.sleep(0.01)
+        database.insert(session_id, "end")
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+
+        expected = [
+            row[0]
+            for row in database.query(
+                "SELECT id FROM messages WHERE session_id = %s ORDER BY id", (session_id,)
+            )
+        ]
+        for follower in followers:
+            assert follower.ids == expected
+            assert follower.refused == []
+        assert sum(f.connections - 1 for f in followers) >= max(counts)
+
+        # The pool is still up, and the instance serves its port again, a new process.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                status, body = http_json(f"http://127.0.0.1:{victim_port}/api/sse/stats")
+                if status == 200 and body["data"]["pid"] != victim_pid:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, cluster.run_report()
+            await asyncio.sleep(0.1)
+        assert cluster.process is not None and cluster.process.poll() is None
+        output = cluster.output()
+        assert f"the instance on port {victim_port} ended (status 137)" in output
+        assert "starting it again" in output
+    finally:
+        code = cluster.stop()
+        output = cluster.run_report()
+        cluster.remove()
+    assert code == 0, output
+    assert "cluster stopped" in output
+
+
+async def test_an_instance_that_cannot_start_again_is_left_down_and_the_pool_serves(
+    database: Database, session_id: str
+) -> None:
+    """An instance killed whose port is then taken fails each restart at once: after the
+    third the script leaves it down, says so, and keeps serving through the other."""
+    require_nginx()
+    public, first = free_port(), consecutive_free_ports(2)
+    env = {"DATABASE_URL": database.url, "PGSSE_CLUSTER_BUS": "no"}
+    cluster = ClusterScript(env, 2, public, first).start()
+    squatter = socket.socket()
+    try:
+        status, body = http_json(f"http://127.0.0.1:{first}/api/sse/stats")
+        assert status == 200
+        os.kill(int(body["data"]["pid"]), signal.SIGKILL)
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        deadline = time.monotonic() + 5
+        while True:  # the port is free once the killed process is gone
+            try:
+                squatter.bind(("127.0.0.1", first))
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the killed instance kept its port"
+                await asyncio.sleep(0.02)
+        squatter.listen()
+        left_down = f"the instance on port {first} ended 3 times within 10 s of starting"
+        deadline = time.monotonic() + 30
+        while left_down not in cluster.output():
+            assert time.monotonic() < deadline, cluster.run_report()
+            assert cluster.process is not None and cluster.process.poll() is None
+            await asyncio.sleep(0.1)
+        assert "leaving it down" in cluster.output()
+        client = await SSEClient.open(public, params={"sessionId": session_id})
+        assert client.status == 200
+        await client.events_until(lambda event: event.type == "connected")
+        row = database.insert(session_id, "served by the one left")
+        assert (await client.message(timeout=10)).json["data"]["id"] == str(row)
+        await client.close()
+        assert cluster.process.poll() is None
+    finally:
+        squatter.close()
+        code = cluster.stop()
+        output = cluster.run_report()
+        cluster.remove()
+    assert code == 0, output

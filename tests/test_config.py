@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from broker.cli import _parser
-from broker.config import OPTIONS, Settings
+from broker.config import OPTIONS, Option, Settings, unknown_settings
 from broker.errors import ConfigError
+from broker.options import unknown_variables
 
 
 def test_defaults_match_the_contract() -> None:
@@ -156,3 +157,25 @@ def test_the_readme_table_lists_every_setting_and_no_other() -> None:
     declared = {option.env for option in OPTIONS}
     declared |= {option.fallback_env for option in OPTIONS if option.fallback_env}
     assert listed == declared
+
+
+def test_unknown_broker_variables_are_named_with_the_closest_setting() -> None:
+    environ = {
+        "BROKER_MAX_CONECTIONS": "5",
+        "BROKER_HARTBEAT_SECONDS": "1",
+        "BROKER_ZZZ": "x",
+        "BROKER_PORT": "5001",
+        "PATH": "/bin",
+    }
+    assert unknown_settings(environ) == [
+        ("BROKER_HARTBEAT_SECONDS", "BROKER_HEARTBEAT_SECONDS"),
+        ("BROKER_MAX_CONECTIONS", "BROKER_MAX_CONNECTIONS"),
+        ("BROKER_ZZZ", None),
+    ]
+
+
+def test_every_declared_setting_is_a_known_variable() -> None:
+    """Known names come from the declarations: a setting added to `Settings` is known."""
+    assert unknown_settings({option.env: "1" for option in OPTIONS}) == []
+    extra = Option("x", "BROKER_NEW_THING", str, "a setting declared later", None)
+    assert unknown_variables((*OPTIONS, extra), {"BROKER_NEW_THING": "1"}) == []
