@@ -1,0 +1,133 @@
+"""Issue 20's defects at the edges, each over a real broker process and real sockets: paths
+with control characters (6), requests pipelined behind a stream in one write (8), and the
+hardening of every answer (16). nginx's side of them is in test_nginx."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable
+
+from tests.support.processes import BrokerProcess
+from tests.support.security import RawClient
+
+StartBroker = Callable[..., BrokerProcess]
+
+
+def answer_to(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    with RawClient(port) as client:
+        client.send(request)
+        got = client.answer()
+        return got.status, got.headers, got.body
+
+
+def get(path: str, *headers: str) -> bytes:
+    lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def test_admin_paths_with_a_control_character_are_400_before_routing(
+    start_broker: StartBroker,
+) -> None:
+    """With auth off the admin routes are public; `/api/sse/stats%0A` reached them (the route
+    regex's `$` matches before a trailing newline), so a proxy's exact-path deny was passed."""
+    broker = start_broker()
+    for path in ("/api/sse/stats%0A", "/metrics%0A", "/healthz%0a", "/api/sse/st%09ats", "/%7F"):
+        status, headers, body = answer_to(broker.port, get(path))
+        assert status == 400, (path, status, body[:200])
+        assert json.loads(body) == {
+            "success": False,
+            "error": "control characters in the request path",
+        }
+        assert headers["content-type"] == "application/json"
+    assert answer_to(broker.port, get("/api/sse/stats"))[0] == 200  # the real one still is
+
+
+def test_requests_pipelined_behind_a_stream_in_one_write_are_bounded(
+    start_broker: StartBroker,
+) -> None:
+    """100 connections, each a stream request plus 60 KB of `GET /healthz` in one write: each
+    is cut, and the broker's memory grows by little (it grew by 148 MiB, none cut)."""
+    broker = start_broker()
+    pipelined = get("/healthz") * (60_000 // len(get("/healthz")))
+    stream = get("/api/sse/messages?sessionId=pipelined")
+    before = broker.rss_kib()
+    clients = [RawClient(broker.port, timeout=10) for _ in range(100)]
+    try:
+        for client in clients:
+            client.send(stream + pipelined)
+        for client in clients:
+            client.closed_within(10)  # TimeoutError if the connection stays open
+        grown = broker.rss_kib() - before
+    finally:
+        for client in clients:
+            client.close()
+    print(f"\nRSS grew by {grown} KiB for 100 connections")
+    assert grown < 20 * 1024
+    broker.wait_until(lambda: broker.stats()["totalConnections"] == 0, 5, "streams released")
+    broker.wait_until(lambda: logged(broker, "pipeline_overflow") == (100, 2), 5, "the count")
+
+
+def logged(broker: BrokerProcess, event: str) -> tuple[int, int]:
+    """How many times `event` happened by its log lines' counts, and in how many lines."""
+    lines = [line for line in broker.log_events() if line.get("event") == event]
+    return sum(line.get("count", 1) for line in lines), len(lines)
+
+
+def test_every_answer_says_nosniff_and_the_demo_page_may_not_be_framed(
+    start_broker: StartBroker,
+) -> None:
+    broker = start_broker(BROKER_MAX_HEADER_BYTES="1024")
+    requests = {
+        "json": get("/healthz"),
+        "404": get("/nothing"),
+        "page": get("/"),
+        "static": get("/static/sse-client.js"),
+        "types": get("/static/sse-client.d.ts"),
+        "stream-refused": get("/api/sse/messages?sessionId=global"),
+        "431": get("/healthz", "X-Big: " + "b" * 2000),
+        "unparsable": b"GET /healthz HTTP/1.1\rHost: x\r\n\r\n",
+    }
+    seen: dict[str, tuple[int, dict[str, str], bytes]] = {}
+    for name, request in requests.items():
+        seen[name] = answer_to(broker.port, request)
+        assert seen[name][1].get("x-content-type-options") == "nosniff", (name, seen[name][:2])
+    with RawClient(broker.port) as client:  # a stream's head too
+        client.send(get("/api/sse/messages?sessionId=nosniff"))
+        head = client.answer()
+        assert head.is_stream and head.headers["x-content-type-options"] == "nosniff"
+    page = seen["page"][1]
+    assert "frame-ancestors 'none'" in page["content-security-policy"]
+    assert "default-src 'self'" in page["content-security-policy"]
+    assert page["x-frame-options"] == "DENY"
+    assert seen["types"][0] == 200
+    assert seen["types"][1]["content-type"].startswith("application/typescript")
+    for name in ("431", "unparsable", "stream-refused"):
+        _, headers, body = seen[name]
+        assert headers["content-type"] == "application/json", name
+        assert json.loads(body)["success"] is False
+    assert seen["unparsable"][0] == 400
+
+
+def test_a_flood_of_refused_tokens_is_logged_at_a_bounded_rate(
+    start_broker: StartBroker,
+) -> None:
+    """66,000 `auth_refused` lines in 8 s came from one client; now one line per reason and
+    interval carries the count."""
+    broker = start_broker(BROKER_AUTH_SECRET="s" * 32)
+    request = get("/api/sse/messages?sessionId=a&token=not-a-token") * 50
+    started = time.monotonic()
+    refused = 0
+    while refused < 2000:
+        with RawClient(broker.port) as client, contextlib.suppress(ConnectionError):
+            client.send(request)
+            for _ in range(50):
+                assert client.answer().status == 401
+                refused += 1
+    elapsed = time.monotonic() - started
+    broker.wait_until(lambda: logged(broker, "auth_refused")[0] >= refused, 5, "the count")
+    counted, lines = logged(broker, "auth_refused")
+    print(f"\n{refused} refusals in {elapsed:.1f}s: {lines} log lines, counting {counted}")
+    assert lines <= 2 * (elapsed + 1)  # at most two per reason per second
+    assert counted == refused
