@@ -25,6 +25,7 @@ from .auth import Authenticator, authenticate
 from .config import Settings
 from .errors import RequestError, Unavailable
 from .guard import Guard, GuardedApp
+from .limits import ClientCounter
 from .metrics import create_registry, render
 from .service import Broker
 from .stats import snapshot
@@ -55,7 +56,9 @@ STATIC = Path(__file__).parent / "static"
 CLIENT = Path(__file__).parents[1] / "client" / "src"
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings, counter: ClientCounter | None = None) -> Starlette:
+    """The app; `counter` counts streams per client when workers share the port."""
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with Broker.running(settings) as broker:
@@ -64,7 +67,7 @@ def create_app(settings: Settings) -> Starlette:
             yield
 
     # Each route once, with its checks (guard.py): where it is served, admin token, stream cap.
-    guard = Guard(settings)
+    guard = Guard(settings, counter)
     stream_route = guard.stream("/api/sse/messages", stream_messages)
     routes: list[BaseRoute] = [
         stream_route,

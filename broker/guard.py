@@ -43,7 +43,7 @@ from .answers import answer
 from .auth import bearer
 from .config import Settings
 from .errors import BrokerError, RequestError, TooManyStreams, Unauthorized
-from .limits import StreamCounter
+from .limits import ClientCounter, StreamCounter
 from .log import Refusals
 
 __all__ = ["Guard", "GuardedApp", "StreamRoute", "log_exposure"]
@@ -58,7 +58,10 @@ refusals = Refusals(log)  # log.py: at a bounded rate
 class Guard:
     """Builds the app's routes with the checks the settings give them."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, counter: ClientCounter | None = None) -> None:
+        """`counter`: where streams per client are counted when not in this process alone
+        (`limits.SharedStreamCounter`, with `--workers`)."""
+        self.counter = counter
         self.admin_port = settings.admin_port
         self.admin_token = settings.admin_token
         # Without an admin port, admin routes are on the public port unless auth is on with
@@ -84,7 +87,9 @@ class Guard:
 
     def stream(self, path: str, endpoint: Endpoint) -> StreamRoute:
         limit = self.max_streams_per_ip
-        counter = None if limit is None else StreamCounter(limit)
+        counter = self.counter
+        if counter is None and limit is not None:
+            counter = StreamCounter(limit)
         return StreamRoute(
             path, endpoint, served=self._on_public_port, counter=counter, cors=self.cors
         )
@@ -135,7 +140,7 @@ class StreamRoute(_Route):
         endpoint: Endpoint,
         *,
         served: Served,
-        counter: StreamCounter | None,
+        counter: ClientCounter | None,
         cors: bool,
     ) -> None:
         self.counter = counter
@@ -210,7 +215,7 @@ class StreamsPerClient:
     """Per-route middleware: one of the client address's stream slots, held while the request
     runs, whatever ends it; none left raises `TooManyStreams`."""
 
-    def __init__(self, app: ASGIApp, counter: StreamCounter) -> None:
+    def __init__(self, app: ASGIApp, counter: ClientCounter) -> None:
         self.app = app
         self.counter = counter
 
@@ -222,7 +227,7 @@ class StreamsPerClient:
             self.counter.release(address)
 
 
-def _take_slot(counter: StreamCounter, scope: Scope) -> str:
+def _take_slot(counter: ClientCounter, scope: Scope) -> str:
     """Take one of the request's client address's stream slots and return the address (to
     release it by); none left raises `TooManyStreams`."""
     client = scope.get("client")

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import time
 from collections.abc import Callable
 
+from broker.workers import STARTUP_SECONDS
 from tests.support.processes import BrokerProcess
 from tests.support.security import RawClient
 
@@ -131,3 +134,57 @@ def test_a_flood_of_refused_tokens_is_logged_at_a_bounded_rate(
     print(f"\n{refused} refusals in {elapsed:.1f}s: {lines} log lines, counting {counted}")
     assert lines <= 2 * (elapsed + 1)  # at most two per reason per second
     assert counted == refused
+
+
+def _open_streams(port: int, attempts: int) -> tuple[list[RawClient], list[int]]:
+    """`attempts` streams on new connections: the open ones, and every status."""
+    held, statuses = [], []
+    for _ in range(attempts):
+        client = RawClient(port)
+        client.send(get("/api/sse/messages?sessionId=capped"))
+        status = client.answer().status
+        statuses.append(status)
+        if status == 200:
+            held.append(client)
+        else:
+            client.close()
+    return held, statuses
+
+
+def test_the_per_client_cap_holds_for_the_port_over_three_workers(
+    start_broker: StartBroker,
+) -> None:
+    """`--workers 3` with a cap of 3 let one address hold 9 streams, 3 per worker."""
+    broker = start_broker(BROKER_WORKERS="3", BROKER_MAX_STREAMS_PER_IP="3")
+    started = time.monotonic()  # the workers were forked before it was ready
+    pids = set(broker.worker_stats(3))
+    held, statuses = _open_streams(broker.port, 30)
+    try:
+        print(f"\n30 attempts over 3 workers: {len(held)} streams held")
+        assert len(held) == 3 and statuses.count(429) == 27
+        per_worker = {
+            pid: stats["totalConnections"] for pid, stats in broker.worker_stats(3).items()
+        }
+        assert sum(per_worker.values()) == 3, per_worker
+        # A worker killed with its streams frees their slots: the one forked in its place
+        # clears its column; the others' streams still count.
+        victim = next(pid for pid, count in per_worker.items() if count)
+        # A worker that dies while starting stops them all instead: wait until that is past.
+        time.sleep(max(0.0, STARTUP_SECONDS - (time.monotonic() - started)))
+        os.kill(victim, signal.SIGKILL)
+        broker.wait_until(lambda: _replaced(broker, victim), 20, "a new worker")
+        assert pids - {victim} <= set(broker.worker_stats(3))
+        more, statuses = _open_streams(broker.port, 30)
+        held += more
+        assert len(more) == per_worker[victim] and statuses.count(429) == 30 - len(more)
+    finally:
+        for client in held:
+            client.close()
+
+
+def _replaced(broker: BrokerProcess, victim: int) -> bool:
+    """True once three workers answer and `victim` is not one (it may reset as it dies)."""
+    try:
+        return victim not in set(broker.worker_stats(3))
+    except OSError:
+        return False
