@@ -5,13 +5,16 @@ hardening of every answer (16). nginx's side of them is in test_nginx."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
 import time
 from collections.abc import Callable
 
+from broker.listener import CHANNEL
 from broker.workers import STARTUP_SECONDS
+from tests.conftest import Database
 from tests.support.processes import BrokerProcess
 from tests.support.security import RawClient
 
@@ -188,3 +191,18 @@ def _replaced(broker: BrokerProcess, victim: int) -> bool:
         return victim not in set(broker.worker_stats(3))
     except OSError:
         return False
+
+
+def test_a_malformed_notification_is_logged_by_length_and_hash_not_content(
+    start_broker: StartBroker, database: Database
+) -> None:
+    """`notification_malformed` logged the payload's first 200 characters: row content, in an
+    error log that is kept longer and read by more people than the table."""
+    broker = start_broker()
+    payload = '{"id": "1", "content": "private-' + "x" * 40 + '"'  # cut short: malformed
+    database.query("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+    broker.wait_until(lambda: '"notification_malformed"' in broker.log(), 10, "the error")
+    (logged,) = [e for e in broker.log_events() if e["event"] == "notification_malformed"]
+    assert "private-" not in broker.log_path.read_text()
+    assert logged["payload"]["bytes"] == len(payload)
+    assert logged["payload"]["sha256"] == hashlib.sha256(payload.encode()).hexdigest()[:16]
