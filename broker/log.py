@@ -65,6 +65,7 @@ def configure(log_format: str, level_name: str = "info") -> None:
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True
     logging.getLogger("uvicorn.error").addFilter(_drop_cut_stream_report)
+    logging.getLogger("uvicorn.error").addFilter(_drop_invalid_request_report)
 
 
 def _logger_key(_: Any, __: str, event_dict: structlog.types.EventDict) -> Any:
@@ -84,6 +85,12 @@ def _drop_cut_stream_report(record: logging.LogRecord) -> bool:
     that on purpose to a client that stopped reading (it cannot be sent anything more) and
     logs `stream_closed` with the reason itself."""
     return record.getMessage() != "ASGI callable returned without completing response."
+
+
+def _drop_invalid_request_report(record: logging.LogRecord) -> bool:
+    """uvicorn warns once per unparsable request, at any rate a client likes; the broker
+    logs `request_invalid` instead, at a bounded rate (`Refusals`)."""
+    return record.getMessage() != "Invalid HTTP request received."
 
 
 def digest_of(text: str) -> dict[str, Any]:

@@ -137,6 +137,14 @@ def test_a_flood_of_refused_tokens_is_logged_at_a_bounded_rate(
     print(f"\n{refused} refusals in {elapsed:.1f}s: {lines} log lines, counting {counted}")
     assert lines <= 2 * (elapsed + 1)  # at most two per reason per second
     assert counted == refused
+    # Requests that do not parse: uvicorn's own warning for each is dropped, ours counts them.
+    for _ in range(200):
+        with RawClient(broker.port) as client:
+            client.send(b"GET /healthz HTTP/1.1\rHost: x\r\n\r\n")
+            assert client.answer().status == 400
+    broker.wait_until(lambda: logged(broker, "request_invalid")[0] == 200, 5, "the count")
+    assert logged(broker, "request_invalid")[1] <= 4
+    assert logged(broker, "Invalid HTTP request received.") == (0, 0)  # uvicorn's, per request
 
 
 def _open_streams(port: int, attempts: int) -> tuple[list[RawClient], list[int]]:
