@@ -72,7 +72,8 @@ def test_requests_pipelined_behind_a_stream_in_one_write_are_bounded(
     print(f"\nRSS grew by {grown} KiB for 100 connections")
     assert grown < 20 * 1024
     broker.wait_until(lambda: broker.stats()["totalConnections"] == 0, 5, "streams released")
-    broker.wait_until(lambda: logged(broker, "pipeline_overflow") == (100, 2), 5, "the count")
+    broker.wait_until(lambda: logged(broker, "pipeline_overflow")[0] == 100, 5, "the count")
+    assert logged(broker, "pipeline_overflow")[1] <= 6  # two a second at most
 
 
 def logged(broker: BrokerProcess, event: str) -> tuple[int, int]:
