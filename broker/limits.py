@@ -93,6 +93,13 @@ class SharedStreamCounter:
         self._lock = tempfile.TemporaryFile(prefix="pgsse-streams-")  # noqa: SIM115
         self._column = 0
 
+    def close(self) -> None:
+        """Free the table and its lock file (in this process)."""
+        self._keys.release()
+        self._counts.release()
+        self._memory.close()
+        self._lock.close()
+
     def use_column(self, worker: int) -> None:
         """In a worker just forked: count in column `worker`, which a dead predecessor may
         have left counts in."""

@@ -12,6 +12,7 @@ import signal
 import time
 from collections.abc import Callable
 
+from broker.limits import SharedStreamCounter
 from broker.listener import CHANNEL
 from broker.workers import STARTUP_SECONDS
 from tests.conftest import Database
@@ -215,3 +216,34 @@ def test_a_malformed_notification_is_logged_by_length_and_hash_not_content(
     assert "private-" not in broker.log_path.read_text()
     assert logged["payload"]["bytes"] == len(payload)
     assert logged["payload"]["sha256"] == hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _in_worker(counter: SharedStreamCounter, column: int, clients: list[str]) -> list[bool]:
+    """`acquire` of each of `clients` in a forked process counting in `column`."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the worker
+        os.close(read)
+        counter.use_column(column)
+        os.write(write, bytes(counter.acquire(client) for client in clients))
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        results = [bool(byte) for byte in pipe.read()]
+    assert os.waitpid(pid, 0)[1] == 0
+    return results
+
+
+def test_a_shared_counter_counts_every_worker_and_forgets_a_replaced_one() -> None:
+    counter = SharedStreamCounter(limit=2, workers=2, entries=128)
+    try:
+        counter.use_column(0)
+        assert [counter.acquire("a") for _ in range(3)] == [True, True, False]
+        assert _in_worker(counter, 1, ["a", "b"]) == [False, True]  # a: 2 held by the other
+        assert [counter.acquire("b") for _ in range(2)] == [True, False]  # one here, one there
+        counter.release("a")
+        assert _in_worker(counter, 1, ["a", "a"]) == [True, False]  # a replacement of worker 1
+        assert counter.acquire("b")  # the replaced worker's b was forgotten; a's is new
+        assert not counter.acquire("a")
+    finally:
+        counter.close()
