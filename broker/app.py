@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from os import PathLike
 from pathlib import Path
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -23,6 +25,7 @@ from .auth import Authenticator, authenticate
 from .config import Settings
 from .errors import RequestError, Unavailable
 from .guard import Guard, GuardedApp
+from .limits import ClientCounter
 from .metrics import create_registry, render
 from .service import Broker
 from .stats import snapshot
@@ -38,13 +41,24 @@ from .validation import (
 __all__ = ["MAX_BODY_BYTES", "create_app"]
 
 MAX_BODY_BYTES = 1024 * 1024
+# The demo page loads its script, style and API from its own origin only, and may not be
+# framed (clickjacking); the icon is a data: URL. Every answer also carries
+# X-Content-Type-Options: nosniff (transport.server_options).
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none';"
+    " base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+}
+TYPESCRIPT = "application/typescript; charset=utf-8"
 STATIC = Path(__file__).parent / "static"
 # The browser client's modules are the npm package's own files (client/src), served beside the
 # demo page as /static/sse-client.js etc.; a wheel has them in broker/static (force-include).
 CLIENT = Path(__file__).parents[1] / "client" / "src"
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings, counter: ClientCounter | None = None) -> Starlette:
+    """The app; `counter` counts streams per client when workers share the port."""
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with Broker.running(settings) as broker:
@@ -53,7 +67,7 @@ def create_app(settings: Settings) -> Starlette:
             yield
 
     # Each route once, with its checks (guard.py): where it is served, admin token, stream cap.
-    guard = Guard(settings)
+    guard = Guard(settings, counter)
     stream_route = guard.stream("/api/sse/messages", stream_messages)
     routes: list[BaseRoute] = [
         stream_route,
@@ -65,7 +79,7 @@ def create_app(settings: Settings) -> Starlette:
         guard.public("/", index, methods=["GET"]),
     ]
     if STATIC.is_dir():
-        static = StaticFiles(directory=STATIC)
+        static = _StaticFiles(directory=STATIC)
         if CLIENT.is_dir():
             static.all_directories.append(CLIENT)  # looked up in order, after STATIC
         routes.append(guard.mount("/static", static))
@@ -175,4 +189,15 @@ async def index(request: Request) -> Response:
     page = STATIC / "index.html"
     if not page.is_file():
         raise RequestError(404, "no demo page installed")
-    return FileResponse(page, media_type="text/html")
+    return FileResponse(page, media_type="text/html", headers=PAGE_HEADERS)
+
+
+class _StaticFiles(StaticFiles):
+    """Starlette's static files, with the client package's type declarations (`.d.ts`)
+    served as TypeScript: `mimetypes` takes `.ts` for an MPEG transport stream."""
+
+    def file_response(self, full_path: PathLike[str] | str, *args: Any, **kw: Any) -> Response:
+        response = super().file_response(full_path, *args, **kw)
+        if str(full_path).endswith(".ts"):
+            response.headers["content-type"] = TYPESCRIPT
+        return response

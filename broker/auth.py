@@ -33,6 +33,7 @@ import structlog
 from starlette.requests import Request
 
 from .errors import ConfigError, Forbidden, Unauthorized
+from .log import Refusals
 
 __all__ = [
     "ALGORITHM",
@@ -55,6 +56,7 @@ MAX_CLAIM_ITEMS = 1000
 MAX_TOKEN_SECONDS = 366 * 24 * 3600
 
 log = structlog.get_logger(logger_name="broker.auth")
+refusals = Refusals(log)  # log.py: at a bounded rate
 
 
 def fingerprint(token: str) -> str:
@@ -102,7 +104,7 @@ OPEN = Grant(sessions=None, robots=None, publish=True)
 
 
 def _forbidden(message: str) -> Forbidden:
-    log.info("auth_forbidden", reason=message)  # `token` (the fingerprint) is bound already
+    refusals.info("auth_forbidden", message)  # `token` (the fingerprint) is bound already
     return Forbidden(message)
 
 
@@ -193,9 +195,9 @@ class Authenticator:
                 raise Unauthorized(f"token required: {where}")
             grant = self.verify(token)
         except Unauthorized as exc:
-            log.info(
+            refusals.info(
                 "auth_refused",
-                reason=str(exc),
+                str(exc),
                 token=None if token is None else fingerprint(token),
                 path=request.scope.get("path"),
             )

@@ -34,6 +34,8 @@ from .errors import BrokerError
 if TYPE_CHECKING:
     import socket
 
+    from .limits import ClientCounter, SharedStreamCounter
+
 __all__ = ["main"]
 
 QUIET_LEVEL = "warning"  # what the commands other than `serve` log
@@ -262,13 +264,31 @@ def _serve(settings: Settings) -> int:
                     listening_backends=settings.workers,
                     advice="set BROKER_BUS_URL for one listening backend in all",
                 )
-            return run_workers(settings.workers, lambda: _run_server(settings, sockets))
+            counter = _shared_counter(settings)
+            return run_workers(
+                settings.workers,
+                lambda: _run_server(settings, sockets, counter),
+                begin=None if counter is None else counter.use_column,
+            )
     finally:
         for sock in sockets:
             sock.close()
 
 
-def _run_server(settings: Settings, sockets: list[socket.socket]) -> int:
+def _shared_counter(settings: Settings) -> SharedStreamCounter | None:
+    """With --workers, BROKER_MAX_STREAMS_PER_IP counted over all of them (limits.py): room
+    for twice as many addresses as streams may be open on the port."""
+    if settings.max_streams_per_ip is None:
+        return None
+    from .limits import SharedStreamCounter
+
+    entries = 2 * settings.workers * settings.max_connections
+    return SharedStreamCounter(settings.max_streams_per_ip, settings.workers, entries)
+
+
+def _run_server(
+    settings: Settings, sockets: list[socket.socket], counter: ClientCounter | None = None
+) -> int:
     """One broker process serving `sockets` until SIGTERM/SIGINT; its exit status."""
     import asyncio
     import signal
@@ -296,7 +316,7 @@ def _run_server(settings: Settings, sockets: list[socket.socket]) -> int:
                 asyncio.get_running_loop().call_soon_threadsafe(broker.close_streams)
                 log.info("shutdown_requested", signal=signal.Signals(sig).name)
 
-    app = create_app(settings)
+    app = create_app(settings, counter)
     config = uvicorn.Config(
         app,
         **server_options(settings),  # request limits; client address behind proxies

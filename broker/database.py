@@ -11,10 +11,11 @@ instances that start together apply them one after the other; every file is idem
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
+import stat
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -135,10 +136,28 @@ class EmbeddedPostgres:
 
     @property
     def socket_dir(self) -> Path:
+        """Where the server's socket is: its data directory when that path is short enough,
+        else the private directory the running server names in its `postmaster.pid`.
+
+        A predictable name under /tmp could be made first by another local user, who would
+        then own the socket of a `postgres` superuser trusting every local connection; so
+        `start` makes an unpredictable one (mkdtemp: ours, mode 700), and a directory named
+        by the pid file is used only if it still is a directory of the server's user that
+        nobody else may enter."""
         if len(str(self.data_dir)) <= SOCKET_PATH_MAX:
             return self.data_dir
-        digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:16]
-        return Path("/tmp") / f"pgsse-{os.geteuid()}-{digest}"
+        try:
+            lines = (self.data_dir / "postmaster.pid").read_text().split("\n")
+        except OSError:
+            message = f"the embedded PostgreSQL of {self.data_dir} is not running"
+            raise BrokerError(message) from None
+        recorded = Path(lines[4]) if len(lines) > 4 and lines[4].startswith("/") else None
+        if recorded is None or not self._is_private(recorded):
+            raise BrokerError(
+                f"the socket directory {recorded} of the embedded PostgreSQL of {self.data_dir}"
+                " is not a mode-700 directory of the server's user; stop that server"
+            )
+        return recorded
 
     @property
     def url(self) -> str:
@@ -178,30 +197,42 @@ class EmbeddedPostgres:
             )
         if self.is_running():
             return
-        self._make_socket_dir()
-        options = f"-h '' -k {self.socket_dir} -c max_connections=200 -c fsync=on"
-        self._run(
-            [
-                "pg_ctl",
-                "start",
-                "-w",
-                "-t",
-                "30",
-                "-D",
-                str(self.data_dir),
-                "-l",
-                str(self.data_dir / "log"),
-                "-o",
-                options,
-            ]
-        )
+        socket_dir = self._make_socket_dir()
+        options = f"-h '' -k {socket_dir} -c max_connections=200 -c fsync=on"
+        try:
+            self._run(
+                [
+                    "pg_ctl",
+                    "start",
+                    "-w",
+                    "-t",
+                    "30",
+                    "-D",
+                    str(self.data_dir),
+                    "-l",
+                    str(self.data_dir / "log"),
+                    "-o",
+                    options,
+                ]
+            )
+        except BrokerError:
+            if socket_dir != self.data_dir:
+                shutil.rmtree(socket_dir, ignore_errors=True)
+            raise
         log.info("embedded_postgres_started", data_dir=str(self.data_dir))
 
     def stop(self, mode: str = "fast") -> None:
-        """Stop the server (`fast` ends sessions, `immediate` is a crash); no-op if stopped."""
+        """Stop the server (`fast` ends sessions, `immediate` is a crash) and remove the
+        socket directory `start` made; no-op if stopped."""
         if self.is_running():
             self.placement.prepare()  # the binaries, if another process started it
+            try:
+                socket_dir: Path | None = self.socket_dir
+            except BrokerError:
+                socket_dir = None  # not one of ours: leave it alone
             self._run(["pg_ctl", "stop", "-w", "-t", "30", "-m", mode, "-D", str(self.data_dir)])
+            if socket_dir is not None and socket_dir != self.data_dir:
+                shutil.rmtree(socket_dir, ignore_errors=True)
             log.info("embedded_postgres_stopped", data_dir=str(self.data_dir), mode=mode)
 
     def destroy(self) -> None:
@@ -209,18 +240,29 @@ class EmbeddedPostgres:
         self.stop("immediate")
         shutil.rmtree(self.data_dir, ignore_errors=True)
         source_file(self.data_dir).unlink(missing_ok=True)
-        if self.socket_dir != self.data_dir:
-            shutil.rmtree(self.socket_dir, ignore_errors=True)
         if self.requested.is_symlink():
             self.requested.unlink()
 
-    def _make_socket_dir(self) -> None:
-        if self.socket_dir == self.data_dir or self.socket_dir.is_dir():
-            return
-        self.socket_dir.mkdir(mode=0o700)
+    def _make_socket_dir(self) -> Path:
+        """The directory for the socket: the data directory, or a fresh private one."""
+        if len(str(self.data_dir)) <= SOCKET_PATH_MAX:
+            return self.data_dir
+        # /tmp, not $TMPDIR: the path must stay short (sun_path is 108 bytes)
+        made = Path(tempfile.mkdtemp(prefix=f"pgsse-{os.geteuid()}-", dir="/tmp"))
         user = self.placement.user
         if user is not None:
-            os.chown(self.socket_dir, user.uid, user.gid)
+            os.chown(made, user.uid, user.gid)
+        return made
+
+    def _is_private(self, path: Path) -> bool:
+        """`path` is a directory (not a link) of the server's user, mode 700 or stricter."""
+        user = self.placement.user
+        try:
+            info = path.lstat()
+        except OSError:
+            return False
+        owner = os.geteuid() if user is None else user.uid
+        return stat.S_ISDIR(info.st_mode) and info.st_uid == owner and not info.st_mode & 0o077
 
     def _run(self, argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
         placement = self.placement

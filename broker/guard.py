@@ -18,14 +18,16 @@ carries its own checks, so nothing matches a request a second time:
   ahead of Starlette's middleware and exception chain (`StreamRoute`), which would otherwise
   stay on the stack for the stream's whole life.
 
-A route not served on a port does not match there (`Match.NONE`), so the router answers 404
-for every method, exactly as for a path that does not exist. Refusals are raised as broker
-errors; `answers.py` turns them into HTTP answers.
+A request whose decoded path holds a control character is refused (400) before any route is
+matched (`GuardedApp`). A route not served on a port does not match there (`Match.NONE`), so
+the router answers 404 for every method, exactly as for a path that does not exist.
+Refusals are raised as broker errors; `answers.py` turns them into HTTP answers.
 """
 
 from __future__ import annotations
 
 import hmac
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -40,8 +42,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .answers import answer
 from .auth import bearer
 from .config import Settings
-from .errors import BrokerError, TooManyStreams, Unauthorized
-from .limits import StreamCounter
+from .errors import BrokerError, RequestError, TooManyStreams, Unauthorized
+from .limits import ClientCounter, StreamCounter
+from .log import Refusals
 
 __all__ = ["Guard", "GuardedApp", "StreamRoute", "log_exposure"]
 
@@ -49,12 +52,16 @@ Served = Callable[[Scope], bool]
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 log = structlog.get_logger(logger_name="broker.guard")
+refusals = Refusals(log)  # log.py: at a bounded rate
 
 
 class Guard:
     """Builds the app's routes with the checks the settings give them."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, counter: ClientCounter | None = None) -> None:
+        """`counter`: where streams per client are counted when not in this process alone
+        (`limits.SharedStreamCounter`, with `--workers`)."""
+        self.counter = counter
         self.admin_port = settings.admin_port
         self.admin_token = settings.admin_token
         # Without an admin port, admin routes are on the public port unless auth is on with
@@ -80,7 +87,9 @@ class Guard:
 
     def stream(self, path: str, endpoint: Endpoint) -> StreamRoute:
         limit = self.max_streams_per_ip
-        counter = None if limit is None else StreamCounter(limit)
+        counter = self.counter
+        if counter is None and limit is not None:
+            counter = StreamCounter(limit)
         return StreamRoute(
             path, endpoint, served=self._on_public_port, counter=counter, cors=self.cors
         )
@@ -131,7 +140,7 @@ class StreamRoute(_Route):
         endpoint: Endpoint,
         *,
         served: Served,
-        counter: StreamCounter | None,
+        counter: ClientCounter | None,
         cors: bool,
     ) -> None:
         self.counter = counter
@@ -170,6 +179,13 @@ class GuardedApp(Starlette):
         self.stream_route = stream_route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and _has_control(scope["path"]):
+            # Before routing: Starlette's route regex ends in `$`, which also matches before
+            # a trailing newline, so `/metrics%0A` was `/metrics` to the router while a proxy
+            # rule on the exact path let it through. No route of ours has one.
+            refusal = RequestError(400, "control characters in the request path")
+            await answer(refusal)(scope, receive, send)
+            return
         if scope["type"] == "http" and self.stream_route.takes(scope):
             scope["app"] = self
             await self.stream_route.run(scope, receive, send)
@@ -190,7 +206,7 @@ class AdminToken:
         except Unauthorized:
             given = None
         if given is None or not hmac.compare_digest(given.encode(), self.token):
-            log.info("admin_refused", path=scope.get("path"))
+            refusals.info("admin_refused", "admin token required", path=scope.get("path"))
             raise Unauthorized("admin token required: Authorization: Bearer <BROKER_ADMIN_TOKEN>")
         await self.app(scope, receive, send)
 
@@ -199,7 +215,7 @@ class StreamsPerClient:
     """Per-route middleware: one of the client address's stream slots, held while the request
     runs, whatever ends it; none left raises `TooManyStreams`."""
 
-    def __init__(self, app: ASGIApp, counter: StreamCounter) -> None:
+    def __init__(self, app: ASGIApp, counter: ClientCounter) -> None:
         self.app = app
         self.counter = counter
 
@@ -211,13 +227,13 @@ class StreamsPerClient:
             self.counter.release(address)
 
 
-def _take_slot(counter: StreamCounter, scope: Scope) -> str:
+def _take_slot(counter: ClientCounter, scope: Scope) -> str:
     """Take one of the request's client address's stream slots and return the address (to
     release it by); none left raises `TooManyStreams`."""
     client = scope.get("client")
     address = str(client[0]) if client else "unknown"
     if not counter.acquire(address):
-        log.info("stream_refused", reason="per_client_limit", client=address)
+        refusals.info("stream_refused", "per_client_limit", client=address)
         raise TooManyStreams(f"too many streams from this address (at most {counter.limit})")
     return address
 
@@ -237,6 +253,14 @@ def log_exposure(settings: Settings) -> None:
             hint="/api/sse/stats and /metrics answer 404: set BROKER_ADMIN_PORT or"
             " BROKER_ADMIN_TOKEN to reach them",
         )
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
+def _has_control(path: str) -> bool:
+    """True when the decoded path holds a C0 control character or DEL."""
+    return _CONTROL.search(path) is not None
 
 
 def _local_port(scope: Scope) -> int | None:

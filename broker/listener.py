@@ -33,6 +33,7 @@ from .backoff import Backoff
 from .errors import BrokerError
 from .events import Message, Reference, parse_notification
 from .hub import Hub
+from .log import digest_of
 from .notifications import Notifications
 from .retry import retry_forever
 from .store import Store
@@ -135,7 +136,7 @@ class Listener:
         try:
             parsed = parse_notification(payload)
         except ValueError as exc:
-            log.error("notification_malformed", error=str(exc), payload=payload[:200])
+            log.error("notification_malformed", error=str(exc), payload=digest_of(payload))
             self.notifications += 1
             return True
         if isinstance(parsed, Reference):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 import os
 import sys
+import time
 from typing import IO, Any, TextIO
 
 import orjson
@@ -12,7 +15,9 @@ import structlog
 
 from .config import LOG_LEVELS
 
-__all__ = ["configure", "silence_closed_pipe"]
+__all__ = ["REFUSAL_INTERVAL_SECONDS", "Refusals", "configure", "digest_of", "silence_closed_pipe"]
+
+REFUSAL_INTERVAL_SECONDS = 1.0
 
 
 def configure(log_format: str, level_name: str = "info") -> None:
@@ -67,6 +72,7 @@ def configure(log_format: str, level_name: str = "info") -> None:
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True
     logging.getLogger("uvicorn.error").addFilter(_drop_cut_stream_report)
+    logging.getLogger("uvicorn.error").addFilter(_drop_invalid_request_report)
 
 
 class _Writer(structlog.WriteLogger):
@@ -134,3 +140,48 @@ def _drop_cut_stream_report(record: logging.LogRecord) -> bool:
     that on purpose to a client that stopped reading (it cannot be sent anything more) and
     logs `stream_closed` with the reason itself."""
     return record.getMessage() != "ASGI callable returned without completing response."
+
+
+def _drop_invalid_request_report(record: logging.LogRecord) -> bool:
+    """uvicorn warns once per unparsable request, at any rate a client likes; the broker
+    logs `request_invalid` instead, at a bounded rate (`Refusals`)."""
+    return record.getMessage() != "Invalid HTTP request received."
+
+
+def digest_of(text: str) -> dict[str, Any]:
+    """What a log may say of untrusted text (a row's content, a payload): its length and a
+    hash to match it by, never the text itself."""
+    data = text.encode(errors="replace")
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()[:16]}
+
+
+class Refusals:
+    """Refusals logged at a bounded rate: the first of a (event, reason) at once, with
+    `count=1`; those that follow within `interval` seconds as one line at its end, with their
+    count. One client refused 66,000 times in 8 s wrote as many lines; now at most two per
+    reason per second, and the counts still add up to every refusal."""
+
+    def __init__(self, logger: Any, interval: float = REFUSAL_INTERVAL_SECONDS) -> None:
+        self._log = logger
+        self.interval = interval
+        self._pending: dict[tuple[str, str], int] = {}  # refusals not yet written, by key
+
+    def info(self, event: str, reason: str, **fields: Any) -> None:
+        key = (event, reason)
+        if key in self._pending:
+            self._pending[key] += 1
+            return
+        self._log.info(event, reason=reason, count=1, **fields)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # outside the server: nothing to aggregate with
+            return
+        self._pending[key] = 0
+        loop.call_later(self.interval, self._flush, key, time.monotonic())
+
+    def _flush(self, key: tuple[str, str], since: float) -> None:
+        count = self._pending.pop(key, 0)
+        if count:
+            event, reason = key
+            seconds = round(time.monotonic() - since, 3)
+            self._log.info(event, reason=reason, count=count, seconds=seconds)

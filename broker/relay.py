@@ -49,6 +49,7 @@ from .backoff import Backoff
 from .bus import LEASE_MS, Bus, BusDown
 from .events import Message, Reference, parse_notification
 from .listener import APPLICATION_NAME, CHANNEL, CONNECTION_FAILURES, dedicated_connection
+from .log import digest_of
 from .notifications import HEALTH_CHECK_TIMEOUT, Notifications
 from .retry import pause, retry_forever
 from .store import Store
@@ -243,7 +244,7 @@ class Relay:
         try:
             parsed = parse_notification(payload)
         except ValueError as exc:
-            log.error("notification_malformed", error=str(exc), payload=payload[:200])
+            log.error("notification_malformed", error=str(exc), payload=digest_of(payload))
             return
         if parsed.id in self._backfilled:
             return

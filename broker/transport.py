@@ -35,6 +35,7 @@ import structlog
 
 from .answers import error_body
 from .config import Settings
+from .log import Refusals
 from .pipelining import MAX_HELD_BYTES, PipelinedProtocol
 from .socketsink import SINK_EXTENSION
 from .uvicorn_hooks import check_uvicorn
@@ -47,12 +48,15 @@ __all__ = [
 ]
 
 
+NOSNIFF = "x-content-type-options: nosniff\r\n"
+
+
 def _answer(status: int, error: str) -> bytes:
     """A complete JSON error answer that closes the connection, for refusals made here."""
     body = error_body(error)
     phrase = http.HTTPStatus(status).phrase
     return (
-        f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\n"
+        f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\n{NOSNIFF}"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     ).encode() + body
 
@@ -60,10 +64,12 @@ def _answer(status: int, error: str) -> bytes:
 RESPONSE_431 = _answer(431, "request headers too large")
 RESPONSE_408 = _answer(408, "request body not received in time")
 RESPONSE_400_BODY = _answer(400, "this request takes no body")
+RESPONSE_400_INVALID = _answer(400, "invalid HTTP request")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 log = structlog.get_logger(logger_name="broker.transport")
+refusals = Refusals(log)  # log.py: at a bounded rate
 
 
 class LimitedHttpToolsProtocol(PipelinedProtocol):
@@ -174,6 +180,14 @@ class LimitedHttpToolsProtocol(PipelinedProtocol):
         if not (self._in_head or self._refused or self._timer):
             self._arm(self.body_timeout, self._body_timed_out)
 
+    # uvicorn's answer to a request it cannot parse, in plain text: ours is JSON
+
+    def send_400_response(self, msg: str) -> None:
+        refusals.info("request_invalid", msg)
+        cycle = self.cycle
+        answerable = cycle is None or cycle.response_complete or not cycle.response_started
+        self._refuse(RESPONSE_400_INVALID if answerable else None)
+
     # limits
 
     def _line_idle(self) -> bool:
@@ -235,6 +249,7 @@ def server_options(settings: Settings) -> dict[str, Any]:
     trusted = [str(network) for network in _with_ipv4_mapped(settings.trusted_proxies)]
     return {
         "http": limited_protocol(settings),
+        "headers": [("X-Content-Type-Options", "nosniff")],  # on every answer uvicorn sends
         "proxy_headers": bool(trusted),
         "forwarded_allow_ips": trusted,
     }

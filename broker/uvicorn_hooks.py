@@ -32,6 +32,7 @@ UVICORN_HOOKS: dict[type, tuple[str, ...]] = {
         "on_body",
         "on_message_complete",
         "on_response_complete",
+        "send_400_response",
         "self.cycle",
         "self.pipeline",
         "self.flow",
@@ -47,6 +48,7 @@ UVICORN_HOOKS: dict[type, tuple[str, ...]] = {
         "self.message_event",
         "self.response_started",
         "self.response_complete",
+        "self.scope",
     ),
 }
 

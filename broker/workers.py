@@ -41,9 +41,14 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 log = structlog.get_logger(logger_name="broker.workers")
 
 
-def run_workers(count: int, serve: Callable[[], int]) -> int:
-    """Run `serve` in `count` forked workers until a signal stops them; the exit status."""
+def run_workers(
+    count: int, serve: Callable[[], int], begin: Callable[[int], None] | None = None
+) -> int:
+    """Run `serve` in `count` forked workers until a signal stops them; the exit status.
+    `begin(index)` runs first in each worker, with its index (0 to count - 1); a worker
+    forked again in a dead one's place has the dead one's index."""
     workers: dict[int, float] = {}  # pid -> when it was forked (monotonic)
+    indexes: dict[int, int] = {}  # pid -> its index
     parent = os.getpid()
     stopping = False
     status = 0
@@ -55,27 +60,29 @@ def run_workers(count: int, serve: Callable[[], int]) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
 
-    def fork() -> None:
+    def fork(index: int) -> None:
         # Signals wait while forking, so none reaches the parent before the worker is known.
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         try:
             pid = os.fork()
             if pid == 0:
-                _worker(serve, parent)  # never returns
+                _worker(serve, parent, index, begin)  # never returns
             workers[pid] = time.monotonic()
+            indexes[pid] = index
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
     for sig in SIGNALS:
         signal.signal(sig, stop)
-    for _ in range(count):
-        fork()
+    for index in range(count):
+        fork(index)
     log.info("workers_started", workers=count, pids=sorted(workers))
     while workers:
         pid, wait_status = os.wait()
         started = workers.pop(pid, None)
         if started is None:
             continue  # not a worker (a child of the embedded database's tooling, say)
+        index = indexes.pop(pid)
         code = os.waitstatus_to_exitcode(wait_status)
         if stopping:
             status = status or (1 if code else 0)
@@ -87,13 +94,15 @@ def run_workers(count: int, serve: Callable[[], int]) -> int:
             status = 1
             stop(signal.SIGTERM)
             continue
-        fork()
+        fork(index)
         log.info("worker_restarted", pids=sorted(workers))
     log.info("workers_stopped", exit_code=status)
     return status
 
 
-def _worker(serve: Callable[[], int], parent: int) -> None:
+def _worker(
+    serve: Callable[[], int], parent: int, index: int, begin: Callable[[int], None] | None
+) -> None:
     """In the forked child: a process group of its own, default signal handling, then `serve`;
     exits with its status, never returning into the parent's stack."""
     code = 1
@@ -103,6 +112,8 @@ def _worker(serve: Callable[[], int], parent: int) -> None:
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+        if begin is not None:
+            begin(index)
         code = serve()
     except BaseException:
         log.exception("worker_crashed")

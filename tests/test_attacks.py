@@ -133,7 +133,8 @@ ATTACKS = [
     # The admin surface.
     Attack("stats", raw("GET", "/api/sse/stats"), (401,)),
     Attack("metrics", raw("GET", "/metrics"), (401,)),
-    Attack("stats-newline", raw("GET", "/api/sse/stats%0A"), (401, 404)),
+    Attack("stats-newline", raw("GET", "/api/sse/stats%0A"), (400,)),
+    Attack("metrics-newline", raw("GET", "/metrics%0A"), (400,)),
     Attack("stats-escaped", raw("GET", "/api/sse/%73tats"), (401, 404)),
     Attack("stats-dot-segment", raw("GET", "/api/sse/./stats"), (401, 404)),
     Attack("stats-double-slash", raw("GET", "//api/sse/stats"), (401, 404)),
@@ -169,7 +170,7 @@ ATTACKS = [
     Attack("static-encoded-dotdot", raw("GET", "/static/%2e%2e/%2e%2e/pyproject.toml"), (404,)),
     Attack("static-encoded-slash", raw("GET", "/static/..%2f..%2fpyproject.toml"), (404,)),
     Attack("static-absolute", raw("GET", "/static//etc/passwd"), (404,)),
-    Attack("static-nul", raw("GET", "/static/sse-client.js%00.html"), (404,)),
+    Attack("static-nul", raw("GET", "/static/sse-client.js%00.html"), (400,)),
     Attack("static-backslash", raw("GET", "/static/..%5c..%5cpyproject.toml"), (404,)),
     # Request smuggling: one answer, never a second request served from a body.
     Attack(

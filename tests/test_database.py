@@ -6,6 +6,7 @@ must start and serve without changing the mode of that directory or of any paren
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -160,3 +161,33 @@ def test_a_database_without_the_table_names_broker_migrate(database: Database) -
     finally:
         with database.connect() as conn:
             conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def test_a_socket_directory_made_first_by_someone_else_is_never_used() -> None:
+    """A data directory path over 100 characters puts the socket under /tmp. Another local
+    user who makes the directory there first (the name pgsse used to derive from the path)
+    must not get the `postgres` superuser's socket: pgsse makes its own, unpredictable one."""
+    top = Path(tempfile.mkdtemp(prefix="pgsse-squat-"))
+    top.chmod(0o755)
+    data = top / ("d" * 110)
+    digest = hashlib.sha256(str(data).encode()).hexdigest()[:16]
+    squatted = Path("/tmp") / f"pgsse-{os.geteuid()}-{digest}"
+    squatted.mkdir(mode=0o777)
+    squatted.chmod(0o777)  # the squatter's: everyone may enter (and, as root, nobody's)
+    if os.geteuid() == 0:
+        os.chown(squatted, 65534, 65534)
+    server = EmbeddedPostgres(data)
+    try:
+        server.start()
+        host = server.socket_dir
+        with psycopg.connect(server.url, connect_timeout=10) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert host != squatted and list(squatted.iterdir()) == []
+        info = host.stat()
+        assert info.st_mode & 0o777 == 0o700
+        server.stop()
+        assert not host.exists()  # removed with the server
+    finally:
+        server.destroy()
+        shutil.rmtree(squatted, ignore_errors=True)
+        shutil.rmtree(top, ignore_errors=True)

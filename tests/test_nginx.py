@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import json
 import random
 import re
 import shutil
@@ -34,12 +35,14 @@ StartPool = Callable[..., Nginx]
 
 @pytest.fixture
 def pool() -> Iterator[StartPool]:
-    """Start nginx in front of brokers; `directives` change lines of the locations file."""
+    """Start nginx in front of brokers (or bare ports, where nothing may listen);
+    `directives` change lines of the locations file."""
     require_nginx()
     started: list[Nginx] = []
 
-    def start(brokers: list[BrokerProcess], **directives: str) -> Nginx:
-        nginx = Nginx.render([broker.port for broker in brokers])
+    def start(brokers: list[BrokerProcess | int], **directives: str) -> Nginx:
+        ports = [b if isinstance(b, int) else b.port for b in brokers]
+        nginx = Nginx.render(ports)
         started.append(nginx)
         for name, value in directives.items():
             nginx.set_directive(name, value)
@@ -435,3 +438,71 @@ async def test_public_server_speaks_tls_and_http2_and_streams(
     finally:
         nginx.stop()
         nginx.remove()
+
+
+def test_admin_paths_with_a_trailing_newline_are_denied_by_nginx(
+    start_broker: StartBroker, pool: StartPool
+) -> None:
+    """`location = /metrics` compared the decoded path, so `/metrics%0A` passed the deny; with
+    auth off the broker's router then served stats (every open session id) on the public port."""
+    broker = start_broker()
+    nginx = pool([broker])
+    for path in ("/api/sse/stats", "/metrics", "/api/sse/stats%0A", "/metrics%0A", "/metrics%0d"):
+        status, _, body = raw_request(nginx.port, "GET", path)
+        assert status == 403, (path, status, body[:200])
+        assert b"totalConnections" not in body and b"# TYPE" not in body
+    assert raw_request(broker.port, "GET", "/api/sse/stats%0A")[0] == 400  # and the broker
+
+
+async def test_no_token_reaches_any_nginx_log_while_instances_are_down(
+    start_broker: StartBroker, pool: StartPool, session_id: str
+) -> None:
+    """nginx writes the request line into every error about a request: an instance down put
+    the stream's ?token= into error.log. The access log says what happened instead."""
+    broker = start_broker()
+    nginx = pool([free_port(), broker.port])  # the first is down: each request may meet it
+    tokens = [f"tok{n}-{random.getrandbits(64):016x}" for n in range(3)]
+    for _ in range(3):  # the broker refuses nothing here (auth is off): streams open
+        client = await SSEClient.open(
+            nginx.port, params={"sessionId": session_id, "token": tokens[0]}
+        )
+        await client.close()
+        raw_request(nginx.port, "GET", f"/?sessionId={session_id}&token={tokens[1]}")
+        raw_request(nginx.port, "POST", f"/api/messages?token={tokens[2]}", b"{}")
+    broker.stop()  # now every instance is down: 502s, each an error about a request
+    for _ in range(3):
+        assert raw_request(nginx.port, "GET", f"/?token={tokens[1]}")[0] == 502
+        client = await SSEClient.open(nginx.port, params={"sessionId": "x", "token": tokens[0]})
+        assert client.status == 502
+        await client.close()
+    nginx.stop()
+    logs = {path: path.read_bytes() for path in nginx.run_dir.rglob("*") if path.is_file()}
+    for path, text in logs.items():
+        for token in tokens:
+            assert token.encode() not in text, f"{token} in {path.name}"
+    access = logs[nginx.run_dir / "access.log"].decode()
+    assert "upstream_status=502" in access  # the failures are on record, without the query
+
+
+def test_publishing_through_nginx_is_rate_limited_with_a_json_429(
+    start_broker: StartBroker, pool: StartPool
+) -> None:
+    broker = start_broker()
+    nginx = pool([broker])
+    connection = http.client.HTTPConnection("127.0.0.1", nginx.port, timeout=10)
+    statuses: list[int] = []
+    try:
+        for _ in range(400):  # no Content-Type: the broker's quick 415 where nginx lets it by
+            connection.request("POST", "/api/messages", body=b"{}")
+            response = connection.getresponse()
+            body = response.read()
+            statuses.append(response.status)
+            if response.status == 429:
+                assert json.loads(body)["success"] is False
+                assert response.getheader("retry-after") == "1"
+                assert response.getheader("content-type") == "application/json"
+    finally:
+        connection.close()
+    print(f"\n400 quick POSTs: {statuses.count(429)} answered 429 by nginx")
+    assert statuses.count(415) >= 100 and statuses.count(429) > 0
+    assert set(statuses) == {415, 429}
