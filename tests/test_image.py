@@ -156,19 +156,19 @@ def container(image: str) -> Iterator[Container]:
     """The image run as the README shows (embedded PostgreSQL, no DATABASE_URL), its port
     published on a free loopback port."""
     name = f"pgsse-test-{os.getpid()}"
-    podman(
-        "run",
-        "--detach",
-        "--name",
-        name,
-        *run_limits(),
-        "--publish",
-        "127.0.0.1::5001",
-        "--env",
-        f"BROKER_SHUTDOWN_GRACE_SECONDS={GRACE_SECONDS}",
-        image,
-    )
-    try:
+    try:  # a container that failed to start is created all the same: removed below
+        podman(
+            "run",
+            "--detach",
+            "--name",
+            name,
+            *run_limits(),
+            "--publish",
+            "127.0.0.1::5001",
+            "--env",
+            f"BROKER_SHUTDOWN_GRACE_SECONDS={GRACE_SECONDS}",
+            image,
+        )
         address = podman("port", name, "5001/tcp")
         running = Container(name, int(address.rsplit(":", 1)[1]))
         wait_for_health(running, timeout=60)
