@@ -247,6 +247,48 @@ async def test_stream_receives_published_rows(container: Container) -> None:
     await stream.close()
 
 
+async def test_with_a_database_url_it_serves_from_that_database(container: Container) -> None:
+    """The production mode: a second container given DATABASE_URL starts no PostgreSQL of
+    its own. Its database here is the first container's embedded one (reached through the
+    shared volume's socket), so a row published through the second reaches a stream of the
+    first."""
+    second = f"{container.name}-url"
+    try:
+        podman(
+            "run",
+            "--detach",
+            "--name",
+            second,
+            *run_limits(),
+            "--volumes-from",
+            container.name,
+            "--publish",
+            "127.0.0.1::5001",
+            "--env",
+            "DATABASE_URL=postgresql://postgres@/postgres?host=/data/postgres",
+            IMAGE,
+        )
+        address = podman("port", second, "5001/tcp")
+        production = Container(second, int(address.rsplit(":", 1)[1]))
+        wait_for_health(production, timeout=60)
+        stream = await SSEClient.open(container.port, params={"sessionId": "image-url"})
+        await stream.events_until(lambda e: e.type == "connected")
+        async with httpx.AsyncClient(timeout=10) as client:
+            response = await client.post(
+                production.url("/api/messages"),
+                json={"sessionId": "image-url", "content": "through the second"},
+            )
+        assert response.status_code == 201, response.text
+        event = await stream.message(timeout=10)
+        assert event.json["data"]["content"] == "through the second"
+        await stream.close()
+        output = logs(second)
+        assert "embedded_postgres_started" not in output, output
+        assert '"addresses":["0.0.0.0:5001"]' in output, output
+    finally:
+        podman("rm", "--force", "--volumes", second, check=False)
+
+
 async def test_sigterm_ends_it_within_the_grace_period(container: Container) -> None:
     """`podman stop` sends SIGTERM (to tini, which forwards it): streams are told to
     reconnect, the embedded PostgreSQL is stopped, and the container exits 0 by itself,
