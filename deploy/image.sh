@@ -18,8 +18,8 @@
 #   - runc as the OCI runtime when it is installed (PGSSE_PODMAN_RUNTIME overrides): crun, the
 #     default on some distributions, refuses cgroup layouts runc accepts (nested containers);
 #   - pip's settings of this machine, when /etc/pip.conf exists (an index mirror, or a proxy's
-#     certificate authority in the bundle it names): that file and the directory of its
-#     `cert` are mounted read-only at /run/pip in the build, never copied into a layer;
+#     certificate authority in the bundle it names): that file and the bundle its `cert`
+#     names are mounted read-only under /run/pip in the build, never copied into a layer;
 #   - the host network (apt and pip reach their mirrors wherever the host does);
 #   - explicit limits of open files and processes: podman's usual values (1048576 and
 #     32768), or this shell's hard limits where they are lower, since they cannot be raised
