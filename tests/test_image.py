@@ -44,6 +44,15 @@ def missing(what: str) -> NoReturn:
     pytest.skip(f"{what}; CI runs these tests")
 
 
+def report(config: pytest.Config, line: str) -> None:
+    """A figure shown in the test run's output even when output is captured."""
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if capture is not None and reporter is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(line)
+
+
 def podman_flags() -> list[str]:
     """What `deploy/image.sh` gives podman too: runc as the runtime, when installed."""
     flags = []
@@ -98,7 +107,7 @@ def inspect_image() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def image() -> str:
+def image(pytestconfig: pytest.Config) -> str:
     """The image, built as `make image` builds it; an earlier build's tag is moved and the
     image it named removed, so repeated runs do not pile up images."""
     if shutil.which("podman") is None:
@@ -121,7 +130,7 @@ def image() -> str:
     after = podman("image", "inspect", "--format", "{{.Id}}", IMAGE)
     if before and before != after:
         podman("rmi", before, check=False)
-    print(f"\nimage {IMAGE} built in {time.monotonic() - started:.0f} s")
+    report(pytestconfig, f"\nimage {IMAGE} built in {time.monotonic() - started:.0f} s")
     return IMAGE
 
 
@@ -177,10 +186,10 @@ def container(image: str) -> Iterator[Container]:
         podman("rm", "--force", "--volumes", name, check=False)
 
 
-def test_image_is_small_and_labelled(image: str) -> None:
+def test_image_is_small_and_labelled(image: str, pytestconfig: pytest.Config) -> None:
     found = inspect_image()
     size = found["Size"]
-    print(f"\nimage {IMAGE}: {size / 1e6:.1f} MB")
+    report(pytestconfig, f"\nimage {IMAGE}: {size / 1e6:.1f} MB")
     assert size <= MAX_IMAGE_BYTES, f"{size / 1e6:.1f} MB"
     config = found["Config"]
     labels = config["Labels"]
@@ -289,7 +298,9 @@ async def test_with_a_database_url_it_serves_from_that_database(container: Conta
         podman("rm", "--force", "--volumes", second, check=False)
 
 
-async def test_sigterm_ends_it_within_the_grace_period(container: Container) -> None:
+async def test_sigterm_ends_it_within_the_grace_period(
+    container: Container, pytestconfig: pytest.Config
+) -> None:
     """`podman stop` sends SIGTERM (to tini, which forwards it): streams are told to
     reconnect, the embedded PostgreSQL is stopped, and the container exits 0 by itself,
     long before podman would resort to SIGKILL."""
@@ -302,7 +313,7 @@ async def test_sigterm_ends_it_within_the_grace_period(container: Container) -> 
     last = (await stream.events_until(lambda e: e.type == "error", timeout=5))[-1]
     assert "reconnect" in last.json["error"]
     state = json.loads(podman("inspect", "--format", "{{json .State}}", container.name))
-    print(f"\npodman stop took {took:.1f} s")
+    report(pytestconfig, f"\npodman stop took {took:.1f} s")
     assert state["ExitCode"] == 0, state
     assert took < GRACE_SECONDS + 5, f"{took:.1f} s"
     assert "embedded_postgres_stopped" in logs(container.name)
