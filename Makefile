@@ -63,6 +63,12 @@ SOAK_ARGS ?= --seconds 360 --seed 1
 soak: $(DEV_STAMP)
 	$(BIN)/python -m tests.soak $(SOAK_ARGS)
 
+# The container image (docs/container.md): pgsse:VERSION and pgsse:latest, with podman (or
+# docker: CONTAINER_ENGINE=docker). IMAGE=name:tag builds that name instead.
+.PHONY: image
+image:
+	deploy/image.sh $(IMAGE)
+
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check broker tests
 	$(BIN)/ruff format --check broker tests

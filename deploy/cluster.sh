@@ -46,21 +46,8 @@ render() (
     grep -q "listen 127.0.0.1:$public_port;" "$run_dir/nginx.conf"
     cp "$NGINX_CONF_DIR/pgsse-locations.conf" "$run_dir/pgsse/pgsse-locations.conf"
     # The template's first `server host:port params;` line stands for all: one line per port.
-    awk -v ports="$*" '
-        /^[ \t]*server[ \t]+[^ \t;]+:[0-9]+/ {
-            if (!done) {
-                n = split(ports, list, " ")
-                for (i = 1; i <= n; i++) {
-                    line = $0
-                    sub(/:[0-9]+/, ":" list[i], line)
-                    print line
-                }
-                done = 1
-            }
-            next
-        }
-        { print }
-    ' "$NGINX_CONF_DIR/pgsse-upstream.conf" >"$run_dir/pgsse/pgsse-upstream.conf"
+    sh "$NGINX_CONF_DIR/upstream.sh" "$NGINX_CONF_DIR/pgsse-upstream.conf" \
+        "$run_dir/pgsse/pgsse-upstream.conf" $(printf '127.0.0.1:%s ' "$@") >/dev/null
 )
 
 if [ "${1:-}" = "render" ]; then
