@@ -37,7 +37,7 @@ class BusFeed:
 
     def __init__(self, url: str, stream: str, database_url: str, broker: Broker) -> None:
         self.bus = Bus(url, stream)
-        self.reader = BusReader(self.bus, broker.hub)
+        self.reader = BusReader(self.bus, broker.hub, broker.store.row_key)
         self.relay = Relay(database_url, self.bus, broker.store, lambda: self.reader.high_id)
 
 
