@@ -44,6 +44,8 @@ class Stats:
     bus_role: str | None = None  # "relay" or "follower"; None without a bus
     bus_last_id: str | None = None  # the last stream id this broker read
     bus_lag_ms: float = 0.0  # XADD to this broker's read, of the last entry read
+    refused: int = 0  # notifications and bus entries dropped: unsigned, foreign, malformed
+    ids_reused: int = 0  # times the table's ids were found reused (`Hub.is_new`)
 
     def as_json(self) -> dict[str, Any]:
         """The `data` of `GET /api/sse/stats`."""
@@ -65,6 +67,8 @@ class Stats:
                 "slowConsumerDisconnects": self.slow_consumer_disconnects,
                 "rejectedConnections": self.rejected_connections,
                 "replayedEvents": self.replayed_events,
+                "refused": self.refused,
+                "idsReused": self.ids_reused,
             },
             "uptimeSeconds": round(self.uptime_seconds, 3),
             "tasks": self.tasks,
@@ -87,6 +91,7 @@ def snapshot(broker: Broker) -> Stats:
         slow_consumer_disconnects=counters.slow_consumer_disconnects,
         rejected_connections=counters.rejected_connections,
         replayed_events=counters.replayed_events,
+        ids_reused=counters.ids_reused,
         latency_buckets=latency.cumulative(),
         latency_sum=latency.sum,
         uptime_seconds=time.time() - broker.started_at,
@@ -107,6 +112,7 @@ def _listener(broker: Broker) -> dict[str, Any]:
             "listener_reconnects": listener.reconnects,
             "notifications": listener.notifications,
             "backfilled": listener.backfilled,
+            "refused": listener.refused,
         }
     relay = broker.bus.relay
     return {
@@ -114,6 +120,7 @@ def _listener(broker: Broker) -> dict[str, Any]:
         "listener_reconnects": max(0, relay.elections - 1),
         "notifications": relay.notifications,
         "backfilled": relay.backfilled,
+        "refused": relay.refused + broker.bus.bus.refusals.count,
     }
 
 

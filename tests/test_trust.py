@@ -162,20 +162,32 @@ async def test_a_role_without_privileges_cannot_forge_a_row_with_notify(
     assert forged_seen == [] and leaked == []
     assert ids(got_mine) == [end] and ids(got_resumed) == [end]
     assert ids(got_theirs) == [real]  # B's row reached B
-    stats = broker.stats()["listener"]
-    assert stats["reconnects"] == 0 and stats["connected"]  # the list crashed nothing
+    stats = broker.stats()
+    assert stats["listener"]["reconnects"] == 0 and stats["listener"]["connected"]  # no crash
+    assert stats["counters"]["refused"] == 4
     refused = [e for e in broker.log_events() if e["event"] == "notification_refused"]
     assert len(refused) == 4
     assert all("FORGED" not in json.dumps(event) for event in broker.log_events())
 
 
+@pytest.mark.parametrize("feed", ["listener", "bus"])
 async def test_ids_reused_after_a_restart_identity_reach_their_own_session_only(
-    broker: BrokerProcess, database: Database, session_id: str
+    feed: str,
+    start_broker: Callable[..., BrokerProcess],
+    request: pytest.FixtureRequest,
+    database: Database,
+    session_id: str,
 ) -> None:
     """Rows of A take ids N..N+2 and are delivered; then they are deleted and the identity
     restarted at N (what `TRUNCATE ... RESTART IDENTITY` or a restore does to the ids), and
-    B's rows take N..N+2. Before the fix: B's live stream never got them ("already in the
-    journal") and A's resume from N-1 did."""
+    B's rows take N..N+2; on the bus, the Redis stream keeps A's entries. Before the fix: B's
+    live stream never got them ("already in the journal") and A's resume from N-1 did."""
+    if feed == "bus":
+        redis: RedisServer = request.getfixturevalue("redis")
+        broker = on_bus(start_broker, redis, f"test:{uuid.uuid4().hex[:8]}")
+        broker.wait_until(lambda: broker.stats()["bus"]["role"] == "relay", 20, "the relay")
+    else:
+        broker = start_broker()
     victim = f"{session_id}-b"
     mine = await opened(broker.port, session_id)
     theirs = await opened(broker.port, victim)
@@ -208,6 +220,7 @@ async def test_ids_reused_after_a_restart_identity_reach_their_own_session_only(
     print(f"\nreused rows delivered to B: {len(got_theirs)}/3; leaked to A's resume: {len(leaked)}")
     assert ids(got_theirs) == reused and leaked == [] and ids(got_resumed) == [end]
     assert any(e["event"] == "row_ids_reused" for e in broker.log_events())
+    assert broker.stats()["counters"]["idsReused"] == 1
 
 
 def database_insert(conn: psycopg.Connection[Any], session: str, content: str) -> int:
@@ -274,6 +287,7 @@ async def test_forged_and_malformed_bus_entries_are_refused_and_passed(
     assert ids(got_mine) == [end] and ids(got_theirs) == [real]
     assert 1 <= refusals <= 5  # logged at most once a second, not once per read
     assert all("FORGED" not in json.dumps(event) for event in broker.log_events())
+    assert broker.stats()["counters"]["refused"] == 6
 
 
 async def test_an_entry_with_the_largest_stream_id_is_recovered_from(
