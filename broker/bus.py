@@ -45,7 +45,7 @@ from .errors import BrokerError
 from .events import Message, parse_notification
 from .hub import JOURNAL_SIZE, Hub
 from .retry import checkpoint, retry_forever
-from .signing import RowKey
+from .signing import Refusals, RowKey
 from .store import DatabaseUnavailable
 
 __all__ = ["Bus", "BusDown", "BusReader", "Entry"]
@@ -60,30 +60,6 @@ log = structlog.get_logger(logger_name="broker.bus")
 
 class BusDown(BrokerError):
     """Redis did not answer (refused, reset, timed out, or an error reply)."""
-
-
-class Refusals:
-    """Entries refused, and a log of them at most once a second (a flood of forged entries
-    must not become a flood of log lines)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._logged = 0
-        self._next_log = 0.0
-
-    def add(self, stream_id: str, reason: str) -> None:
-        self.count += 1
-        now = time.monotonic()
-        if now >= self._next_log:
-            log.error(
-                "bus_entry_refused",
-                stream_id=stream_id,
-                reason=reason,
-                refused=self.count,
-                unlogged=self.count - self._logged - 1,
-            )
-            self._logged = self.count
-            self._next_log = now + 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +87,7 @@ class Bus:
         self.key = key
         self.maxlen = maxlen
         self.row_key: RowKey | None = None  # the database's key (`trust`)
-        self.refusals = Refusals()
+        self.refusals = Refusals(log, "bus_entry_refused")
         self._redis = redis.asyncio.Redis.from_url(
             url,
             socket_timeout=SOCKET_TIMEOUT,
@@ -223,12 +199,12 @@ class Bus:
         for raw_id, fields in raw:
             last = _text(raw_id)
             if fields.get(b"db") != database:
-                self.refusals.add(last, "another database")
+                self.refusals.add(stream_id=last, reason="another database")
                 continue
             try:
                 parsed = parse_notification(row_key.verify(fields.get(b"row", b"")))
             except ValueError as exc:  # BadSignature too
-                self.refusals.add(last, str(exc))
+                self.refusals.add(stream_id=last, reason=str(exc))
                 continue
             if isinstance(parsed, Message):
                 entries.append(Entry(last, parsed))

@@ -35,7 +35,7 @@ from .events import Message, Reference, parse_notification
 from .hub import Hub
 from .notifications import Notifications
 from .retry import retry_forever
-from .signing import BadSignature, RowKey
+from .signing import BadSignature, Refusals, RowKey
 from .store import Store
 
 __all__ = ["APPLICATION_NAME", "CHANNEL", "CONNECTION_FAILURES", "Listener", "dedicated_connection"]
@@ -79,7 +79,7 @@ class Listener:
         self.reconnects = 0
         self.notifications = 0
         self.backfilled = 0
-        self.refused = 0  # notifications dropped: unsigned, or malformed
+        self.refused = Refusals(log, "notification_refused")  # unsigned, or malformed
 
     async def run(self) -> None:
         """Listen until cancelled, reconnecting after any failure."""
@@ -145,8 +145,7 @@ class Listener:
             parsed = self._parse(payload)
         except ValueError as exc:
             self.notifications += 1
-            self.refused += 1
-            log.error("notification_refused", error=str(exc), bytes=len(payload))
+            self.refused.add(error=str(exc), bytes=len(payload))
             return True
         if isinstance(parsed, Reference):
             return False

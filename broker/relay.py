@@ -43,7 +43,7 @@ from .events import Message, Reference, parse_notification
 from .listener import APPLICATION_NAME, CHANNEL, CONNECTION_FAILURES, dedicated_connection
 from .notifications import HEALTH_CHECK_TIMEOUT, Notifications
 from .retry import pause, retry_forever
-from .signing import BadSignature, RowKey
+from .signing import BadSignature, Refusals, RowKey
 from .store import Store
 
 __all__ = ["LOCK_CLASS", "Appender", "Relay"]
@@ -78,7 +78,7 @@ class Relay:
         self.appended = 0
         self.backfilled = 0
         self.notifications = 0
-        self.refused = 0  # notifications not signed by the trigger, or malformed
+        self.refused = Refusals(log, "notification_refused")  # unsigned, or malformed
         self.exhaustions = 0  # streams found exhausted and deleted
         self._key: RowKey | None = None
         self._appender: Appender | None = None
@@ -184,8 +184,7 @@ class Relay:
             signed = payload.encode()
             parsed = parse_notification(self._key.verify(signed))
         except ValueError as exc:  # BadSignature too: a role's own NOTIFY
-            self.refused += 1
-            log.error("notification_refused", error=str(exc), bytes=len(payload))
+            self.refused.add(error=str(exc), bytes=len(payload))
             return
         if parsed.id in self._backfilled:
             return

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["SIGNATURE_CHARS", "BadSignature", "RowKey"]
+__all__ = ["SIGNATURE_CHARS", "BadSignature", "Refusals", "RowKey"]
 
 SIGNATURE_CHARS = 64  # hex digits of an HMAC-SHA256
 
@@ -57,3 +59,25 @@ class RowKey:
         if not hmac.compare_digest(signature, expected):
             raise BadSignature("payload not signed with this database's key")
         return payload
+
+
+class Refusals:
+    """Payloads refused (unsigned, foreign, malformed): counted, and logged as `event` at
+    most once a second, with how many went unlogged, so a flood of forged NOTIFYs or XADDs
+    is not a flood of log lines. Never log a payload's content in `fields`."""
+
+    def __init__(self, log: Any, event: str) -> None:
+        self._log = log
+        self._event = event
+        self.count = 0
+        self._logged = 0
+        self._next_log = 0.0
+
+    def add(self, **fields: Any) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now >= self._next_log:
+            unlogged = self.count - self._logged - 1
+            self._log.error(self._event, refused=self.count, unlogged=unlogged, **fields)
+            self._logged = self.count
+            self._next_log = now + 1.0

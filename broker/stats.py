@@ -112,7 +112,7 @@ def _listener(broker: Broker) -> dict[str, Any]:
             "listener_reconnects": listener.reconnects,
             "notifications": listener.notifications,
             "backfilled": listener.backfilled,
-            "refused": listener.refused,
+            "refused": listener.refused.count,
         }
     relay = broker.bus.relay
     return {
@@ -120,7 +120,7 @@ def _listener(broker: Broker) -> dict[str, Any]:
         "listener_reconnects": max(0, relay.elections - 1),
         "notifications": relay.notifications,
         "backfilled": relay.backfilled,
-        "refused": relay.refused + broker.bus.bus.refusals.count,
+        "refused": relay.refused.count + broker.bus.bus.refusals.count,
     }
 
 

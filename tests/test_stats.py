@@ -18,7 +18,11 @@ from tests.test_metrics import message, values
 
 def broker_of(hub: Hub) -> SimpleNamespace:
     listener = SimpleNamespace(
-        connected=True, reconnects=1, notifications=5, backfilled=2, refused=0
+        connected=True,
+        reconnects=1,
+        notifications=5,
+        backfilled=2,
+        refused=SimpleNamespace(count=0),
     )
     return SimpleNamespace(hub=hub, listener=listener, bus=None, started_at=time.time() - 3)
 

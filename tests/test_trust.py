@@ -166,7 +166,7 @@ async def test_a_role_without_privileges_cannot_forge_a_row_with_notify(
     assert stats["listener"]["reconnects"] == 0 and stats["listener"]["connected"]  # no crash
     assert stats["counters"]["refused"] == 4
     refused = [e for e in broker.log_events() if e["event"] == "notification_refused"]
-    assert len(refused) == 4
+    assert 1 <= len(refused) <= 2  # at most a line a second, with the count
     assert all("FORGED" not in json.dumps(event) for event in broker.log_events())
 
 
