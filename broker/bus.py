@@ -16,6 +16,21 @@ forgets its journal, so clients resume by id from the table (`BusReader._gap`).
 
 Redis errors are translated here, at the boundary, into `BusDown`; their text never holds the
 URL's password (redis-py names only host and port).
+
+Nothing read from Redis is trusted (issue 20): anyone who can write to it can `XADD`. An entry
+is `{"row": <signed payload>, "db": <database>}`: the payload as the trigger signs it
+(`signing.py`; the relay forwards the trigger's own, or signs a row it read from the table),
+and the database it belongs to. A reader routes an entry only if it names this broker's
+database, its signature verifies with that database's key and its row is well typed; any
+other is refused (counted, logged at most once a second, without its content) and the read
+position moves past it all the same, so a bad entry at the tail cannot hold a reader in a
+loop. Two deployments that share a Redis stream so each ignore the other's rows.
+
+An entry with the largest possible stream id makes every later `XADD *` fail and leaves every
+reader's position past anything the stream can hold. The relay finds it (`exhausted`), says
+so (`bus_stream_exhausted`), deletes the stream and appends again what readers may lack; a
+reader whose position is past the stream's last entry (it finds out when a read waits in
+vain) starts again from the stream's start, its journal dropping what it routed already.
 """
 
 from __future__ import annotations
@@ -24,7 +39,7 @@ import asyncio
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +48,7 @@ import redis.asyncio
 import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from .backoff import Backoff
 from .errors import BrokerError
@@ -41,6 +56,8 @@ from .events import Message, parse_notification
 from .hub import JOURNAL_SIZE, Hub
 from .journal import Journal
 from .retry import checkpoint, retry_forever
+from .signing import Refusals, RowKey
+from .store import DatabaseUnavailable
 
 __all__ = ["Bus", "BusDown", "BusReader", "Entry"]
 
@@ -51,6 +68,7 @@ FIRST_PAGE = 16  # entries asked for before any size is known
 MAX_BYTES = 64 * 1024 * 1024  # BROKER_BUS_MAX_BYTES' default: the stream's byte budget
 LEASE_MS = 3_000  # the relay's lease (`Bus.take_lease`) lapses this long after its renewal
 GAP = "missed rows on the bus: reconnect to resume"
+LAST_POSSIBLE_ID = "18446744073709551615-18446744073709551615"
 SOCKET_TIMEOUT = 5.0  # longer than READ_BLOCK_MS: a blocked XREAD is not a dead server
 
 log = structlog.get_logger(logger_name="broker.bus")
@@ -153,6 +171,8 @@ class Bus:
         self.key = key
         self.maxlen = maxlen
         self.sizes = Sizes(max_bytes, maxlen)
+        self.row_key: RowKey | None = None  # the database's key (`trust`)
+        self.refusals = Refusals(log, "bus_entry_refused")
         self._redis = redis.asyncio.Redis.from_url(
             url,
             socket_timeout=SOCKET_TIMEOUT,
@@ -172,23 +192,39 @@ class Bus:
     async def ping(self) -> None:
         await self._call(self._redis.ping())
 
-    async def append(self, message: Message) -> str:
-        """XADD the row, trimming the stream to about `maxlen` entries; its stream id."""
-        return (await self.append_many([message]))[0]
+    def trust(self, row_key: RowKey) -> None:
+        """Sign and verify entries with the database's key from now on."""
+        self.row_key = row_key
 
-    async def append_many(self, messages: list[Message]) -> list[str]:
+    def _fields(self, row: Message | bytes) -> dict[Any, Any]:
+        """An entry's fields: a `Message` is signed here, bytes are a payload signed already
+        (the trigger's notification, forwarded as is)."""
+        row_key = self._key()
+        signed = row if isinstance(row, bytes) else row_key.sign(encode_row(row))
+        return {"row": signed, "db": row_key.database.encode()}
+
+    def _key(self) -> RowKey:
+        if self.row_key is None:
+            raise BusDown("no database key loaded yet")
+        return self.row_key
+
+    async def append(self, row: Message | bytes) -> str:
+        """XADD the row, trimming the stream to about `maxlen` entries; its stream id."""
+        return (await self.append_many([row]))[0]
+
+    async def append_many(self, rows: Sequence[Message | bytes]) -> list[str]:
         """XADD each row, in order, in one pipeline: one round trip for the batch; then trim
         the stream to its byte budget (`sizes`) in the same pipeline. Their stream ids."""
         pipe = self._redis.pipeline(transaction=False)
-        rows = [encode_row(message) for message in messages]
-        for row in rows:
-            pipe.xadd(self.key, {"row": row}, maxlen=self.maxlen, approximate=True)
-        self.sizes.add(len(row) for row in rows)
+        entries = [self._fields(row) for row in rows]
+        for fields in entries:
+            pipe.xadd(self.key, fields, maxlen=self.maxlen, approximate=True)
+        self.sizes.add(_size(fields) for fields in entries)
         keep = self.sizes.keep()
         if keep is not None:
             pipe.xtrim(self.key, maxlen=keep, approximate=False)
         replies = await self._call(pipe.execute())
-        return [_text(stream_id) for stream_id in replies[: len(rows)]]
+        return [_text(stream_id) for stream_id in replies[: len(entries)]]
 
     async def identity(self) -> str:
         """The bus's identity: a random id the first broker to ask keeps in Redis (`:id`).
@@ -215,6 +251,26 @@ class Bus:
         value = await self._call(self._redis.get(self.lease_key))
         return None if value is None else _text(value)
 
+    async def exhausted(self) -> bool:
+        """Whether the stream's last id is the largest possible one (a forged entry): no
+        `XADD *` can follow it."""
+        try:
+            info = await self._redis.xinfo_stream(self.key)
+        except ResponseError:  # no such key
+            return False
+        except (RedisError, OSError) as exc:
+            raise BusDown(f"{type(exc).__name__}: {exc}".strip()) from None
+        return _text(info["last-generated-id"]) == LAST_POSSIBLE_ID
+
+    async def delete(self) -> None:
+        """DEL the stream (after `exhausted`): the relay then appends what readers lack."""
+        await self._call(self._redis.delete(self.key))
+
+    async def top(self) -> str | None:
+        """The stream id of the last entry, None when the stream is empty or gone."""
+        raw = await self._call(self._redis.xrevrange(self.key, count=1))
+        return _text(raw[0][0]) if raw else None
+
     async def length(self) -> int:
         """XLEN: the entries the stream holds now."""
         return int(await self._call(self._redis.xlen(self.key)))
@@ -223,20 +279,27 @@ class Bus:
         """The bus's floor, set to `proposed` unless it is set already: the table's last id
         when the first relay of this stream LISTENed. Rows up to it predate the bus, and the
         relay's backfill looks for no row at or below it."""
-        key = f"{self.key}:floor"
+        key = self._floor_key()
         await self._call(self._redis.set(key, proposed, nx=True))
         value = await self._call(self._redis.get(key))
         return int(value) if value is not None else proposed
 
+    async def set_floor(self, value: int) -> None:
+        """Set the bus's floor (`floor`) to `value`, whatever it was."""
+        await self._call(self._redis.set(self._floor_key(), value))
+
+    def _floor_key(self) -> str:
+        return f"{self.key}:floor:{self._key().database}"  # per database: streams may be shared
+
     async def tail(self, count: int | None = None) -> list[Entry]:
-        """The last `count` entries (default `maxlen`), oldest first. Holds them all: for
-        tests and small counts; `pages` reads the whole stream in bounded memory."""
+        """The last `count` entries (default `maxlen`) this database signed, oldest first.
+        Holds them all: for tests and small counts; `pages` reads in bounded memory."""
         entries = [entry async for page in self.pages(count) for entry, _ in page]
         return entries[::-1]
 
     async def pages(self, count: int | None = None) -> AsyncIterator[list[tuple[Entry, int]]]:
-        """The last `count` entries (default `maxlen`), newest first, a bounded page at a
-        time, each with its size in bytes."""
+        """The last `count` entries (default `maxlen`) this database signed, newest first, a
+        bounded page at a time, each with its size in bytes."""
         left = count or self.maxlen
         pager = Pager()
         end = "+"
@@ -249,14 +312,16 @@ class Bus:
             pager.measured(len(raw), sum(_size(fields) for _, fields in raw))
             left -= len(raw)
             end = "(" + _text(raw[-1][0])
-            yield [(entry, _size(fields)) for entry, fields in _pairs(raw)]
+            yield self._verified(raw)[0]
 
     async def read(
         self, after: str, block_ms: int = READ_BLOCK_MS, pager: Pager | None = None
-    ) -> tuple[list[Entry], str | None]:
-        """Entries after stream id `after`, waiting up to `block_ms` for the first one, and the
-        stream's first id once they were read (None if empty): a first id above `after`
-        means entries after `after` may have been trimmed unread."""
+    ) -> tuple[list[Entry], str, str | None]:
+        """Entries after stream id `after` that this database signed, waiting up to
+        `block_ms` for the first one; the id of the last entry read, refused or not (`after`
+        if none), where the next read starts; and the stream's first id once they were read
+        (None if empty): a first id above `after` means entries after `after` may have been
+        trimmed unread."""
         pager = pager or Pager()
         pipe = self._redis.pipeline(transaction=False)
         pipe.xread({self.key: after}, count=pager.count, block=block_ms)
@@ -264,7 +329,30 @@ class Bus:
         raw, first = await self._call(pipe.execute())
         pairs = [entry for _, entries in raw or [] for entry in entries]
         pager.measured(len(pairs), sum(_size(fields) for _, fields in pairs))
-        return _entries(pairs), None if first is None else _text(first)
+        verified, last = self._verified(pairs, after)
+        return [entry for entry, _ in verified], last, None if first is None else _text(first)
+
+    def _verified(
+        self, raw: Iterable[tuple[bytes, dict[bytes, bytes]]], last: str = "0-0"
+    ) -> tuple[list[tuple[Entry, int]], str]:
+        """The entries of `raw` that verify, each with its size, and the id of the last of
+        `raw`."""
+        row_key = self._key()
+        database = row_key.database.encode()
+        entries = []
+        for raw_id, fields in raw:
+            last = _text(raw_id)
+            if fields.get(b"db") != database:
+                self.refusals.add(stream_id=last, reason="another database")
+                continue
+            try:
+                parsed = parse_notification(row_key.verify(fields.get(b"row", b"")))
+            except ValueError as exc:  # BadSignature too
+                self.refusals.add(stream_id=last, reason=str(exc))
+                continue
+            if isinstance(parsed, Message):
+                entries.append((Entry(last, parsed), _size(fields)))
+        return entries, last
 
     async def _call(self, awaitable: Awaitable[Any]) -> Any:
         try:
@@ -287,25 +375,6 @@ def stream_position(stream_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def _entries(raw: Iterable[tuple[bytes, dict[bytes, bytes]]]) -> list[Entry]:
-    return [entry for entry, _ in _pairs(raw)]
-
-
-def _pairs(
-    raw: Iterable[tuple[bytes, dict[bytes, bytes]]],
-) -> list[tuple[Entry, dict[bytes, bytes]]]:
-    entries = []
-    for stream_id, fields in raw:
-        try:
-            parsed = parse_notification(fields[b"row"])
-        except (KeyError, ValueError) as exc:
-            log.error("bus_entry_malformed", stream_id=_text(stream_id), error=str(exc))
-            continue
-        if isinstance(parsed, Message):
-            entries.append((Entry(_text(stream_id), parsed), fields))
-    return entries
-
-
 class BusReader:
     """Routes what the stream carries into this broker's hub, in stream order.
 
@@ -313,9 +382,13 @@ class BusReader:
     `lag_ms` how long its entry took from XADD to here.
     """
 
-    def __init__(self, bus: Bus, hub: Hub) -> None:
+    def __init__(
+        self, bus: Bus, hub: Hub, load_key: Callable[[], Awaitable[RowKey]] | None = None
+    ) -> None:
         self._bus = bus
         self._hub = hub
+        self._load_key = load_key  # None: the bus's key is set already (`Bus.trust`)
+        self.resets = 0  # positions found past the stream's end (`bus_position_reset`)
         self.last_id: str | None = None
         self.high_id: int | None = None  # the highest row id routed
         self.started = asyncio.Event()  # set at the first read, as the listener's first LISTEN
@@ -328,7 +401,11 @@ class BusReader:
     async def run(self) -> None:
         """Read until cancelled, reconnecting with backoff after any Redis failure."""
         await retry_forever(
-            self._read, self._set_down, expected=(BusDown,), crashed="bus_reader_crashed", log=log
+            self._read,
+            self._set_down,
+            expected=(BusDown, DatabaseUnavailable),
+            crashed="bus_reader_crashed",
+            log=log,
         )
 
     def _set_down(self, exc: BaseException) -> None:
@@ -337,6 +414,8 @@ class BusReader:
         self.connected = False
 
     async def _read(self, backoff: Backoff) -> None:
+        if self._load_key is not None:
+            self._bus.trust(await self._load_key())
         if self.last_id is None:
             await self._preload()
         else:
@@ -349,26 +428,40 @@ class BusReader:
         pager = Pager()
         while True:
             after = self.last_id or "0-0"
-            entries, first_id = await self._bus.read(after, pager=pager)
+            entries, self.last_id, first_id = await self._bus.read(after, pager=pager)
             if first_id is not None and after != "0-0" and _trimmed(after, first_id):
                 self._gap(after, first_id)
             self.route(entries)
+            if not entries:
+                await self._check_position()
             checkpoint()
+
+    async def _check_position(self) -> None:
+        """A read that waited in vain: if the position is past the stream's last entry (the
+        stream was deleted and made again, after an entry with the largest possible id), read
+        again from its start; the journal drops the rows routed already."""
+        if self.last_id in (None, "0-0"):
+            return
+        top = await self._bus.top()
+        if top is None or stream_position(top) < stream_position(self.last_id or "0-0"):
+            self.resets += 1
+            log.error("bus_position_reset", position=self.last_id, stream_top=top)
+            self.last_id = "0-0"
 
     async def _preload(self) -> None:
         """The journal from the stream's tail, so resume is exact from the first request; read
         a bounded page at a time, keeping only each row's routing keys."""
-        rows: list[tuple[int, str, str | None]] = []
+        rows: list[tuple[int, str, str | None, str]] = []
         last_id: str | None = None
         async for page in self._bus.pages():
             for entry, _ in page:
                 message = entry.message
                 last_id = last_id or entry.stream_id
-                rows.append((message.id, message.session_id, message.robot_id))
+                rows.append((message.id, message.session_id, message.robot_id, message.created_at))
         journal = self._hub.journal
-        for message_id, session_id, robot_id in reversed(rows):
+        for message_id, session_id, robot_id, created_at in reversed(rows):
             if message_id not in journal:
-                journal.append(message_id, session_id, robot_id)
+                journal.append(message_id, session_id, robot_id, created_at)
         self.last_id = last_id or "0-0"
         log.info("bus_preloaded", rows=len(rows), last_id=self.last_id)
 
@@ -387,7 +480,7 @@ class BusReader:
         """Publish each entry's row unless this hub delivered it already (a duplicate)."""
         hub = self._hub
         for entry in entries:
-            if entry.message.id not in hub.journal:
+            if hub.is_new(entry.message):
                 hub.publish(entry.message)
             self.last_id = entry.stream_id
             self.high_id = max(self.high_id or 0, entry.message.id)

@@ -86,13 +86,15 @@ def migrate(url: str) -> list[str]:
 
 def check_database(url: str) -> None:
     """What serving needs, checked once at start-up when migrations are off: the database
-    answers and holds table `messages`."""
+    answers and holds table `messages` and the signing key (`pgsse_key`, from `sql/`)."""
     with connect(url) as conn:
-        found = conn.execute("SELECT to_regclass('messages') IS NOT NULL").fetchone()
+        found = conn.execute(
+            "SELECT to_regclass('messages') IS NOT NULL AND to_regclass('pgsse_key') IS NOT NULL"
+        ).fetchone()
     if not found or not found[0]:
         raise BrokerError(
             f"invalid BROKER_MIGRATE=false: DATABASE_URL={redact_url(url)} has no table"
-            " messages; run `pgsse migrate` once, or unset BROKER_MIGRATE"
+            " messages or pgsse_key; run `pgsse migrate` once, or unset BROKER_MIGRATE"
         )
 
 

@@ -69,25 +69,48 @@ class Reference:
 
 
 def parse_notification(payload: str | bytes) -> Message | Reference:
-    """Parse a payload written by `notify_new_message()`. Raises `ValueError` if malformed."""
+    """Parse a payload written by `notify_new_message()` (its signature already checked).
+    Raises `ValueError` if malformed: not JSON, a field missing, or of the wrong type (a
+    `sessionId` that is a list or a number, `content` that is not a string: what a table row
+    can never hold, so never routed or relayed)."""
     try:
         data = orjson.loads(payload)
-        id_ = int(data["id"])
-        if data.get("ref"):
+        raw_id = data["id"]
+        if type(raw_id) is not str or not raw_id.isdigit() or len(raw_id) > 19:
+            raise TypeError("id must be a string of 1 to 19 decimal digits")
+        id_ = int(raw_id)
+        if data.get("ref") is True:
             return Reference(id_)
-        return Message(
+        message = Message(
             id=id_,
             session_id=data["sessionId"],
             robot_id=data["robotId"],
             content=data["content"],
-            is_from_bot=bool(data["isFromBot"]),
-            is_human=bool(data["isHuman"]),
+            is_from_bot=data["isFromBot"],
+            is_human=data["isHuman"],
             intent=data["intent"],
             created_at=data["createdAt"],
             content_bytes=_content_bytes(data),
         )
     except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
         raise ValueError(f"malformed notification payload: {exc}") from None
+    if not _well_typed(message):
+        raise ValueError("malformed notification payload: a field of the wrong type")
+    return message
+
+
+def _well_typed(message: Message) -> bool:
+    """Every field of the type its column gives it (`type() is`, not isinstance: no bool
+    subclass tricks, and it is the cheaper test)."""
+    return (
+        type(message.session_id) is str
+        and type(message.content) is str
+        and type(message.created_at) is str
+        and type(message.is_from_bot) is bool
+        and type(message.is_human) is bool
+        and (message.robot_id is None or type(message.robot_id) is str)
+        and (message.intent is None or type(message.intent) is str)
+    )
 
 
 def _content_bytes(data: dict[str, Any]) -> int | None:

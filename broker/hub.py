@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 
+import structlog
+
 from .errors import AtCapacity
 from .events import Message, encode_heartbeat, encode_message
 from .journal import Journal
@@ -36,6 +38,7 @@ from .subscriber import (
 __all__ = ["GLOBAL_CHANNEL", "Event", "Hub", "HubCounters", "Subscriber", "channel_of"]
 
 JOURNAL_SIZE = 50_000
+log = structlog.get_logger(logger_name="broker.hub")
 _NOBODY: frozenset[Subscriber] = frozenset()
 
 
@@ -48,6 +51,7 @@ class HubCounters:
     slow_consumer_disconnects: int = 0
     rejected_connections: int = 0
     replayed_events: int = 0
+    ids_reused: int = 0
     delivery_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
 
@@ -66,6 +70,7 @@ class Hub:
     _by_session: dict[str, set[Subscriber]] = field(default_factory=dict)
     _global: set[Subscriber] = field(default_factory=set)
     _count: int = 0
+    reused_from: int | None = None  # the lowest id found reused (`is_new`), None if none
 
     def __len__(self) -> int:
         return self._count
@@ -105,7 +110,7 @@ class Hub:
         stream idles with a sink (`Subscriber.sink`) is handed to `on_idle_ready` instead of
         having its stream task woken (see `flusher.py`); `_queue` is the same, not inlined.
         """
-        self.journal.append(message.id, message.session_id, message.robot_id)
+        self.journal.append(message.id, message.session_id, message.robot_id, message.created_at)
         data = encode_message(message)
         event = Event(message.id, data, time.perf_counter())
         # Slots it takes past the first: 0 but for a large event (subscriber.py).
@@ -144,6 +149,32 @@ class Hub:
         counters.events_delivered += delivered
         counters.slow_consumer_disconnects += slow
         return delivered
+
+    def is_new(self, message: Message) -> bool:
+        """Whether `message` is still to be routed: False for a copy of a row the journal
+        holds (a backfill's overlap, a bus entry appended twice).
+
+        A row whose id the journal holds with another `created_at` is not a copy: the
+        table's ids were reused (`TRUNCATE ... RESTART IDENTITY`, a point-in-time restore)
+        while this broker ran. Every id it has seen then names another row, so the journal
+        and every stream's record of rows sent are forgotten and the row is routed: it
+        reaches its own session's live streams, and resumes read from the table (filtered
+        by the row as stored) from here on. Only a signed row (`signing.py`) gets here, so
+        no forged one can cause this. `reused_from` keeps the lowest reused id, for the
+        listener's next backfill.
+        """
+        journal = self.journal
+        if message.id not in journal:
+            return True
+        if journal.created_at(message.id) == message.created_at:
+            return False
+        log.error("row_ids_reused", id=message.id, journal_rows=len(journal))
+        journal.clear()
+        for subscriber in self.subscribers():
+            subscriber.seen = None
+        self.counters.ids_reused += 1
+        self.reused_from = min(self.reused_from or message.id, message.id)
+        return True
 
     def give(self, subscriber: Subscriber, ids: Collection[int], floor: int = 0) -> None:
         """Record that `subscriber` was sent rows `ids` from the table, and that every row up

@@ -8,8 +8,10 @@ their routing keys, so a resume from a row it holds is exact: the rows delivered
 match the filter, in the same order, nothing twice. Every broker process receives NOTIFYs in
 the same commit order, so the answer is the same on any instance that was up at the time.
 
-It also tells the listener which rows it already delivered, for exactly-once backfill.
-Memory: about 200 bytes a row (the key strings are shared with the messages).
+It also tells the listener which rows it already delivered, for exactly-once backfill, and
+keeps each row's `created_at`, so a row that reuses a delivered id (the table was truncated
+with `RESTART IDENTITY`, or restored to an earlier point) is told from a copy of that row.
+Memory: about 200 bytes a row (the strings are shared with the messages).
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ __all__ = ["Journal"]
 
 
 class Journal:
-    """A bounded, ordered record of delivered rows: (id, session_id, robot_id)."""
+    """A bounded, ordered record of delivered rows: (id, session_id, robot_id, created_at)."""
 
     def __init__(self, size: int) -> None:
         if size < 1:
             raise ValueError(f"journal size must be at least 1, got {size}")
         self._size = size
-        self._rows: deque[tuple[int, str, str | None]] = deque()
+        self._rows: deque[tuple[int, str, str | None, str]] = deque()
         self._position: dict[int, int] = {}
         self._first = 0  # position of self._rows[0]; positions only grow
         self.forgotten_up_to = 0  # the highest id that was dropped to keep the size
@@ -51,11 +53,26 @@ class Journal:
     def oldest_id(self) -> int | None:
         return self._rows[0][0] if self._rows else None
 
-    def append(self, message_id: int, session_id: str, robot_id: str | None) -> None:
+    def created_at(self, message_id: int) -> str | None:
+        """The `created_at` the journal holds for `message_id`, None if not held. Slower
+        than `in` (a walk of the deque): for the rare row delivered twice."""
+        position = self._position.get(message_id)
+        return None if position is None else self._rows[position - self._first][3]
+
+    def clear(self) -> None:
+        """Forget every row: the ids it holds now name other rows (`Hub.is_new`)."""
+        self._first = self.end
+        self._rows.clear()
+        self._position.clear()
+        self.forgotten_up_to = 0
+
+    def append(
+        self, message_id: int, session_id: str, robot_id: str | None, created_at: str = ""
+    ) -> None:
         self._position[message_id] = self.end
-        self._rows.append((message_id, session_id, robot_id))
+        self._rows.append((message_id, session_id, robot_id, created_at))
         if len(self._rows) > self._size:
-            old_id, _, _ = self._rows.popleft()
+            old_id, _, _, _ = self._rows.popleft()
             del self._position[old_id]
             self._first += 1
             self.forgotten_up_to = max(self.forgotten_up_to, old_id)
@@ -74,7 +91,7 @@ class Journal:
         later = islice(self._rows, position - self._first + 1, None)
         return [
             row_id
-            for row_id, row_session, row_robot in later
+            for row_id, row_session, row_robot, _ in later
             if (session_id is None or session_id == row_session)
             and (robot_id is None or robot_id == row_robot)
         ]

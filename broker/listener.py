@@ -33,9 +33,9 @@ from .backoff import Backoff
 from .errors import BrokerError
 from .events import Message, Reference, parse_notification
 from .hub import Hub
-from .log import digest_of
 from .notifications import Notifications
 from .retry import retry_forever
+from .signing import BadSignature, Refusals, RowKey
 from .store import Store
 
 __all__ = ["APPLICATION_NAME", "CHANNEL", "CONNECTION_FAILURES", "Listener", "dedicated_connection"]
@@ -73,11 +73,13 @@ class Listener:
         self._hub = hub
         self._store = store
         self._floor: int | None = None  # rows up to this id committed before the first LISTEN
+        self._key: RowKey | None = None  # loaded at each connect (signing.py)
         self.started = asyncio.Event()
         self.connected = False
         self.reconnects = 0
         self.notifications = 0
         self.backfilled = 0
+        self.refused = Refusals(log, "notification_refused")  # unsigned, or malformed
 
     async def run(self) -> None:
         """Listen until cancelled, reconnecting after any failure."""
@@ -94,6 +96,7 @@ class Listener:
         async with await dedicated_connection(self._url, APPLICATION_NAME) as conn:
             await conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(CHANNEL)))
             rows = self._store.using(conn)
+            self._key = await rows.row_key()
             if self._floor is None:
                 self._floor = await rows.last_id()
             else:
@@ -119,6 +122,9 @@ class Listener:
         in the connection meanwhile; the journal drops the ones the backfill delivered.
         """
         journal = self._hub.journal
+        if self._hub.reused_from is not None:  # ids were reused: look again from there
+            self._floor = min(self._floor or 0, self._hub.reused_from - 1)
+            self._hub.reused_from = None
         floor = max(self._floor or 0, journal.forgotten_up_to)
         missing = [i for i in await rows.ids_after(floor) if i not in journal]
         for start in range(0, len(missing), BACKFILL_PAGE):
@@ -132,12 +138,14 @@ class Listener:
 
     def _deliver_now(self, payload: str) -> bool:
         """Deliver a notification's message; False, doing nothing, for a row too large for
-        NOTIFY (a `Reference`: reading it takes a query)."""
+        NOTIFY (a `Reference`: reading it takes a query). A payload not signed with the
+        database's key (a role's own NOTIFY), or malformed, is dropped: counted and logged
+        without its content."""
         try:
-            parsed = parse_notification(payload)
+            parsed = self._parse(payload)
         except ValueError as exc:
-            log.error("notification_malformed", error=str(exc), payload=digest_of(payload))
             self.notifications += 1
+            self.refused.add(error=str(exc), bytes=len(payload))
             return True
         if isinstance(parsed, Reference):
             return False
@@ -145,8 +153,14 @@ class Listener:
         self._deliver(parsed)
         return True
 
+    def _parse(self, payload: str) -> Message | Reference:
+        """The verified, parsed payload. Raises `ValueError` (`BadSignature` included)."""
+        if self._key is None:
+            raise BadSignature("no key loaded")
+        return parse_notification(self._key.verify(payload))
+
     async def _deliver_reference(self, payload: str, rows: Store, notes: Notifications) -> None:
-        reference = parse_notification(payload)  # parsed once already; a rare, short payload
+        reference = self._parse(payload)  # verified once already; a rare, short payload
         self.notifications += 1
         async with notes.paused():
             message = await rows.get(reference.id)
@@ -156,7 +170,7 @@ class Listener:
         self._deliver(message)
 
     def _deliver(self, message: Message) -> None:
-        if message.id not in self._hub.journal:
+        if self._hub.is_new(message):
             self._hub.publish(message)
 
     def _set_down(self, exc: BaseException) -> None:

@@ -29,6 +29,14 @@ the privilege (the relay's backend runs as another role), brokers stay not ready
 relay resumes or dies: `takeover_refused` says so. A frozen relay that wakes finds its lease
 taken (renewal is conditional) and its connection gone, and steps down; rows it had queued are
 in the table, appended by the new relay's backfill too, and readers drop the second copy.
+
+What the relay appends is signed with the database's key (`signing.py`), loaded at each
+election on its own connection: a notification's payload, verified here, is forwarded as the
+trigger signed it; a row read from the table is signed here. A notification that does not
+verify (a role's own NOTIFY) is never appended. On taking the role the relay also checks that
+the stream can still take an `XADD *` (`Bus.exhausted`): after a forged entry with the
+largest possible id it deletes the stream and appends again every row above the newest this
+broker routed, and the readers start again from the stream's start (`bus.py`).
 """
 
 from __future__ import annotations
@@ -49,9 +57,9 @@ from .backoff import Backoff
 from .bus import LEASE_MS, Bus, BusDown
 from .events import Message, Reference, parse_notification
 from .listener import APPLICATION_NAME, CHANNEL, CONNECTION_FAILURES, dedicated_connection
-from .log import digest_of
 from .notifications import HEALTH_CHECK_TIMEOUT, Notifications
 from .retry import pause, retry_forever
+from .signing import BadSignature, Refusals, RowKey
 from .store import Store
 
 __all__ = ["LOCK_CLASS", "Appender", "Relay", "lock_name"]
@@ -91,6 +99,9 @@ class Relay:
         self.lease_live = False  # whether a relay (this broker or another) holds a live lease
         self._lease_missing = False  # seen gone at the previous poll, the lock held
         self._refused = False  # the holder's backend could not be terminated, this lapse
+        self.refused = Refusals(log, "notification_refused")  # unsigned, or malformed
+        self.exhaustions = 0  # streams found exhausted and deleted
+        self._key: RowKey | None = None
         self._appender: Appender | None = None
 
     @property
@@ -125,13 +136,17 @@ class Relay:
                 renewing.cancel()
 
     async def _serve(self, conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
-        """The relay's work once elected: LISTEN, backfill, append every notification."""
+        """The relay's work once elected: LISTEN, load the key, backfill, append every
+        notification."""
         # From here on pg_stat_activity shows it as the listener it now is.
         await conn.execute("SELECT set_config('application_name', %s, false)", (APPLICATION_NAME,))
         await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+        self._key = await self._store.using(conn).row_key()
+        self._bus.trust(self._key)
         self.role = "relay"
         self.elections += 1
         log.info("relay_elected", stream=self._bus.key, elections=self.elections)
+        await self._recover_exhausted()
         await self._backfill()
         self._appender = Appender(self._bus, lambda exc: _cut(conn, exc), self._count)
         async with Notifications(conn) as notes:
@@ -212,6 +227,19 @@ class Relay:
         self._bus.sizes.reset(reversed(sizes))
         return ids
 
+    async def _recover_exhausted(self) -> None:
+        """A stream whose last id is the largest possible takes no more entries: delete it,
+        and set its floor to the newest row this broker routed, so the backfill appends the
+        rows after it (not the whole table)."""
+        if not await self._bus.exhausted():
+            return
+        self.exhaustions += 1
+        log.error("bus_stream_exhausted", stream=self._bus.key, action="deleted")
+        await self._bus.delete()
+        hint = self._floor_hint()
+        if hint is not None:
+            await self._bus.set_floor(hint)
+
     async def _backfill(self) -> None:
         """Append every row committed that the stream lacks, in id order.
 
@@ -242,18 +270,25 @@ class Relay:
     async def _handle(self, payload: str) -> None:
         self.notifications += 1
         try:
-            parsed = parse_notification(payload)
-        except ValueError as exc:
-            log.error("notification_malformed", error=str(exc), payload=digest_of(payload))
+            if self._key is None:
+                raise BadSignature("no key loaded")
+            signed = payload.encode()
+            parsed = parse_notification(self._key.verify(signed))
+        except ValueError as exc:  # BadSignature too: a role's own NOTIFY
+            self.refused.add(error=str(exc), bytes=len(payload))
             return
         if parsed.id in self._backfilled:
             return
-        message = await self._store.get(parsed.id) if isinstance(parsed, Reference) else parsed
-        if message is None:
-            log.warning("notification_row_missing", id=parsed.id)
-            return
+        if isinstance(parsed, Reference):
+            message = await self._store.get(parsed.id)
+            if message is None:
+                log.warning("notification_row_missing", id=parsed.id)
+                return
+            row: Message | bytes = message
+        else:
+            row = signed  # forwarded as the trigger signed it
         if self._appender is not None:
-            self._appender.put(message)
+            self._appender.put(row)
 
     def _count(self, appended: int) -> None:
         self.appended += appended
@@ -285,14 +320,15 @@ class Appender:
         self._bus = bus
         self._on_failure = on_failure
         self._on_appended = on_appended
-        self._queue: list[Message] = []
+        self._queue: list[Message | bytes] = []
         self._task: asyncio.Task[None] | None = None
         self._error: BusDown | None = None
 
-    def put(self, message: Message) -> None:
+    def put(self, row: Message | bytes) -> None:
+        """Append `row`: a `Message`, or a payload signed already (`Bus.append`)."""
         if self._error is not None:
             raise self._error
-        self._queue.append(message)
+        self._queue.append(row)
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._flush())
 

@@ -73,16 +73,17 @@ class Replay:
         """Pages of rows to send, in order, `limit` + 1 rows at most in all (one more than the
         limit tells the caller the limit was reached), each of `REPLAY_PAGE` rows and about
         `REPLAY_PAGE_BYTES` at most. Raises `DatabaseUnavailable`."""
+        session_id, robot_id = self.subscriber.session_id, self.subscriber.robot_id
         if self.journal_ids is not None:
+            # The journal chose the ids; the table, as it stands, says which still match.
             ids = self.journal_ids[: self.limit + 1]
             while ids:
                 wanted = ids[:REPLAY_PAGE]
-                page = await self.store.in_order(wanted, REPLAY_PAGE_BYTES)
+                page = await self.store.in_order(wanted, REPLAY_PAGE_BYTES, session_id, robot_id)
                 self.hub.give(self.subscriber, [row.id for row in page])
                 yield page
                 ids = ids[wanted.index(page[-1].id) + 1 if page else len(wanted) :]
             return
-        session_id, robot_id = self.subscriber.session_id, self.subscriber.robot_id
         if self.history:
             # A resume from just before the oldest of the last `history` rows.
             oldest = await self.store.oldest_of_last(self.history, session_id, robot_id)

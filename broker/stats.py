@@ -47,6 +47,8 @@ class Stats:
     bus_lease_live: bool = False  # a relay renews its lease (relay.py)
     bus_gaps: int = 0  # times the stream was trimmed past this broker's position (bus.py)
     bus_takeovers: int = 0  # frozen relays' backends this broker terminated
+    refused: int = 0  # notifications and bus entries dropped: unsigned, foreign, malformed
+    ids_reused: int = 0  # times the table's ids were found reused (`Hub.is_new`)
 
     def as_json(self) -> dict[str, Any]:
         """The `data` of `GET /api/sse/stats`."""
@@ -75,6 +77,8 @@ class Stats:
                 "slowConsumerDisconnects": self.slow_consumer_disconnects,
                 "rejectedConnections": self.rejected_connections,
                 "replayedEvents": self.replayed_events,
+                "refused": self.refused,
+                "idsReused": self.ids_reused,
             },
             "uptimeSeconds": round(self.uptime_seconds, 3),
             "tasks": self.tasks,
@@ -97,6 +101,7 @@ def snapshot(broker: Broker) -> Stats:
         slow_consumer_disconnects=counters.slow_consumer_disconnects,
         rejected_connections=counters.rejected_connections,
         replayed_events=counters.replayed_events,
+        ids_reused=counters.ids_reused,
         latency_buckets=latency.cumulative(),
         latency_sum=latency.sum,
         uptime_seconds=time.time() - broker.started_at,
@@ -117,6 +122,7 @@ def _listener(broker: Broker) -> dict[str, Any]:
             "listener_reconnects": listener.reconnects,
             "notifications": listener.notifications,
             "backfilled": listener.backfilled,
+            "refused": listener.refused.count,
         }
     relay = broker.bus.relay
     return {
@@ -124,6 +130,7 @@ def _listener(broker: Broker) -> dict[str, Any]:
         "listener_reconnects": max(0, relay.elections - 1),
         "notifications": relay.notifications,
         "backfilled": relay.backfilled,
+        "refused": relay.refused.count + broker.bus.bus.refusals.count,
     }
 
 

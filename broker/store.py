@@ -37,6 +37,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .errors import Unavailable
 from .events import Message, cut_content, utc_timestamp
+from .signing import RowKey
 
 __all__ = ["COLUMNS", "DEFAULT_MAX_ROW_BYTES", "DatabaseUnavailable", "Store"]
 
@@ -192,15 +193,34 @@ class Store:
             params.append(max_bytes)
         return await self._all(query, tuple(params), self._rows)
 
-    async def in_order(self, ids: list[int], max_bytes: int) -> list[Message]:
-        """The rows of `ids` that exist, in the order of `ids`, as many as fit in about
-        `max_bytes` (always one at least)."""
+    async def in_order(
+        self,
+        ids: list[int],
+        max_bytes: int,
+        session_id: str | None = None,
+        robot_id: str | None = None,
+    ) -> list[Message]:
+        """The rows of `ids` that exist and match the filter as stored now, in the order of
+        `ids`, as many as fit in about `max_bytes` (always one at least).
+
+        The filter is checked here, against the table, not taken from whoever chose `ids`
+        (the journal): a row moved to another session since (`UPDATE ... SET session_id`), or
+        an id that names another row now, is never read on a stream's behalf (issue 20)."""
+        where, params = _filter(session_id, robot_id)
         candidates = sql.SQL(
             "SELECT {}, position FROM unnest(%s::bigint[]) WITH ORDINALITY AS wanted (id, position)"
-            " JOIN messages USING (id)"
-        ).format(COLUMNS)
+            " JOIN messages USING (id) {}"
+        ).format(COLUMNS, where)
         query = self._within(candidates, sql.Identifier("position"))
-        return await self._all(query, (ids, max_bytes), self._rows)
+        return await self._all(query, (ids, *params, max_bytes), self._rows)
+
+    async def row_key(self) -> RowKey:
+        """The database's signing key (`signing.py`); `DatabaseUnavailable` if it cannot be
+        read (no `pgsse migrate` yet, or a role without the right to read `pgsse_key`)."""
+        row = await self._one(sql.SQL("SELECT key FROM pgsse_key"), (), TUPLE_ROW)
+        if row is None:
+            raise DatabaseUnavailable(LookupError("pgsse_key is empty: run pgsse migrate"))
+        return RowKey(bytes(row[0]))
 
     async def by_ids(self, ids: list[int]) -> dict[int, Message]:
         """The rows of `ids` that exist, by id."""

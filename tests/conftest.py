@@ -24,6 +24,7 @@ import pytest
 from broker.bus import Bus
 from broker.database import EmbeddedPostgres, migrate
 from broker.listener import APPLICATION_NAME as LISTENER_NAME
+from broker.signing import RowKey
 from tests.support.pgproxy import PostgresProxy
 from tests.support.processes import BrokerProcess
 from tests.support.redis import RedisServer, available
@@ -183,6 +184,7 @@ def redis() -> Iterator[RedisServer]:
 async def bus(redis: RedisServer) -> AsyncIterator[Bus]:
     """A stream of its own on a fresh Redis, for the in-process bus and relay tests."""
     bus = Bus(redis.url, f"test:{uuid.uuid4().hex[:8]}", maxlen=1_000)
+    bus.trust(RowKey(os.urandom(64)))  # a relay replaces it with the database's own
     yield bus
     await bus.close()
 

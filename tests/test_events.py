@@ -6,6 +6,7 @@ import json
 import time
 from datetime import UTC, datetime, timedelta, timezone
 
+import orjson
 import pytest
 
 from broker.events import (
@@ -83,3 +84,34 @@ def test_current_timestamp_follows_the_clock_across_seconds(
     ):
         monkeypatch.setattr(time, "time_ns", lambda ms=now_ms: ms * 1_000_000)
         assert utc_timestamp() == expected
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("sessionId", ["a"]),
+        ("sessionId", 7),
+        ("content", {"x": 1}),
+        ("robotId", 1),
+        ("intent", []),
+        ("isFromBot", 1),
+        ("createdAt", None),
+        ("id", 5),
+        ("id", "-5"),
+    ],
+)
+def test_a_field_of_the_wrong_type_is_malformed(field: str, value: object) -> None:
+    """What no table row can hold is refused, never routed (a list is unhashable)."""
+    row = {
+        "id": "5",
+        "sessionId": "a",
+        "robotId": None,
+        "content": "x",
+        "isFromBot": False,
+        "isHuman": True,
+        "intent": None,
+        "createdAt": "2026-01-01T00:00:00.000Z",
+    }
+    parse_notification(orjson.dumps(row))  # well typed as it is
+    with pytest.raises(ValueError, match="malformed"):
+        parse_notification(orjson.dumps({**row, field: value}))

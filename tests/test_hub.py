@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -153,3 +154,18 @@ def test_a_queue_full_by_bytes_closes_the_subscriber_as_one_full_by_count_does()
         hub.heartbeat()
         assert len(fast.take()) == 2
     assert not fast.closed
+
+
+def test_a_row_reusing_a_delivered_id_resets_the_journal_and_what_streams_were_sent() -> None:
+    """A copy of a delivered row is not new; a row with its id and another `created_at` is
+    (the table's ids were reused): the journal and every stream's `seen` are forgotten."""
+    hub = Hub(max_subscribers=10, queue_size=10)
+    first = message(5)
+    hub.publish(first)
+    assert not hub.is_new(first)
+    subscriber = hub.subscribe("b", None)
+    hub.give(subscriber, [], floor=5)
+    reused = dataclasses.replace(first, session_id="b", created_at="2026-02-01T00:00:00.000Z")
+    assert hub.is_new(reused)
+    assert 5 not in hub.journal and subscriber.seen is None and hub.reused_from == 5
+    assert hub.publish(reused) == 1 and hub.counters.ids_reused == 1

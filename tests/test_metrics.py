@@ -84,7 +84,13 @@ def message(id_: int, session: str = "a") -> Message:
 
 async def test_collector_reads_the_hub_and_listener_counters_at_scrape_time() -> None:
     hub = Hub(max_subscribers=10, queue_size=10)
-    listener = SimpleNamespace(connected=True, reconnects=2, notifications=7, backfilled=3)
+    listener = SimpleNamespace(
+        connected=True,
+        reconnects=2,
+        notifications=7,
+        backfilled=3,
+        refused=SimpleNamespace(count=0),
+    )
     broker = SimpleNamespace(hub=hub, listener=listener, bus=None, started_at=time.time())
     registry = create_registry(broker)  # type: ignore[arg-type]
     first, second = hub.subscribe("a", None), hub.subscribe(None, None)

@@ -17,7 +17,13 @@ from tests.test_metrics import message, values
 
 
 def broker_of(hub: Hub) -> SimpleNamespace:
-    listener = SimpleNamespace(connected=True, reconnects=1, notifications=5, backfilled=2)
+    listener = SimpleNamespace(
+        connected=True,
+        reconnects=1,
+        notifications=5,
+        backfilled=2,
+        refused=SimpleNamespace(count=0),
+    )
     return SimpleNamespace(hub=hub, listener=listener, bus=None, started_at=time.time() - 3)
 
 
@@ -53,6 +59,8 @@ async def test_the_stats_json_keeps_its_contract() -> None:
         "slowConsumerDisconnects",
         "rejectedConnections",
         "replayedEvents",
+        "refused",
+        "idsReused",
     }
     assert data["counters"]["messagesRouted"] == 2
     assert data["totalConnections"] == len(hub)

@@ -22,6 +22,7 @@ import orjson
 import psycopg
 from psycopg import sql
 
+from broker.signing import SIGNATURE_CHARS
 from tests.bench.harness import BROKER_CPU, cpu_times, pinning_available
 
 
@@ -47,7 +48,7 @@ async def _serve(url: str, channel: str, pipe: Connection) -> None:
         pgconn.consume_input()
         events = []
         while (notify := pgconn.notifies()) is not None:
-            data = orjson.loads(notify.extra)
+            data = orjson.loads(notify.extra[SIGNATURE_CHARS:])  # past the trigger's signature
             body = {"type": "message", "data": data, "timestamp": "2026-01-01T00:00:00.000Z"}
             events.append(b"id: %d\ndata: " % int(data["id"]) + orjson.dumps(body) + b"\n\n")
         if events:
