@@ -21,6 +21,7 @@ import redis as redis_client
 from psycopg import sql
 
 from broker.relay import LOCK_CLASS, lock_name
+from broker.signing import SIGNATURE_CHARS
 from tests.conftest import Database
 from tests.support.nginx import ClusterScript, require_nginx
 from tests.support.processes import BrokerProcess, free_port, http_json
@@ -60,7 +61,8 @@ def peak_rss_mib(broker: BrokerProcess) -> float:
 def newest_row(check: redis_client.Redis, stream: str) -> int | None:
     """The row id of the stream's newest entry."""
     newest = check.xrevrange(stream, count=1)
-    return int(orjson.loads(newest[0][1][b"row"])["id"]) if newest else None
+    # An entry's row is its payload after the signature (broker.signing).
+    return int(orjson.loads(newest[0][1][b"row"][SIGNATURE_CHARS:])["id"]) if newest else None
 
 
 def role(broker: BrokerProcess) -> str:
@@ -352,7 +354,10 @@ async def test_a_stale_relay_of_another_role_is_reported_not_terminated(
     role_name = f"pgsse_{uuid.uuid4().hex[:8]}"
     with database.connect() as conn:
         conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role_name)))
-        conn.execute(sql.SQL("GRANT SELECT ON messages TO {}").format(sql.Identifier(role_name)))
+        # What a broker's role needs: its rows, and the key that signs them.
+        conn.execute(
+            sql.SQL("GRANT SELECT ON messages, pgsse_key TO {}").format(sql.Identifier(role_name))
+        )
     url = database.url.replace("postgres@", f"{role_name}@", 1)
     name = lock_name(stream, await bus_identity(redis, stream))
     with database.connect() as holder:
