@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .config import OPTIONS, Option, Settings, unknown_settings
+from .config.settings import OPTIONS, Option, Settings, unknown_settings
 from .errors import BrokerError
 
 if TYPE_CHECKING:
     import socket
 
-    from .limits import ClientCounter, SharedStreamCounter
+    from .web.limits import ClientCounter, SharedStreamCounter
 
 __all__ = ["main"]
 
@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet = args.command != "serve"
     configure(settings.log_format, QUIET_LEVEL if quiet else settings.log_level)
     for name, closest in unknown_settings(os.environ):
-        structlog.get_logger(logger_name="broker.cli").warning(
+        structlog.get_logger(logger_name=__name__).warning(
             "unknown_setting", variable=name, closest=closest, ignored=True
         )
     try:
@@ -181,7 +181,7 @@ def _clean(settings: Settings, remove: bool) -> int:
     leads to it (a removed checkout, a test run that was killed). A cluster whose origin is
     not recorded (made by an older pgsse) is only shown: it may be another checkout's data."""
     from .database import EmbeddedPostgres, postmaster_alive
-    from .placement import BASE, orphaned, source_file
+    from .embedded.placement import BASE, orphaned, source_file
 
     def say(line: str) -> None:
         sys.stdout.write(line + "\n")
@@ -237,11 +237,11 @@ def _serve(settings: Settings) -> int:
     import structlog
 
     from .database import check_database, migrate
-    from .guard import log_exposure
-    from .sockets import listen_sockets
+    from .server.sockets import listen_sockets
+    from .web.guard import log_exposure
     from .workers import run_workers
 
-    log = structlog.get_logger(logger_name="broker.cli")
+    log = structlog.get_logger(logger_name=__name__)
     sockets = listen_sockets(settings)  # public + admin port, if any
     try:
         with _database(settings, create=True) as url:
@@ -280,7 +280,7 @@ def _shared_counter(settings: Settings) -> SharedStreamCounter | None:
     for twice as many addresses as streams may be open on the port."""
     if settings.max_streams_per_ip is None:
         return None
-    from .limits import SharedStreamCounter
+    from .web.limits import SharedStreamCounter
 
     entries = 2 * settings.workers * settings.max_connections
     return SharedStreamCounter(settings.max_streams_per_ip, settings.workers, entries)
@@ -297,11 +297,11 @@ def _run_server(
     import structlog
     import uvicorn
 
-    from .app import create_app
+    from .server.protocol import server_options
     from .service import Broker
-    from .transport import server_options
+    from .web.app import create_app
 
-    log = structlog.get_logger(logger_name="broker.cli")
+    log = structlog.get_logger(logger_name=__name__)
 
     class _Server(uvicorn.Server):
         """uvicorn, plus: on the first SIGTERM/SIGINT, every stream is sent `error` and
@@ -357,7 +357,7 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
     def ids(text: str) -> list[str] | str:
         return "*" if text.strip() == "*" else [p.strip() for p in text.split(",") if p.strip()]
 
-    from .auth import MAX_TOKEN_SECONDS, Authenticator
+    from .web.auth import MAX_TOKEN_SECONDS, Authenticator
 
     if not 1 <= args.ttl <= MAX_TOKEN_SECONDS:
         raise BrokerError(f"--ttl must be from 1 to {MAX_TOKEN_SECONDS} seconds (a year)")

@@ -23,9 +23,9 @@ from urllib.parse import quote
 import psycopg
 import structlog
 
-from .config import redact_url
+from .config.settings import redact_url
+from .embedded.placement import Placement, absolute, locate, source_file
 from .errors import BrokerError
-from .placement import Placement, absolute, locate, source_file
 
 __all__ = [
     "EmbeddedPostgres",
@@ -39,7 +39,7 @@ __all__ = [
 MIGRATION_LOCK = 0x70677373  # "pgss": the advisory lock key migrations serialise on
 SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; keep room for "/.s.PGSQL.5432"
 
-log = structlog.get_logger(logger_name="broker.database")
+log = structlog.get_logger(logger_name=__name__)
 
 
 def sql_dir() -> Path:

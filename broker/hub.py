@@ -38,7 +38,7 @@ from .subscriber import (
 __all__ = ["GLOBAL_CHANNEL", "Event", "Hub", "HubCounters", "Subscriber", "channel_of"]
 
 JOURNAL_SIZE = 50_000
-log = structlog.get_logger(logger_name="broker.hub")
+log = structlog.get_logger(logger_name=__name__)
 _NOBODY: frozenset[Subscriber] = frozenset()
 
 

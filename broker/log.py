@@ -13,7 +13,7 @@ from typing import IO, Any, TextIO
 import orjson
 import structlog
 
-from .config import LOG_LEVELS
+from .config.settings import LOG_LEVELS
 
 __all__ = ["REFUSAL_INTERVAL_SECONDS", "Refusals", "configure", "digest_of", "silence_closed_pipe"]
 

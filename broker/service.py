@@ -14,12 +14,12 @@ from contextlib import asynccontextmanager
 
 import structlog
 
-from .bus import Bus, BusReader
-from .config import Settings
+from .config.settings import Settings
+from .feeds.bus import Bus, BusReader
+from .feeds.listener import Listener
+from .feeds.relay import Relay
 from .flusher import Flusher
 from .hub import Hub
-from .listener import Listener
-from .relay import Relay
 from .replay import Replay
 from .store import Store
 from .subscriber import Subscriber
@@ -29,7 +29,7 @@ __all__ = ["SHUTDOWN", "Broker"]
 SHUTDOWN = "server shutting down: reconnect to resume"
 RESTART_DELAY_SECONDS = 1.0
 
-log = structlog.get_logger(logger_name="broker.service")
+log = structlog.get_logger(logger_name=__name__)
 
 
 class BusFeed:

@@ -50,7 +50,7 @@ DEFAULT_MAX_ROW_BYTES = 1024 * 1024  # as `BROKER_MAX_ROW_BYTES`
 ROW_OVERHEAD_BYTES = 512  # an encoded row's bytes besides its content, about (the other fields)
 Row = TypeVar("Row")
 
-log = structlog.get_logger(logger_name="broker.store")
+log = structlog.get_logger(logger_name=__name__)
 
 
 class DatabaseUnavailable(Unavailable):

@@ -38,7 +38,7 @@ STARTUP_SECONDS = 5.0
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
-log = structlog.get_logger(logger_name="broker.workers")
+log = structlog.get_logger(logger_name=__name__)
 
 
 def run_workers(

@@ -3,7 +3,8 @@
 The cluster is the embedded server of `broker.database`, in a temporary directory, so tests
 may stop, restart or `pg_terminate_backend` it. Tests isolate themselves by using fresh
 session ids (`session_id`), never by emptying the table. The directory is mkdtemp's, mode
-700: run by root, the cluster is placed where its user can reach it (`broker.placement`), and
+700: run by root, the cluster is placed where its user can reach it
+(`broker.embedded.placement`), and
 `Database.modes_before` lets a test check that no directory's mode changed.
 """
 
@@ -21,9 +22,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from broker.bus import Bus
 from broker.database import EmbeddedPostgres, migrate
-from broker.listener import APPLICATION_NAME as LISTENER_NAME
+from broker.feeds.bus import Bus
+from broker.feeds.listener import APPLICATION_NAME as LISTENER_NAME
 from broker.signing import RowKey
 from tests.support.pgproxy import PostgresProxy
 from tests.support.processes import BrokerProcess

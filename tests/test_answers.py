@@ -1,4 +1,4 @@
-"""`broker.answers`: each broker error as its HTTP answer, in process (no server)."""
+"""`broker.web.answers`: each broker error as its HTTP answer, in process (no server)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 import pytest
 from starlette.exceptions import HTTPException
 
-from broker.answers import HANDLERS, answer, error_body
 from broker.errors import (
     AtCapacity,
     BrokerError,
@@ -18,8 +17,9 @@ from broker.errors import (
     Unauthorized,
     Unavailable,
 )
+from broker.server.protocol import RESPONSE_408
 from broker.store import DatabaseUnavailable
-from broker.transport import RESPONSE_408
+from broker.web.answers import HANDLERS, answer, error_body
 
 
 @pytest.mark.parametrize(

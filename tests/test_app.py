@@ -1,4 +1,4 @@
-"""broker.app in process: the application `create_app` builds, with its lifespan (a real
+"""broker.web.app in process: the application `create_app` builds, with its lifespan (a real
 broker on the test cluster), driven through httpx's ASGI transport. Over real sockets and
 processes the API is test_api's."""
 
@@ -12,8 +12,8 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
-from broker.app import MAX_BODY_BYTES, create_app
-from broker.config import Settings
+from broker.config.settings import Settings
+from broker.web.app import MAX_BODY_BYTES, create_app
 from tests.conftest import Database
 
 

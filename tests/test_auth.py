@@ -1,4 +1,4 @@
-"""Signed tokens: what a token lets its bearer read and write, end to end and in `broker.auth`.
+"""Signed tokens: what a token lets its bearer read and write, end to end and in `broker.web.auth`.
 
 Each refusal is checked for its status, its JSON body and that it is not a stream; each grant
 by reading real rows inserted into PostgreSQL. Every broker log of these tests is scanned for
@@ -20,9 +20,9 @@ from typing import Any
 import jwt
 import pytest
 
-from broker.auth import MAX_TOKEN_SECONDS, Authenticator, bearer
-from broker.config import Settings
+from broker.config.settings import Settings
 from broker.errors import ConfigError, Forbidden, Unauthorized
+from broker.web.auth import MAX_TOKEN_SECONDS, Authenticator, bearer
 from tests.conftest import Database
 from tests.support.processes import BrokerProcess
 from tests.support.security import (

@@ -1,4 +1,4 @@
-"""broker.backoff: delays double up to the cap, each drawn with half jitter, and reset."""
+"""broker.feeds.backoff: delays double up to the cap, each drawn with half jitter, and reset."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from broker.backoff import Backoff
+from broker.feeds.backoff import Backoff
 
 
 def test_delays_double_up_to_the_maximum_each_drawn_from_its_upper_half() -> None:

@@ -12,8 +12,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from broker.bus import Bus
-from broker.relay import LOCK_CLASS, lock_name
+from broker.feeds.bus import Bus
+from broker.feeds.relay import LOCK_CLASS, lock_name
 from tests.conftest import Database
 from tests.support.nginx import Nginx
 from tests.support.processes import BrokerProcess

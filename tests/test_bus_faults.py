@@ -20,7 +20,7 @@ import pytest
 import redis as redis_client
 from psycopg import sql
 
-from broker.relay import LOCK_CLASS, lock_name
+from broker.feeds.relay import LOCK_CLASS, lock_name
 from broker.signing import SIGNATURE_CHARS
 from tests.conftest import Database
 from tests.support.nginx import ClusterScript, require_nginx

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from broker.bus import Bus, BusReader
+from broker.feeds.bus import Bus, BusReader
 from broker.hub import Hub
 from tests.support.inprocess import eventually, message, stop
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from broker.database import EmbeddedPostgres
-from broker.placement import BASE
+from broker.embedded.placement import BASE
 from broker.workers import STARTUP_SECONDS
 from tests.conftest import Database, chain_modes
 from tests.support.processes import BrokerProcess, free_port

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from broker.cli import _parser
-from broker.config import OPTIONS, Option, Settings, unknown_settings
+from broker.config.options import unknown_variables
+from broker.config.settings import OPTIONS, Option, Settings, unknown_settings
 from broker.errors import ConfigError
-from broker.options import unknown_variables
 
 
 def test_defaults_match_the_contract() -> None:

@@ -12,8 +12,8 @@ import signal
 import time
 from collections.abc import Callable
 
-from broker.limits import SharedStreamCounter
-from broker.listener import CHANNEL
+from broker.feeds.listener import CHANNEL
+from broker.web.limits import SharedStreamCounter
 from broker.workers import STARTUP_SECONDS
 from tests.conftest import Database
 from tests.support.processes import BrokerProcess

@@ -1,4 +1,4 @@
-"""broker.guard in process: routes declared with their checks, under a small Starlette app
+"""broker.web.guard in process: routes declared with their checks, under a small Starlette app
 driven through httpx's ASGI transport (the URL's port is the request's local port). The end
 to end cases, over real sockets, are in test_limits, test_auth and test_attacks."""
 
@@ -16,10 +16,10 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from broker.answers import HANDLERS
-from broker.config import Settings
+from broker.config.settings import Settings
 from broker.errors import RequestError
-from broker.guard import AdminToken, Guard, GuardedApp, StreamsPerClient
+from broker.web.answers import HANDLERS
+from broker.web.guard import AdminToken, Guard, GuardedApp, StreamsPerClient
 
 PUBLIC, ADMIN = 5001, 9100
 TOKEN = "admin-token-0123456789"

@@ -1,4 +1,4 @@
-"""broker.leanevent in-process: a `LeanEvent` behaves as the `asyncio.Event` it replaces."""
+"""broker.server.leanevent in-process: a `LeanEvent` behaves as the `asyncio.Event` it replaces."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from broker.leanevent import LeanEvent
+from broker.server.leanevent import LeanEvent
 
 
 async def test_set_wakes_every_waiter_and_wait_returns_at_once_while_set() -> None:

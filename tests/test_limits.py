@@ -20,10 +20,10 @@ import pytest
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from broker.config import Settings
+from broker.config.settings import Settings
 from broker.errors import ConfigError
-from broker.limits import StreamCounter
-from broker.transport import server_options
+from broker.server.protocol import server_options
+from broker.web.limits import StreamCounter
 from tests.conftest import Database
 from tests.support.processes import BrokerProcess, free_port
 from tests.support.security import (

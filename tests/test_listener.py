@@ -1,4 +1,4 @@
-"""broker.listener in process, on the real cluster: rows reach the hub, large rows are read
+"""broker.feeds.listener in process, on the real cluster: rows reach the hub, large rows are read
 by reference, a bad payload is skipped, and after its backend is terminated the listener
 comes back and backfills what committed meanwhile, once and in order. The end to end faults
 (restarts, proxies cut, brokers killed) are test_recovery's."""
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from broker.feeds.listener import CHANNEL, Listener
 from broker.hub import Hub
-from broker.listener import CHANNEL, Listener
 from broker.store import Store
 from tests.conftest import Database
 from tests.support.inprocess import eventually, received, stop

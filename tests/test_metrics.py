@@ -18,7 +18,7 @@ from prometheus_client.samples import Sample
 
 from broker.events import Message
 from broker.hub import Hub
-from broker.metrics import create_registry, render
+from broker.web.metrics import create_registry, render
 from tests.conftest import Database
 from tests.support.processes import BrokerProcess
 from tests.support.sse import SSEClient

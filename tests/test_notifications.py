@@ -15,8 +15,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from broker import notifications
-from broker.notifications import Notifications
+from broker.feeds import notifications
+from broker.feeds.notifications import Notifications
 from tests.conftest import Database
 
 

@@ -1,6 +1,6 @@
-"""broker.options: a setting declared once on a dataclass field becomes its `Option` (env var,
-flag, parser, help, default as shown), and raw values parse or fail naming the setting. Tested
-on a small dataclass of its own; `Settings` itself is test_config's."""
+"""broker.config.options: a setting declared once on a dataclass field becomes its `Option`
+(env var, flag, parser, help, default as shown), and raw values parse or fail naming the
+setting. Tested on a small dataclass of its own; `Settings` itself is test_config's."""
 
 from __future__ import annotations
 
@@ -9,9 +9,16 @@ from dataclasses import dataclass
 
 import pytest
 
+from broker.config.options import Option, declared_options, parse_raw, setting
+from broker.config.parsers import (
+    boolean,
+    database_url,
+    positive_float,
+    positive_int,
+    redact_url,
+    text,
+)
 from broker.errors import ConfigError
-from broker.options import Option, declared_options, parse_raw, setting
-from broker.parsers import boolean, database_url, positive_float, positive_int, redact_url, text
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""broker.parsers: each parser's accepted values and its refusals, at the edges. How a refusal
-becomes one line naming the setting is config's and options' (test_config, test_options)."""
+"""broker.config.parsers: each parser's accepted values and its refusals, at the edges. How a
+refusal becomes one line naming the setting is config's and options' (test_config, test_options)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from broker import parsers
+from broker.config import parsers
 
 ACCEPTED: list[tuple[Callable[[str], Any], str, Any]] = [
     (parsers.positive_int, "1", 1),

@@ -1,4 +1,4 @@
-"""broker.pipelining in-process, through the broker's protocol on a real socket: requests
+"""broker.server.pipelining in-process, through the broker's protocol on a real socket: requests
 pipelined behind a running response are held and run in turn, and every one of them hears
 the client go."""
 
@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from broker.pipelining import MAX_HELD_BYTES
+from broker.server.pipelining import MAX_HELD_BYTES
 from tests.support.served import Client, Served, get, serving
 
 

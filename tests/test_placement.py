@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from broker.placement import absolute
+from broker.embedded.placement import absolute
 
 
 def test_a_data_dir_path_keeps_its_own_name_but_not_its_parents_links(open_dir: Path) -> None:

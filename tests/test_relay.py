@@ -1,4 +1,4 @@
-"""broker.relay in process, on real PostgreSQL and Redis: the election, the backfill of
+"""broker.feeds.relay in process, on real PostgreSQL and Redis: the election, the backfill of
 what the stream lacks, stepping down when its backend dies, and the Appender's batches.
 
 End to end tests over broker processes are in test_bus.py.
@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from broker.bus import Bus, BusDown
-from broker.relay import LOCK_CLASS, Appender, Relay, lock_name
+from broker.feeds.bus import Bus, BusDown
+from broker.feeds.relay import LOCK_CLASS, Appender, Relay, lock_name
 from broker.store import Store
 from tests.conftest import Database
 from tests.support.inprocess import eventually, message, stop

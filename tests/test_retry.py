@@ -9,8 +9,8 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from broker.backoff import Backoff
-from broker.retry import pause, retry_forever
+from broker.feeds.backoff import Backoff
+from broker.feeds.retry import pause, retry_forever
 
 log = structlog.get_logger(logger_name="tests.retry")
 

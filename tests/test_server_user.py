@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.server_user import ServerUser
+from broker.embedded.server_user import ServerUser
 
 NOBODY_ELSE = ServerUser("pgsse-test", uid=4242, gid=4242)  # owns nothing here
 

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from broker.config import Settings
+from broker.config.settings import Settings
 from broker.errors import AtCapacity
 from broker.service import SHUTDOWN, Broker
 from tests.conftest import Database

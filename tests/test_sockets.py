@@ -1,4 +1,4 @@
-"""broker.sockets in process: the listening sockets bound on this machine's real network
+"""broker.server.sockets in process: the listening sockets bound on this machine's real network
 stack, and each failure to bind as one `ConfigError` naming the setting to change."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from contextlib import contextmanager
 
 import pytest
 
-from broker.config import Settings
+from broker.config.settings import Settings
 from broker.errors import ConfigError
-from broker.sockets import listen_sockets
+from broker.server.sockets import listen_sockets
 from tests.support.processes import free_port
 
 

@@ -1,4 +1,4 @@
-"""broker.socketsink in-process, on a real TCP connection: chunk framing, refusal while the
+"""broker.server.sink in-process, on a real TCP connection: chunk framing, refusal while the
 socket holds bytes, abort, and the news that the client has gone."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from broker.socketsink import SINK_EXTENSION, SocketSink, sink_of
+from broker.server.sink import SINK_EXTENSION, SocketSink, sink_of
 
 
 @dataclass

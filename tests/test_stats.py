@@ -1,4 +1,4 @@
-"""broker.stats in process: one snapshot of a real hub, read as the stats JSON and as the
+"""broker.web.stats in process: one snapshot of a real hub, read as the stats JSON and as the
 Prometheus families, which must agree (the end-to-end agreement is in test_metrics)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 
 from broker.errors import AtCapacity
 from broker.hub import Hub
-from broker.metrics import create_registry, render
-from broker.stats import snapshot
+from broker.web.metrics import create_registry, render
+from broker.web.stats import snapshot
 from tests.test_metrics import message, values
 
 

@@ -1,4 +1,4 @@
-"""broker.stream: in process, an `EventStreamResponse` on the broker's protocol with a real hub
+"""broker.web.stream: in process, an `EventStreamResponse` on the broker's protocol with a real hub
 and socket; end to end, rows inserted into PostgreSQL reach real SSE clients of a real broker.
 """
 
@@ -18,9 +18,9 @@ import pytest
 from broker.events import Message
 from broker.flusher import Flusher
 from broker.hub import Hub
-from broker.socketsink import SINK_EXTENSION
-from broker.stream import EventStreamResponse
+from broker.server.sink import SINK_EXTENSION
 from broker.subscriber import Subscriber
+from broker.web.stream import EventStreamResponse
 from tests.conftest import Database
 from tests.support.processes import BrokerProcess
 from tests.support.served import protocol_server

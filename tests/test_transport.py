@@ -1,4 +1,4 @@
-"""broker.transport in-process: the protocol subclass on a real listening socket, under a tiny
+"""broker.server.protocol in-process: the protocol subclass on a real listening socket, under a tiny
 ASGI app, driven by raw client sockets: request deadlines and limits, and the sink's framing.
 """
 
@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from broker.leanevent import LeanEvent
+from broker.server.leanevent import LeanEvent
 from tests.support.served import Client, Served, get, serving
 
 

@@ -1,4 +1,4 @@
-"""broker.uvicorn_hooks: the uvicorn installed has every hook the protocol relies on, a missing
+"""broker.server.hooks: the uvicorn installed has every hook the protocol relies on, a missing
 one is named, and the tested range is the pinned one."""
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import uvicorn
 
-from broker import uvicorn_hooks
-from broker.uvicorn_hooks import TESTED_UVICORN, check_uvicorn
+from broker.server import hooks as uvicorn_hooks
+from broker.server.hooks import TESTED_UVICORN, check_uvicorn
 
 
 def test_uvicorn_has_every_hook(monkeypatch: pytest.MonkeyPatch) -> None:
     check_uvicorn()
     protocol = uvicorn_hooks.HttpToolsProtocol
     monkeypatch.setitem(uvicorn_hooks.UVICORN_HOOKS, protocol, ("on_headers_complete", "self.gone"))
-    with pytest.raises(RuntimeError, match=r"has no HttpToolsProtocol\.gone, which broker/trans"):
+    with pytest.raises(RuntimeError, match=r"has no HttpToolsProtocol\.gone, which broker/server/protocol"):
         check_uvicorn()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from broker.errors import RequestError
-from broker.validation import check_id, parse_history, parse_last_event_id, parse_new_message
+from broker.web.validation import check_id, parse_history, parse_last_event_id, parse_new_message
 
 
 @pytest.mark.parametrize(

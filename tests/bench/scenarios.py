@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from broker.listener import CHANNEL
+from broker.feeds.listener import CHANNEL
 from tests.bench import syscalls
 from tests.bench.analysis import deliveries, summarize_records, trend
 from tests.bench.client import LoadClient, StreamRecord, StreamSpec

@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 
 from broker.database import EmbeddedPostgres, migrate
-from broker.listener import APPLICATION_NAME as LISTENER_NAME
+from broker.feeds.listener import APPLICATION_NAME as LISTENER_NAME
 from broker.store import APPLICATION_NAME as STORE_NAME
 from tests.support.nginx import Nginx
 from tests.support.processes import BrokerProcess

@@ -18,7 +18,7 @@ import struct
 import threading
 from pathlib import Path
 
-from broker.listener import APPLICATION_NAME
+from broker.feeds.listener import APPLICATION_NAME
 
 LISTENER_MARK = b"application_name\x00" + APPLICATION_NAME.encode() + b"\x00"
 

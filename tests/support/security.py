@@ -1,6 +1,6 @@
 """Helpers for the security tests: tokens, raw HTTP requests, and the log scan for secrets.
 
-Tokens are minted here with PyJWT directly, not with `broker.auth`, so the tests check the
+Tokens are minted here with PyJWT directly, not with `broker.web.auth`, so the tests check the
 contract (what an app backend would sign) rather than the broker's own minting. Every token
 and secret made here is remembered, and `no_secret_in_logs` (an autouse fixture for the
 modules that import it) fails a test whose broker logs printed any of them.

@@ -14,9 +14,9 @@ from typing import Any
 import uvicorn
 from uvicorn.server import ServerState
 
-from broker.config import Settings
-from broker.socketsink import sink_of
-from broker.transport import limited_protocol
+from broker.config.settings import Settings
+from broker.server.protocol import limited_protocol
+from broker.server.sink import sink_of
 
 
 @dataclass

@@ -39,19 +39,19 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ..config.settings import Settings
+from ..errors import BrokerError, RequestError, TooManyStreams, Unauthorized
+from ..log import Refusals
 from .answers import answer
 from .auth import bearer
-from .config import Settings
-from .errors import BrokerError, RequestError, TooManyStreams, Unauthorized
 from .limits import ClientCounter, StreamCounter
-from .log import Refusals
 
 __all__ = ["Guard", "GuardedApp", "StreamRoute", "log_exposure"]
 
 Served = Callable[[Scope], bool]
 Endpoint = Callable[[Request], Awaitable[Response]]
 
-log = structlog.get_logger(logger_name="broker.guard")
+log = structlog.get_logger(logger_name="broker.web.guard")
 refusals = Refusals(log)  # log.py: at a bounded rate
 
 

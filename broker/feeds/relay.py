@@ -53,14 +53,14 @@ import psycopg
 import structlog
 from psycopg import sql
 
+from ..events import Message, Reference, parse_notification
+from ..signing import BadSignature, Refusals, RowKey
+from ..store import Store
 from .backoff import Backoff
 from .bus import LEASE_MS, Bus, BusDown
-from .events import Message, Reference, parse_notification
 from .listener import APPLICATION_NAME, CHANNEL, CONNECTION_FAILURES, dedicated_connection
 from .notifications import HEALTH_CHECK_TIMEOUT, Notifications
 from .retry import pause, retry_forever
-from .signing import BadSignature, Refusals, RowKey
-from .store import Store
 
 __all__ = ["LOCK_CLASS", "Appender", "Relay", "lock_name"]
 
@@ -70,7 +70,7 @@ LOCK_CLASS = 0x7067  # the advisory lock's first key ('pg'); the second is hasht
 BACKFILL_PAGE = 1_000
 CANDIDATE_NAME = "pgsse-relay-candidate"  # a follower's campaign connection, in pg_stat_activity
 
-log = structlog.get_logger(logger_name="broker.relay")
+log = structlog.get_logger(logger_name="broker.feeds.relay")
 
 
 class Relay:

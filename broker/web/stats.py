@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .service import Broker
+    from ..service import Broker
 
 __all__ = ["Stats", "snapshot"]
 

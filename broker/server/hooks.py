@@ -66,6 +66,6 @@ def check_uvicorn() -> None:
             if not present:
                 raise RuntimeError(
                     f"uvicorn {uvicorn.__version__} has no {owner.__name__}"
-                    f".{hook.removeprefix('self.')}, which broker/transport.py relies on"
+                    f".{hook.removeprefix('self.')}, which broker/server/protocol.py relies on"
                     f" (tested: uvicorn{TESTED_UVICORN})"
                 )

@@ -11,8 +11,8 @@ from __future__ import annotations
 import errno
 import socket
 
-from .config import Settings
-from .errors import ConfigError
+from ..config.settings import Settings
+from ..errors import ConfigError
 
 __all__ = ["listen_sockets"]
 

@@ -32,8 +32,8 @@ import jwt
 import structlog
 from starlette.requests import Request
 
-from .errors import ConfigError, Forbidden, Unauthorized
-from .log import Refusals
+from ..errors import ConfigError, Forbidden, Unauthorized
+from ..log import Refusals
 
 __all__ = [
     "ALGORITHM",
@@ -55,7 +55,7 @@ MAX_CLAIM_ITEMS = 1000
 # subscription counted for good (issue 20). Mint short-lived tokens; a stream outlives none.
 MAX_TOKEN_SECONDS = 366 * 24 * 3600
 
-log = structlog.get_logger(logger_name="broker.auth")
+log = structlog.get_logger(logger_name="broker.web.auth")
 refusals = Refusals(log)  # log.py: at a bounded rate
 
 

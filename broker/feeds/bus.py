@@ -50,14 +50,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
+from ..errors import BrokerError
+from ..events import Message, parse_notification
+from ..hub import JOURNAL_SIZE, Hub
+from ..journal import Journal
+from ..signing import Refusals, RowKey
+from ..store import DatabaseUnavailable
 from .backoff import Backoff
-from .errors import BrokerError
-from .events import Message, parse_notification
-from .hub import JOURNAL_SIZE, Hub
-from .journal import Journal
 from .retry import checkpoint, retry_forever
-from .signing import Refusals, RowKey
-from .store import DatabaseUnavailable
 
 __all__ = ["Bus", "BusDown", "BusReader", "Entry"]
 
@@ -71,7 +71,7 @@ GAP = "missed rows on the bus: reconnect to resume"
 LAST_POSSIBLE_ID = "18446744073709551615-18446744073709551615"
 SOCKET_TIMEOUT = 5.0  # longer than READ_BLOCK_MS: a blocked XREAD is not a dead server
 
-log = structlog.get_logger(logger_name="broker.bus")
+log = structlog.get_logger(logger_name="broker.feeds.bus")
 
 
 class BusDown(BrokerError):

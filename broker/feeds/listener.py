@@ -29,14 +29,14 @@ from typing import Any
 import psycopg
 import structlog
 
+from ..errors import BrokerError
+from ..events import Message, Reference, parse_notification
+from ..hub import Hub
+from ..signing import BadSignature, Refusals, RowKey
+from ..store import Store
 from .backoff import Backoff
-from .errors import BrokerError
-from .events import Message, Reference, parse_notification
-from .hub import Hub
 from .notifications import Notifications
 from .retry import retry_forever
-from .signing import BadSignature, Refusals, RowKey
-from .store import Store
 
 __all__ = ["APPLICATION_NAME", "CHANNEL", "CONNECTION_FAILURES", "Listener", "dedicated_connection"]
 
@@ -47,7 +47,7 @@ RECONNECT_MAX_SECONDS = 0.5
 CONNECTION_FAILURES = (psycopg.Error, BrokerError, OSError, TimeoutError)
 BACKFILL_PAGE = 1_000
 
-log = structlog.get_logger(logger_name="broker.listener")
+log = structlog.get_logger(logger_name="broker.feeds.listener")
 
 
 async def dedicated_connection(url: str, application_name: str) -> psycopg.AsyncConnection[Any]:

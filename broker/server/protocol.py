@@ -33,12 +33,12 @@ from typing import Any
 
 import structlog
 
-from .answers import error_body
-from .config import Settings
-from .log import Refusals
+from ..config.settings import Settings
+from ..log import Refusals
+from ..web.answers import error_body
+from .hooks import check_uvicorn
 from .pipelining import MAX_HELD_BYTES, PipelinedProtocol
-from .socketsink import SINK_EXTENSION
-from .uvicorn_hooks import check_uvicorn
+from .sink import SINK_EXTENSION
 
 __all__ = [
     "MAX_HELD_BYTES",
@@ -68,7 +68,7 @@ RESPONSE_400_INVALID = _answer(400, "invalid HTTP request")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-log = structlog.get_logger(logger_name="broker.transport")
+log = structlog.get_logger(logger_name="broker.server.protocol")
 refusals = Refusals(log)  # log.py: at a bounded rate
 
 

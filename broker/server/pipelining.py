@@ -29,9 +29,9 @@ from typing import Any
 import structlog
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from ..log import Refusals
 from .leanevent import LeanEvent
-from .log import Refusals
-from .socketsink import SocketSink
+from .sink import SocketSink
 
 __all__ = ["MAX_HELD_BYTES", "QUEUED_REQUEST_COST", "PipelinedProtocol"]
 
@@ -40,7 +40,7 @@ MAX_HELD_BYTES = 64 * 1024  # uvicorn's own bound on an unread body (HIGH_WATER_
 # and cycle (~1 KiB measured), so at most 64 tiny requests wait behind a running one.
 QUEUED_REQUEST_COST = 1024
 
-log = structlog.get_logger(logger_name="broker.transport")
+log = structlog.get_logger(logger_name="broker.server.protocol")
 refusals = Refusals(log)  # log.py: at a bounded rate
 
 

@@ -20,14 +20,14 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute
 from starlette.staticfiles import StaticFiles
 
+from ..config.settings import Settings
+from ..errors import RequestError, Unavailable
+from ..service import Broker
 from .answers import HANDLERS
 from .auth import Authenticator, authenticate
-from .config import Settings
-from .errors import RequestError, Unavailable
 from .guard import Guard, GuardedApp
 from .limits import ClientCounter
 from .metrics import create_registry, render
-from .service import Broker
 from .stats import snapshot
 from .stream import EventStreamHead, EventStreamResponse
 from .validation import (

@@ -31,7 +31,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BrokerError, ConfigError
+from ..errors import BrokerError, ConfigError
 from .server_user import SERVER_USER, ServerUser
 
 __all__ = [

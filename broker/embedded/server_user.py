@@ -9,7 +9,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BrokerError
+from ..errors import BrokerError
 
 __all__ = ["SERVER_USER", "ServerUser"]
 

@@ -39,12 +39,12 @@ import structlog
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from .events import encode_connected, encode_error, encode_message, encode_retry
-from .hub import Hub, Subscriber
-from .replay import Replay
-from .socketsink import SocketSink, sink_of
-from .store import DatabaseUnavailable
-from .subscriber import SLOW_CONSUMER
+from ..events import encode_connected, encode_error, encode_message, encode_retry
+from ..hub import Hub, Subscriber
+from ..replay import Replay
+from ..server.sink import SocketSink, sink_of
+from ..store import DatabaseUnavailable
+from ..subscriber import SLOW_CONSUMER
 
 __all__ = [
     "REPLAY_LIMIT_REACHED",
@@ -66,7 +66,7 @@ HEADERS = {
     "X-Accel-Buffering": "no",
 }
 
-log = structlog.get_logger(logger_name="broker.stream")
+log = structlog.get_logger(logger_name="broker.web.stream")
 
 
 class EventStreamHead(Response):

@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from .errors import RequestError
+from ..errors import RequestError
 
 __all__ = [
     "MAX_HISTORY",

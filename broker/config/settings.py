@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
 from . import parsers
-from .errors import ConfigError
 from .options import Option, declared_options, parse_raw, setting, unknown_variables
 from .parsers import LOG_LEVELS, redact_url
 

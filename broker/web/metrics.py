@@ -29,7 +29,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from .stats import snapshot
 
 if TYPE_CHECKING:
-    from .service import Broker
+    from ..service import Broker
 
 __all__ = ["BrokerCollector", "create_registry", "render"]
 

@@ -1,0 +1,1 @@
+"""Settings, declared once: their options, parsers and validation."""

@@ -1,0 +1,1 @@
+"""Where the embedded PostgreSQL lives, and as which user it runs."""
