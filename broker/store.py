@@ -28,6 +28,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .errors import Unavailable
 from .events import Message, utc_timestamp
+from .filters import EVERYTHING, Filter
 
 __all__ = ["COLUMNS", "DatabaseUnavailable", "Store"]
 
@@ -137,13 +138,12 @@ class Store:
         self,
         after_id: int,
         limit: int,
-        session_id: str | None = None,
-        robot_id: str | None = None,
+        wanted: Filter = EVERYTHING,
         max_bytes: int | None = None,
     ) -> list[Message]:
-        """Rows with id > `after_id` matching the filter, in id order, at most `limit`; with
+        """Rows with id > `after_id` matching `wanted`, in id order, at most `limit`; with
         `max_bytes`, only as many as fit in about that many bytes (always one at least)."""
-        where, params = _filter(session_id, robot_id, after_id)
+        where, params = _where(wanted, after_id)
         query: Query = sql.SQL("SELECT {} FROM messages {} ORDER BY id LIMIT %s").format(
             COLUMNS, where
         )
@@ -168,12 +168,10 @@ class Store:
         query = sql.SQL("SELECT {} FROM messages WHERE id = ANY(%s)").format(COLUMNS)
         return {message.id: message for message in await self._all(query, (ids,), MESSAGE_ROW)}
 
-    async def oldest_of_last(
-        self, count: int, session_id: str | None = None, robot_id: str | None = None
-    ) -> int | None:
-        """The id of the oldest of the last `count` rows matching the filter (`history=N`
+    async def oldest_of_last(self, count: int, wanted: Filter = EVERYTHING) -> int | None:
+        """The id of the oldest of the last `count` rows matching `wanted` (`history=N`
         starts there), None when none match."""
-        where, params = _filter(session_id, robot_id)
+        where, params = _where(wanted)
         query = sql.SQL(
             "SELECT min(id) FROM (SELECT id FROM messages {} ORDER BY id DESC LIMIT %s) AS last"
         ).format(where)
@@ -214,16 +212,17 @@ class Store:
             raise DatabaseUnavailable(exc) from exc
 
 
-def _filter(
-    session_id: str | None, robot_id: str | None, after_id: int | None = None
-) -> tuple[sql.Composable, list[Any]]:
-    """The WHERE clause of a stream's filter (empty for none), and its parameters."""
+def _where(wanted: Filter, after_id: int | None = None) -> tuple[sql.Composable, list[Any]]:
+    """The WHERE clause of a stream's filter (empty for none), and its parameters: the rule
+    of `Filter.matches`. One session is `=` (its index scan, as before); several, `= ANY`."""
     conditions: list[sql.Composable] = []
     params: list[Any] = []
+    sessions = wanted.sessions
     for condition, value in (
         ("id > %s", after_id),
-        ("session_id = %s", session_id),
-        ("robot_id = %s", robot_id),
+        ("session_id = %s", sessions[0] if sessions is not None and len(sessions) == 1 else None),
+        ("session_id = ANY(%s)", list(sessions) if sessions and len(sessions) > 1 else None),
+        ("robot_id = %s", wanted.robot_id),
     ):
         if value is not None:
             conditions.append(sql.SQL(condition))

@@ -456,3 +456,21 @@ async def test_many_refusals_leave_no_stream_open(
         broker.port, "GET", "/api/sse/stats", {"Authorization": f"Bearer {admin_token}"}
     )
     assert answer.status == 200 and answer.json["data"]["totalConnections"] == 0
+
+
+async def test_each_session_of_a_stream_must_be_covered_by_the_token(
+    start_broker: StartBroker, database: Database, session_id: str
+) -> None:
+    secret = new_secret()
+    broker = _secured(start_broker, secret)
+    other = session_id + "-other"
+    token = mint(secret, [session_id, other])
+    both = [("sessionId", session_id), ("sessionId", other), ("token", token)]
+    client = await connected(await open_stream(broker.port, both))
+    third = [("sessionId", session_id), ("sessionId", session_id + "-not-in-token")]
+    status, _, body = await refused(await open_stream(broker.port, [*third, ("token", token)]))
+    assert status == 403 and body["error"] == "token does not allow this sessionId"
+    rows = [database.insert(s, "row") for s in (other, session_id + "-not-in-token", session_id)]
+    events = await client.events_until(lambda e: e.id == str(rows[2]), timeout=5)
+    assert [int(e.id) for e in events if e.id] == [rows[0], rows[2]]
+    await client.close()
