@@ -77,7 +77,7 @@ function render(state) {
   error.classList.toggle("warning", !failed);
   if (failed) error.setAttribute("role", "alert");
   else error.removeAttribute("role");
-  error.textContent = state.error || "";
+  error.textContent = state.error ? state.error.message : "";
   renderMessages(state.messages);
 }
 

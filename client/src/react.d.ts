@@ -8,6 +8,7 @@ export type {
   ConnectedEvent,
   Message,
   SSEClientOptions,
+  SSEError,
   SSEState,
   Status,
 } from "./sse-client.js";
