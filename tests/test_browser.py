@@ -290,6 +290,8 @@ async def test_demo_page_screenshot_accessible_and_phone_sized(
     assert await shown_ids(page) == ids
     await page.fill("#content", "One more question about the invoice…")
     await page.set_viewport_size({"width": 860, "height": 720})
+    # The raw events carry the times and the port of this run: left out of the picture.
+    await page.locator(".raw").evaluate("section => { section.hidden = true; }")
 
     SCREENSHOT.parent.mkdir(exist_ok=True)
     await page.screenshot(path=str(SCREENSHOT), full_page=True)
@@ -627,3 +629,43 @@ async def test_react_hook_and_component_stream_resume_and_clean_up(
     await page.click("#unmount")
     await wait_for_streams(broker, 0)
     assert console_errors == []
+
+
+async def test_demo_watches_all_sessions_with_ids_raw_events_and_the_curl_line(
+    context: BrowserContext,
+    start_broker: Callable[..., BrokerProcess],
+    database: Database,
+    session_id: str,
+) -> None:
+    broker = start_broker(BROKER_HEARTBEAT_SECONDS="1")
+    page = await context.new_page()
+    requests = stream_requests(page)
+    await page.goto(f"{broker.base_url}/?all=1")
+    await expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+    await expect(page.locator("#all")).to_be_checked()
+    assert parse_qs(urlsplit(requests[0]).query) == {"history": ["50"]}  # the global stream
+    await expect(page.locator("#curl")).to_have_value(
+        f"curl -N '{broker.base_url}/api/sse/messages'"
+    )
+
+    rows = [await insert(database, f"{session_id}-{n}", f"row {n}") for n in range(2)]
+    for n, row in enumerate(rows):
+        await expect(item(page, row).locator(".tag.id")).to_have_text(f"#{row}")
+        await expect(item(page, row).locator(".tag.session")).to_have_text(f"{session_id}-{n}")
+    events = page.locator("#events li")
+    await expect(events.first).to_have_text(re.compile(r"connected: session \(all\)$"))
+    for n, row in enumerate(rows):
+        logged = f"message: id {row} · session {session_id}-{n}"
+        await expect(page.locator("#events li", has_text=logged)).to_have_count(1)
+    await expect(page.locator("#events li[data-type='heartbeat']").first).to_be_visible()
+
+    # One session again: the curl line follows.
+    await page.fill("#session", session_id + "-1")
+    await page.set_checked("#all", False)
+    await page.click("#connect")
+    await expect(page.locator("#curl")).to_have_value(
+        f"curl -N '{broker.base_url}/api/sse/messages?sessionId={session_id}-1'"
+    )
+    await expect(page.locator("#messages li")).to_have_count(1)
+    assert await shown_ids(page) == [rows[1]]
+    assert parse_qs(urlsplit(page.url).query) == {"sessionId": [f"{session_id}-1"]}

@@ -11,6 +11,7 @@ export type {
   SSEError,
   SSEState,
   Status,
+  StreamEvent,
 } from "./sse-client.js";
 export { createUseSSE } from "./useSSE.js";
 export type { UseSSE, UseSSEOptions, UseSSEResult } from "./useSSE.js";

@@ -26,6 +26,13 @@ export interface ConnectedEvent {
   robotId: string | null;
 }
 
+/** Any event of the stream, as delivered: `connected`, `message`, `heartbeat`, `error`, or a
+ * type this client does not know yet. */
+export interface StreamEvent {
+  type: string;
+  [field: string]: unknown;
+}
+
 /** What the client reports in `error` and passes to `onError`. */
 export class SSEError extends Error {
   constructor(message: string, reason?: string);
@@ -83,6 +90,9 @@ export interface SSEClientOptions {
   lastEventId?: string | null;
   /** Called once per message id. */
   onMessage?: (message: Message) => void;
+  /** Every event the stream delivers, with its SSE id (messages only), for logs and tools;
+   * on a shared stream, those of the other tabs' sessions too. */
+  onEvent?: (event: StreamEvent, id: string | null) => void;
   onConnected?: (event: ConnectedEvent) => void;
   onDisconnected?: (reason: string) => void;
   onError?: (error: SSEError) => void;

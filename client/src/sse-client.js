@@ -28,7 +28,8 @@
 // (Infinity), autoReconnect (true), maxMessages (500), history (null, or 1 to 1000: the last
 // rows to show first when there is no resume point), lastEventId (resume point of a new
 // client), shared (true), stallTimeout (ms, 5000; 0: never report a stall), onMessage(message),
-// onConnected(event), onDisconnected(reason), onError(error), and EventSource (a replacement
+// onEvent(event, id) (every event as the stream delivered it: connected, message, heartbeat,
+// error), onConnected(event), onDisconnected(reason), onError(error), and EventSource (a replacement
 // constructor, e.g. a polyfill). A bad value throws a TypeError naming the option. Types:
 // sse-client.d.ts.
 //
@@ -59,6 +60,7 @@ const DEFAULTS = {
   shared: true,
   stallTimeout: 5000,
   onMessage: null,
+  onEvent: null,
   onConnected: null,
   onDisconnected: null,
   onError: null,
@@ -183,6 +185,7 @@ export function createSSEClient(options = {}) {
   }
 
   function onEvent(body, event) {
+    call("onEvent", body, event.lastEventId || null);
     if (body.type === "connected") {
       // On a shared stream, the event as this client's own stream would have said it.
       const own = { ...body, sessionId: sessions ? sessions[0] : null, robotId };

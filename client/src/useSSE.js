@@ -13,7 +13,7 @@
 //
 // Options: baseUrl, sessionId (one, or an array), robotId, token, getToken,
 // reconnectInterval, maxReconnectInterval, maxReconnectAttempts, autoReconnect, maxMessages,
-// history, shared, stallTimeout, onMessage, onConnected, onDisconnected, onError (see
+// history, shared, stallTimeout, onMessage, onEvent, onConnected, onDisconnected, onError (see
 // sse-client.js), and `enabled` (default true: connect on mount). A change of baseUrl,
 // sessionId (by value: a new array of the same ids is the same), robotId, a token string,
 // history or a reconnect setting starts a new stream; new callbacks (and a new token or
@@ -63,6 +63,7 @@ export function createUseSSE(React) {
           token: typeof token === "function" ? () => callbacks.current.token() : token,
           getToken: typeof getToken === "function" ? () => callbacks.current.getToken() : null,
           onMessage: (message) => callbacks.current.onMessage?.(message),
+          onEvent: (event, id) => callbacks.current.onEvent?.(event, id),
           onConnected: (event) => callbacks.current.onConnected?.(event),
           onDisconnected: (reason) => callbacks.current.onDisconnected?.(reason),
           onError: (error) => callbacks.current.onError?.(error),
