@@ -184,3 +184,44 @@ async def test_a_token_expiring_mid_stream_is_renewed_with_no_gap_and_no_duplica
     assert await received(page) == rows
     errors = await page.evaluate("window.tab.errors")
     assert any(error.startswith("token expired") for error in errors), errors
+
+
+async def test_tabs_without_web_locks_or_sharing_hold_a_stream_each(
+    context: BrowserContext,
+    broker: BrokerProcess,
+    database: Database,
+    session_id: str,
+    app_origin: str,
+) -> None:
+    opted_out = [await open_tab(context, app_origin, broker, session_id, shared="false")]
+    opted_out.append(await open_tab(context, app_origin, broker, session_id, shared="false"))
+    await wait_for_streams(broker, 2)
+    # A browser without the Web Locks API: every tab falls back to a stream of its own.
+    await context.add_init_script(
+        "Object.defineProperty(Navigator.prototype, 'locks', { get: () => undefined })"
+    )
+    fallback = [await open_tab(context, app_origin, broker, session_id) for _ in range(2)]
+    await wait_for_streams(broker, 4)
+    row = await insert(database, session_id, "for every tab")
+    for page in opted_out + fallback:
+        await until_received(page, [row])
+        assert await received(page) == [row]
+        assert await page.evaluate("window.tab.clients[0].shared") is False
+
+
+async def test_a_seventh_stream_on_http_1_1_is_reported_stalled_then_connects(
+    context: BrowserContext, broker: BrokerProcess, session_id: str, app_origin: str
+) -> None:
+    tabs = [
+        await open_tab(context, app_origin, broker, session_id, shared="false") for _ in range(6)
+    ]
+    seventh = await context.new_page()
+    query = urlencode({"baseUrl": broker.base_url, "sessionId": session_id, "shared": "false"})
+    await seventh.goto(f"{app_origin}/tabs.html?{query}")
+    # Chromium holds the 7th connection to the host back: no answer, no error.
+    await expect(seventh.locator("#status")).to_have_text("stalled", timeout=8000)
+    hint = await seventh.evaluate("window.tab.clients[0].error.message")
+    assert "6 connections per host" in hint and "shared: true" in hint
+    assert broker.stats()["totalConnections"] == 6
+    await tabs[0].close()  # frees a connection: the held request goes out
+    await expect(seventh.locator("#status")).to_have_text("connected")
