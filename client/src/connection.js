@@ -143,9 +143,9 @@ export function createConnection(opts, hooks) {
       stallTimer = null;
       connected = true;
       attempts = 0;
-      report("connected", null);
     }
-    onEvent(body, event);
+    onEvent(body, event); // first: the state change below reports this `connected` event
+    if (body.type === "connected") report("connected", null);
     if (body.type === "error") {
       // The broker ends this stream on purpose; resume from the last id on a new one, at once
       // when it says how (a new token, the rest of a long replay).

@@ -61,13 +61,17 @@ class Tab {
     this.streams = new Map(); // stream key (leader only) -> { spec, connection, state }
     this.resumed = new Set(); // member ids whose `after` the leader has honoured
     this.leader = false;
+    this.requested = false; // the lock asked for, not yet granted
     this.release = null; // ends the lock's hold
     this.state = { connected: false, attempts: 0, error: null, status: "connecting" };
     this.timer = null;
     this.channel = new BroadcastChannel(name);
     this.channel.onmessage = (event) => this.receive(event.data);
     this.post({ t: "hello", tab: this.id });
+    // A tab that goes (or into the back-forward cache) takes its subscriptions along; one
+    // that comes back from that cache brings them back.
     globalThis.addEventListener?.("pagehide", () => this.post({ t: "subs", tab: this.id, subs: [] }));
+    globalThis.addEventListener?.("pageshow", (event) => event.persisted && this.announce());
   }
 
   post(message) {

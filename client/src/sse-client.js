@@ -170,7 +170,10 @@ export function createSSEClient(options = {}) {
     return params;
   }
 
-  // The connection's state, or the shared one's, as this client's.
+  // The connection's state, or the shared one's, as this client's. `onConnected` comes with
+  // the change to connected: on a shared stream already open, a client that joins gets no
+  // `connected` event of its own, and is greeted all the same.
+  let greeting = null; // the `connected` event that came with the change, if any
   function onState(next, reason) {
     if (!wanted && next.status !== "idle") return;
     const was = state.connected;
@@ -181,20 +184,27 @@ export function createSSEClient(options = {}) {
       status: next.status,
     });
     if (was && !next.connected && reason) call("onDisconnected", reason);
+    if (!was && next.connected) {
+      call("onConnected", greeting || own({ type: "connected", message: "SSE connected",
+                                             timestamp: new Date().toISOString() }));
+    }
+    greeting = null;
     if (next.error && next.status !== "stalled") call("onError", next.error);
+  }
+
+  // A `connected` event as this client's own stream would have said it (a shared stream
+  // names every tab's sessions).
+  function own(body) {
+    const event = { ...body, sessionId: sessions ? sessions[0] : null, robotId };
+    delete event.sessionIds;
+    if (sessions && sessions.length > 1) event.sessionIds = sessions;
+    return event;
   }
 
   function onEvent(body, event) {
     call("onEvent", body, event.lastEventId || null);
-    if (body.type === "connected") {
-      // On a shared stream, the event as this client's own stream would have said it.
-      const own = { ...body, sessionId: sessions ? sessions[0] : null, robotId };
-      delete own.sessionIds;
-      if (sessions && sessions.length > 1) own.sessionIds = sessions;
-      call("onConnected", own);
-    } else if (body.type === "message" && body.data) {
-      add(body.data, event.lastEventId);
-    }
+    if (body.type === "connected") greeting = own(body);
+    else if (body.type === "message" && body.data) add(body.data, event.lastEventId);
   }
 
   function matches(message) {
