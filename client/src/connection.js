@@ -229,11 +229,10 @@ export function createConnection(opts, hooks) {
       unwatch(true);
       report("idle", null, wasConnected ? "disconnected" : null);
     },
+    /** A pending retry, now (the network or the tab came back). */
+    retryNow,
     get reconnecting() {
       return timer !== null;
-    },
-    get wanted() {
-      return wanted;
     },
   };
 }

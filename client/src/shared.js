@@ -19,7 +19,6 @@
 import { compareIds, createConnection, SSEError } from "./connection.js";
 
 const SESSIONS_PER_STREAM = 100; // the broker's bound on `sessionId` repeated
-const RECONCILE_MS = 20; // subscription changes within this are merged into one reopen
 const tabs = new Map(); // channel name -> this tab's Tab
 
 /** The shared transport for one client, or null where the browser cannot share. */
@@ -64,7 +63,8 @@ class Tab {
     this.requested = false; // the lock asked for, not yet granted
     this.release = null; // ends the lock's hold
     this.state = { connected: false, attempts: 0, error: null, status: "connecting" };
-    this.timer = null;
+    this.pending = false; // a reconcile queued
+
     this.channel = new BroadcastChannel(name);
     this.channel.onmessage = (event) => this.receive(event.data);
     this.post({ t: "hello", tab: this.id });
@@ -72,6 +72,11 @@ class Tab {
     // that comes back from that cache brings them back.
     globalThis.addEventListener?.("pagehide", () => this.post({ t: "subs", tab: this.id, subs: [] }));
     globalThis.addEventListener?.("pageshow", (event) => event.persisted && this.announce());
+    const nudge = () => (this.leader ? this.nudge() : this.post({ t: "nudge" }));
+    globalThis.addEventListener?.("online", nudge);
+    globalThis.document?.addEventListener("visibilitychange", () => {
+      if (globalThis.document.visibilityState === "visible") nudge();
+    });
   }
 
   post(message) {
@@ -145,6 +150,9 @@ class Tab {
       case "state":
         if (!this.leader) this.setState(unwire(message.state));
         break;
+      case "nudge":
+        if (this.leader) this.nudge();
+        break;
       default:
         break;
     }
@@ -160,13 +168,22 @@ class Tab {
     this.reconcile();
   }
 
+  // Changes made in one task (React's StrictMode mounts, unmounts and mounts again at once)
+  // are merged into one reconcile: a microtask, which no background-tab timer throttling
+  // delays.
   schedule() {
-    if (this.timer === null) {
-      this.timer = setTimeout(() => {
-        this.timer = null;
-        if (this.leader) this.reconcile();
-      }, RECONCILE_MS);
-    }
+    if (this.pending) return;
+    this.pending = true;
+    queueMicrotask(() => {
+      this.pending = false;
+      if (this.leader) this.reconcile();
+    });
+  }
+
+  // The network or a tab came back: a retry the leader has pending runs now, whichever tab
+  // noticed (the leader may be a hidden tab, whose own events say nothing of the user's).
+  nudge() {
+    for (const { connection } of this.streams.values()) connection.retryNow();
   }
 
   // The streams every tab's subscriptions need, opened, reopened or closed to match. A
