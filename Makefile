@@ -30,23 +30,28 @@ test: $(DEV_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The npm side of `make test`: the browser fixtures' packages, and pgsse-client as an app gets
-# it: `npm pack client/`, then that tarball installed (again whenever client/ changes). Without
+# it: `npm pack client/`, then that tarball installed (again whenever client/ changes) into
+# the esbuild app and the Next.js app (next is ~400 MB installed; its build takes ~20 s). Without
 # npm it is left out, and the tests needing it skip (they fail instead with CI=true).
 test: npm-packages
 NPM_STAMP := tests/browser/node_modules/.installed
 NPM_APP := tests/browser/app
+NPM_NEXT := tests/browser/next
 NPM_INSTALL := npm install --no-audit --no-fund --silent
 npm-packages:
 	@if command -v npm >/dev/null; then $(MAKE) -s --no-print-directory $(NPM_STAMP); \
 	else echo "npm not found: the browser package tests skip"; fi
 $(NPM_STAMP): client/package.json $(wildcard client/src/*) tests/browser/package-lock.json \
-		$(NPM_APP)/package-lock.json
+		$(NPM_APP)/package-lock.json $(NPM_NEXT)/package-lock.json
 	@echo "npm: installing tests/browser's packages, packing client/ into $(NPM_APP)"
 	$(NPM_INSTALL) --prefix tests/browser
 	$(NPM_INSTALL) --prefix $(NPM_APP)
 	rm -rf $(NPM_APP)/node_modules/pgsse-client $(NPM_APP)/pgsse-client*.tgz
 	cd $(NPM_APP) && mv "$$(npm pack ../../../client --silent)" pgsse-client.tgz
 	cd $(NPM_APP) && $(NPM_INSTALL) --no-save ./pgsse-client.tgz
+	$(NPM_INSTALL) --prefix $(NPM_NEXT)
+	rm -rf $(NPM_NEXT)/node_modules/pgsse-client
+	cd $(NPM_NEXT) && $(NPM_INSTALL) --no-save ../app/pgsse-client.tgz
 	touch $@
 
 # Benchmarks, see docs/benchmarks.md; e.g. make bench BENCH_ARGS="--scenario fanout --quick".

@@ -22,7 +22,6 @@ __all__ = [
     "encode_error",
     "encode_heartbeat",
     "encode_message",
-    "encode_retry",
     "parse_notification",
     "utc_timestamp",
 ]
@@ -167,16 +166,23 @@ def encode_message(message: Message, timestamp: str | None = None) -> bytes:
     return b"id: %d\n" % message.id + _data(body)
 
 
-def encode_connected(session_id: str | None, robot_id: str | None) -> bytes:
-    return _data(
-        {
-            "type": "connected",
-            "message": "SSE connected",
-            "timestamp": utc_timestamp(),
-            "sessionId": session_id,
-            "robotId": robot_id,
-        }
-    )
+def encode_connected(
+    sessions: tuple[str, ...] | None, robot_id: str | None, retry_ms: int | None = None
+) -> bytes:
+    """The stream's first event. `sessionId` is the first session (None: the global stream);
+    a stream of several also lists them all in `sessionIds`. `retry:` travels in this block:
+    a block of its own is handed to the app as an empty event by some clients (httpx-sse,
+    fetch-event-source), whose "parse every event as JSON" then breaks on it."""
+    body: dict[str, Any] = {
+        "type": "connected",
+        "message": "SSE connected",
+        "timestamp": utc_timestamp(),
+        "sessionId": None if sessions is None else sessions[0],
+        "robotId": robot_id,
+    }
+    if sessions is not None and len(sessions) > 1:
+        body["sessionIds"] = list(sessions)
+    return (b"" if retry_ms is None else b"retry: %d\n" % retry_ms) + _data(body)
 
 
 def encode_heartbeat() -> bytes:
@@ -185,7 +191,3 @@ def encode_heartbeat() -> bytes:
 
 def encode_error(error: str) -> bytes:
     return _data({"type": "error", "error": error})
-
-
-def encode_retry(retry_ms: int) -> bytes:
-    return b"retry: %d\n\n" % retry_ms

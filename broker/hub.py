@@ -2,6 +2,8 @@
 
 The hub holds every open stream's `Subscriber`, indexed by session, and routes each message to
 the subscribers of its session and to the global ones, checking a subscriber's robot filter.
+A stream of several sessions (`sessionId` repeated) is indexed under each of them: a row has
+one session, so it reaches such a stream once, and routing costs what it did.
 Each event is encoded once; all its subscribers queue the same bytes. A subscriber's queue is
 bounded: when it is full the subscriber is closed (slow consumer) and its client resumes by
 replay, so one slow reader never delays the others and memory stays bounded.
@@ -21,6 +23,7 @@ import structlog
 
 from .errors import AtCapacity
 from .events import Message, encode_heartbeat, encode_message
+from .filters import Sessions
 from .journal import Journal
 from .latency import LatencyHistogram
 from .subscriber import (
@@ -75,30 +78,36 @@ class Hub:
     def __len__(self) -> int:
         return self._count
 
-    def subscribe(self, session_id: str | None, robot_id: str | None) -> Subscriber:
-        """Register a subscriber. Raises `AtCapacity` at `max_subscribers`."""
+    def subscribe(self, sessions: Sessions, robot_id: str | None) -> Subscriber:
+        """Register a subscriber of `sessions` (one, several, or None: all). Raises
+        `AtCapacity` at `max_subscribers`; a stream counts once, whatever its sessions."""
         if self._count >= self.max_subscribers:
             self.counters.rejected_connections += 1
             raise AtCapacity("too many connections: retry later")
-        subscriber = Subscriber(session_id, robot_id, self.queue_size, self.queue_bytes)
-        if session_id is None:
+        subscriber = Subscriber(sessions, robot_id, self.queue_size, self.queue_bytes)
+        if subscriber.sessions is None:
             self._global.add(subscriber)
         else:
-            self._by_session.setdefault(session_id, set()).add(subscriber)
+            for session_id in subscriber.sessions:
+                self._by_session.setdefault(session_id, set()).add(subscriber)
         self._count += 1
         return subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         """Remove a subscriber; safe to call more than once."""
-        if subscriber.session_id is None:
-            group = self._global
+        if subscriber.sessions is None:
+            if subscriber not in self._global:
+                return
+            self._global.discard(subscriber)
         else:
-            group = self._by_session.get(subscriber.session_id, set())
-        if subscriber not in group:
-            return
-        group.discard(subscriber)
-        if not group and subscriber.session_id is not None:
-            del self._by_session[subscriber.session_id]
+            first = self._by_session.get(subscriber.sessions[0], _NOBODY)
+            if subscriber not in first:
+                return
+            for session_id in subscriber.sessions:
+                group = self._by_session[session_id]
+                group.discard(subscriber)
+                if not group:
+                    del self._by_session[session_id]
         self._count -= 1
 
     def publish(self, message: Message) -> int:
@@ -216,12 +225,16 @@ class Hub:
             subscriber.close(reason)
 
     def subscribers(self) -> Iterator[Subscriber]:
+        """Every subscriber once (one of several sessions is listed under its first)."""
         yield from self._global
-        for group in self._by_session.values():
-            yield from group
+        for session_id, group in self._by_session.items():
+            for subscriber in group:
+                if subscriber.sessions is None or subscriber.sessions[0] == session_id:
+                    yield subscriber
 
     def channels(self) -> dict[str, int]:
-        """Open streams per logical channel; channels with none are absent."""
+        """Open streams per logical channel; channels with none are absent. A stream of
+        several sessions counts under each of them."""
         counts = {channel_of(session): len(group) for session, group in self._by_session.items()}
         if self._global:
             counts[GLOBAL_CHANNEL] = len(self._global)

@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections import deque
 from itertools import islice
 
+from .filters import Filter
+
 __all__ = ["Journal"]
 
 
@@ -77,10 +79,8 @@ class Journal:
             self._first += 1
             self.forgotten_up_to = max(self.forgotten_up_to, old_id)
 
-    def after(
-        self, message_id: int, session_id: str | None, robot_id: str | None
-    ) -> list[int] | None:
-        """Ids delivered after `message_id` that match the filter, in delivery order.
+    def after(self, message_id: int, wanted: Filter) -> list[int] | None:
+        """Ids delivered after `message_id` that match `wanted`, in delivery order.
 
         None when the journal does not hold `message_id` (too old, or never delivered here):
         the caller then falls back to replay by id.
@@ -89,9 +89,5 @@ class Journal:
         if position is None:
             return None
         later = islice(self._rows, position - self._first + 1, None)
-        return [
-            row_id
-            for row_id, row_session, row_robot, _ in later
-            if (session_id is None or session_id == row_session)
-            and (robot_id is None or robot_id == row_robot)
-        ]
+        matches = wanted.matches
+        return [row_id for row_id, session, robot, _ in later if matches(session, robot)]

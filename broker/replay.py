@@ -64,7 +64,7 @@ class Replay:
         `history` is ignored with a `last_event_id`."""
         if last_event_id is None:
             return None if history is None else cls(hub, store, subscriber, limit, history=history)
-        journal_ids = hub.journal.after(last_event_id, subscriber.session_id, subscriber.robot_id)
+        journal_ids = hub.journal.after(last_event_id, subscriber.filter)
         if journal_ids is None:
             hub.give(subscriber, (), floor=last_event_id)  # at once: a backfill may run
         return cls(hub, store, subscriber, limit, last_event_id, journal_ids)
@@ -73,27 +73,27 @@ class Replay:
         """Pages of rows to send, in order, `limit` + 1 rows at most in all (one more than the
         limit tells the caller the limit was reached), each of `REPLAY_PAGE` rows and about
         `REPLAY_PAGE_BYTES` at most. Raises `DatabaseUnavailable`."""
-        session_id, robot_id = self.subscriber.session_id, self.subscriber.robot_id
+        rows = self.subscriber.filter
         if self.journal_ids is not None:
             # The journal chose the ids; the table, as it stands, says which still match.
             ids = self.journal_ids[: self.limit + 1]
             while ids:
                 wanted = ids[:REPLAY_PAGE]
-                page = await self.store.in_order(wanted, REPLAY_PAGE_BYTES, session_id, robot_id)
+                page = await self.store.in_order(wanted, REPLAY_PAGE_BYTES, rows)
                 self.hub.give(self.subscriber, [row.id for row in page])
                 yield page
                 ids = ids[wanted.index(page[-1].id) + 1 if page else len(wanted) :]
             return
         if self.history:
             # A resume from just before the oldest of the last `history` rows.
-            oldest = await self.store.oldest_of_last(self.history, session_id, robot_id)
+            oldest = await self.store.oldest_of_last(self.history, rows)
             if oldest is None:
                 return  # none yet: every row from now on comes live
             self.after = oldest - 1
         cursor, budget = self.after, self.limit + 1
         while budget > 0:
             want = min(REPLAY_PAGE, budget)
-            page = await self.store.after(cursor, want, session_id, robot_id, REPLAY_PAGE_BYTES)
+            page = await self.store.after(cursor, want, rows, REPLAY_PAGE_BYTES)
             if not page:  # a short page may only have been cut at its size: ask again
                 return
             self.hub.give(self.subscriber, [row.id for row in page], self.after)

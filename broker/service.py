@@ -18,6 +18,7 @@ from .config.settings import Settings
 from .feeds.bus import Bus, BusReader
 from .feeds.listener import Listener
 from .feeds.relay import Relay
+from .filters import Sessions
 from .flusher import Flusher
 from .hub import Hub
 from .replay import Replay
@@ -103,7 +104,7 @@ class Broker:
 
     def open_stream(
         self,
-        session_id: str | None,
+        sessions: Sessions,
         robot_id: str | None,
         *,
         last_event_id: int | None = None,
@@ -111,7 +112,7 @@ class Broker:
     ) -> tuple[Subscriber, Replay | None]:
         """Subscribe a new stream and plan its replay (resume or history), in one event-loop
         step. Raises `AtCapacity` at `max_connections`."""
-        subscriber = self.hub.subscribe(session_id, robot_id)
+        subscriber = self.hub.subscribe(sessions, robot_id)
         replay = Replay.start(
             self.hub,
             self.store,

@@ -37,6 +37,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .errors import Unavailable
 from .events import Message, cut_content, utc_timestamp
+from .filters import EVERYTHING, Filter
 from .signing import RowKey
 
 __all__ = ["COLUMNS", "DEFAULT_MAX_ROW_BYTES", "DatabaseUnavailable", "Store"]
@@ -177,13 +178,12 @@ class Store:
         self,
         after_id: int,
         limit: int,
-        session_id: str | None = None,
-        robot_id: str | None = None,
+        wanted: Filter = EVERYTHING,
         max_bytes: int | None = None,
     ) -> list[Message]:
-        """Rows with id > `after_id` matching the filter, in id order, at most `limit`; with
+        """Rows with id > `after_id` matching `wanted`, in id order, at most `limit`; with
         `max_bytes`, only as many as fit in about that many bytes (always one at least)."""
-        where, params = _filter(session_id, robot_id, after_id)
+        where, params = _where(wanted, after_id)
         query: Query = sql.SQL("SELECT {} FROM messages {} ORDER BY id LIMIT %s").format(
             COLUMNS if max_bytes is not None else self._columns, where
         )
@@ -197,16 +197,15 @@ class Store:
         self,
         ids: list[int],
         max_bytes: int,
-        session_id: str | None = None,
-        robot_id: str | None = None,
+        wanted: Filter = EVERYTHING,
     ) -> list[Message]:
-        """The rows of `ids` that exist and match the filter as stored now, in the order of
+        """The rows of `ids` that exist and match `wanted` as stored now, in the order of
         `ids`, as many as fit in about `max_bytes` (always one at least).
 
         The filter is checked here, against the table, not taken from whoever chose `ids`
         (the journal): a row moved to another session since (`UPDATE ... SET session_id`), or
         an id that names another row now, is never read on a stream's behalf (issue 20)."""
-        where, params = _filter(session_id, robot_id)
+        where, params = _where(wanted)
         candidates = sql.SQL(
             "SELECT {}, position FROM unnest(%s::bigint[]) WITH ORDINALITY AS wanted (id, position)"
             " JOIN messages USING (id) {}"
@@ -227,12 +226,10 @@ class Store:
         query = sql.SQL("SELECT {} FROM messages WHERE id = ANY(%s)").format(self._columns)
         return {message.id: message for message in await self._all(query, (ids,), self._rows)}
 
-    async def oldest_of_last(
-        self, count: int, session_id: str | None = None, robot_id: str | None = None
-    ) -> int | None:
-        """The id of the oldest of the last `count` rows matching the filter (`history=N`
+    async def oldest_of_last(self, count: int, wanted: Filter = EVERYTHING) -> int | None:
+        """The id of the oldest of the last `count` rows matching `wanted` (`history=N`
         starts there), None when none match."""
-        where, params = _filter(session_id, robot_id)
+        where, params = _where(wanted)
         query = sql.SQL(
             "SELECT min(id) FROM (SELECT id FROM messages {} ORDER BY id DESC LIMIT %s) AS last"
         ).format(where)
@@ -293,16 +290,17 @@ class Store:
             raise DatabaseUnavailable(exc) from exc
 
 
-def _filter(
-    session_id: str | None, robot_id: str | None, after_id: int | None = None
-) -> tuple[sql.Composable, list[Any]]:
-    """The WHERE clause of a stream's filter (empty for none), and its parameters."""
+def _where(wanted: Filter, after_id: int | None = None) -> tuple[sql.Composable, list[Any]]:
+    """The WHERE clause of a stream's filter (empty for none), and its parameters: the rule
+    of `Filter.matches`. One session is `=` (its index scan, as before); several, `= ANY`."""
     conditions: list[sql.Composable] = []
     params: list[Any] = []
+    sessions = wanted.sessions
     for condition, value in (
         ("id > %s", after_id),
-        ("session_id = %s", session_id),
-        ("robot_id = %s", robot_id),
+        ("session_id = %s", sessions[0] if sessions is not None and len(sessions) == 1 else None),
+        ("session_id = ANY(%s)", list(sessions) if sessions and len(sessions) > 1 else None),
+        ("robot_id = %s", wanted.robot_id),
     ):
         if value is not None:
             conditions.append(sql.SQL(condition))

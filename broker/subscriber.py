@@ -29,6 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from .filters import Filter, Sessions
+
 __all__ = [
     "DEFAULT_QUEUE_BYTES",
     "GLOBAL_CHANNEL",
@@ -38,6 +40,7 @@ __all__ = [
     "Sink",
     "Subscriber",
     "channel_of",
+    "channels_of",
     "extra_slots",
     "slot_bytes",
 ]
@@ -60,6 +63,11 @@ def extra_slots(size: int, unit: int) -> int:
 def channel_of(session_id: str | None) -> str:
     """The logical channel a stream is counted under in stats and logs."""
     return GLOBAL_CHANNEL if session_id is None else f"session_messages:{session_id}"
+
+
+def channels_of(sessions: tuple[str, ...] | None) -> list[str]:
+    """Every channel a stream of `sessions` (None: the global stream) is counted under."""
+    return [GLOBAL_CHANNEL] if sessions is None else [channel_of(s) for s in sessions]
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +116,8 @@ class Seen:
 
 
 class Subscriber:
-    """One open stream's filter and bounded queue of encoded events."""
+    """One open stream's filter and bounded queue of encoded events. `sessions` is one
+    session id, several (a tuple: `sessionId` repeated), or None for the global stream."""
 
     __slots__ = (
         "_limit",
@@ -119,23 +128,25 @@ class Subscriber:
         "close_reason",
         "closed",
         "direct_sent",
+        "filter",
         "on_close",
         "robot_id",
         "seen",
-        "session_id",
+        "sessions",
         "sink",
         "unit",
     )
 
     def __init__(
         self,
-        session_id: str | None,
+        sessions: Sessions,
         robot_id: str | None,
         queue_size: int,
         queue_bytes: int = DEFAULT_QUEUE_BYTES,
     ) -> None:
-        self.session_id = session_id
-        self.robot_id = robot_id
+        self.filter = Filter.of(sessions, robot_id)
+        self.sessions = self.filter.sessions
+        self.robot_id = robot_id  # read by the hub's routing loop: a slot, not a property
         self.closed = False
         self.close_reason: str | None = None
         self.on_close: Callable[[], None] | None = None
@@ -156,8 +167,18 @@ class Subscriber:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
+    def session_id(self) -> str | None:
+        """The first session named, None for the global stream."""
+        return self.filter.session_id
+
+    @property
     def channel(self) -> str:
+        """The channel of the first session (for logs); `channels` names them all."""
         return channel_of(self.session_id)
+
+    @property
+    def channels(self) -> list[str]:
+        return channels_of(self.sessions)
 
     def push(self, event: Event) -> bool:
         """Queue `event`; at a full queue close the subscriber instead. True if queued. The

@@ -306,3 +306,80 @@ async def test_cors_allows_configured_origin_only(
         broker, "GET", "/healthz", headers={"Origin": "http://evil.example"}
     )
     assert "access-control-allow-origin" not in headers
+
+
+async def test_one_stream_of_several_sessions_history_resume_and_stats(
+    broker: BrokerProcess, database: Database, session_id: str
+) -> None:
+    """`sessionId` repeated: each session's rows once, in order, no other session's; stats
+    count the stream under each session and once in totalConnections; history and resume
+    (from the journal and from the table) follow the same filter."""
+    a, b, c = (f"{session_id}-{n}" for n in "abc")
+    old = [database.insert(s, f"old {s}") for s in (a, "elsewhere", b)]
+    params = [("sessionId", a), ("sessionId", b), ("sessionId", c), ("sessionId", a)]
+    client = await SSEClient.open(broker.port, params=[*params, ("history", "5")])
+    assert client.status == 200
+    first = await client.event()
+    assert first.json["sessionId"] == a and first.json["sessionIds"] == [a, b, c]
+    assert [int(e.id or 0) for e in [await client.message(), await client.message()]] == [
+        old[0],
+        old[2],
+    ]
+    stats = broker.stats()
+    assert stats["totalConnections"] == 1
+    assert {f"session_messages:{s}": 1 for s in (a, b, c)}.items() <= stats["channels"].items()
+
+    live = [database.insert(s, f"live {s}") for s in (c, "elsewhere", a, b)]
+    assert [int(e.id or 0) for e in [await client.message() for _ in range(3)]] == [
+        live[0],
+        live[2],
+        live[3],
+    ]
+    await client.close()
+
+    # Resume from the journal (this broker delivered live[3]) and from the table (old[0]).
+    missed = [database.insert(s, f"missed {s}") for s in (b, "elsewhere", c)]
+    from_table = [old[2], live[0], live[2], live[3], missed[0], missed[2]]
+    later: list[int] = []  # the row each resume waits for, which the next one gets too
+    for after, expected in ((live[3], [missed[0], missed[2]]), (old[0], from_table)):
+        resumed = await SSEClient.open(
+            broker.port, params=params, headers={"Last-Event-ID": str(after)}
+        )
+        later.append(database.insert(a, "live again"))
+        done = str(later[-1])
+        events = await resumed.events_until(lambda e, done=done: e.id == done)
+        assert [int(e.id) for e in events if e.id] == [*expected, *later]
+        await resumed.close()
+
+
+async def test_session_id_repeated_past_its_bound_is_400(broker: BrokerProcess) -> None:
+    params = [("sessionId", f"s{n}") for n in range(101)]
+    refused = await SSEClient.open(broker.port, params=params)
+    assert refused.status == 400
+    assert "at most 100 times" in json.loads(await refused.body())["error"]
+    await refused.close()
+    fine = await SSEClient.open(broker.port, params=params[:100])
+    assert fine.status == 200
+    assert len((await fine.event()).json["sessionIds"]) == 100
+    await fine.close()
+
+
+async def test_a_refused_origin_is_logged_once_with_the_setting_to_change(
+    start_broker: Callable[..., BrokerProcess], session_id: str
+) -> None:
+    broker = start_broker(BROKER_CORS_ORIGINS="http://allowed.test")
+    own = f"http://127.0.0.1:{broker.port}"
+    for origin in ("http://localhost:3000", "http://localhost:3000", own, "http://allowed.test"):
+        client = await SSEClient.open(
+            broker.port, params={"sessionId": session_id}, headers={"Origin": origin}
+        )
+        assert client.status == 200  # served as before: the browser is what refuses
+        await client.close()
+    await request(broker, "GET", "/healthz", headers={"Origin": "http://other.test"})
+    broker.stop()
+    warnings = [e for e in broker.log_events() if e["event"] == "cors_origin_not_allowed"]
+    assert [(e["origin"], e["level"]) for e in warnings] == [
+        ("http://localhost:3000", "warning"),
+        ("http://other.test", "warning"),
+    ]
+    assert "BROKER_CORS_ORIGINS" in warnings[0]["hint"]

@@ -468,3 +468,21 @@ def test_exp_further_than_a_year_is_refused(exp: Any) -> None:
         Authenticator([secret]).verify(_signed(secret, exp=exp))
     a_year = _signed(secret, exp=int(time.time()) + MAX_TOKEN_SECONDS - 60)
     assert Authenticator([secret]).verify(a_year).valid_until is not None
+
+
+async def test_each_session_of_a_stream_must_be_covered_by_the_token(
+    start_broker: StartBroker, database: Database, session_id: str
+) -> None:
+    secret = new_secret()
+    broker = _secured(start_broker, secret)
+    other = session_id + "-other"
+    token = mint(secret, [session_id, other])
+    both = [("sessionId", session_id), ("sessionId", other), ("token", token)]
+    client = await connected(await open_stream(broker.port, both))
+    third = [("sessionId", session_id), ("sessionId", session_id + "-not-in-token")]
+    status, _, body = await refused(await open_stream(broker.port, [*third, ("token", token)]))
+    assert status == 403 and body["error"] == "token does not allow this sessionId"
+    rows = [database.insert(s, "row") for s in (other, session_id + "-not-in-token", session_id)]
+    events = await client.events_until(lambda e: e.id == str(rows[2]), timeout=5)
+    assert [int(e.id) for e in events if e.id] == [rows[0], rows[2]]
+    await client.close()

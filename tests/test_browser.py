@@ -292,6 +292,8 @@ async def test_demo_page_screenshot_accessible_and_phone_sized(
     assert await shown_ids(page) == ids
     await page.fill("#content", "One more question about the invoice…")
     await page.set_viewport_size({"width": 860, "height": 720})
+    # The raw events carry the times and the port of this run: left out of the picture.
+    await page.locator(".raw").evaluate("section => { section.hidden = true; }")
 
     SCREENSHOT.parent.mkdir(exist_ok=True)
     await page.screenshot(path=str(SCREENSHOT), full_page=True)
@@ -369,7 +371,9 @@ async def test_demo_opens_with_the_last_50_messages_then_live_ones(
 # The page's `setTimeout` is replaced by one that records the delay asked for and runs the
 # reconnect at once (as a microtask): thousands of attempts take milliseconds.
 SCRIPTED = """
-    const { createSSEClient } = await import('/static/sse-client.js');
+    const { createSSEClient: create } = await import('/static/sse-client.js');
+    // A stream of its own (no tab sharing), and no stall timer among the delays recorded.
+    const createSSEClient = (options) => create({ shared: false, stallTimeout: 0, ...options });
     const sources = [];
     class ScriptedEventSource {
         constructor(url) { this.url = url; this.closed = false; sources.push(this); }
@@ -415,11 +419,12 @@ async def test_client_keeps_messages_unique_ordered_bounded_and_resumes_from_las
         const lastId = client.lastEventId;
         send({ type: 'error', error: 'slow consumer: reconnect to resume' });
         const afterError = { connected: client.connected, closed: sources[0].closed,
-                             attempts: client.reconnectAttempts, error: client.error };
+                             attempts: client.reconnectAttempts,
+                             error: client.error && client.error.message };
         await settle();
         send({ type: 'connected' });
         const reconnected = { connected: client.connected, attempts: client.reconnectAttempts,
-                              error: client.error };
+                              error: client.error };  // null
         message(10);  // replayed again: not shown twice
         message(11);
         const afterReplay = ids();
@@ -474,7 +479,7 @@ async def test_client_with_infinite_attempts_never_gives_up_backing_off_capped_w
                 await null;  // the reconnect, queued as a microtask, opens the next stream
             }
             await settle();
-            const state = { status: client.status, error: client.error,
+            const state = { status: client.status, error: client.error.message,
                             attempts: client.reconnectAttempts, streams: sources.length - opened,
                             delays: delays.map(String) };
             client.disconnect();
@@ -493,9 +498,10 @@ async def test_client_with_infinite_attempts_never_gives_up_backing_off_capped_w
         assert state["error"] == "could not connect: reconnecting (attempt 1100)"
     delays = [float(delay) for delay in result["default"]["delays"]]
     assert len(delays) == 1100
-    # Attempt n waits a random time in [d/2, d], d = 100 ms doubling, capped at 1000 ms.
-    assert 50 <= delays[0] <= 100 and 100 <= delays[1] <= 200
-    assert all(500 <= delay <= 1000 for delay in delays[4:])
+    # Attempt n waits a random time in [d/2, d]: d = 500 ms at most for the first, then
+    # 100 ms doubling, capped at 1000 ms.
+    assert 50 <= delays[0] <= 100 and 50 <= delays[1] <= 100 and 100 <= delays[2] <= 200
+    assert all(500 <= delay <= 1000 for delay in delays[5:])
     assert len(set(delays)) > 1000  # jittered: no two clients come back in step
     assert result["explicit"]["delays"] == ["0"] * 1100  # never NaN
 
@@ -594,8 +600,8 @@ async def test_react_hook_and_component_stream_resume_and_clean_up(
 
     await expect(page.locator("#connected")).to_have_text("true")
     await expect(component.locator(".pgsse-status")).to_have_text("Connected")
-    # StrictMode mounted each stream twice: still one stream for the hook, one for the component.
-    await wait_for_streams(broker, 2)
+    # StrictMode mounted each twice, and the hook and the component share the tab's stream.
+    await wait_for_streams(broker, 1)
 
     first = await insert(database, session_id, "first")
     second = await insert(database, session_id, "second", is_from_bot=True)
@@ -703,3 +709,43 @@ async def test_rolling_restart_behind_nginx_keeps_every_native_event_source(
     reconnects = sum(state["opens"] for state in streams) - STREAMS
     assert reconnects >= STREAMS  # each was on an instance that restarted at least once
     print(f"\nrolling restart of 2 instances, twice round: {reconnects} reconnects, no 502")
+
+
+async def test_demo_watches_all_sessions_with_ids_raw_events_and_the_curl_line(
+    context: BrowserContext,
+    start_broker: Callable[..., BrokerProcess],
+    database: Database,
+    session_id: str,
+) -> None:
+    broker = start_broker(BROKER_HEARTBEAT_SECONDS="1")
+    page = await context.new_page()
+    requests = stream_requests(page)
+    await page.goto(f"{broker.base_url}/?all=1")
+    await expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+    await expect(page.locator("#all")).to_be_checked()
+    assert parse_qs(urlsplit(requests[0]).query) == {"history": ["50"]}  # the global stream
+    await expect(page.locator("#curl")).to_have_value(
+        f"curl -N '{broker.base_url}/api/sse/messages'"
+    )
+
+    rows = [await insert(database, f"{session_id}-{n}", f"row {n}") for n in range(2)]
+    for n, row in enumerate(rows):
+        await expect(item(page, row).locator(".tag.id")).to_have_text(f"#{row}")
+        await expect(item(page, row).locator(".tag.session")).to_have_text(f"{session_id}-{n}")
+    events = page.locator("#events li")
+    await expect(events.first).to_have_text(re.compile(r"connected: session \(all\)$"))
+    for n, row in enumerate(rows):
+        logged = f"message: id {row} · session {session_id}-{n}"
+        await expect(page.locator("#events li", has_text=logged)).to_have_count(1)
+    await expect(page.locator("#events li[data-type='heartbeat']").first).to_be_visible()
+
+    # One session again: the curl line follows.
+    await page.fill("#session", session_id + "-1")
+    await page.set_checked("#all", False)
+    await page.click("#connect")
+    await expect(page.locator("#curl")).to_have_value(
+        f"curl -N '{broker.base_url}/api/sse/messages?sessionId={session_id}-1'"
+    )
+    await expect(page.locator("#messages li")).to_have_count(1)
+    assert await shown_ids(page) == [rows[1]]
+    assert parse_qs(urlsplit(page.url).query) == {"sessionId": [f"{session_id}-1"]}

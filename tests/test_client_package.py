@@ -10,6 +10,7 @@ rows inserted in PostgreSQL in Chromium. The demo page runs on the packed files 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
@@ -80,7 +81,7 @@ def test_node_resolves_both_entry_points_to_what_the_declarations_name() -> None
     result = run(["node", "--input-type=module", "-e", script], timeout=60)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {
-        "client": ["STATUS_TEXT", "compareIds", "createSSEClient"],
+        "client": ["SSEError", "STATUS_TEXT", "compareIds", "createSSEClient"],
         "react": ["MessageStream", "createMessageStream", "createUseSSE", "useSSE"],
         "useSSE": "function",
         "MessageStream": "function",
@@ -156,7 +157,10 @@ async def test_bundled_guide_app_renders_rows_inserted_in_postgresql(
     stream = page.locator("section.pgsse-stream")
     await expect(chat.locator("#chat-status")).to_have_text("connected")
     await expect(stream.locator(".pgsse-status")).to_have_text("Connected")
-    await wait_for_streams(broker, 2)  # StrictMode mounted each twice: one stream each
+    # StrictMode mounted each twice, and both pages ride on the tab's one shared stream.
+    await wait_for_streams(broker, 1)
+    channels = broker.stats()["channels"]
+    assert channels == {f"session_messages:{s}": 1 for s in sorted([session_id, GUIDE_SESSION])}
 
     mine = await insert(database, session_id, "for the chat page", is_from_bot=True)
     guide = await insert(database, GUIDE_SESSION, "for the component", intent="greet")
@@ -192,7 +196,13 @@ async def test_bundled_guide_app_renders_rows_inserted_in_postgresql(
 
     await page.click("#chat-connect")  # Disconnect
     await expect(chat.locator("#chat-status")).to_have_text("disconnected")
-    await wait_for_streams(broker, 1)
+    # The shared stream is reopened (resuming) for the component's session alone.
+    await asyncio.to_thread(
+        broker.wait_until,
+        lambda: broker.stats()["channels"] == {f"session_messages:{GUIDE_SESSION}": 1},
+        10,
+        "the shared stream without the chat's session",
+    )
     assert errors == []
 
 
@@ -221,4 +231,4 @@ async def test_packed_client_drives_the_demo_page(
     await expect(page.locator("#status")).to_have_attribute("data-state", "connected")
     row = await insert(database, session_id, "through the packed client")
     await expect(item(page, row).locator(".content")).to_have_text("through the packed client")
-    assert served == ["sse-client.js"]
+    assert sorted(served) == ["connection.js", "shared.js", "sse-client.js"]

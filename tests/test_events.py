@@ -15,7 +15,6 @@ from broker.events import (
     encode_connected,
     encode_error,
     encode_message,
-    encode_retry,
     parse_notification,
     utc_timestamp,
 )
@@ -52,10 +51,22 @@ def test_message_event_is_one_data_line_with_id() -> None:
 
 
 def test_control_events() -> None:
-    assert encode_retry(3000) == b"retry: 3000\n\n"
     assert json.loads(encode_error("bye")[6:]) == {"type": "error", "error": "bye"}
     connected = json.loads(encode_connected(None, "r")[6:])
     assert connected["sessionId"] is None and connected["robotId"] == "r"
+    assert "sessionIds" not in connected
+
+
+def test_retry_travels_in_the_connected_block() -> None:
+    """One block: a client that hands every block to the app never sees an empty event."""
+    encoded = encode_connected(("a",), None, 3000)
+    assert encoded.startswith(b"retry: 3000\ndata: {") and encoded.count(b"\n\n") == 1
+    assert json.loads(encoded.split(b"data: ", 1)[1])["type"] == "connected"
+
+
+def test_connected_names_every_session_of_a_stream_of_several() -> None:
+    connected = json.loads(encode_connected(("a", "b"), None)[6:])
+    assert connected["sessionId"] == "a" and connected["sessionIds"] == ["a", "b"]
 
 
 def test_parse_notification_round_trips_the_trigger_shape() -> None:

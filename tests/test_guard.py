@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from broker.config.settings import Settings
 from broker.errors import RequestError
 from broker.web.answers import HANDLERS
-from broker.web.guard import AdminToken, Guard, GuardedApp, StreamsPerClient
+from broker.web.guard import AdminToken, Guard, GuardedApp, OriginWatch, StreamsPerClient
 
 PUBLIC, ADMIN = 5001, 9100
 TOKEN = "admin-token-0123456789"
@@ -40,6 +40,7 @@ def app_for(
     stream_route = guard.stream("/stream", stream)
     return GuardedApp(
         stream_route,
+        OriginWatch(settings.cors_origins),
         routes=[
             stream_route,
             guard.admin("/stats", ok),

@@ -169,3 +169,42 @@ def test_a_row_reusing_a_delivered_id_resets_the_journal_and_what_streams_were_s
     assert hub.is_new(reused)
     assert 5 not in hub.journal and subscriber.seen is None and hub.reused_from == 5
     assert hub.publish(reused) == 1 and hub.counters.ids_reused == 1
+
+
+def test_a_stream_of_several_sessions_gets_each_row_once_and_counts_under_each() -> None:
+    hub = Hub(max_subscribers=10, queue_size=10)
+    several = hub.subscribe(("a", "b", "c"), None)
+    b_only = hub.subscribe("b", None)
+    robot = hub.subscribe(("a", "c"), "r1")
+    hub.publish(message(1, "a"))
+    hub.publish(message(2, "b"))
+    hub.publish(message(3, "z"))
+    hub.publish(message(4, "c", "r1"))
+    assert ids(several) == [1, 2, 4]
+    assert ids(b_only) == [2]
+    assert ids(robot) == [4]
+    assert len(hub) == 3  # streams, not sessions
+    assert hub.channels() == {
+        "session_messages:a": 2,
+        "session_messages:b": 2,
+        "session_messages:c": 2,
+    }
+    assert sorted(len(s.sessions or ()) for s in hub.subscribers()) == [1, 2, 3]  # each once
+    hub.heartbeat()
+    assert [len(s.take()) for s in (several, b_only, robot)] == [1, 1, 1]
+
+    hub.unsubscribe(several)
+    hub.unsubscribe(several)  # a second time changes nothing
+    assert len(hub) == 2
+    assert hub.channels() == {f"session_messages:{s}": 1 for s in "abc"}
+    hub.unsubscribe(robot)
+    assert hub.channels() == {"session_messages:b": 1}
+
+
+def test_repeated_sessions_of_one_stream_count_once() -> None:
+    hub = Hub(max_subscribers=10, queue_size=10)
+    subscriber = hub.subscribe(("a", "a", "b"), None)
+    assert subscriber.sessions == ("a", "b")
+    hub.publish(message(1, "a"))
+    assert ids(subscriber) == [1]
+    assert hub.channels() == {"session_messages:a": 1, "session_messages:b": 1}

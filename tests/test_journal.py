@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from broker.filters import Filter
 from broker.journal import Journal
 
 
@@ -11,10 +12,10 @@ def test_after_follows_delivery_order_not_id_order() -> None:
     journal = Journal(10)
     for row_id in (10, 12, 11, 13):  # 12 committed before 11
         journal.append(row_id, "a", None)
-    assert journal.after(12, "a", None) == [11, 13]
-    assert journal.after(11, "a", None) == [13]  # 12 is not sent twice
-    assert journal.after(10, None, None) == [12, 11, 13]
-    assert journal.after(13, "a", None) == []
+    assert journal.after(12, Filter.of("a", None)) == [11, 13]
+    assert journal.after(11, Filter.of("a", None)) == [13]  # 12 is not sent twice
+    assert journal.after(10, Filter.of(None, None)) == [12, 11, 13]
+    assert journal.after(13, Filter.of("a", None)) == []
 
 
 def test_after_filters_by_session_and_robot() -> None:
@@ -22,10 +23,10 @@ def test_after_filters_by_session_and_robot() -> None:
     rows = [(1, "a", "r1"), (2, "b", "r1"), (3, "a", None), (4, "a", "r2"), (5, "b", None)]
     for row in rows:
         journal.append(*row)
-    assert journal.after(1, "a", None) == [3, 4]
-    assert journal.after(1, None, "r1") == [2]
-    assert journal.after(1, "a", "r2") == [4]
-    assert journal.after(2, None, None) == [3, 4, 5]
+    assert journal.after(1, Filter.of("a", None)) == [3, 4]
+    assert journal.after(1, Filter.of(None, "r1")) == [2]
+    assert journal.after(1, Filter.of("a", "r2")) == [4]
+    assert journal.after(2, Filter.of(None, None)) == [3, 4, 5]
 
 
 def test_unknown_or_evicted_id_gives_none() -> None:
@@ -33,9 +34,9 @@ def test_unknown_or_evicted_id_gives_none() -> None:
     for row_id in range(1, 6):
         journal.append(row_id, "a", None)
     assert len(journal) == 3 and journal.oldest_id == 3
-    assert journal.after(2, "a", None) is None
-    assert journal.after(99, "a", None) is None
-    assert journal.after(3, "a", None) == [4, 5]
+    assert journal.after(2, Filter.of("a", None)) is None
+    assert journal.after(99, Filter.of("a", None)) is None
+    assert journal.after(3, Filter.of("a", None)) == [4, 5]
     assert 2 not in journal and 3 in journal
 
 

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from broker.filters import Filter
 from broker.store import Store
 from tests.conftest import Database
 
@@ -31,14 +32,14 @@ async def test_replay_queries_keep_their_order_and_budget(
     store: Store, database: Database, session_id: str
 ) -> None:
     ids = [database.insert(session_id, "x" * 1000) for _ in range(4)]
-    after = await store.after(ids[0], 10, session_id=session_id)
+    after = await store.after(ids[0], 10, Filter.of(session_id))
     assert [m.id for m in after] == ids[1:]
-    budget = await store.after(0, 10, session_id=session_id, max_bytes=1)
+    budget = await store.after(0, 10, Filter.of(session_id), max_bytes=1)
     assert [m.id for m in budget] == ids[:1]  # one row always, however small the budget
     assert [m.id for m in await store.in_order(ids[::-1], 10_000)] == ids[::-1]
     assert sorted(await store.by_ids([*ids, -1])) == ids
-    assert await store.oldest_of_last(2, session_id=session_id) == ids[2]
-    assert await store.oldest_of_last(2, session_id=session_id + "-none") is None
+    assert await store.oldest_of_last(2, Filter.of(session_id)) == ids[2]
+    assert await store.oldest_of_last(2, Filter.of(session_id + "-none")) is None
     assert (await store.ids_after(ids[1]))[:2] == ids[2:]
     assert await store.last_id() >= ids[-1]
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from broker.errors import RequestError
-from broker.web.validation import check_id, parse_history, parse_last_event_id, parse_new_message
+from broker.filters import MAX_SESSIONS
+from broker.web.validation import (
+    check_id,
+    check_session_ids,
+    parse_history,
+    parse_last_event_id,
+    parse_new_message,
+)
 
 
 @pytest.mark.parametrize(
@@ -90,3 +97,16 @@ def test_bad_history_is_a_400_naming_it(value: str) -> None:
     with pytest.raises(RequestError) as caught:
         parse_history(value)
     assert caught.value.status == 400 and str(caught.value).startswith("history must be")
+
+
+def test_session_ids_repeated_are_bounded_checked_and_deduplicated() -> None:
+    assert check_session_ids([]) is None
+    assert check_session_ids(["a"]) == ("a",)
+    assert check_session_ids(["b", "a", "b"]) == ("b", "a")
+    many = [f"s{n}" for n in range(MAX_SESSIONS)]
+    assert check_session_ids(many + many[:5]) == tuple(many)  # repeats are not counted
+    with pytest.raises(RequestError, match=f"at most {MAX_SESSIONS} times"):
+        check_session_ids([*many, "one more"])
+    for bad in ("", "global", "x\x00"):
+        with pytest.raises(RequestError):
+            check_session_ids(["fine", bad])

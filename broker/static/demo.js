@@ -1,6 +1,8 @@
 // The demo page at GET /: one sse-client.js client (the pgsse-client package's), rendered
 // into plain DOM. It opens on the session in the URL (?sessionId=…&robotId=…; 123 by default,
-// the README's example) with its last HISTORY messages, then live ones. The URL may also give a
+// the README's example), or on every session (?all=1, "All sessions"), with its last HISTORY
+// messages, then live ones, each with its id and session; below them the raw events as the
+// stream delivered them and the curl line of the same stream. The URL may also give a
 // `token` for a broker that requires one (used for the stream and for sending), and, for trying
 // failure modes, the client's reconnectInterval, maxReconnectInterval and maxReconnectAttempts
 // (a number or Infinity, the default: never give up).
@@ -9,6 +11,7 @@ import { createSSEClient, STATUS_TEXT } from "./sse-client.js";
 
 const DEFAULT_SESSION = "123";
 const HISTORY = 50;
+const RAW_EVENTS = 200; // lines kept in the raw event log
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -26,7 +29,7 @@ const settings = {
 };
 
 let client = null;
-let current = null; // the session and robot `client` streams
+let current = null; // the session (null: all) and robot `client` streams
 let unsubscribe = null;
 const items = new Map(); // message id -> its <li>
 
@@ -39,10 +42,18 @@ const timeFormat = new Intl.DateTimeFormat(undefined, {
 // Connect: a new client for a new session or robot; the same one otherwise, so that a
 // Disconnect then Connect resumes after the last message shown and loses nothing.
 function start() {
-  const sessionId = $("session").value.trim();
+  const all = $("all").checked || !$("session").value.trim();
+  $("all").checked = all;
+  const sessionId = all ? null : $("session").value.trim();
   const robotId = $("robot").value.trim() || null;
   const query = new URLSearchParams(params);
-  query.set("sessionId", sessionId);
+  if (all) {
+    query.set("all", "1");
+    query.delete("sessionId");
+  } else {
+    query.delete("all");
+    query.set("sessionId", sessionId);
+  }
   if (robotId) query.set("robotId", robotId);
   else query.delete("robotId");
   history.replaceState(null, "", `?${query}`);
@@ -52,11 +63,43 @@ function start() {
     if (unsubscribe) unsubscribe();
     for (const li of items.values()) li.remove();
     items.clear();
-    client = createSSEClient({ sessionId, robotId, ...settings });
+    $("events").replaceChildren();
+    client = createSSEClient({ sessionId, robotId, ...settings, onEvent: logEvent });
     current = { sessionId, robotId };
     unsubscribe = client.subscribe(render);
+    showCurl(sessionId, robotId);
   }
   client.connect();
+}
+
+// The raw events, newest last: what someone checking their own INSERTs wants to see.
+function logEvent(event, id) {
+  const list = $("events");
+  const li = element("li");
+  li.dataset.type = String(event.type);
+  const time = typeof event.timestamp === "string" ? event.timestamp.slice(11, 23) : "";
+  const detail =
+    event.type === "message"
+      ? `id ${id} · session ${event.data?.sessionId}`
+      : event.type === "error"
+        ? String(event.error)
+        : event.type === "connected"
+          ? `session ${event.sessionId ?? "(all)"}${event.robotId ? ` · robot ${event.robotId}` : ""}`
+          : "";
+  li.textContent = `${time} ${event.type}${detail ? `: ${detail}` : ""}`;
+  const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
+  list.append(li);
+  while (list.children.length > RAW_EVENTS) list.firstChild.remove();
+  if (nearBottom) list.scrollTop = list.scrollHeight;
+}
+
+function showCurl(sessionId, robotId) {
+  const query = new URLSearchParams();
+  if (sessionId) query.set("sessionId", sessionId);
+  if (robotId) query.set("robotId", robotId);
+  if (settings.token) query.set("token", "$TOKEN");
+  const text = query.toString().replace("%24TOKEN", "$TOKEN");
+  $("curl").value = `curl -N '${location.origin}/api/sse/messages${text ? `?${text}` : ""}'`;
 }
 
 function stop() {
@@ -77,7 +120,7 @@ function render(state) {
   error.classList.toggle("warning", !failed);
   if (failed) error.setAttribute("role", "alert");
   else error.removeAttribute("role");
-  error.textContent = state.error || "";
+  error.textContent = state.error ? state.error.message : "";
   renderMessages(state.messages);
 }
 
@@ -118,6 +161,8 @@ function messageItem(message) {
   li.dataset.id = message.id;
   const meta = element("div", "meta");
   meta.append(element("span", "author", message.isFromBot ? "Bot" : "Human"));
+  meta.append(element("span", "tag id", `#${message.id}`));
+  meta.append(element("span", "tag session", message.sessionId));
   if (message.robotId) meta.append(element("span", "tag robot", message.robotId));
   if (message.intent) meta.append(element("span", "tag intent", message.intent));
   const time = element("time");
@@ -134,7 +179,12 @@ async function send(event) {
   event.preventDefault();
   const sessionId = $("session").value.trim();
   const content = $("content").value;
-  if (!sessionId || !content.trim()) return;
+  if (!sessionId) {
+    $("send-status").textContent = "Enter a session to send to.";
+    $("session").focus();
+    return;
+  }
+  if (!content.trim()) return;
   const asBot = $("as-bot").checked;
   const body = { sessionId, content, isFromBot: asBot, isHuman: !asBot };
   const robotId = $("robot").value.trim();
@@ -170,7 +220,8 @@ async function send(event) {
   }
 }
 
-$("session").value = params.get("sessionId") || DEFAULT_SESSION;
+$("all").checked = params.get("all") === "1";
+$("session").value = params.get("sessionId") || ($("all").checked ? "" : DEFAULT_SESSION);
 $("robot").value = params.get("robotId") || "";
 $("subscribe").addEventListener("submit", (event) => {
   event.preventDefault();

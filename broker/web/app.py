@@ -25,14 +25,14 @@ from ..errors import RequestError, Unavailable
 from ..service import Broker
 from .answers import HANDLERS
 from .auth import Authenticator, authenticate
-from .guard import Guard, GuardedApp
+from .guard import Guard, GuardedApp, OriginWatch
 from .limits import ClientCounter
 from .metrics import create_registry, render
 from .stats import snapshot
 from .stream import EventStreamHead, EventStreamResponse
 from .validation import (
     check_id,
-    check_session_id,
+    check_session_ids,
     parse_history,
     parse_last_event_id,
     parse_new_message,
@@ -96,6 +96,7 @@ def create_app(settings: Settings, counter: ClientCounter | None = None) -> Star
         )
     app = GuardedApp(
         stream_route,
+        OriginWatch(settings.cors_origins),
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,
@@ -117,19 +118,20 @@ async def stream_messages(request: Request) -> Response:
     broker = _broker(request)
     grant = authenticate(request, query=True)
     params = request.query_params
-    session_id = check_session_id(params.get("sessionId"))
+    sessions = check_session_ids(params.getlist("sessionId"))
     robot_id = check_id("robotId", params.get("robotId"))
-    grant.check_read(session_id, robot_id)
+    for session_id in sessions or (None,):  # each session must be covered by the token
+        grant.check_read(session_id, robot_id)
     last_event_id = parse_last_event_id(
         request.headers.get("last-event-id", params.get("lastEventId"))
     )
     history = parse_history(params.get("history"))
     if request.method == "HEAD":
         # The status and headers a GET would get (503 when full); nothing is held.
-        broker.hub.unsubscribe(broker.hub.subscribe(session_id, robot_id))
+        broker.hub.unsubscribe(broker.hub.subscribe(sessions, robot_id))
         return EventStreamHead()
     subscriber, replay = broker.open_stream(
-        session_id, robot_id, last_event_id=last_event_id, history=history
+        sessions, robot_id, last_event_id=last_event_id, history=history
     )
     return EventStreamResponse(
         broker.hub,

@@ -19,9 +19,15 @@ carries its own checks, so nothing matches a request a second time:
   stay on the stack for the stream's whole life.
 
 A request whose decoded path holds a control character is refused (400) before any route is
-matched (`GuardedApp`). A route not served on a port does not match there (`Match.NONE`), so
-the router answers 404 for every method, exactly as for a path that does not exist.
-Refusals are raised as broker errors; `answers.py` turns them into HTTP answers.
+matched (`GuardedApp`).
+
+Every request with an `Origin` that `BROKER_CORS_ORIGINS` does not allow (and that is not the
+broker's own) is logged once per origin at warning level, naming the setting (`OriginWatch`):
+the browser hides the refusal from the page, which only sees "could not connect".
+
+A route not served on a port does not match there (`Match.NONE`), so the router answers 404
+for every method, exactly as for a path that does not exist. Refusals are raised as broker
+errors; `answers.py` turns them into HTTP answers.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from .answers import answer
 from .auth import bearer
 from .limits import ClientCounter, StreamCounter
 
-__all__ = ["Guard", "GuardedApp", "StreamRoute", "log_exposure"]
+__all__ = ["Guard", "GuardedApp", "OriginWatch", "StreamRoute", "log_exposure"]
 
 Served = Callable[[Scope], bool]
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -170,13 +176,54 @@ class StreamRoute(_Route):
                 counter.release(address)
 
 
+class OriginWatch:
+    """Warns, once per origin, of requests from a browser origin the CORS settings refuse.
+
+    The browser withholds such an answer from the page (an `EventSource` reports only an
+    error, and retries), while the broker serves it, replay and all, and would say nothing.
+    A request without `Origin`, or from the broker's own origin (its `Host`), is not a
+    cross-origin one. At most `MAX_ORIGINS` origins are remembered: past that, new ones are
+    not logged (a client making up origins cannot grow the set or flood the log).
+    """
+
+    MAX_ORIGINS = 1000
+
+    def __init__(self, allowed: tuple[str, ...]) -> None:
+        self.allowed = frozenset(allowed)
+        self.everyone = "*" in self.allowed
+        self.warned: set[str] = set()
+
+    def check(self, scope: Scope) -> None:
+        if self.everyone:
+            return
+        origin = _header(scope, b"origin")
+        if origin is None or origin in self.allowed or origin in self.warned:
+            return
+        if origin.partition("://")[2] == _header(scope, b"host"):
+            return  # the broker's own page
+        if len(self.warned) >= self.MAX_ORIGINS:
+            return
+        self.warned.add(origin)
+        log.warning(
+            "cors_origin_not_allowed",
+            origin=origin[:200],
+            path=scope.get("path"),
+            allowed=sorted(self.allowed),
+            hint=f"browser pages of {origin[:200]} cannot read the broker's answers"
+            " (they see only 'could not connect'): add the origin to BROKER_CORS_ORIGINS"
+            " (comma-separated), e.g. BROKER_CORS_ORIGINS=http://localhost:3000",
+        )
+
+
 class GuardedApp(Starlette):
     """Starlette, with the stream route served ahead of its middleware and exception chain
-    (`StreamRoute`): an open stream keeps only its own frames on the stack."""
+    (`StreamRoute`): an open stream keeps only its own frames on the stack. Every request's
+    `Origin` is checked against the CORS settings first (`OriginWatch`)."""
 
-    def __init__(self, stream_route: StreamRoute, **kwargs: Any) -> None:
+    def __init__(self, stream_route: StreamRoute, origins: OriginWatch, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.stream_route = stream_route
+        self.origins = origins
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and _has_control(scope["path"]):
@@ -186,6 +233,8 @@ class GuardedApp(Starlette):
             refusal = RequestError(400, "control characters in the request path")
             await answer(refusal)(scope, receive, send)
             return
+        if scope["type"] == "http":
+            self.origins.check(scope)
         if scope["type"] == "http" and self.stream_route.takes(scope):
             scope["app"] = self
             await self.stream_route.run(scope, receive, send)

@@ -39,7 +39,7 @@ import structlog
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from ..events import encode_connected, encode_error, encode_message, encode_retry
+from ..events import encode_connected, encode_error, encode_message
 from ..hub import Hub, Subscriber
 from ..replay import Replay
 from ..server.sink import SocketSink, sink_of
@@ -114,7 +114,7 @@ class EventStreamResponse(Response):
         started = time.monotonic()
         log.debug(
             "stream_opened",
-            channel=subscriber.channel,
+            channels=subscriber.channels,
             robot_id=subscriber.robot_id,
             last_event_id=None if replay is None or replay.history else replay.after,
             history=None if replay is None else replay.history or None,
@@ -154,7 +154,7 @@ class EventStreamResponse(Response):
             subscriber.close()
             log.debug(
                 "stream_closed",
-                channel=subscriber.channel,
+                channels=subscriber.channels,
                 robot_id=subscriber.robot_id,
                 duration_s=round(time.monotonic() - started, 3),
                 events=self.events_sent + subscriber.direct_sent,
@@ -175,9 +175,7 @@ class EventStreamResponse(Response):
             if not self.listening.is_set():
                 subscriber.close(REPLAY_FAILED)
             await self._write(
-                send,
-                encode_retry(self.retry_ms)
-                + encode_connected(subscriber.session_id, subscriber.robot_id),
+                send, encode_connected(subscriber.sessions, subscriber.robot_id, self.retry_ms)
             )
             if self.replay is not None:
                 try:

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from ..errors import RequestError
+from ..filters import MAX_SESSIONS
 
 __all__ = [
     "MAX_HISTORY",
@@ -20,6 +21,7 @@ __all__ = [
     "NewMessage",
     "check_id",
     "check_session_id",
+    "check_session_ids",
     "parse_history",
     "parse_last_event_id",
     "parse_new_message",
@@ -56,6 +58,20 @@ def check_session_id(value: str | None) -> str | None:
             400, f"sessionId {RESERVED_SESSION_ID!r} is reserved: it names the all-sessions stream"
         )
     return check_id("sessionId", value)
+
+
+def check_session_ids(values: list[str]) -> tuple[str, ...] | None:
+    """The `sessionId`s of a stream (the parameter repeated), each checked as by
+    `check_session_id`, repeats dropped, in the order given; None for none (the global
+    stream). More than `MAX_SESSIONS` distinct ones: 400."""
+    if not values:
+        return None
+    sessions = tuple(dict.fromkeys(values))
+    if len(sessions) > MAX_SESSIONS:
+        raise RequestError(400, f"sessionId may be given at most {MAX_SESSIONS} times")
+    for value in sessions:
+        check_session_id(value)
+    return sessions
 
 
 def parse_last_event_id(value: str | None) -> int | None:

@@ -63,7 +63,7 @@ export function createMessageStream(React) {
         ),
         controls,
       ),
-      error ? h("p", { className: "pgsse-error", role: "alert" }, error) : null,
+      error ? h("p", { className: "pgsse-error", role: "alert" }, error.message) : null,
       h(
         "ol",
         { className: "pgsse-messages", "aria-live": "polite", "aria-relevant": "additions" },

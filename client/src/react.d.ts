@@ -8,8 +8,10 @@ export type {
   ConnectedEvent,
   Message,
   SSEClientOptions,
+  SSEError,
   SSEState,
   Status,
+  StreamEvent,
 } from "./sse-client.js";
 export { createUseSSE } from "./useSSE.js";
 export type { UseSSE, UseSSEOptions, UseSSEResult } from "./useSSE.js";

@@ -24,12 +24,34 @@ export interface ConnectedEvent {
   type: "connected";
   message: string;
   timestamp: string;
+  /** The first of the client's sessions, null for every session. */
   sessionId: string | null;
+  /** Every session, for a client of several. */
+  sessionIds?: string[];
   robotId: string | null;
 }
 
-/** `failed`: reconnect attempts exhausted; `connect()` starts again. */
-export type Status = "idle" | "connecting" | "connected" | "reconnecting" | "failed";
+/** Any event of the stream, as delivered: `connected`, `message`, `heartbeat`, `error`, or a
+ * type this client does not know yet. */
+export interface StreamEvent {
+  type: string;
+  [field: string]: unknown;
+}
+
+/** What the client reports in `error` and passes to `onError`. */
+export class SSEError extends Error {
+  constructor(message: string, reason?: string);
+  name: "SSEError";
+  /** What went wrong, without the "reconnecting (attempt n)" part. */
+  reason: string;
+}
+
+/**
+ * `stalled`: an attempt has had no answer for `stallTimeout` ms (the browser may be holding
+ * it back: at most 6 connections per host over HTTP/1.1); `failed`: reconnect attempts
+ * exhausted, `connect()` starts again.
+ */
+export type Status = "idle" | "connecting" | "connected" | "reconnecting" | "stalled" | "failed";
 
 /** What the client needs of an `EventSource` (the `EventSource` option takes a replacement). */
 export interface EventSourceLike {
@@ -42,12 +64,22 @@ export interface EventSourceLike {
 export interface SSEClientOptions {
   /** Where the broker is; `""` (the default) is the page's own origin. */
   baseUrl?: string;
-  /** The stream's filter; none (`null`, `undefined`, `""`) is the global stream. */
-  sessionId?: string | null;
+  /** The stream's filter: one session, several (at most 100), or none (`null`,
+   * `undefined`, `""`): the global stream. */
+  sessionId?: string | readonly string[] | null;
   robotId?: string | null;
   /** For a broker with `BROKER_AUTH_SECRET`; a function is called at every (re)connect. */
   token?: string | (() => string | null | undefined) | null;
-  /** ms before the first retry (3000); doubles on each failed attempt. */
+  /** Called before each connect and when the stream ends with "token expired": the token
+   * (or a promise of it). Takes precedence over `token`. */
+  getToken?: (() => string | null | undefined | Promise<string | null | undefined>) | null;
+  /** Share one connection among the tabs of this origin (true); `false`: a stream of its own.
+   * A client with `history` or `lastEventId` always has one of its own. */
+  shared?: boolean;
+  /** ms without an answer before the status is `stalled` (5000); 0: never. */
+  stallTimeout?: number;
+  /** ms of backoff (3000): the first retry comes within 0.5 s, the second after this,
+   * doubling on each failed attempt after. */
   reconnectInterval?: number;
   /** ms, the cap of that backoff (30000). */
   maxReconnectInterval?: number;
@@ -63,9 +95,12 @@ export interface SSEClientOptions {
   lastEventId?: string | null;
   /** Called once per message id. */
   onMessage?: (message: Message) => void;
+  /** Every event the stream delivers, with its SSE id (messages only), for logs and tools;
+   * on a shared stream, those of the other tabs' sessions too. */
+  onEvent?: (event: StreamEvent, id: string | null) => void;
   onConnected?: (event: ConnectedEvent) => void;
   onDisconnected?: (reason: string) => void;
-  onError?: (error: string) => void;
+  onError?: (error: SSEError) => void;
   EventSource?: new (url: string) => EventSourceLike;
 }
 
@@ -74,7 +109,7 @@ export interface SSEState {
   readonly connected: boolean;
   /** Unique by id, in id order, at most `maxMessages`. */
   readonly messages: readonly Message[];
-  readonly error: string | null;
+  readonly error: SSEError | null;
   readonly reconnectAttempts: number;
   readonly lastEventId: string | null;
   readonly status: Status;
@@ -92,7 +127,9 @@ export interface SSEClient extends SSEState {
   getSnapshot(): SSEState;
   /** True while a reconnect is scheduled. */
   readonly reconnecting: boolean;
-  /** The stream URL the next connect opens. */
+  /** True while this client rides on the tabs' shared stream. */
+  readonly shared: boolean;
+  /** The URL a stream of its own opens next (without its token). */
   readonly url: string;
 }
 

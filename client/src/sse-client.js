@@ -5,36 +5,51 @@
 //   const client = createSSEClient({ sessionId: "123", onMessage: (m) => console.log(m) });
 //   client.connect();
 //
-// Why not rely on EventSource's own reconnect: it gives up for good on an HTTP error (the
-// broker's 503 at its connection cap, a 502 from a proxy) and after such a failure nobody
-// resumes. So on every failure this client closes the EventSource itself and opens a new one
-// after a delay (capped exponential backoff with jitter), up to `maxReconnectAttempts`
-// consecutive failures (Infinity, the default: never give up), and every new stream asks the
-// broker to replay from the last id seen (`lastEventId` query parameter), so neither an outage
-// nor a manual disconnect()/connect() loses a message. The broker's own `error` events ("slow
-// consumer", "server shutting down", "replay limit reached") end a stream on purpose; the
-// client reconnects from its last id in the same way.
+// One connection per browser: by default (`shared: true`) the clients of every tab of an
+// origin ride on one stream, held by a leader tab elected with the Web Locks API, which fans
+// its events out to the other tabs over a BroadcastChannel (shared.js). Every tab's
+// subscriptions are merged into the leader's stream (`sessionId` repeated); when the leader
+// closes another tab takes over and resumes from the last id, so nothing is lost and, since
+// each client drops ids it has seen, nothing is shown twice; a client that connects again
+// has the stream resume from its own last id. A client asking for `history`
+// (the last rows of its sessions), one with `shared: false`, and every client of a browser
+// without Web Locks or BroadcastChannel open a stream of their own.
 //
-// Options: baseUrl ("" = same origin), sessionId and robotId (null = any), token (a string,
-// or a function called at each connect, for a broker with BROKER_AUTH_SECRET),
+// Reconnects (connection.js): every failure closes the stream and opens a new one, the first
+// retry within 0.5 s, then capped backoff with jitter, at once on `online` and when a hidden
+// tab becomes visible; every new stream resumes after the last id seen, so neither an outage
+// nor a manual disconnect()/connect() loses a message. An attempt with no answer for
+// `stallTimeout` ms is reported as `stalled` (the browser's per-host connection limit).
+//
+// Options: baseUrl ("" = same origin), sessionId (a string, an array of them, or null = any),
+// robotId (null = any), token (a string, or a function called at each connect), getToken (a
+// function that may return a promise, called before each connect and when a token expired),
 // reconnectInterval (ms, 3000), maxReconnectInterval (ms, 30000), maxReconnectAttempts
 // (Infinity), autoReconnect (true), maxMessages (500), history (null, or 1 to 1000: the last
 // rows to show first when there is no resume point), lastEventId (resume point of a new
-// client), onMessage(message), onConnected(event), onDisconnected(reason), onError(error), and
-// EventSource (a replacement constructor, e.g. a polyfill). A bad value throws a TypeError
-// naming the option. Types: sse-client.d.ts.
+// client), shared (true), stallTimeout (ms, 5000; 0: never report a stall), onMessage(message),
+// onEvent(event, id) (every event as the stream delivered it: connected, message, heartbeat,
+// error), onConnected(event), onDisconnected(reason), onError(error), and EventSource (a replacement
+// constructor, e.g. a polyfill). A bad value throws a TypeError naming the option. Types:
+// sse-client.d.ts.
 //
 // Messages are kept deduplicated by id (the last 10000 ids received are remembered, across
 // reconnects and clearMessages()), in id order, at most `maxMessages` of them (the oldest go
-// first). State: `connected`, `messages`, `error` (a string or null), `reconnectAttempts`
-// (consecutive failed attempts, 0 once connected), `lastEventId`, and `status`: "idle",
-// "connecting", "connected", "reconnecting" or "failed" (attempts exhausted).
+// first). State: `connected`, `messages`, `error` (an `SSEError`, an `Error`, or null),
+// `reconnectAttempts` (consecutive failed attempts, 0 once connected), `lastEventId`, and
+// `status`: "idle", "connecting", "connected", "reconnecting", "stalled" or "failed".
+
+import { compareIds, createConnection, isResumable, SSEError } from "./connection.js";
+import { joinShared } from "./shared.js";
+
+export { compareIds, SSEError };
 
 const DEFAULTS = {
   baseUrl: "",
   sessionId: null,
   robotId: null,
   token: null,
+  getToken: null,
   reconnectInterval: 3000,
   maxReconnectInterval: 30000,
   maxReconnectAttempts: Infinity,
@@ -42,7 +57,10 @@ const DEFAULTS = {
   maxMessages: 500,
   history: null,
   lastEventId: null,
+  shared: true,
+  stallTimeout: 5000,
   onMessage: null,
+  onEvent: null,
   onConnected: null,
   onDisconnected: null,
   onError: null,
@@ -55,21 +73,13 @@ export const STATUS_TEXT = Object.freeze({
   connecting: "Connecting…",
   connected: "Connected",
   reconnecting: "Reconnecting…",
+  stalled: "Waiting for a connection…",
   failed: "Connection failed",
 });
 
-// Row ids are decimal strings of up to 19 digits, beyond a double's exact range: compare them
-// as strings (a longer canonical decimal is larger).
-export function compareIds(a, b) {
-  const x = String(a);
-  const y = String(b);
-  if (x.length !== y.length) return x.length - y.length;
-  return x < y ? -1 : x > y ? 1 : 0;
-}
-
-const RESUMABLE = /^[0-9]{1,19}$/;
 const SEEN_LIMIT = 10000;
 const HISTORY_LIMIT = 1000; // the broker's bound on `history`
+const SESSIONS_LIMIT = 100; // the broker's bound on `sessionId` repeated
 
 // Checked at once, naming the option: a mistyped value would otherwise show up much later, as
 // a client that reconnects in a tight loop or never at all.
@@ -79,7 +89,7 @@ function checkOptions(opts) {
     const shown = typeof value === "string" ? JSON.stringify(value) : String(value);
     throw new TypeError(`pgsse-client: ${name} must be ${what}, not ${shown}`);
   };
-  for (const name of ["reconnectInterval", "maxReconnectInterval"]) {
+  for (const name of ["reconnectInterval", "maxReconnectInterval", "stallTimeout"]) {
     if (!(Number.isFinite(opts[name]) && opts[name] >= 0)) fail(name, "a number of ms >= 0");
   }
   for (const name of ["maxReconnectAttempts", "maxMessages"]) {
@@ -93,6 +103,18 @@ function checkOptions(opts) {
   if (history !== null && !historyOk) {
     fail("history", `an integer from 1 to ${HISTORY_LIMIT}, or null`);
   }
+  const { sessionId } = opts;
+  if (Array.isArray(sessionId) && sessionId.length > SESSIONS_LIMIT) {
+    fail("sessionId", `at most ${SESSIONS_LIMIT} sessions`);
+  }
+}
+
+/** The client's sessions: null for every one, else distinct non-empty ids. */
+function sessionsOf(sessionId) {
+  const list = (Array.isArray(sessionId) ? sessionId : [sessionId])
+    .filter((id) => id != null && id !== "")
+    .map(String);
+  return list.length ? [...new Set(list)] : null;
 }
 
 export function createSSEClient(options = {}) {
@@ -101,23 +123,24 @@ export function createSSEClient(options = {}) {
     if (value !== undefined) opts[key] = value;
   }
   checkOptions(opts);
-  const EventSourceImpl = opts.EventSource || globalThis.EventSource;
+  const sessions = sessionsOf(opts.sessionId);
+  const robotId = opts.robotId != null && opts.robotId !== "" ? String(opts.robotId) : null;
 
-  let source = null; // the open EventSource, if any
-  let timer = null; // the pending reconnect, if any
   let wanted = false; // connect() called and not disconnect()
-  let lastEventId = RESUMABLE.test(String(opts.lastEventId ?? "")) ? String(opts.lastEventId) : null;
+  let lastEventId = isResumable(opts.lastEventId) ? String(opts.lastEventId) : null;
   let messages = [];
   const seen = new Set(); // ids received lately, so a replayed row is never shown twice
-  let state = snapshot({ connected: false, messages, error: null, reconnectAttempts: 0 });
+  let state = snapshot({
+    connected: false,
+    messages,
+    error: null,
+    reconnectAttempts: 0,
+    status: "idle",
+  });
   const listeners = new Set();
 
   function snapshot(fields) {
-    let status = "idle";
-    if (fields.connected) status = "connected";
-    else if (wanted) status = fields.reconnectAttempts > 0 ? "reconnecting" : "connecting";
-    else if (fields.error) status = "failed";
-    return Object.freeze({ ...fields, status, lastEventId });
+    return Object.freeze({ ...fields, lastEventId });
   }
 
   function update(changes) {
@@ -136,80 +159,64 @@ export function createSSEClient(options = {}) {
     }
   }
 
-  function streamUrl() {
+  function query() {
     const params = new URLSearchParams();
-    if (opts.sessionId != null && opts.sessionId !== "") params.set("sessionId", opts.sessionId);
-    if (opts.robotId != null && opts.robotId !== "") params.set("robotId", opts.robotId);
+    for (const session of sessions || []) params.append("sessionId", session);
+    if (robotId !== null) params.set("robotId", robotId);
     // History only opens a stream that has nothing to resume from (the broker ignores it
     // beside a resume point anyway); later rows come by replay after the last one shown.
     if (lastEventId !== null) params.set("lastEventId", lastEventId);
     else if (opts.history !== null) params.set("history", String(opts.history));
-    // EventSource cannot send an Authorization header; a function is asked again on every
-    // reconnect, so an expiring token can be renewed.
-    const token = typeof opts.token === "function" ? opts.token() : opts.token;
-    if (token) params.set("token", token);
-    const query = params.toString();
-    return `${String(opts.baseUrl).replace(/\/+$/, "")}/api/sse/messages${query ? `?${query}` : ""}`;
+    return params;
   }
 
-  function open() {
-    timer = null;
-    const es = new EventSourceImpl(streamUrl());
-    let opened = false;
-    source = es;
-    es.onopen = () => {
-      opened = true;
-    };
-    es.onmessage = (event) => {
-      if (source === es) receive(event);
-    };
-    // EventSource cannot tell why: refused, unreachable, or an HTTP error such as 503.
-    es.onerror = () => {
-      if (source === es) lost(opened ? "connection lost" : "could not connect");
-    };
+  // The connection's state, or the shared one's, as this client's. `onConnected` comes with
+  // the change to connected: on a shared stream already open, a client that joins gets no
+  // `connected` event of its own, and is greeted all the same.
+  let greeting = null; // the `connected` event that came with the change, if any
+  function onState(next, reason) {
+    if (!wanted && next.status !== "idle") return;
+    const was = state.connected;
+    update({
+      connected: next.connected,
+      error: next.error,
+      reconnectAttempts: next.attempts,
+      status: next.status,
+    });
+    if (was && !next.connected && reason) call("onDisconnected", reason);
+    if (!was && next.connected) {
+      call("onConnected", greeting || own({ type: "connected", message: "SSE connected",
+                                             timestamp: new Date().toISOString() }));
+    }
+    greeting = null;
+    if (next.error && next.status !== "stalled") call("onError", next.error);
   }
 
-  function close() {
-    if (source) {
-      source.onopen = null;
-      source.onmessage = null;
-      source.onerror = null;
-      source.close();
-      source = null;
-    }
-    if (timer !== null) {
-      clearTimeout(timer);
-      timer = null;
-    }
+  // A `connected` event as this client's own stream would have said it (a shared stream
+  // names every tab's sessions).
+  function own(body) {
+    const event = { ...body, sessionId: sessions ? sessions[0] : null, robotId };
+    delete event.sessionIds;
+    if (sessions && sessions.length > 1) event.sessionIds = sessions;
+    return event;
   }
 
-  function receive(event) {
-    let body;
-    try {
-      body = JSON.parse(event.data);
-    } catch {
-      return; // not ours; the broker only sends JSON objects
-    }
-    switch (body && body.type) {
-      case "connected":
-        update({ connected: true, error: null, reconnectAttempts: 0 });
-        call("onConnected", body);
-        break;
-      case "message":
-        if (body.data) add(body.data, event.lastEventId);
-        break;
-      case "error":
-        // The broker ends this stream on purpose; resume from the last id on a new one.
-        lost(String(body.error || "stream closed by the server"), /^replay limit/.test(body.error));
-        break;
-      default:
-        break; // heartbeat, or a type this client does not know yet
-    }
+  function onEvent(body, event) {
+    call("onEvent", body, event.lastEventId || null);
+    if (body.type === "connected") greeting = own(body);
+    else if (body.type === "message" && body.data) add(body.data, event.lastEventId);
+  }
+
+  function matches(message) {
+    return (
+      (sessions === null || sessions.includes(message.sessionId)) &&
+      (robotId === null || message.robotId === robotId)
+    );
   }
 
   function add(message, sseId) {
     const id = String(message.id ?? sseId ?? "");
-    if (!RESUMABLE.test(id)) return;
+    if (!isResumable(id)) return;
     // The last id received, as EventSource keeps it: the broker resumes after that row in
     // its delivery (commit) order, which is not always id order.
     lastEventId = id;
@@ -233,38 +240,26 @@ export function createSSEClient(options = {}) {
     call("onMessage", message);
   }
 
-  function lost(reason, immediately = false) {
-    const wasConnected = state.connected;
-    close();
-    const changes = { connected: false };
-    let error = null;
-    if (wanted) {
-      const attempt = state.reconnectAttempts + 1;
-      const max = opts.maxReconnectAttempts;
-      if (opts.autoReconnect && attempt <= max) {
-        timer = setTimeout(open, immediately && attempt === 1 ? 0 : delay(attempt));
-        const of = max === Infinity ? "" : ` of ${max}`;
-        error = `${reason}: reconnecting (attempt ${attempt}${of})`;
-        changes.reconnectAttempts = attempt;
-      } else {
-        wanted = false;
-        error = opts.autoReconnect ? `${reason}: gave up after ${max} reconnect attempts` : reason;
-      }
-      changes.error = error;
+  // A stream of its own, or a place on the tabs' shared one.
+  // A member of the shared stream resumes from its last id when it (re)joins: the leader
+  // reopens the stream from there if the stream is past it (`after`, shared.js).
+  const ownStream = !opts.shared || opts.history !== null;
+  const member = {
+    sessions,
+    robotId,
+    matches,
+    onEvent,
+    onState,
+    get after() {
+      return lastEventId;
+    },
+  };
+  let transport = null;
+  function carrier() {
+    if (transport === null) {
+      transport = (!ownStream && joinShared(opts, member)) || createConnection(opts, { query, onEvent, onState });
     }
-    update(changes);
-    if (wasConnected) call("onDisconnected", reason);
-    if (error !== null) call("onError", error);
-  }
-
-  // Exponential backoff from reconnectInterval, capped, with "equal jitter": a random delay
-  // in [d/2, d], so clients dropped together (a broker restart) do not return together. The
-  // exponent is bounded too: with no limit on attempts, 2 ** attempt would reach Infinity,
-  // and 0 * Infinity is NaN (a retry loop with no delay at all).
-  function delay(attempt) {
-    const growth = 2 ** Math.min(attempt - 1, 30);
-    const base = Math.min(opts.reconnectInterval * growth, opts.maxReconnectInterval);
-    return base / 2 + Math.random() * (base / 2);
+    return transport;
   }
 
   const client = {
@@ -272,17 +267,16 @@ export function createSSEClient(options = {}) {
     connect() {
       const wasConnected = state.connected;
       wanted = true;
-      close();
-      update({ error: null, reconnectAttempts: 0, connected: false });
       if (wasConnected) call("onDisconnected", "reconnecting");
-      open();
+      update({ error: null, reconnectAttempts: 0, connected: false, status: "connecting" });
+      carrier().connect();
     },
     /** Close the stream and stop reconnecting; messages and the last id are kept. */
     disconnect() {
-      const wasConnected = state.connected;
       wanted = false;
-      close();
-      update({ connected: false, reconnectAttempts: 0, error: null });
+      const wasConnected = state.connected;
+      if (transport !== null) transport.disconnect();
+      update({ connected: false, reconnectAttempts: 0, error: null, status: "idle" });
       if (wasConnected) call("onDisconnected", "disconnected");
     },
     /** Forget the messages held; the stream still resumes after the last id seen, and a
@@ -303,9 +297,12 @@ export function createSSEClient(options = {}) {
     },
     /** True while a reconnect is scheduled. */
     get reconnecting() {
-      return timer !== null;
+      return transport !== null && transport.reconnecting;
     },
-    /** "idle", "connecting", "connected", "reconnecting" or "failed" (gave up). */
+    /** True while this client rides on the tabs' shared stream. */
+    get shared() {
+      return transport !== null && transport.shared === true;
+    },
     get status() {
       return state.status;
     },
@@ -324,8 +321,11 @@ export function createSSEClient(options = {}) {
     get lastEventId() {
       return lastEventId;
     },
+    /** The stream URL the next connect of a stream of its own opens (without its token). */
     get url() {
-      return streamUrl();
+      const params = query();
+      const text = params.toString();
+      return `${String(opts.baseUrl).replace(/\/+$/, "")}/api/sse/messages${text ? `?${text}` : ""}`;
     },
   };
   return client;

@@ -1,6 +1,6 @@
 // Types of useSSE.js: the hook, for React passed in (no build step).
 import type * as React from "react";
-import type { Message, SSEClientOptions, Status } from "./sse-client.js";
+import type { Message, SSEClientOptions, SSEError, Status } from "./sse-client.js";
 
 export interface UseSSEOptions extends Omit<SSEClientOptions, "EventSource" | "lastEventId"> {
   /** `false` waits (e.g. until the session id is known); true by default. */
@@ -10,7 +10,8 @@ export interface UseSSEOptions extends Omit<SSEClientOptions, "EventSource" | "l
 export interface UseSSEResult {
   connected: boolean;
   messages: readonly Message[];
-  error: string | null;
+  /** What went wrong last (`error.message`), null while all is well. */
+  error: SSEError | null;
   reconnectAttempts: number;
   status: Status;
   lastEventId: string | null;

@@ -11,18 +11,21 @@
 //   const { connected, messages, error, reconnectAttempts, connect, disconnect, clearMessages }
 //     = useSSE({ sessionId: "123", robotId: "r1", onMessage: (m) => console.log(m) });
 //
-// Options: baseUrl, sessionId, robotId, token, reconnectInterval, maxReconnectInterval,
-// maxReconnectAttempts, autoReconnect, maxMessages, history, onMessage, onConnected,
-// onDisconnected, onError (see sse-client.js), and `enabled` (default true: connect on mount).
-// A change of baseUrl, sessionId, robotId, a token string, history or a reconnect setting
-// starts a new stream; new callbacks (and a new token function) do not. Unmounting closes it.
+// Options: baseUrl, sessionId (one, or an array), robotId, token, getToken,
+// reconnectInterval, maxReconnectInterval, maxReconnectAttempts, autoReconnect, maxMessages,
+// history, shared, stallTimeout, onMessage, onEvent, onConnected, onDisconnected, onError (see
+// sse-client.js), and `enabled` (default true: connect on mount). A change of baseUrl,
+// sessionId (by value: a new array of the same ids is the same), robotId, a token string,
+// history or a reconnect setting starts a new stream; new callbacks (and a new token or
+// getToken function) do not. Unmounting closes it. The tabs of an origin share one connection
+// (sse-client.js says how); `shared: false` gives the hook a stream of its own.
 
 import { createSSEClient } from "./sse-client.js";
 
 // The options that shape the stream: a change of any of them opens a new one.
+// (And sessionId, compared by value.)
 const STREAM_OPTIONS = [
   "baseUrl",
-  "sessionId",
   "robotId",
   "reconnectInterval",
   "maxReconnectInterval",
@@ -30,14 +33,21 @@ const STREAM_OPTIONS = [
   "autoReconnect",
   "maxMessages",
   "history",
+  "shared",
+  "stallTimeout",
 ];
+
+// A dependency key for a session id or an array of them, equal for equal ids.
+const sessionKey = (value) => (Array.isArray(value) ? `[${value.join("\u0000")}]` : value);
 
 export function createUseSSE(React) {
   const { useEffect, useMemo, useRef, useSyncExternalStore } = React;
 
   return function useSSE(options = {}) {
-    const { token = null, enabled = true } = options;
+    const { token = null, getToken = null, enabled = true } = options;
     const settings = STREAM_OPTIONS.map((name) => options[name]);
+    const sessionIds = options.sessionId;
+    const sessions = sessionKey(sessionIds);
 
     // The latest callbacks, read when an event arrives, so passing inline arrow functions
     // does not reconnect on every render.
@@ -48,14 +58,18 @@ export function createUseSSE(React) {
       () =>
         createSSEClient({
           ...Object.fromEntries(STREAM_OPTIONS.map((name, at) => [name, settings[at]])),
-          // A token function is read through the ref: a new one need not reconnect.
+          sessionId: sessionIds,
+          // Token functions are read through the ref: a new one need not reconnect.
           token: typeof token === "function" ? () => callbacks.current.token() : token,
+          getToken: typeof getToken === "function" ? () => callbacks.current.getToken() : null,
           onMessage: (message) => callbacks.current.onMessage?.(message),
+          onEvent: (event, id) => callbacks.current.onEvent?.(event, id),
           onConnected: (event) => callbacks.current.onConnected?.(event),
           onDisconnected: (reason) => callbacks.current.onDisconnected?.(reason),
           onError: (error) => callbacks.current.onError?.(error),
         }),
-      [...settings, typeof token === "function" ? "function" : token],
+      // sessionId by value (`sessions`): a new array of the same ids keeps the stream
+      [...settings, sessions, typeof token === "function" ? "function" : token, !getToken],
     );
 
     useEffect(() => {
@@ -70,7 +84,8 @@ export function createUseSSE(React) {
       messages: state.messages,
       error: state.error,
       reconnectAttempts: state.reconnectAttempts,
-      // Beyond the seed's values: "idle", "connecting", "connected", "reconnecting", "failed".
+      // Beyond the seed's values: "idle", "connecting", "connected", "reconnecting",
+      // "stalled" (no answer yet: see the per-host connection limit), "failed".
       status: state.status,
       lastEventId: state.lastEventId,
       connect: client.connect,

@@ -183,7 +183,7 @@ def parse_answer(raw: bytes) -> Answer:
 
 async def open_stream(
     port: int,
-    params: dict[str, str] | None = None,
+    params: dict[str, str] | list[tuple[str, str]] | None = None,
     headers: dict[str, str] | None = None,
     local_host: str | None = None,
     timeout: float = 10.0,

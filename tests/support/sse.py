@@ -50,7 +50,7 @@ class SSEClient:
         cls,
         port: int,
         path: str = "/api/sse/messages",
-        params: dict[str, str] | None = None,
+        params: dict[str, str] | list[tuple[str, str]] | None = None,
         headers: dict[str, str] | None = None,
         host: str = "127.0.0.1",
         timeout: float = 10.0,

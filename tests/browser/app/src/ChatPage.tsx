@@ -10,19 +10,20 @@ export default function ChatPage({ sessionId, robotId }: { sessionId: string; ro
   const onMessage = (message: Message) => note(`message ${message.id}`);
   const onConnected = (event: ConnectedEvent) => note(`connected ${event.sessionId}`);
   const onDisconnected = (reason: string) => note(`disconnected: ${reason}`);
-  const onError = (error: string) => note(`error: ${error}`);
+  const onError = (error: Error) => note(`error: ${error.message}`);
 
-  const { connected, messages, error, reconnectAttempts, connect, disconnect, clearMessages } =
+  const { connected, messages, error, reconnectAttempts, status, connect, disconnect,
+          clearMessages } =
     useSSE({ sessionId, robotId, reconnectInterval: 5000, maxReconnectAttempts: 20,
              onMessage, onConnected, onDisconnected, onError });
 
   return (
     <section id="chat">
-      <p id="chat-status">
+      <p id="chat-status" data-status={status}>
         {connected ? 'connected' : 'disconnected'}
         {reconnectAttempts > 0 && ` (attempt ${reconnectAttempts})`}
       </p>
-      {error && <p id="chat-error">{error}</p>}
+      {error && <p id="chat-error">错误: {error.message}</p>}
       <button id="chat-connect" onClick={connected ? disconnect : connect}>
         {connected ? 'Disconnect' : 'Connect'}
       </button>

@@ -7,7 +7,7 @@ import { MessageStream, useSSE } from 'pgsse-client/react';
 createSSEClient({ sessionId: 123 });
 // @ts-expect-error: no such option
 createSSEClient({ reconnectIntervall: 5000 });
-// @ts-expect-error: onError receives the error text, not an Event
+// @ts-expect-error: onError receives an Error (SSEError), not an Event
 createSSEClient({ onError: (event: Event) => event.preventDefault() });
 
 export function useMisuse(message: Message): void {

@@ -1,0 +1,307 @@
+// One stream for every tab of an origin: a leader tab holds it, the others listen.
+//
+// Over HTTP/1.1 a browser opens at most 6 connections per host, and every stream holds one
+// for good: a 7th tab (or a 4th chat in 2 tabs) waits forever. So the clients of all tabs
+// share: each tab announces its subscriptions on a BroadcastChannel; the tab holding a Web
+// Lock (`navigator.locks`, granted to one tab at a time, and to the next when it closes) is the
+// leader: it merges every tab's subscriptions into one stream per robot filter (`sessionId`
+// repeated, at most SESSIONS_PER_STREAM each; any client of every session makes it the global
+// stream) and posts each event to the channel. Every tab, the leader too, hands each message to
+// its clients whose filter matches, and remembers the last id of each stream: the next leader
+// resumes from it, so a handover loses nothing; a row the old leader sent after that id comes
+// again, and the clients drop the ids they have seen, so none is shown twice.
+//
+// Caveats, by design: the leader's token (its clients' `getToken`/`token`) opens the stream,
+// so every tab must be allowed the sessions it asks for under that token (tabs of one user);
+// tabs that must not share give different `baseUrl`s. A subscription added to a running
+// stream reopens it, resuming from its last id: the new subscription is live from then on.
+
+import { compareIds, createConnection, SSEError } from "./connection.js";
+
+const SESSIONS_PER_STREAM = 100; // the broker's bound on `sessionId` repeated
+const tabs = new Map(); // channel name -> this tab's Tab
+
+/** The shared transport for one client, or null where the browser cannot share. */
+export function joinShared(opts, member) {
+  if (typeof BroadcastChannel !== "function" || !globalThis.navigator?.locks?.request) return null;
+  const name = `pgsse:${new URL(String(opts.baseUrl || "/"), globalThis.location?.href).origin}`;
+  let tab = tabs.get(name);
+  if (!tab) {
+    tab = new Tab(name);
+    tabs.set(name, tab);
+  }
+  const current = tab;
+  let joined = false;
+  return {
+    shared: true,
+    connect() {
+      if (!joined) current.add(member, opts);
+      joined = true;
+    },
+    disconnect() {
+      if (joined) current.remove(member);
+      joined = false;
+    },
+    get reconnecting() {
+      return current.state.status === "reconnecting";
+    },
+  };
+}
+
+const randomId = () => Math.random().toString(36).slice(2) + Date.now().toString(36);
+
+class Tab {
+  constructor(name) {
+    this.name = name;
+    this.id = randomId();
+    this.members = new Map(); // member -> its client's options
+    this.others = new Map(); // tab id -> its subscriptions
+    this.lastIds = new Map(); // stream key -> last id seen on it
+    this.streams = new Map(); // stream key (leader only) -> { spec, connection, state }
+    this.resumed = new Set(); // member ids whose `after` the leader has honoured
+    this.leader = false;
+    this.requested = false; // the lock asked for, not yet granted
+    this.release = null; // ends the lock's hold
+    this.state = { connected: false, attempts: 0, error: null, status: "connecting" };
+    this.pending = false; // a reconcile queued
+
+    this.channel = new BroadcastChannel(name);
+    this.channel.onmessage = (event) => this.receive(event.data);
+    this.post({ t: "hello", tab: this.id });
+    // A tab that goes (or into the back-forward cache) takes its subscriptions along; one
+    // that comes back from that cache brings them back.
+    globalThis.addEventListener?.("pagehide", () => this.post({ t: "subs", tab: this.id, subs: [] }));
+    globalThis.addEventListener?.("pageshow", (event) => event.persisted && this.announce());
+    const nudge = () => (this.leader ? this.nudge() : this.post({ t: "nudge" }));
+    globalThis.addEventListener?.("online", nudge);
+    globalThis.document?.addEventListener("visibilitychange", () => {
+      if (globalThis.document.visibilityState === "visible") nudge();
+    });
+  }
+
+  post(message) {
+    try {
+      this.channel.postMessage(message);
+    } catch (error) {
+      console.error("pgsse: BroadcastChannel post failed", error);
+    }
+  }
+
+  subscriptions() {
+    return [...this.members].map(([{ sessions, robotId }, { id, after }]) => ({
+      id,
+      sessions,
+      robotId,
+      after,
+    }));
+  }
+
+  // `after`: the member's last id as it joins, the point its stream must resume from.
+  add(member, opts) {
+    this.members.set(member, { ...opts, id: randomId(), after: member.after });
+    member.onState(this.state);
+    this.announce();
+    if (!this.release && !this.requested) {
+      this.requested = true;
+      navigator.locks.request(`${this.name}:leader`, () => {
+        this.requested = false;
+        if (this.members.size === 0) return undefined; // left while waiting: let it go
+        return new Promise((resolve) => {
+          this.release = resolve;
+          this.lead();
+        });
+      });
+    }
+  }
+
+  remove(member) {
+    this.members.delete(member);
+    this.announce();
+    if (this.members.size === 0 && this.release) {
+      // Nothing to watch here: another tab that has subscriptions leads.
+      const streams = [...this.streams.values()];
+      this.streams.clear();
+      for (const { connection } of streams) connection.disconnect();
+      this.leader = false;
+      this.release();
+      this.release = null;
+    }
+  }
+
+  announce() {
+    this.post({ t: "subs", tab: this.id, subs: this.subscriptions() });
+    if (this.leader) this.schedule();
+  }
+
+  receive(message) {
+    switch (message && message.t) {
+      case "hello":
+        this.post({ t: "subs", tab: this.id, subs: this.subscriptions() });
+        if (this.leader) this.post({ t: "state", state: wire(this.state) });
+        break;
+      case "subs":
+        if (message.subs.length) this.others.set(message.tab, message.subs);
+        else this.others.delete(message.tab);
+        if (this.leader) this.schedule();
+        break;
+      case "event":
+        this.dispatch(message.key, message.data, message.id);
+        break;
+      case "state":
+        if (!this.leader) this.setState(unwire(message.state));
+        break;
+      case "nudge":
+        if (this.leader) this.nudge();
+        break;
+      default:
+        break;
+    }
+  }
+
+  // The last leader honoured the resume points of the subscriptions known now (had it not,
+  // its stream would not have been past them): only later joins rewind the stream.
+  lead() {
+    this.leader = true;
+    for (const { id } of [...this.subscriptions(), ...[...this.others.values()].flat()]) {
+      this.resumed.add(id);
+    }
+    this.reconcile();
+  }
+
+  // Changes made in one task (React's StrictMode mounts, unmounts and mounts again at once)
+  // are merged into one reconcile: a microtask, which no background-tab timer throttling
+  // delays.
+  schedule() {
+    if (this.pending) return;
+    this.pending = true;
+    queueMicrotask(() => {
+      this.pending = false;
+      if (this.leader) this.reconcile();
+    });
+  }
+
+  // The network or a tab came back: a retry the leader has pending runs now, whichever tab
+  // noticed (the leader may be a hidden tab, whose own events say nothing of the user's).
+  nudge() {
+    for (const { connection } of this.streams.values()) connection.retryNow();
+  }
+
+  // The streams every tab's subscriptions need, opened, reopened or closed to match. A
+  // subscription that joins with a last id older than its stream's reopens the stream from
+  // there: it gets what it missed, and the others drop the rows they have.
+  reconcile() {
+    const subscriptions = [...this.subscriptions(), ...[...this.others.values()].flat()];
+    const wanted = new Map();
+    for (const { sessions, robotId } of subscriptions) {
+      const robot = robotId ?? "";
+      const group = wanted.get(robot) || { robotId, sessions: new Set(), global: false };
+      wanted.set(robot, group);
+      if (sessions === null) group.global = true;
+      else for (const session of sessions) group.sessions.add(session);
+    }
+    const specs = new Map();
+    for (const [robot, group] of wanted) {
+      const all = group.global ? [null] : chunks([...group.sessions].sort(), SESSIONS_PER_STREAM);
+      all.forEach((sessions, n) => specs.set(`${robot}#${n}`, { robotId: group.robotId, sessions }));
+    }
+    const rewind = new Set();
+    for (const { id, sessions, robotId, after } of subscriptions) {
+      if (!after || this.resumed.has(id)) continue;
+      this.resumed.add(id);
+      for (const [key, spec] of specs) {
+        const covers = spec.sessions === null || !sessions || sessions.some((x) => spec.sessions.includes(x));
+        const last = this.lastIds.get(key);
+        if (covers && (spec.robotId ?? "") === (robotId ?? "") && (!last || compareIds(after, last) < 0)) {
+          this.lastIds.set(key, after);
+          rewind.add(key);
+        }
+      }
+    }
+    for (const [key, stream] of this.streams) {
+      const spec = specs.get(key);
+      if (!spec || !sameSpec(spec, stream.spec) || rewind.has(key)) {
+        this.streams.delete(key);
+        stream.connection.disconnect();
+      }
+    }
+    const opts = this.members.values().next().value;
+    for (const [key, spec] of specs) {
+      if (this.streams.has(key) || !opts) continue;
+      const stream = { spec, state: { connected: false, attempts: 0, error: null, status: "connecting" } };
+      stream.connection = createConnection(opts, {
+        query: () => {
+          const params = new URLSearchParams();
+          for (const session of spec.sessions || []) params.append("sessionId", session);
+          if (spec.robotId != null) params.set("robotId", spec.robotId);
+          const last = this.lastIds.get(key);
+          if (last) params.set("lastEventId", last);
+          return params;
+        },
+        onEvent: (_body, event) => {
+          if (this.streams.get(key) !== stream) return;
+          this.post({ t: "event", key, data: event.data, id: event.lastEventId });
+          this.dispatch(key, event.data, event.lastEventId);
+        },
+        onState: (state) => {
+          if (this.streams.get(key) !== stream) return;
+          stream.state = state;
+          this.publishState();
+        },
+      });
+      this.streams.set(key, stream);
+      stream.connection.connect();
+    }
+    this.publishState();
+  }
+
+  // The tabs' view of the shared connection: connected when every stream is.
+  publishState() {
+    const states = [...this.streams.values()].map((stream) => stream.state);
+    if (!states.length) return;
+    const worst = states.find((s) => !s.connected) || states[0];
+    this.setState(worst);
+    this.post({ t: "state", state: wire(worst) });
+  }
+
+  setState(state) {
+    this.state = state;
+    for (const member of this.members.keys()) member.onState(state);
+  }
+
+  dispatch(key, data, id) {
+    if (id) this.lastIds.set(key, id);
+    let body;
+    try {
+      body = JSON.parse(data);
+    } catch {
+      return;
+    }
+    const event = { data, lastEventId: id || "" };
+    for (const member of this.members.keys()) {
+      if (body.type !== "message" || (body.data && member.matches(body.data))) {
+        member.onEvent(body, event);
+      }
+    }
+  }
+}
+
+function chunks(list, size) {
+  const out = [];
+  for (let at = 0; at < list.length; at += size) out.push(list.slice(at, at + size));
+  return out;
+}
+
+function sameSpec(a, b) {
+  return a.robotId === b.robotId && String(a.sessions) === String(b.sessions);
+}
+
+// Errors cross the channel as their message and reason.
+function wire(state) {
+  const { error } = state;
+  return { ...state, error: error && { message: error.message, reason: error.reason } };
+}
+
+function unwire(state) {
+  const { error } = state;
+  return { ...state, error: error && new SSEError(error.message, error.reason) };
+}
