@@ -53,8 +53,8 @@ async def test_a_row_over_max_row_bytes_is_read_cut_and_flagged(
         reads = [
             await store.get(row_id),
             (await store.by_ids([row_id]))[row_id],
-            (await store.after(row_id - 1, 1, session_id=session_id))[0],
-            (await store.after(row_id - 1, 1, session_id=session_id, max_bytes=10**6))[0],
+            (await store.after(row_id - 1, 1, Filter.of(session_id)))[0],
+            (await store.after(row_id - 1, 1, Filter.of(session_id), max_bytes=10**6))[0],
             (await store.in_order([row_id], 10**6))[0],
         ]
     cut = "a" + "你" * 2730  # 8,191 bytes: the next character would make 8,194
