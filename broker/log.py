@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import sys
@@ -15,7 +14,7 @@ import structlog
 
 from .config.settings import LOG_LEVELS
 
-__all__ = ["REFUSAL_INTERVAL_SECONDS", "Refusals", "configure", "digest_of", "silence_closed_pipe"]
+__all__ = ["REFUSAL_INTERVAL_SECONDS", "Refusals", "configure", "silence_closed_pipe"]
 
 REFUSAL_INTERVAL_SECONDS = 1.0
 
@@ -146,13 +145,6 @@ def _drop_invalid_request_report(record: logging.LogRecord) -> bool:
     """uvicorn warns once per unparsable request, at any rate a client likes; the broker
     logs `request_invalid` instead, at a bounded rate (`Refusals`)."""
     return record.getMessage() != "Invalid HTTP request received."
-
-
-def digest_of(text: str) -> dict[str, Any]:
-    """What a log may say of untrusted text (a row's content, a payload): its length and a
-    hash to match it by, never the text itself."""
-    data = text.encode(errors="replace")
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()[:16]}
 
 
 class Refusals:

@@ -50,10 +50,11 @@ PAGE_HEADERS = {
     "X-Frame-Options": "DENY",
 }
 TYPESCRIPT = "application/typescript; charset=utf-8"
-STATIC = Path(__file__).parent / "static"
+PACKAGE = Path(__file__).parents[1]  # broker/
+STATIC = PACKAGE / "static"
 # The browser client's modules are the npm package's own files (client/src), served beside the
 # demo page as /static/sse-client.js etc.; a wheel has them in broker/static (force-include).
-CLIENT = Path(__file__).parents[1] / "client" / "src"
+CLIENT = PACKAGE.parent / "client" / "src"
 
 
 def create_app(settings: Settings, counter: ClientCounter | None = None) -> Starlette:
