@@ -31,7 +31,7 @@ from . import __version__
 from .app import create_app
 from .auth import Authenticator
 from .config import OPTIONS, Option, Settings
-from .database import EmbeddedPostgres, check_database, migrate
+from .database import EmbeddedPostgres, check_database, migrate, migration_sql
 from .errors import BrokerError
 from .guard import log_exposure
 from .log import configure
@@ -63,7 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(settings)
         if args.command == "migrate":
             with _database(settings) as url:
-                migrate(url)
+                if args.print:
+                    sys.stdout.write(migration_sql(url, settings.config))
+                else:
+                    migrate(url, settings.config)
             return 0
         if args.command == "token":
             return _token(settings, args)
@@ -96,6 +99,12 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text, description=text)
         for option in database_options:
             _add_option(sub, option)
+    _add_option(commands.choices["migrate"], next(o for o in OPTIONS if o.field == "config"))
+    commands.choices["migrate"].add_argument(
+        "--print",
+        action="store_true",
+        help="print the SQL migrate would run, and run nothing (default: run it)",
+    )
     publish = commands.choices["publish"]
     publish.add_argument("--session", required=True, help="sessionId of the message (required)")
     publish.add_argument("--robot", help="robotId of the message (default: none)")
@@ -162,7 +171,7 @@ def _serve(settings: Settings) -> int:
         with _database(settings) as url:
             settings = dataclasses.replace(settings, database_url=url)
             if settings.migrate:
-                migrate(url)
+                migrate(url, settings.config)
             else:
                 check_database(url)
             log.info(

@@ -5,8 +5,9 @@ needed), listening on a Unix socket inside its data directory only. Run by root,
 as the unprivileged user `pgserver`, as PostgreSQL refuses to run as root; `placement.py`
 decides where its files live so that user can reach them.
 
-`migrate` applies `sql/*.sql` in name order under a transaction-scoped advisory lock, so
-instances that start together apply them one after the other; every file is idempotent.
+`migrate` applies `sql/*.sql` in name order, then the capture of the declared feeds
+(`capture.py`), under a transaction-scoped advisory lock, so instances that start together
+apply them one after the other; every statement is idempotent.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import hashlib
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -22,11 +25,20 @@ from urllib.parse import quote
 import psycopg
 import structlog
 
+from . import feedspec
+from .capture import capture_sql
 from .config import redact_url
 from .errors import BrokerError
 from .placement import Placement, absolute, locate
 
-__all__ = ["EmbeddedPostgres", "check_database", "connect", "migrate", "sql_files"]
+__all__ = [
+    "EmbeddedPostgres",
+    "check_database",
+    "connect",
+    "migrate",
+    "migration_sql",
+    "sql_files",
+]
 
 MIGRATION_LOCK = 0x70677373  # "pgss": the advisory lock key migrations serialise on
 SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; keep room for "/.s.PGSQL.5432"
@@ -59,21 +71,56 @@ def connect(url: str) -> psycopg.Connection[Any]:
         ) from None
 
 
-def migrate(url: str) -> list[str]:
-    """Apply every file of `sql/` in one transaction; returns the file names applied."""
-    files = sql_files()
-    with connect(url) as conn:
-        try:
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-                for path in files:
-                    conn.execute(path.read_text(encoding="utf-8").encode())
-        except psycopg.Error as exc:
-            reason = " ".join(f"{type(exc).__name__}: {exc}".split())
-            raise BrokerError(f"migration failed: {reason}") from None
-    names = [path.name for path in files]
-    log.info("migrated", files=names)
+def migrate(url: str, config: Path | None = None) -> list[str]:
+    """Apply every file of `sql/`, then the capture of the feeds `config` declares (None: the
+    messages feed, inserts only), in one transaction; returns the file names applied.
+
+    A mistake in `config` raises `ConfigError` (one line naming feed and field) before anything
+    is installed: the file is read before connecting, and checked against the catalog inside
+    the transaction, which then rolls back."""
+    declared = feedspec.read(config)
+    with connect(url) as conn, _translated(), conn.transaction():
+        feeds = _apply_sql(conn, declared)
+        conn.execute(capture_sql(feeds).encode())
+    names = [path.name for path in sql_files()]
+    log.info("migrated", files=names, feeds=[feed.name for feed in feeds])
     return names
+
+
+def migration_sql(url: str, config: Path | None = None) -> str:
+    """What `migrate` would run, as one script for psql (`pgsse migrate --print`).
+
+    The feeds are checked against the catalog as `migrate` would see it: `sql/` is applied in
+    a transaction that is rolled back, so nothing is changed."""
+    declared = feedspec.read(config)
+    with connect(url) as conn, _translated(), conn.transaction(force_rollback=True):
+        feeds = _apply_sql(conn, declared)
+    parts = ["BEGIN;", f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK});"]
+    for path in sql_files():
+        parts += [f"-- sql/{path.name}", path.read_text(encoding="utf-8").rstrip()]
+    parts += ["-- capture of the declared feeds", capture_sql(feeds).rstrip(), "COMMIT;"]
+    return "\n".join(parts) + "\n"
+
+
+def _apply_sql(
+    conn: psycopg.Connection[Any], declared: tuple[feedspec.Declared, ...]
+) -> tuple[feedspec.Feed, ...]:
+    """In `conn`'s transaction: take the migration lock, apply `sql/`, and check `declared`
+    against the catalog that results."""
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+    for path in sql_files():
+        conn.execute(path.read_text(encoding="utf-8").encode())
+    return feedspec.resolve(conn, declared)
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    """A psycopg error of a migration as `BrokerError`, in one line."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise BrokerError(f"migration failed: {reason}") from None
 
 
 def check_database(url: str) -> None:

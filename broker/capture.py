@@ -1,0 +1,260 @@
+"""The SQL `pgsse migrate` runs for the declared feeds (and `pgsse migrate --print` shows).
+
+What it installs, every statement idempotent (run under the migration advisory lock, in the
+same transaction as `sql/`):
+
+- schema `pgsse`; `pgsse.changes`, the change log (a transactional outbox: each change is
+  inserted in the writer's own transaction); `pgsse.position_seq`, the positions of every feed
+  but messages; `pgsse.retention`, how far each feed's log was pruned (`changelog.py`);
+- one generic trigger function `pgsse.capture()`, SECURITY DEFINER (writers need no grant on
+  the log) with its search path pinned;
+- per feed, trigger `pgsse_capture_<feed>` AFTER its declared events FOR EACH ROW (the messages
+  feed: only its updates and deletes; its inserts keep `notify_new_message` and replay from
+  the table);
+- a block that drops every `pgsse_capture_*` trigger of `pgsse.capture()` that no declared
+  feed wants any more (its feed removed, or moved to another table).
+
+The trigger's arguments (TG_ARGV), all computed here from the catalog at migrate time:
+0 feed name, 1 position sequence, 2 route columns (key, filters, primary key), 3 columns left
+out of `data`, 4 columns left out of a delete's `data` (all but the route), 5 timestamptz
+columns, 6 timestamp columns. A change of a feed table's columns needs `pgsse migrate` again.
+
+What the trigger records: `data` is the declared columns of NEW (insert, update) or the route
+columns of OLD (delete), values as `to_jsonb` writes them except timestamps, written as UTC
+with milliseconds and `Z` (a `timestamp` without time zone is taken to be UTC already;
+infinities stay `"infinity"`). An update carries `old`: the previous values of the route
+columns that changed (null if none did). An update that changes none of the feed's columns
+records nothing.
+
+No write to a feed table fails because of capture: nothing in the function raises for any value
+(each step is total: `to_jsonb` of any type, the timestamp round trip of `to_jsonb`'s own ISO
+text), and the notification is the change only when it fits in `NOTIFY_LIMIT` bytes, else a
+reference `{"feed", "position", "ref": true}` from which the broker reads the change. There is
+no EXCEPTION block: each would cost a subtransaction per row.
+
+Capture mode `notify` (default) notifies channel `CHANNEL`; `wal` (issue 23) notifies nothing,
+as a logical replication reader takes the changes from the log's inserts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from psycopg import sql
+
+from .feedspec import Feed
+
+__all__ = ["CAPTURE_MODES", "CHANNEL", "NOTIFY_LIMIT", "capture_sql", "trigger_name"]
+
+CHANNEL = "pgsse_changes"
+NOTIFY_LIMIT = 7900  # bytes; PostgreSQL refuses a payload of 8000 or more
+CAPTURE_MODES = ("notify", "wal")
+TIMESTAMP_FORMAT = 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'  # as sql/002_notify.sql writes createdAt
+
+SCHEMA = """\
+CREATE SCHEMA IF NOT EXISTS pgsse;
+
+-- The change log: one row per captured change, inserted in the writer's transaction.
+CREATE TABLE IF NOT EXISTS pgsse.changes (
+    feed     text        NOT NULL,
+    position bigint      NOT NULL,
+    op       "char"      NOT NULL,  -- 'i' insert, 'u' update, 'd' delete
+    data     jsonb       NOT NULL,  -- declared columns of NEW; a delete: route columns of OLD
+    old      jsonb,                 -- an update: previous values of the route columns changed
+    at       timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (feed, position)
+);
+-- Pruning: DELETE ... WHERE at < cutoff, oldest first, in small batches.
+CREATE INDEX IF NOT EXISTS changes_at_idx ON pgsse.changes (at);
+
+-- Positions of every feed but messages (whose positions are its own row ids).
+CREATE SEQUENCE IF NOT EXISTS pgsse.position_seq AS bigint;
+
+-- How far each feed's log was pruned: a resume from below `pruned_through` gets `reset`.
+CREATE TABLE IF NOT EXISTS pgsse.retention (
+    feed           text   PRIMARY KEY,
+    pruned_through bigint NOT NULL
+);
+"""
+
+FUNCTION = """\
+-- UTC with milliseconds and Z for the timestamp columns of `doc` (to_jsonb's ISO text, read
+-- back: a lossless round trip for every finite value; an infinity is left as it is).
+CREATE OR REPLACE FUNCTION pgsse.utc_ms(doc jsonb, tz text[], naive text[]) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    col text;
+    formatted text;
+BEGIN
+    FOREACH col IN ARRAY tz LOOP
+        IF jsonb_typeof(doc -> col) = 'string' THEN
+            formatted := to_char(
+                (doc ->> col)::timestamptz AT TIME ZONE 'UTC', '{format}');
+            IF formatted IS NOT NULL THEN
+                doc := jsonb_set(doc, ARRAY[col], to_jsonb(formatted));
+            END IF;
+        END IF;
+    END LOOP;
+    FOREACH col IN ARRAY naive LOOP
+        IF jsonb_typeof(doc -> col) = 'string' THEN
+            formatted := to_char((doc ->> col)::timestamp, '{format}');
+            IF formatted IS NOT NULL THEN
+                doc := jsonb_set(doc, ARRAY[col], to_jsonb(formatted));
+            END IF;
+        END IF;
+    END LOOP;
+    RETURN doc;
+END;
+$fn$;
+
+-- One change of a feed's table into pgsse.changes (and a notification): see broker/capture.py.
+CREATE OR REPLACE FUNCTION pgsse.capture() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    v_feed text := TG_ARGV[0];
+    v_route text[] := TG_ARGV[2]::text[];
+    v_tz text[] := TG_ARGV[5]::text[];
+    v_naive text[] := TG_ARGV[6]::text[];
+    v_stamped boolean := cardinality(v_tz) + cardinality(v_naive) > 0;
+    v_op "char";
+    v_data jsonb;
+    v_before jsonb;
+    v_old jsonb;
+    v_col text;
+    v_pos bigint;
+    v_at timestamptz := clock_timestamp();
+    v_payload text;
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        v_op := 'i';
+        v_data := to_jsonb(NEW) - TG_ARGV[3]::text[];
+    ELSIF TG_OP = 'UPDATE' THEN
+        v_op := 'u';
+        v_data := to_jsonb(NEW) - TG_ARGV[3]::text[];
+        v_before := to_jsonb(OLD) - TG_ARGV[3]::text[];
+        IF v_data = v_before THEN
+            RETURN NULL;  -- none of the feed's columns changed
+        END IF;
+        FOREACH v_col IN ARRAY v_route LOOP
+            IF (v_data -> v_col) IS DISTINCT FROM (v_before -> v_col) THEN
+                v_old := coalesce(v_old, '{{}}'::jsonb)
+                    || jsonb_build_object(v_col, coalesce(v_before -> v_col, 'null'::jsonb));
+            END IF;
+        END LOOP;
+        IF v_stamped AND v_old IS NOT NULL THEN
+            v_old := pgsse.utc_ms(v_old, v_tz, v_naive);
+        END IF;
+    ELSE
+        v_op := 'd';
+        v_data := to_jsonb(OLD) - TG_ARGV[4]::text[];
+    END IF;
+    IF v_stamped THEN
+        v_data := pgsse.utc_ms(v_data, v_tz, v_naive);
+    END IF;
+    v_pos := nextval(TG_ARGV[1]::regclass);
+    INSERT INTO pgsse.changes (feed, position, op, data, old, at)
+        VALUES (v_feed, v_pos, v_op, v_data, v_old, v_at);
+{notify}
+    RETURN NULL;
+END;
+$fn$;
+"""
+
+NOTIFY = """\
+    v_payload := json_build_object(
+        'feed', v_feed, 'position', v_pos,
+        'op', CASE v_op WHEN 'i' THEN 'insert' WHEN 'u' THEN 'update' ELSE 'delete' END,
+        'data', v_data, 'old', v_old,
+        'at', to_char(v_at AT TIME ZONE 'UTC', '{format}')
+    )::text;
+    IF octet_length(v_payload) >= {limit} THEN
+        v_payload := json_build_object('feed', v_feed, 'position', v_pos, 'ref', true)::text;
+    END IF;
+    PERFORM pg_notify('{channel}', v_payload);"""
+
+DROP_STALE = """\
+-- Drop the capture triggers no declared feed wants (feeds removed from the file).
+DO $drop$
+DECLARE
+    stale record;
+BEGIN
+    FOR stale IN
+        SELECT t.tgname, t.tgrelid::regclass AS rel FROM pg_trigger t
+        WHERE t.tgfoid = 'pgsse.capture()'::regprocedure AND NOT t.tgisinternal
+          AND {keep}
+    LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', stale.tgname, stale.rel);
+    END LOOP;
+END;
+$drop$;
+"""
+
+
+def trigger_name(feed: Feed) -> str:
+    return f"pgsse_capture_{feed.name}"
+
+
+def captured_events(feed: Feed) -> tuple[str, ...]:
+    """The events the feed's trigger fires on: the messages feed's inserts are not captured
+    (they replay from the table and keep `notify_new_message`)."""
+    return tuple(e for e in feed.events if not (feed.is_messages and e == "insert"))
+
+
+def capture_sql(feeds: Sequence[Feed], mode: str = "notify") -> str:
+    """The SQL installing capture for `feeds`, and removing it from tables no feed wants."""
+    if mode not in CAPTURE_MODES:
+        raise ValueError(f"unknown capture mode {mode!r}")
+    notify = NOTIFY.format(format=TIMESTAMP_FORMAT, limit=NOTIFY_LIMIT, channel=CHANNEL)
+    function = FUNCTION.format(format=TIMESTAMP_FORMAT, notify=notify if mode == "notify" else "")
+    parts = [SCHEMA, function]
+    wanted: list[sql.Composable] = []
+    for feed in feeds:
+        if not captured_events(feed):
+            continue
+        parts.append(_trigger(feed))
+        wanted.append(
+            sql.SQL("({}::regclass::oid, {})").format(
+                sql.Literal(_relation(feed).as_string(None)), sql.Literal(trigger_name(feed))
+            )
+        )
+    keep = (
+        sql.SQL("(t.tgrelid, t.tgname::text) NOT IN ({})").format(sql.SQL(", ").join(wanted))
+        if wanted
+        else sql.SQL("true")
+    )
+    parts.append(DROP_STALE.format(keep=keep.as_string(None)))
+    return "\n".join(parts)
+
+
+def _relation(feed: Feed) -> sql.Identifier:
+    return sql.Identifier(feed.schema, feed.table)
+
+
+def _trigger(feed: Feed) -> str:
+    events = " OR ".join(event.upper() for event in captured_events(feed))
+    sequence = feed.sequence or "pgsse.position_seq"
+    args = [
+        feed.name,
+        sequence,
+        _array(feed.route),
+        _array([c for c in feed.all_columns if c not in feed.columns]),
+        _array([c for c in feed.all_columns if c not in feed.route]),
+        _array(feed.timestamptz),
+        _array(feed.timestamp),
+    ]
+    statement = sql.SQL(
+        "CREATE OR REPLACE TRIGGER {name}\n    AFTER {events} ON {table}\n"
+        "    FOR EACH ROW EXECUTE FUNCTION pgsse.capture({args});\n"
+    ).format(
+        name=sql.Identifier(trigger_name(feed)),
+        events=sql.SQL(events),
+        table=_relation(feed),
+        args=sql.SQL(", ").join(map(sql.Literal, args)),
+    )
+    return f"-- feed {feed.name}: {', '.join(captured_events(feed))}\n" + statement.as_string(None)
+
+
+def _array(names: Sequence[str]) -> str:
+    """A text[] literal of `names`, every element quoted."""
+    quoted = ('"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"' for name in names)
+    return "{" + ",".join(quoted) + "}"
