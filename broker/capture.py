@@ -64,8 +64,9 @@ CREATE TABLE IF NOT EXISTS pgsse.changes (
     at       timestamptz NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (feed, position)
 );
--- Pruning: DELETE ... WHERE at < cutoff, oldest first, in small batches.
-CREATE INDEX IF NOT EXISTS changes_at_idx ON pgsse.changes (at);
+-- Pruning: DELETE ... WHERE at < cutoff in small batches. BRIN, not btree: `at` follows the
+-- insert order, and a btree would add an index insertion to every captured write.
+CREATE INDEX IF NOT EXISTS changes_at_brin ON pgsse.changes USING brin (at);
 
 -- Positions of every feed but messages (whose positions are its own row ids).
 CREATE SEQUENCE IF NOT EXISTS pgsse.position_seq AS bigint;
@@ -80,8 +81,10 @@ CREATE TABLE IF NOT EXISTS pgsse.retention (
 FUNCTION = """\
 -- UTC with milliseconds and Z for the timestamp columns of `doc` (to_jsonb's ISO text, read
 -- back: a lossless round trip for every finite value; an infinity is left as it is).
+-- No SET clause (it would cost a configuration save and restore per call): only
+-- pg_catalog's functions are called, and the caller, pgsse.capture(), pins the search path.
 CREATE OR REPLACE FUNCTION pgsse.utc_ms(doc jsonb, tz text[], naive text[]) RETURNS jsonb
-LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql STABLE AS $fn$
 DECLARE
     col text;
     formatted text;
@@ -124,6 +127,7 @@ DECLARE
     v_pos bigint;
     v_at timestamptz := clock_timestamp();
     v_payload text;
+    v_stamp text;
 BEGIN
     IF TG_OP = 'INSERT' THEN
         v_op := 'i';
@@ -148,8 +152,18 @@ BEGIN
         v_op := 'd';
         v_data := to_jsonb(OLD) - TG_ARGV[4]::text[];
     END IF;
-    IF v_stamped THEN
-        v_data := pgsse.utc_ms(v_data, v_tz, v_naive);
+    IF v_stamped THEN  -- inline for the one column most feeds have; the function otherwise
+        IF cardinality(v_tz) = 1 AND cardinality(v_naive) = 0 THEN
+            v_col := v_tz[1];
+            IF jsonb_typeof(v_data -> v_col) = 'string' THEN
+                v_stamp := to_char((v_data ->> v_col)::timestamptz AT TIME ZONE 'UTC', '{format}');
+                IF v_stamp IS NOT NULL THEN
+                    v_data := jsonb_set(v_data, ARRAY[v_col], to_jsonb(v_stamp));
+                END IF;
+            END IF;
+        ELSE
+            v_data := pgsse.utc_ms(v_data, v_tz, v_naive);
+        END IF;
     END IF;
     v_pos := nextval(TG_ARGV[1]::regclass);
     INSERT INTO pgsse.changes (feed, position, op, data, old, at)
@@ -161,14 +175,14 @@ $fn$;
 """
 
 NOTIFY = """\
-    v_payload := json_build_object(
-        'feed', v_feed, 'position', v_pos,
-        'op', CASE v_op WHEN 'i' THEN 'insert' WHEN 'u' THEN 'update' ELSE 'delete' END,
-        'data', v_data, 'old', v_old,
-        'at', to_char(v_at AT TIME ZONE 'UTC', '{format}')
-    )::text;
+    -- Built as text: one serialisation of `data` (json_build_object re-serialises jsonb).
+    v_payload := concat(
+        '{{"feed":', to_json(v_feed), ',"position":', v_pos,
+        ',"op":"', CASE v_op WHEN 'i' THEN 'insert' WHEN 'u' THEN 'update' ELSE 'delete' END,
+        '","data":', v_data, ',"old":', coalesce(v_old::text, 'null'),
+        ',"at":"', to_char(v_at AT TIME ZONE 'UTC', '{format}'), '"}}');
     IF octet_length(v_payload) >= {limit} THEN
-        v_payload := json_build_object('feed', v_feed, 'position', v_pos, 'ref', true)::text;
+        v_payload := concat('{{"feed":', to_json(v_feed), ',"position":', v_pos, ',"ref":true}}');
     END IF;
     PERFORM pg_notify('{channel}', v_payload);"""
 

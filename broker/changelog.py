@@ -151,7 +151,7 @@ PRUNE = """\
 WITH doomed AS (
     SELECT feed, position FROM pgsse.changes
     WHERE at < clock_timestamp() - make_interval(secs => %s)
-    ORDER BY at LIMIT %s FOR UPDATE SKIP LOCKED
+    LIMIT %s FOR UPDATE SKIP LOCKED
 ), gone AS (
     DELETE FROM pgsse.changes c USING doomed d
     WHERE c.feed = d.feed AND c.position = d.position
