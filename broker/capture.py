@@ -44,7 +44,14 @@ from psycopg import sql
 
 from .feedspec import Feed
 
-__all__ = ["CAPTURE_MODES", "CHANNEL", "NOTIFY_LIMIT", "capture_sql", "trigger_name"]
+__all__ = [
+    "CAPTURE_MODES",
+    "CHANNEL",
+    "NOTIFY_LIMIT",
+    "capture_sql",
+    "captured_events",
+    "trigger_name",
+]
 
 CHANNEL = "pgsse_changes"
 NOTIFY_LIMIT = 7900  # bytes; PostgreSQL refuses a payload of 8000 or more

@@ -173,7 +173,7 @@ def _serve(settings: Settings) -> int:
             if settings.migrate:
                 migrate(url, settings.config)
             else:
-                check_database(url)
+                check_database(url, settings.config)
             log.info(
                 "listening",
                 addresses=[_address(sock) for sock in sockets],

@@ -26,7 +26,7 @@ import psycopg
 import structlog
 
 from . import feedspec
-from .capture import capture_sql
+from .capture import capture_sql, captured_events, trigger_name
 from .config import redact_url
 from .errors import BrokerError
 from .placement import Placement, absolute, locate
@@ -123,16 +123,31 @@ def _translated() -> Iterator[None]:
         raise BrokerError(f"migration failed: {reason}") from None
 
 
-def check_database(url: str) -> None:
+def check_database(url: str, config: Path | None = None) -> None:
     """What serving needs, checked once at start-up when migrations are off: the database
-    answers and holds table `messages`."""
+    answers, holds table `messages`, and the feeds of `config` are valid and installed."""
+    declared = feedspec.read(config)
     with connect(url) as conn:
         found = conn.execute("SELECT to_regclass('messages') IS NOT NULL").fetchone()
-    if not found or not found[0]:
-        raise BrokerError(
-            f"invalid BROKER_MIGRATE=false: DATABASE_URL={redact_url(url)} has no table"
-            " messages; run `pgsse migrate` once, or unset BROKER_MIGRATE"
-        )
+        if not found or not found[0]:
+            raise BrokerError(
+                f"invalid BROKER_MIGRATE=false: DATABASE_URL={redact_url(url)} has no table"
+                " messages; run `pgsse migrate` once, or unset BROKER_MIGRATE"
+            )
+        feeds = feedspec.resolve(conn, declared)
+        installed = {
+            str(name)
+            for (name,) in conn.execute(
+                "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal"
+                " AND tgfoid = to_regprocedure('pgsse.capture()')"
+            ).fetchall()
+        }
+    for feed in feeds:
+        if captured_events(feed) and trigger_name(feed) not in installed:
+            raise BrokerError(
+                f"invalid BROKER_MIGRATE=false: feed {feed.name} is not installed;"
+                " run `pgsse migrate --config` with this file, or unset BROKER_MIGRATE"
+            )
 
 
 class EmbeddedPostgres:

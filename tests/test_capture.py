@@ -14,7 +14,8 @@ import psycopg
 import pytest
 
 from broker.capture import CHANNEL, NOTIFY_LIMIT
-from broker.database import migrate
+from broker.database import check_database, migrate
+from broker.errors import BrokerError
 from tests.conftest import Database
 from tests.support.feeds import (
     ORDERS_CONFIG,
@@ -250,3 +251,14 @@ def test_print_shows_the_sql_and_runs_nothing(shop: Scratch, orders_config: Path
         ("shop.orders", "pgsse_capture_orders"),
         ("shop.odd", "pgsse_capture_odd"),
     }
+
+
+def test_serving_without_migrations_needs_the_feeds_installed(
+    shop: Scratch, orders_config: Path
+) -> None:
+    migrate(shop.url)  # sql/ only: the default feed captures nothing
+    check_database(shop.url)
+    with pytest.raises(BrokerError, match="feed messages is not installed; run `pgsse migrate"):
+        check_database(shop.url, orders_config)
+    migrate(shop.url, orders_config)
+    check_database(shop.url, orders_config)
