@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
         _add_option(serve, option)
     database_options = [o for o in OPTIONS if o.field in ("database_url", "data_dir")]
     for name, text in (
-        ("migrate", "apply sql/ idempotently"),
+        ("migrate", "apply sql/ and the declared feeds' capture, idempotently"),
         ("publish", "insert one message, for trying it out"),
     ):
         sub = commands.add_parser(name, help=text, description=text)
