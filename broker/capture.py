@@ -181,6 +181,13 @@ END;
 $fn$;
 """
 
+GRANTS = """\
+-- SECURITY DEFINER writes the log with the owner's rights, so no one else may attach it to a
+-- table of theirs (which would forge changes of any feed): a trigger needs EXECUTE to be
+-- created, not to fire, so every writer of a feed table is still captured.
+REVOKE ALL ON FUNCTION pgsse.capture() FROM PUBLIC;
+"""
+
 NOTIFY = """\
     -- Built as text: one serialisation of `data` (json_build_object re-serialises jsonb).
     v_payload := concat(
@@ -227,7 +234,7 @@ def capture_sql(feeds: Sequence[Feed], mode: str = "notify") -> str:
         raise ValueError(f"unknown capture mode {mode!r}")
     notify = NOTIFY.format(format=TIMESTAMP_FORMAT, limit=NOTIFY_LIMIT, channel=CHANNEL)
     function = FUNCTION.format(format=TIMESTAMP_FORMAT, notify=notify if mode == "notify" else "")
-    parts = [SCHEMA, function]
+    parts = [SCHEMA, function, GRANTS]
     wanted: list[sql.Composable] = []
     for feed in feeds:
         if not captured_events(feed):

@@ -5,6 +5,7 @@ two processes at once, removing what no feed declares; `--print` runs nothing.""
 from __future__ import annotations
 
 import concurrent.futures
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import orjson
 import psycopg
 import pytest
+from psycopg import sql
 
 from broker.capture import CHANNEL, NOTIFY_LIMIT
 from broker.database import check_database, migrate
@@ -262,3 +264,45 @@ def test_serving_without_migrations_needs_the_feeds_installed(
         check_database(shop.url, orders_config)
     migrate(shop.url, orders_config)
     check_database(shop.url, orders_config)
+
+
+def test_writers_need_no_grant_on_the_log_and_no_one_else_may_attach_capture(
+    shop: Scratch, orders_config: Path
+) -> None:
+    migrate(shop.url, orders_config)
+    writer, mallory = (f"{name}_{uuid.uuid4().hex[:8]}" for name in ("writer", "mallory"))
+    for role in (writer, mallory):
+        shop.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)).as_string(None))
+    try:
+        shop.execute(
+            sql.SQL(
+                "GRANT USAGE ON SCHEMA shop TO {w}; GRANT INSERT, SELECT ON shop.orders TO {w};"
+                " GRANT USAGE, CREATE ON SCHEMA public TO {m};"
+                " GRANT USAGE ON SCHEMA pgsse TO {m}"  # as a role reading the log has
+            )
+            .format(w=sql.Identifier(writer), m=sql.Identifier(mallory))
+            .as_string(None)
+        )
+        as_writer = shop.url.replace("postgres@", f"{writer}@", 1)
+        with psycopg.connect(as_writer, autocommit=True) as conn:
+            conn.execute("INSERT INTO shop.orders (customer_id, status) VALUES ('9', 'open')")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("SELECT * FROM pgsse.changes")
+        assert [op for op, _, _ in changes(shop, "orders")] == ["i"]
+        as_mallory = shop.url.replace("postgres@", f"{mallory}@", 1)
+        with psycopg.connect(as_mallory, autocommit=True) as conn:
+            conn.execute("CREATE TABLE public.mine (id int PRIMARY KEY, customer_id text)")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(
+                    "CREATE TRIGGER forge AFTER INSERT ON public.mine FOR EACH ROW EXECUTE"
+                    " FUNCTION pgsse.capture('orders', 'pgsse.position_seq', '{id}', '{}',"
+                    " '{}', '{}', '{}')"
+                )
+    finally:
+        shop.execute("DROP TABLE IF EXISTS public.mine")
+        for role in (writer, mallory):
+            shop.execute(
+                sql.SQL("DROP OWNED BY {r}; DROP ROLE {r}")
+                .format(r=sql.Identifier(role))
+                .as_string(None)
+            )
