@@ -4,10 +4,11 @@
   `after` (and <= `upto`) that `match` selects, in position order. A page scans at most
   `scan` changes of the feed, so a rare filter never makes one query walk the whole log;
   `Page.through` is where the next page starts, `Page.done` says there is no more.
-- `pruned_through(conn, feed)`: positions up to this one may have been pruned, so a resume from
-  a position below it gets `{"type":"reset","reason":"history expired"}`. Exact in the safe
-  direction: every pruned change has a position <= it (a retained one may too, since positions
-  are taken in insert order and pruning goes by time).
+- `pruned_through(conn, feed)` (and `Page.expired(after)`, in the page's own snapshot): changes
+  up to this position may have been pruned, so a resume from below it gets
+  `{"type":"reset","reason":"history expired"}`. Exact in the safe direction: every pruned
+  change has a position <= it (a retained one may too, since positions are taken in insert
+  order and pruning goes by time).
 - `prune(conn, retention)`: deletes changes older than `retention` seconds in batches of
   `PRUNE_BATCH`, each its own short transaction under a transaction advisory lock that only
   pruners take (one instance prunes at a time; the others skip). Writers only INSERT into the
@@ -75,11 +76,19 @@ class Change:
 @dataclass(frozen=True, slots=True)
 class Page:
     """Changes that matched, in position order; the log was read through position `through`
-    (the next page's `after`); `done`: nothing more up to `upto`."""
+    (the next page's `after`); `done`: nothing more up to `upto`; `pruned_through`: the
+    feed's watermark (`pruned_through()`) as of this page."""
 
     changes: list[Change]
     through: int
     done: bool
+    pruned_through: int  # read in the page's own snapshot: see `expired`
+
+    def expired(self, after: int) -> bool:
+        """Whether a resume from `after` may have lost pruned changes (so: `reset`). Exact
+        with the page: the watermark and the changes were read in one statement's snapshot,
+        and a prune deletes and raises the watermark in one transaction."""
+        return after < self.pruned_through
 
 
 def _condition(doc: str, key: str, match: Match) -> tuple[sql.Composable, list[Any]]:
@@ -111,25 +120,29 @@ async def read(
     new, new_params = _condition("data", key, match)
     old, old_params = _condition("(data || old)", key, match)
     query = sql.SQL(
-        "SELECT position, op::text, {new} OR (op = 'u' AND old IS NOT NULL AND {old}),"
-        " data::text, old::text, at FROM pgsse.changes"
-        " WHERE feed = %s AND position > %s AND position <= %s"
-        " ORDER BY position LIMIT %s"
+        "SELECT w.pruned, c.* FROM (SELECT coalesce((SELECT pruned_through"
+        " FROM pgsse.retention WHERE feed = %s), 0) AS pruned) AS w"
+        " LEFT JOIN LATERAL (SELECT position, op::text,"
+        " {new} OR (op = 'u' AND old IS NOT NULL AND {old}), data::text, old::text, at"
+        " FROM pgsse.changes WHERE feed = %s AND position > %s AND position <= %s"
+        " ORDER BY position LIMIT %s) AS c ON true ORDER BY c.position"
     ).format(new=new, old=old)
     bound = upto if upto is not None else 2**63 - 1
-    params = [*new_params, *old_params, feed, after, bound, scan]
+    params = [feed, *new_params, *old_params, feed, after, bound, scan]
     cursor = conn.cursor(row_factory=tuple_row)
     rows = await (await cursor.execute(query, params)).fetchall()
+    pruned = int(rows[0][0])  # one row at least: the LEFT JOIN keeps `w`
+    rows = [row[1:] for row in rows if row[1] is not None]
     changes: list[Change] = []
     through = after
     for position, op, matched, data, old_data, at in rows:
         if matched:
             if len(changes) == limit:
-                return Page(changes, through, done=False)
+                return Page(changes, through, False, pruned)
             old_doc = None if old_data is None else _json(old_data)
             changes.append(Change(feed, position, OPS[op], _json(data), old_doc, at))
         through = position
-    return Page(changes, through, done=len(rows) < scan)
+    return Page(changes, through, len(rows) < scan, pruned)
 
 
 def _json(text: str) -> dict[str, Any]:

@@ -125,6 +125,13 @@ async def test_prune_deletes_old_changes_and_marks_how_far(
     left = [p for (p,) in shop.query("SELECT position FROM pgsse.changes ORDER BY 1")]
     assert left == positions[3:]
     assert await changelog.pruned_through(conn, "orders") == positions[2]
+    page = await changelog.read(conn, "orders", "customer_id", positions[1], Match())
+    assert page.pruned_through == positions[2] and page.expired(positions[1])
+    assert [c.position for c in page.changes] == positions[3:]  # position[2] is gone
+    page = await changelog.read(conn, "orders", "customer_id", positions[2], Match())
+    assert not page.expired(positions[2])  # nothing after it was pruned
+    empty = await changelog.read(conn, "orders", "customer_id", positions[-1], Match())
+    assert (empty.changes, empty.done, empty.pruned_through) == ([], True, positions[2])
     assert await changelog.prune(conn, 7 * 86400) == 0
 
 
