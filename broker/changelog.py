@@ -9,6 +9,7 @@
   `{"type":"reset","reason":"history expired"}`. Exact in the safe direction: every pruned
   change has a position <= it (a retained one may too, since positions are taken in insert
   order and pruning goes by time).
+- `fetch(conn, feed, position)`: one change, for a notification that is a reference.
 - `prune(conn, retention)`: deletes changes older than `retention` seconds in batches of
   `PRUNE_BATCH`, each its own short transaction under a transaction advisory lock that only
   pruners take (one instance prunes at a time; the others skip). Writers only INSERT into the
@@ -30,8 +31,11 @@ from typing import Any
 
 import orjson
 import psycopg
+import structlog
 from psycopg import sql
 from psycopg.rows import tuple_row
+
+log = structlog.get_logger(logger_name="broker.changelog")
 
 __all__ = [
     "OPS",
@@ -40,6 +44,7 @@ __all__ = [
     "Change",
     "Match",
     "Page",
+    "fetch",
     "prune",
     "prune_batch",
     "pruned_through",
@@ -145,6 +150,22 @@ async def read(
     return Page(changes, through, len(rows) < scan, pruned)
 
 
+async def fetch(conn: psycopg.AsyncConnection[Any], feed: str, position: int) -> Change | None:
+    """The change at `position` of `feed` (a notification too large to carry it is a
+    reference `{"feed", "position", "ref": true}`); None if it was pruned."""
+    cursor = conn.cursor(row_factory=tuple_row)
+    await cursor.execute(
+        "SELECT op::text, data::text, old::text, at FROM pgsse.changes"
+        " WHERE feed = %s AND position = %s",
+        (feed, position),
+    )
+    row = await cursor.fetchone()
+    if row is None:
+        return None
+    op, data, old, at = row
+    return Change(feed, position, OPS[op], _json(data), None if old is None else _json(old), at)
+
+
 def _json(text: str) -> dict[str, Any]:
     value = orjson.loads(text)
     assert isinstance(value, dict)  # the trigger writes objects only
@@ -211,4 +232,6 @@ async def prune(
         deleted += count
         if count < batch:
             break
+    if deleted:
+        log.info("changes_pruned", deleted=deleted, retention_seconds=retention)
     return deleted

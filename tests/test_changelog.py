@@ -7,10 +7,12 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import psycopg
 import pytest
 
 from broker import changelog
+from broker.capture import CHANNEL
 from broker.changelog import Match
 from broker.database import migrate
 from tests.conftest import Database
@@ -167,3 +169,19 @@ async def test_a_running_prune_never_makes_a_writer_wait(
         ("update", "43"),
         ("delete", "44"),
     ]
+
+
+async def test_a_reference_notification_is_fetched_by_position(
+    shop: Scratch, conn: psycopg.AsyncConnection[Any]
+) -> None:
+    customer = "c" * 10_000  # the change does not fit in a notification
+    with shop.connect() as listener:
+        listener.execute(f"LISTEN {CHANNEL}")
+        write(shop, f"INSERT INTO shop.orders (customer_id, status) VALUES ('{customer}', 'open')")
+        (notification,) = list(listener.notifies(timeout=5, stop_after=1))
+    reference = orjson.loads(notification.payload)
+    assert reference == {"feed": "orders", "position": reference["position"], "ref": True}
+    change = await changelog.fetch(conn, "orders", reference["position"])
+    assert change is not None and change.op == "insert"
+    assert change.data["customer_id"] == customer and change.old is None
+    assert await changelog.fetch(conn, "orders", reference["position"] + 1) is None
