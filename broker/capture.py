@@ -33,7 +33,9 @@ reference `{"feed", "position", "ref": true}` from which the broker reads the ch
 no EXCEPTION block: each would cost a subtransaction per row.
 
 Capture mode `notify` (default) notifies channel `CHANNEL`; `wal` (issue 23) notifies nothing,
-as a logical replication reader takes the changes from the log's inserts.
+as a logical replication reader takes the changes from the log's inserts. Where `sql/` made a
+signing key (table `pgsse_key`), each notification is preceded by its HMAC-SHA256 in 64 hex
+digits, exactly as `notify_new_message` signs its own.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ __all__ = [
 ]
 
 CHANNEL = "pgsse_changes"
-NOTIFY_LIMIT = 7900  # bytes; PostgreSQL refuses a payload of 8000 or more
+NOTIFY_LIMIT = 7800  # bytes of JSON; with a 64-digit signature under PostgreSQL's 8000
 CAPTURE_MODES = ("notify", "wal")
 TIMESTAMP_FORMAT = 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'  # as sql/002_notify.sql writes createdAt
 
@@ -135,6 +137,7 @@ DECLARE
     v_at timestamptz := clock_timestamp();
     v_payload text;
     v_stamp text;
+    v_pads record;
 BEGIN
     IF TG_OP = 'INSERT' THEN
         v_op := 'i';
@@ -198,7 +201,16 @@ NOTIFY = """\
     IF octet_length(v_payload) >= {limit} THEN
         v_payload := concat('{{"feed":', to_json(v_feed), ',"position":', v_pos, ',"ref":true}}');
     END IF;
-    PERFORM pg_notify('{channel}', v_payload);"""
+{sign}    PERFORM pg_notify('{channel}', v_payload);"""
+
+# With a signing key (`sql/`'s pgsse_key, read by the owner only), the payload is preceded by
+# its HMAC-SHA256 in 64 hex digits, as notify_new_message signs its own: a role that may
+# NOTIFY but not read the key cannot forge a change the broker accepts.
+SIGN = """\
+    SELECT inner_pad, outer_pad INTO v_pads FROM {key_table};
+    v_payload := encode(sha256(v_pads.outer_pad
+        || sha256(v_pads.inner_pad || convert_to(v_payload, 'UTF8'))), 'hex') || v_payload;
+"""
 
 DROP_STALE = """\
 -- Drop the capture triggers no declared feed wants (feeds removed from the file).
@@ -228,11 +240,15 @@ def captured_events(feed: Feed) -> tuple[str, ...]:
     return tuple(e for e in feed.events if not (feed.is_messages and e == "insert"))
 
 
-def capture_sql(feeds: Sequence[Feed], mode: str = "notify") -> str:
-    """The SQL installing capture for `feeds`, and removing it from tables no feed wants."""
+def capture_sql(
+    feeds: Sequence[Feed], mode: str = "notify", key_table: sql.Identifier | None = None
+) -> str:
+    """The SQL installing capture for `feeds`, and removing it from tables no feed wants.
+    With `key_table` (the signing key's table, qualified), notifications are signed."""
     if mode not in CAPTURE_MODES:
         raise ValueError(f"unknown capture mode {mode!r}")
-    notify = NOTIFY.format(format=TIMESTAMP_FORMAT, limit=NOTIFY_LIMIT, channel=CHANNEL)
+    sign = "" if key_table is None else SIGN.format(key_table=key_table.as_string(None))
+    notify = NOTIFY.format(format=TIMESTAMP_FORMAT, limit=NOTIFY_LIMIT, channel=CHANNEL, sign=sign)
     function = FUNCTION.format(format=TIMESTAMP_FORMAT, notify=notify if mode == "notify" else "")
     parts = [SCHEMA, function, GRANTS]
     wanted: list[sql.Composable] = []

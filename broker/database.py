@@ -24,6 +24,7 @@ from urllib.parse import quote
 
 import psycopg
 import structlog
+from psycopg import sql
 
 from . import feedspec
 from .capture import capture_sql, captured_events, trigger_name
@@ -81,7 +82,7 @@ def migrate(url: str, config: Path | None = None) -> list[str]:
     declared = feedspec.read(config)
     with connect(url) as conn, _translated(), conn.transaction():
         feeds = _apply_sql(conn, declared)
-        conn.execute(capture_sql(feeds).encode())
+        conn.execute(capture_sql(feeds, key_table=_key_table(conn)).encode())
     names = [path.name for path in sql_files()]
     log.info("migrated", files=names, feeds=[feed.name for feed in feeds])
     return names
@@ -95,10 +96,12 @@ def migration_sql(url: str, config: Path | None = None) -> str:
     declared = feedspec.read(config)
     with connect(url) as conn, _translated(), conn.transaction(force_rollback=True):
         feeds = _apply_sql(conn, declared)
+        key_table = _key_table(conn)
     parts = ["BEGIN;", f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK});"]
     for path in sql_files():
         parts += [f"-- sql/{path.name}", path.read_text(encoding="utf-8").rstrip()]
-    parts += ["-- capture of the declared feeds", capture_sql(feeds).rstrip(), "COMMIT;"]
+    script = capture_sql(feeds, key_table=key_table).rstrip()
+    parts += ["-- capture of the declared feeds", script, "COMMIT;"]
     return "\n".join(parts) + "\n"
 
 
@@ -111,6 +114,16 @@ def _apply_sql(
     for path in sql_files():
         conn.execute(path.read_text(encoding="utf-8").encode())
     return feedspec.resolve(conn, declared)
+
+
+def _key_table(conn: psycopg.Connection[Any]) -> sql.Identifier | None:
+    """The signing key's table (`pgsse_key`, made by `sql/` where notifications are signed),
+    qualified, or None where there is none."""
+    row = conn.execute(
+        "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.oid = to_regclass('pgsse_key')"
+    ).fetchone()
+    return None if row is None else sql.Identifier(str(row[0]), "pgsse_key")
 
 
 @contextmanager

@@ -5,6 +5,8 @@ two processes at once, removing what no feed declares; `--print` runs nothing.""
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
+import hmac
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -306,3 +308,34 @@ def test_writers_need_no_grant_on_the_log_and_no_one_else_may_attach_capture(
                 .format(r=sql.Identifier(role))
                 .as_string(None)
             )
+
+
+def test_notifications_are_signed_where_sql_made_a_signing_key(
+    shop: Scratch, orders_config: Path
+) -> None:
+    """As `notify_new_message` signs its own: 64 hex digits of HMAC-SHA256, then the JSON."""
+    key = bytes(range(64))
+    shop.execute(
+        "CREATE TABLE IF NOT EXISTS pgsse_key (one boolean PRIMARY KEY DEFAULT true CHECK (one),"
+        " key bytea NOT NULL, inner_pad bytea NOT NULL, outer_pad bytea NOT NULL);"
+        " DELETE FROM pgsse_key"
+    )
+    shop.execute(
+        "INSERT INTO pgsse_key VALUES (true, %s, %s, %s)",
+        (key, bytes(b ^ 0x36 for b in key), bytes(b ^ 0x5C for b in key)),
+    )
+    migrate(shop.url, orders_config)
+    with shop.connect() as listener:
+        listener.execute(f"LISTEN {CHANNEL}")
+        shop.execute("INSERT INTO shop.orders (customer_id, status) VALUES ('1', 'open')")
+        shop.execute(
+            "INSERT INTO shop.orders (customer_id, status) VALUES (%s, 'open')", ("c" * 9000,)
+        )
+        payloads = [n.payload for n in listener.notifies(timeout=5, stop_after=2)]
+    assert len(payloads) == 2
+    for payload in payloads:
+        signature, body = payload[:64], payload[64:]
+        assert signature == hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
+        assert len(payload.encode()) < 8000
+    assert orjson.loads(payloads[0][64:])["data"]["customer_id"] == "1"
+    assert orjson.loads(payloads[1][64:])["ref"] is True
