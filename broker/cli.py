@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(settings)
         if args.command == "migrate":
-            return _migrate(settings)
+            return _migrate(settings, args.print)
         if args.command == "token":
             return _token(settings, args)
         if args.command == "clean":
@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
         _add_option(serve, option)
     database_options = [o for o in OPTIONS if o.field in ("database_url", "data_dir")]
     for name, text in (
-        ("migrate", "apply sql/ idempotently"),
+        ("migrate", "apply sql/ and the declared feeds' capture, idempotently"),
         ("publish", "insert one message, for trying it out"),
         (
             "clean",
@@ -112,6 +112,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="remove BROKER_DATA_DIR's embedded PostgreSQL, and stopped ones whose"
         " BROKER_DATA_DIR is gone (default: only show)",
+    )
+    _add_option(commands.choices["migrate"], next(o for o in OPTIONS if o.field == "config"))
+    commands.choices["migrate"].add_argument(
+        "--print",
+        action="store_true",
+        help="print the SQL migrate would run, and run nothing (default: run it)",
     )
     publish = commands.choices["publish"]
     publish.add_argument("--session", required=True, help="sessionId of the message (required)")
@@ -165,11 +171,14 @@ def _database(settings: Settings, create: bool = False) -> Iterator[str]:
             embedded.stop()
 
 
-def _migrate(settings: Settings) -> int:
-    from .database import migrate
+def _migrate(settings: Settings, print_only: bool) -> int:
+    from .database import migrate, migration_sql
 
     with _database(settings) as url:
-        files = migrate(url)
+        if print_only:
+            sys.stdout.write(migration_sql(url, settings.config))
+            return 0
+        files = migrate(url, settings.config)
     sys.stdout.write("migrated: " + ", ".join(files) + "\n")
     return 0
 
@@ -247,9 +256,9 @@ def _serve(settings: Settings) -> int:
         with _database(settings, create=True) as url:
             settings = dataclasses.replace(settings, database_url=url)
             if settings.migrate:
-                migrate(url)
+                migrate(url, settings.config)
             else:
-                check_database(url)
+                check_database(url, settings.config)
             log.info(
                 "listening",
                 addresses=[_address(sock) for sock in sockets],

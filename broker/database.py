@@ -5,8 +5,9 @@ needed), listening on a Unix socket inside its data directory only. Run by root,
 as the unprivileged user `pgserver`, as PostgreSQL refuses to run as root; `placement.py`
 decides where its files live so that user can reach them.
 
-`migrate` applies `sql/*.sql` in name order under a transaction-scoped advisory lock, so
-instances that start together apply them one after the other; every file is idempotent.
+`migrate` applies `sql/*.sql` in name order, then the capture of the declared feeds
+(`capture.py`), under a transaction-scoped advisory lock, so instances that start together
+apply them one after the other; every statement is idempotent.
 """
 
 from __future__ import annotations
@@ -16,22 +17,28 @@ import shutil
 import stat
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import psycopg
 import structlog
+from psycopg import sql
 
+from .config import feeds as feedspec
 from .config.settings import redact_url
 from .embedded.placement import Placement, absolute, locate, source_file
 from .errors import BrokerError
+from .feeds.capture import capture_sql, captured_events, trigger_name
 
 __all__ = [
     "EmbeddedPostgres",
     "check_database",
     "connect",
     "migrate",
+    "migration_sql",
     "postmaster_alive",
     "sql_files",
 ]
@@ -67,35 +74,98 @@ def connect(url: str) -> psycopg.Connection[Any]:
         ) from None
 
 
-def migrate(url: str) -> list[str]:
-    """Apply every file of `sql/` in one transaction; returns the file names applied."""
-    files = sql_files()
-    with connect(url) as conn:
-        try:
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-                for path in files:
-                    conn.execute(path.read_text(encoding="utf-8").encode())
-        except psycopg.Error as exc:
-            reason = " ".join(f"{type(exc).__name__}: {exc}".split())
-            raise BrokerError(f"migration failed: {reason}") from None
-    names = [path.name for path in files]
-    log.info("migrated", files=names)
+def migrate(url: str, config: Path | None = None) -> list[str]:
+    """Apply every file of `sql/`, then the capture of the feeds `config` declares (None: the
+    messages feed, inserts only), in one transaction; returns the file names applied.
+
+    A mistake in `config` raises `ConfigError` (one line naming feed and field) before anything
+    is installed: the file is read before connecting, and checked against the catalog inside
+    the transaction, which then rolls back."""
+    declared = feedspec.read(config)
+    with connect(url) as conn, _translated(), conn.transaction():
+        feeds = _apply_sql(conn, declared)
+        conn.execute(capture_sql(feeds, key_table=_key_table(conn)).encode())
+    names = [path.name for path in sql_files()]
+    log.info("migrated", files=names, feeds=[feed.name for feed in feeds])
     return names
 
 
-def check_database(url: str) -> None:
+def migration_sql(url: str, config: Path | None = None) -> str:
+    """What `migrate` would run, as one script for psql (`pgsse migrate --print`).
+
+    The feeds are checked against the catalog as `migrate` would see it: `sql/` is applied in
+    a transaction that is rolled back, so nothing is changed."""
+    declared = feedspec.read(config)
+    with connect(url) as conn, _translated(), conn.transaction(force_rollback=True):
+        feeds = _apply_sql(conn, declared)
+        key_table = _key_table(conn)
+    parts = ["BEGIN;", f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK});"]
+    for path in sql_files():
+        parts += [f"-- sql/{path.name}", path.read_text(encoding="utf-8").rstrip()]
+    script = capture_sql(feeds, key_table=key_table).rstrip()
+    parts += ["-- capture of the declared feeds", script, "COMMIT;"]
+    return "\n".join(parts) + "\n"
+
+
+def _apply_sql(
+    conn: psycopg.Connection[Any], declared: tuple[feedspec.Declared, ...]
+) -> tuple[feedspec.Feed, ...]:
+    """In `conn`'s transaction: take the migration lock, apply `sql/`, and check `declared`
+    against the catalog that results."""
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+    for path in sql_files():
+        conn.execute(path.read_text(encoding="utf-8").encode())
+    return feedspec.resolve(conn, declared)
+
+
+def _key_table(conn: psycopg.Connection[Any]) -> sql.Identifier | None:
+    """The signing key's table (`pgsse_key`, made by `sql/` where notifications are signed),
+    qualified, or None where there is none."""
+    row = conn.execute(
+        "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.oid = to_regclass('pgsse_key')"
+    ).fetchone()
+    return None if row is None else sql.Identifier(str(row[0]), "pgsse_key")
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    """A psycopg error of a migration as `BrokerError`, in one line."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise BrokerError(f"migration failed: {reason}") from None
+
+
+def check_database(url: str, config: Path | None = None) -> None:
     """What serving needs, checked once at start-up when migrations are off: the database
-    answers and holds table `messages` and the signing key (`pgsse_key`, from `sql/`)."""
+    answers, holds table `messages` and the signing key (`pgsse_key`, from `sql/`), and the
+    feeds of `config` are valid and installed."""
+    declared = feedspec.read(config)
     with connect(url) as conn:
         found = conn.execute(
             "SELECT to_regclass('messages') IS NOT NULL AND to_regclass('pgsse_key') IS NOT NULL"
         ).fetchone()
-    if not found or not found[0]:
-        raise BrokerError(
-            f"invalid BROKER_MIGRATE=false: DATABASE_URL={redact_url(url)} has no table"
-            " messages or pgsse_key; run `pgsse migrate` once, or unset BROKER_MIGRATE"
-        )
+        if not found or not found[0]:
+            raise BrokerError(
+                f"invalid BROKER_MIGRATE=false: DATABASE_URL={redact_url(url)} has no table"
+                " messages or pgsse_key; run `pgsse migrate` once, or unset BROKER_MIGRATE"
+            )
+        feeds = feedspec.resolve(conn, declared)
+        installed = {
+            str(name)
+            for (name,) in conn.execute(
+                "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal"
+                " AND tgfoid = to_regprocedure('pgsse.capture()')"
+            ).fetchall()
+        }
+    for feed in feeds:
+        if captured_events(feed) and trigger_name(feed) not in installed:
+            raise BrokerError(
+                f"invalid BROKER_MIGRATE=false: feed {feed.name} is not installed;"
+                " run `pgsse migrate --config` with this file, or unset BROKER_MIGRATE"
+            )
 
 
 def postmaster_alive(data_dir: Path) -> bool:

@@ -149,3 +149,17 @@ def test_a_refused_database_url_hides_its_password() -> None:
 )
 def test_redact_url_hides_every_form_of_password(text: str, redacted: str) -> None:
     assert parsers.redact_url(text) == redacted
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("604800", 604800.0), ("90s", 90.0), ("30m", 1800.0), ("12h", 43200.0), ("7d", 604800.0)],
+)
+def test_a_duration_is_seconds_or_a_number_with_a_unit(text: str, seconds: float) -> None:
+    assert parsers.duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "7 days", "-1d", "0", "1w", "d"])
+def test_a_bad_duration_says_the_format(text: str) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        parsers.duration(text)

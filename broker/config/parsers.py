@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
+from pathlib import Path
 from urllib.parse import urlsplit
 
 __all__ = [
@@ -18,7 +19,9 @@ __all__ = [
     "admin_token",
     "boolean",
     "bus_url",
+    "config_file",
     "database_url",
+    "duration",
     "header_bytes",
     "log_format",
     "log_level",
@@ -218,6 +221,30 @@ def boolean(text: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise ValueError("must be true or false")
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
+
+
+def duration(text: str) -> float:
+    """Seconds, from a number of seconds or a number with a unit: `604800`, `90s`, `30m`,
+    `12h`, `7d`."""
+    match = _DURATION.fullmatch(text.strip().lower())
+    if match is None:
+        raise ValueError("must be a duration: seconds, or a number with s, m, h or d (as 7d)")
+    value = float(match[1]) * _UNITS[match[2] or "s"]
+    if not value > 0:
+        raise ValueError("must be more than 0")
+    return value
+
+
+def config_file(text: str) -> Path:
+    """The path of a readable file (read later: `feedspec.read` checks what is in it)."""
+    path = Path(text)
+    if not path.is_file():
+        raise ValueError("no such file")
+    return path
 
 
 def text(text: str) -> str:

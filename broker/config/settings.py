@@ -119,6 +119,20 @@ class Settings:
         Path(".data"), "BROKER_DATA_DIR", Path, "where the embedded PostgreSQL keeps its data"
     )
     migrate: bool = setting(True, "BROKER_MIGRATE", parsers.boolean, "apply sql/ at start-up")
+    config: Path | None = setting(  # noqa: RUF009 -- `setting` is a dataclasses.field
+        None,
+        "BROKER_CONFIG",
+        parsers.config_file,
+        "TOML file declaring feeds (docs/feeds.md)",
+        shown_default="unset: the messages feed, inserts only",
+    )
+    retention: float = setting(  # seconds
+        7 * 86400.0,
+        "BROKER_RETENTION",
+        parsers.duration,
+        "how long changes are kept for resume: seconds, or with a unit (90s, 30m, 12h, 7d)",
+        shown_default="7d",
+    )
     shutdown_grace_seconds: float = setting(
         10.0,
         "BROKER_SHUTDOWN_GRACE_SECONDS",

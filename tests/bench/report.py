@@ -104,6 +104,23 @@ def key_figures(name: str, result: dict[str, Any]) -> list[tuple[str, Any]]:
                 "  ".join(f"{k} {v}" for k, v in calls.items() if k != "rows_per_s") or "-",
             )
         )
+    elif name == "capture":
+        for phase, data in result["inserts_on_messages"].items():
+            figures.append(
+                (
+                    f"messages INSERT rows/s, {phase}: today, change log (ratio), no NOTIFY",
+                    f"{data['today_rows_per_s']}  {data['change_log_rows_per_s']}"
+                    f" ({data['ratio']})  {data['change_log_without_notify_rows_per_s']}",
+                )
+            )
+        for phase, data in result["updates_on_orders"].items():
+            figures.append(
+                (
+                    f"orders UPDATE rows/s, {phase}: without, with its feed (ratio), no NOTIFY",
+                    f"{data['without_feed_rows_per_s']}  {data['with_feed_rows_per_s']}"
+                    f" ({data['ratio']})  {data['with_feed_without_notify_rows_per_s']}",
+                )
+            )
     return figures
 
 
