@@ -27,6 +27,7 @@ from tests.support.feeds import (
     Scratch,
     pgsse,
     scratch_database,
+    unsigned,
     write_config,
 )
 
@@ -72,7 +73,7 @@ def changes(scratch: Scratch, feed: str) -> list[tuple[str, dict[str, Any], Any]
 
 
 def notifications(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
-    return [orjson.loads(n.payload) for n in conn.notifies(timeout=0.5, stop_after=100)]
+    return [orjson.loads(unsigned(n.payload)) for n in conn.notifies(timeout=0.5, stop_after=100)]
 
 
 def test_insert_update_across_filters_and_delete_are_captured(

@@ -16,7 +16,14 @@ from broker.feeds import changelog
 from broker.feeds.capture import CHANNEL
 from broker.feeds.changelog import Match
 from tests.conftest import Database
-from tests.support.feeds import ORDERS_CONFIG, ORDERS_TABLE, Scratch, scratch_database, write_config
+from tests.support.feeds import (
+    ORDERS_CONFIG,
+    ORDERS_TABLE,
+    Scratch,
+    scratch_database,
+    unsigned,
+    write_config,
+)
 
 
 @pytest.fixture
@@ -179,7 +186,7 @@ async def test_a_reference_notification_is_fetched_by_position(
         listener.execute(f"LISTEN {CHANNEL}")
         write(shop, f"INSERT INTO shop.orders (customer_id, status) VALUES ('{customer}', 'open')")
         (notification,) = list(listener.notifies(timeout=5, stop_after=1))
-    reference = orjson.loads(notification.payload)
+    reference = orjson.loads(unsigned(notification.payload))
     assert reference == {"feed": "orders", "position": reference["position"], "ref": True}
     change = await changelog.fetch(conn, "orders", reference["position"])
     assert change is not None and change.op == "insert"

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 from psycopg import sql
 
+from broker.signing import SIGNATURE_CHARS
 from tests.conftest import Database
 
 ORDERS_TABLE = """
@@ -108,3 +109,8 @@ def write_config(directory: Path, text: str, name: str = "pgsse.toml") -> Path:
     path = directory / name
     path.write_text(text)
     return path
+
+
+def unsigned(payload: str) -> str:
+    """A capture notification's JSON, after its signature (`broker.signing`)."""
+    return payload[SIGNATURE_CHARS:] if payload[:1] != "{" else payload
