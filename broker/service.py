@@ -112,7 +112,7 @@ class Broker:
         """Subscribe a new stream and plan its replay (resume or history), in one event-loop
         step. Raises `AtCapacity` at `max_connections`."""
         subscriber = self.hub.subscribe(session_id, robot_id)
-        replay = Replay.start(
+        replay = Replay.plan(
             self.hub,
             self.store,
             subscriber,

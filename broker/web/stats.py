@@ -48,7 +48,7 @@ class Stats:
     bus_gaps: int = 0  # times the stream was trimmed past this broker's position (bus.py)
     bus_takeovers: int = 0  # frozen relays' backends this broker terminated
     refused: int = 0  # notifications and bus entries dropped: unsigned, foreign, malformed
-    ids_reused: int = 0  # times the table's ids were found reused (`Hub.is_new`)
+    ids_reused: int = 0  # times the table's ids were found reused (`Hub.publish`)
 
     def as_json(self) -> dict[str, Any]:
         """The `data` of `GET /api/sse/stats`."""
