@@ -18,7 +18,7 @@ from broker.feeds.bus import Bus
 from broker.feeds.relay import LOCK_CLASS, lock_name
 from tests.conftest import Database
 from tests.support.nginx import Nginx
-from tests.support.probes import FirstSuccess
+from tests.support.probes import FirstSuccess, postgres_outage
 from tests.support.processes import BrokerProcess
 from tests.support.redis import RedisServer
 from tests.support.sse import SSEClient
@@ -372,24 +372,14 @@ async def test_the_relay_backfills_and_a_follower_delivers_within_a_second_of_po
     first = database.insert(session_id, "before")
     assert (await client.message(timeout=10)).id == str(first)
     backfills_before = sum(backfills(b) for b in brokers)
-    await asyncio.to_thread(database.server.stop, "fast")
-    await asyncio.to_thread(follower.wait_until, lambda: not follower.ready(), 10, "not ready")
-    await asyncio.sleep(3)  # the outage itself, long enough for any backoff to grow
-
-    inserted: list[int] = []
-
-    def accepts_and_inserts() -> bool:
-        inserted.append(database.insert(session_id, "first row after the return"))
-        return True
 
     def relay_back() -> bool:
         return any(b.stats()["listener"]["connected"] for b in brokers)
 
-    accepting, back = FirstSuccess(accepts_and_inserts), FirstSuccess(relay_back)
-    accepting.start()
-    back.start()
-    await asyncio.to_thread(database.server.start)
-    await asyncio.to_thread(accepting.join, 30)
+    back = FirstSuccess(relay_back)
+    accepting, inserted = await postgres_outage(
+        database, session_id, lambda: not follower.ready(), back
+    )
     delivered = await client.message(timeout=10)
     delivered_at = time.monotonic()
     await asyncio.to_thread(back.join, 30)

@@ -18,7 +18,9 @@ def test_uvicorn_has_every_hook(monkeypatch: pytest.MonkeyPatch) -> None:
     check_uvicorn()
     protocol = uvicorn_hooks.HttpToolsProtocol
     monkeypatch.setitem(uvicorn_hooks.UVICORN_HOOKS, protocol, ("on_headers_complete", "self.gone"))
-    with pytest.raises(RuntimeError, match=r"has no HttpToolsProtocol\.gone, which broker/server/protocol"):
+    with pytest.raises(
+        RuntimeError, match=r"has no HttpToolsProtocol\.gone, which broker/server/protocol"
+    ):
         check_uvicorn()
 
 
