@@ -1,4 +1,5 @@
-"""The wire format, pure: parse notification payloads, encode Server-Sent Events.
+"""The wire format, pure: parse notification payloads, encode Server-Sent Events and the API's
+error body.
 
 Every function here is free of I/O. Events are encoded to bytes once and those bytes are
 shared by every subscriber that receives them. JSON never contains a raw newline, so each
@@ -23,6 +24,7 @@ __all__ = [
     "encode_heartbeat",
     "encode_message",
     "encode_retry",
+    "error_body",
     "parse_notification",
     "utc_timestamp",
 ]
@@ -189,3 +191,10 @@ def encode_error(error: str) -> bytes:
 
 def encode_retry(retry_ms: int) -> bytes:
     return b"retry: %d\n\n" % retry_ms
+
+
+def error_body(message: str) -> bytes:
+    """The API's error body: `{"success":false,"error":<message>}`. Here, below both the web
+    app (`web/answers.py`) and the server (`server/protocol.py`, which writes refusals on the
+    socket before there is a request), so neither imports the other."""
+    return orjson.dumps({"success": False, "error": message})
