@@ -2,8 +2,8 @@
 and the two loops that fill and empty those queues on the hot path.
 
 A `Subscriber` queues the encoded events the hub routes to it, up to `queue_size` events and
-`queue_bytes` bytes; a full queue, by either, closes it (slow consumer). A client that never
-read was held 1,000 events of large rows before (two of them 318 MB for over 20 s).
+`queue_bytes` bytes; a full queue, by either, closes it (slow consumer): a count alone let a
+client that never read hold hundreds of MB (docs/security.md).
 
 Both bounds are one count of slots: the queue has `queue_size` slots of `unit` =
 `queue_bytes // queue_size` bytes (4 KiB by default). An event takes one slot per `unit` of its
