@@ -277,7 +277,7 @@ def _serve(settings: Settings) -> int:
 
 
 def _shared_counter(settings: Settings) -> SharedStreamCounter | None:
-    """With --workers, BROKER_MAX_STREAMS_PER_IP counted over all of them (limits.py): room
+    """With --workers, BROKER_MAX_STREAMS_PER_IP counted over all of them (web/limits.py): room
     for twice as many addresses as streams may be open on the port."""
     if settings.max_streams_per_ip is None:
         return None

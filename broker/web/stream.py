@@ -21,7 +21,7 @@ event, so the client reconnects with a new token. HEAD on the stream is `EventSt
 the stream's status and headers, and no subscription.
 
 Resume and history: the subscriber already queues live events when its `Replay` runs, and
-the hub drops or skips the rows the replay sent (`replay.py` owns that rule); the stream only
+the hub drops or skips the rows the replay sent (`hub.py` owns that rule); the stream only
 writes the replay's pages, then the queue. Nothing is written, not even `connected`, before the
 listener's first LISTEN, so a stream never misses a row committed after `connected`.
 """
