@@ -1,6 +1,7 @@
 """`pgsse serve | migrate | publish | token | clean`: the command line (`broker` is the same one).
 
-Every `serve` flag is a `Settings` field (`config.OPTIONS`); flags win over the environment.
+Every `serve` flag is a `Settings` field (`config/settings.OPTIONS`); flags win over the
+environment.
 With no database URL, `serve` uses the embedded PostgreSQL under `--data-dir`, creating and
 starting it if needed and stopping it at exit only if it started it. The other commands use
 that cluster only if it exists (starting it if stopped): run in the wrong directory they would
@@ -285,7 +286,7 @@ def _serve(settings: Settings) -> int:
 
 
 def _shared_counter(settings: Settings) -> SharedStreamCounter | None:
-    """With --workers, BROKER_MAX_STREAMS_PER_IP counted over all of them (limits.py): room
+    """With --workers, BROKER_MAX_STREAMS_PER_IP counted over all of them (web/limits.py): room
     for twice as many addresses as streams may be open on the port."""
     if settings.max_streams_per_ip is None:
         return None
@@ -314,7 +315,8 @@ def _run_server(
 
     class _Server(uvicorn.Server):
         """uvicorn, plus: on the first SIGTERM/SIGINT, every stream is sent `error` and
-        closed, so that clients reconnect to another instance while this one drains."""
+        closed, so that clients reconnect to another instance while this one drains. What
+        this relies on in `uvicorn.Server` is listed in `server/hooks.py`."""
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             first = not self.should_exit

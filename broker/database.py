@@ -2,7 +2,7 @@
 
 The embedded server runs the binaries that the pgserver package ships (so nothing but PyPI is
 needed), listening on a Unix socket inside its data directory only. Run by root, it runs them
-as the unprivileged user `pgserver`, as PostgreSQL refuses to run as root; `placement.py`
+as the unprivileged user `pgserver`, as PostgreSQL refuses to run as root; `embedded/placement.py`
 decides where its files live so that user can reach them.
 
 `migrate` applies `sql/*.sql` in name order, then the capture of the declared feeds
@@ -189,7 +189,7 @@ def postmaster_alive(data_dir: Path) -> bool:
 
 class EmbeddedPostgres:
     """A PostgreSQL cluster for BROKER_DATA_DIR `data_dir`, created on first start.
-    Blocking calls. `placement.py` says where its files really are."""
+    Blocking calls. `embedded/placement.py` says where its files really are."""
 
     def __init__(self, data_dir: Path) -> None:
         self.requested = absolute(data_dir)

@@ -1,5 +1,8 @@
 """The broker's own exceptions: what went wrong, never how HTTP says it.
 
+Every exception the broker raises on purpose, wherever it is defined (the module in brackets
+when not here):
+
     BrokerError
      ├── ConfigError          a setting is invalid; start-up stops with its one-line message
      ├── RequestError         a request whose input the API refuses, with the status the
@@ -7,13 +10,21 @@
      ├── Unauthorized         no valid token
      ├── Forbidden            a valid token that does not allow this
      ├── TooManyStreams       this client address has its most streams open (`retry_after`)
+     ├── BusDown              Redis did not answer (feeds/bus.py)
      └── Unavailable          the broker cannot serve this now (`retry_after`)
           ├── AtCapacity      every stream slot is taken (BROKER_MAX_CONNECTIONS)
           └── DatabaseUnavailable  PostgreSQL unreachable or failing (store.py)
 
-Library errors (psycopg, starlette) are translated where they cross into broker code. The
-core (hub, store, listener) raises these with no notion of HTTP; `answers.py`, at the HTTP
-edge, is the one place that gives each its status, headers and `{"success": false, ...}` body.
+    ValueError
+     └── BadSignature         a payload not signed with the database's key (signing.py); a
+                              ValueError, as a malformed payload is, since both are dropped
+                              alike
+
+`BrokerError` itself is raised, with its message, where the embedded PostgreSQL cannot be set
+up (embedded/). Library errors (psycopg, redis, starlette) are translated where they cross
+into broker code. The core (hub, store, feeds) raises these with no notion of HTTP;
+`web/answers.py`, at the HTTP edge, is the one place that gives each its status, headers and
+`{"success": false, ...}` body.
 """
 
 

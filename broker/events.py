@@ -1,4 +1,5 @@
-"""The wire format, pure: parse notification payloads, encode Server-Sent Events.
+"""The wire format, pure: parse notification payloads, encode Server-Sent Events and the API's
+error body.
 
 Every function here is free of I/O. Events are encoded to bytes once and those bytes are
 shared by every subscriber that receives them. JSON never contains a raw newline, so each
@@ -22,6 +23,7 @@ __all__ = [
     "encode_error",
     "encode_heartbeat",
     "encode_message",
+    "error_body",
     "parse_notification",
     "utc_timestamp",
 ]
@@ -191,3 +193,10 @@ def encode_heartbeat() -> bytes:
 
 def encode_error(error: str) -> bytes:
     return _data({"type": "error", "error": error})
+
+
+def error_body(message: str) -> bytes:
+    """The API's error body: `{"success":false,"error":<message>}`. Here, below both the web
+    app (`web/answers.py`) and the server (`server/protocol.py`, which writes refusals on the
+    socket before there is a request), so neither imports the other."""
+    return orjson.dumps({"success": False, "error": message})

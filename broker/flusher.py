@@ -1,13 +1,13 @@
 """Writes the events routed to idle streams through their sinks, once per event-loop turn.
 
 Waking a stream's task to write one event costs a task switch and a trip through the ASGI
-send chain (Starlette's middleware wrappers, uvicorn's send): with rows arriving one at a
-time to 1,000 subscribers that was about half of the broker's CPU (`make bench`, fanout at
-50 rows/s, py-spy). The hub instead hands an idle stream's subscriber to `Flusher.mark`, and
-one callback, scheduled once per event-loop turn, writes each marked subscriber's queue to
-its `Sink` in one write. Everything a burst routed in that turn goes out in that one write,
-so batching is kept; an event written to many sinks in a turn is framed once
-(`socketsink.py`) and its latency observed once, with its count.
+send chain (Starlette's middleware wrappers, uvicorn's send): with rows arriving one at a time
+to 1,000 subscribers that was about half of the broker's CPU (docs/benchmarks.md). The hub
+instead hands an idle stream's subscriber to `Flusher.mark`, and one callback, scheduled once
+per event-loop turn, writes each marked subscriber's queue to its `Sink` in one write
+(`subscriber.write_to_sinks`, beside the queue it empties). Everything a burst routed in that
+turn goes out in that one write, so batching is kept; an event written to many sinks in a turn
+is framed once (`server/sink.py`) and its latency observed once, with its count.
 
 A subscriber has a sink only while its stream's task waits with nothing queued; a sink that
 refuses (its socket still holds earlier bytes, or is closing) gets nothing, and the task is
@@ -18,10 +18,9 @@ never both hold events.
 from __future__ import annotations
 
 import asyncio
-import time
 
 from .latency import LatencyHistogram
-from .subscriber import Event, Subscriber
+from .subscriber import Subscriber, write_to_sinks
 
 __all__ = ["Flusher"]
 
@@ -42,30 +41,4 @@ class Flusher:
 
     def _flush(self) -> None:
         marked, self._marked = self._marked, []
-        now = time.perf_counter()
-        # Every subscriber of a fan-out was routed the same event: its latency is observed
-        # once, with the number of deliveries, rather than once per delivery.
-        last: Event | None = None
-        times = 0
-        observe = self._latency.observe
-        for subscriber in marked:
-            sink = subscriber.sink
-            pending = subscriber._pending  # the hub's inlined path reads it the same way
-            if sink is None or subscriber.closed or not pending:
-                continue  # its task took over meanwhile
-            body = pending[0].data if len(pending) == 1 else b"".join([e.data for e in pending])
-            if not sink.write(body):
-                subscriber.wake()  # its task writes them, with flow control
-                continue
-            subscriber.direct_sent += len(pending)
-            for event in pending:
-                if event is last:
-                    times += 1
-                elif event.born:
-                    if last is not None:
-                        observe(now - last.born, times)
-                    last, times = event, 1
-            pending.clear()
-            subscriber._limit = subscriber._size  # as `Subscriber.take` does
-        if last is not None:
-            observe(now - last.born, times)
+        write_to_sinks(marked, self._latency.observe)

@@ -1,16 +1,29 @@
-"""Subscribers and routing, with no I/O.
+"""Subscribers and routing, with no I/O; and the one owner of "nothing twice".
 
 The hub holds every open stream's `Subscriber`, indexed by session, and routes each message to
 the subscribers of its session and to the global ones, checking a subscriber's robot filter.
 A stream of several sessions (`sessionId` repeated) is indexed under each of them: a row has
 one session, so it reaches such a stream once, and routing costs what it did.
-Each event is encoded once; all its subscribers queue the same bytes. A subscriber's queue is
-bounded: when it is full the subscriber is closed (slow consumer) and its client resumes by
-replay, so one slow reader never delays the others and memory stays bounded.
+Each event is encoded once; all its subscribers queue the same bytes (`subscriber.fan_out`).
+A subscriber's queue is bounded: when it is full the subscriber is closed (slow consumer) and
+its client resumes by replay, so one slow reader never delays the others and memory stays
+bounded.
 
 Everything here runs on the event loop thread and never awaits while routing, so a subscriber
-added between two notifications sees exactly the later one, which the replay merge relies on;
-`give` records what a replay sent, so routing skips those rows (see `replay.py`).
+added between two notifications sees exactly the later one, which the replay merge relies on.
+
+Nothing twice: a stream receives each row at most once, whichever way it comes (live, a
+replay or history read from the table, a backfill after an outage, a bus entry appended
+twice). The hub applies the whole rule:
+
+- `publish` routes a row only if the journal does not hold it already (a backfill's overlap
+  with notifications, a bus entry appended twice); its callers (the listener, the bus reader)
+  hand it every row they get.
+- `mark_sent` records what a read of the table sent a stream (`replay.py`), right after the
+  read and before any await: copies already queued are dropped, and `publish` skips the rest
+  when it reaches them (`subscriber.Seen` holds that state, per stream).
+- Rows that committed before a resume's position and were never journaled count as sent:
+  `mark_sent`'s floor (`replay.py` gives the cases).
 """
 
 from __future__ import annotations
@@ -29,12 +42,12 @@ from .latency import LatencyHistogram
 from .subscriber import (
     DEFAULT_QUEUE_BYTES,
     GLOBAL_CHANNEL,
-    SLOW_CONSUMER,
     Event,
     Seen,
     Subscriber,
     channel_of,
     extra_slots,
+    fan_out,
     slot_bytes,
 )
 
@@ -73,7 +86,7 @@ class Hub:
     _by_session: dict[str, set[Subscriber]] = field(default_factory=dict)
     _global: set[Subscriber] = field(default_factory=set)
     _count: int = 0
-    reused_from: int | None = None  # the lowest id found reused (`is_new`), None if none
+    reused_from: int | None = None  # the lowest id found reused (`_is_new`), None if none
 
     def __len__(self) -> int:
         return self._count
@@ -111,55 +124,32 @@ class Hub:
         self._count -= 1
 
     def publish(self, message: Message) -> int:
-        """Route one message to every matching subscriber; returns how many queued it.
+        """Route one message to every matching subscriber that lacks it; returns how many
+        queued it, 0 for a copy of a row the journal holds (`_is_new`).
 
-        The hot path: `Subscriber.push` is inlined here (measured 3x faster per subscriber
-        than the method call and a generator over the candidate sets). A row the subscriber
-        already has (`Subscriber.seen`, from a replay) is skipped. A subscriber whose
-        stream idles with a sink (`Subscriber.sink`) is handed to `on_idle_ready` instead of
-        having its stream task woken (see `flusher.py`); `_queue` is the same, not inlined.
+        A subscriber whose stream idles with a sink (`Subscriber.sink`) is handed to
+        `on_idle_ready` instead of having its stream task woken (see `flusher.py`).
         """
+        if not self._is_new(message):
+            return 0
         self.journal.append(message.id, message.session_id, message.robot_id, message.created_at)
         data = encode_message(message)
-        event = Event(message.id, data, time.perf_counter())
         # Slots it takes past the first: 0 but for a large event (subscriber.py).
         extra = extra_slots(len(data), slot_bytes(self.queue_size, self.queue_bytes))
-        on_idle_ready = self.on_idle_ready
-        robot_id, message_id = message.robot_id, message.id
-        delivered = slow = 0
-        for group in (self._by_session.get(message.session_id, _NOBODY), self._global):
-            for subscriber in group:
-                if subscriber.closed or (
-                    subscriber.robot_id is not None and subscriber.robot_id != robot_id
-                ):
-                    continue
-                seen = subscriber.seen
-                if seen is not None and seen.skip(message_id):
-                    continue
-                pending = subscriber._pending
-                if len(pending) + extra >= subscriber._limit and pending:
-                    subscriber.close(SLOW_CONSUMER)
-                    slow += 1
-                    continue
-                if extra:
-                    subscriber._limit -= extra
-                pending.append(event)
-                delivered += 1
-                if len(pending) > 1:  # already woken or handed over
-                    continue
-                if subscriber.sink is not None and on_idle_ready is not None:
-                    on_idle_ready(subscriber)
-                    continue
-                waiter = subscriber._waiter
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(None)
+        delivered, slow = fan_out(
+            (self._by_session.get(message.session_id, _NOBODY), self._global),
+            Event(message.id, data, time.perf_counter()),
+            extra,
+            message.robot_id,
+            self.on_idle_ready,
+        )
         counters = self.counters
         counters.messages_routed += 1
         counters.events_delivered += delivered
         counters.slow_consumer_disconnects += slow
         return delivered
 
-    def is_new(self, message: Message) -> bool:
+    def _is_new(self, message: Message) -> bool:
         """Whether `message` is still to be routed: False for a copy of a row the journal
         holds (a backfill's overlap, a bus entry appended twice).
 
@@ -185,7 +175,7 @@ class Hub:
         self.reused_from = min(self.reused_from or message.id, message.id)
         return True
 
-    def give(self, subscriber: Subscriber, ids: Collection[int], floor: int = 0) -> None:
+    def mark_sent(self, subscriber: Subscriber, ids: Collection[int], floor: int = 0) -> None:
         """Record that `subscriber` was sent rows `ids` from the table, and that every row up
         to `floor` counts as sent: copies already queued are dropped, and routing skips the
         rest when it reaches them. Call it right after the read, before any await."""
@@ -194,30 +184,19 @@ class Hub:
             seen = subscriber.seen = Seen()
         seen.floor = max(seen.floor, floor)
         fresh = [i for i in ids if i > seen.floor]
-        seen.pending.update(fresh)
+        seen.to_skip.update(fresh)
         subscriber.drop_seen()
         # A row the journal holds was routed already (to the queue just emptied of it, or
         # before this stream subscribed): it will not be routed again.
-        seen.pending.difference_update(i for i in fresh if i in self.journal)
+        seen.to_skip.difference_update(i for i in fresh if i in self.journal)
 
     def heartbeat(self) -> None:
-        """Queue one heartbeat, encoded once, to every subscriber, the way `publish` queues
-        a message: through its sink while it idles, else by waking its task."""
+        """Queue one heartbeat, encoded once, to every open subscriber, the way `publish`
+        queues a message (`fan_out`: an event with id 0 passes every filter)."""
+        groups = (self._global, *self._by_session.values())
         event = Event(0, encode_heartbeat())
-        for subscriber in self.subscribers():
-            if not subscriber.closed and not self._queue(subscriber, event):
-                self.counters.slow_consumer_disconnects += 1
-
-    def _queue(self, subscriber: Subscriber, event: Event) -> bool:
-        """Queue `event` for `subscriber` and get it written (`publish`'s inlined steps)."""
-        if not subscriber.push(event):
-            return False
-        if subscriber.queued == 1:  # the stream had nothing queued: idle, or waiting
-            if subscriber.sink is not None and self.on_idle_ready is not None:
-                self.on_idle_ready(subscriber)
-            else:
-                subscriber.wake()
-        return True
+        _, slow = fan_out(groups, event, 0, None, self.on_idle_ready)
+        self.counters.slow_consumer_disconnects += slow
 
     def close_all(self, reason: str) -> None:
         """Close every subscriber with `reason` (shutdown)."""

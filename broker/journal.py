@@ -62,7 +62,7 @@ class Journal:
         return None if position is None else self._rows[position - self._first][3]
 
     def clear(self) -> None:
-        """Forget every row: the ids it holds now name other rows (`Hub.is_new`)."""
+        """Forget every row: the ids it holds now name other rows (`Hub.publish`)."""
         self._first = self.end
         self._rows.clear()
         self._position.clear()

@@ -2,16 +2,16 @@
 
 One mechanism for both, in Mercure's order: the stream is subscribed first, so every row the
 hub routes from then on is queued for it; then the rows are read (from the journal's ids or
-the table); then `Hub.give` records what each read sent, before the next await, so a copy
+the table); then `Hub.mark_sent` records what each read sent, before the next await, so a copy
 queued meanwhile is dropped and one routed later (a notification in flight, the listener's
-backfill after an outage) is skipped. Replay, backfill and live delivery thus follow one rule
-for what a stream may still receive live:
+backfill after an outage) is skipped: the hub's "nothing twice" rule (`hub.py`). What a
+stream may still receive live, case by case:
 
 - Resume from an id N the journal holds: the rows delivered here after N, in delivery
   (commit) order, then live. Exact.
 - Resume from an id N the journal does not hold (this process started after N, or its
   listener was down when N committed, or N is older than the journal): every row with an id
-  up to N counts as seen, so neither the backfill nor live delivery ever sends one; rows above
+  up to N counts as sent, so neither the backfill nor live delivery ever sends one; rows above
   N come once each, by id from the table, then live. A row with an id below N that commits
   after the client's resume is not sent (the README's ordering window).
 - `history=H`: the last H rows that match, oldest first, then live; it is a resume from just
@@ -49,7 +49,7 @@ class Replay:
     history: int = 0  # the last `history` rows first
 
     @classmethod
-    def start(
+    def plan(
         cls,
         hub: Hub,
         store: Store,
@@ -66,7 +66,7 @@ class Replay:
             return None if history is None else cls(hub, store, subscriber, limit, history=history)
         journal_ids = hub.journal.after(last_event_id, subscriber.filter)
         if journal_ids is None:
-            hub.give(subscriber, (), floor=last_event_id)  # at once: a backfill may run
+            hub.mark_sent(subscriber, (), floor=last_event_id)  # at once: a backfill may run
         return cls(hub, store, subscriber, limit, last_event_id, journal_ids)
 
     async def pages(self) -> AsyncGenerator[list[Message], None]:
@@ -80,7 +80,7 @@ class Replay:
             while ids:
                 wanted = ids[:REPLAY_PAGE]
                 page = await self.store.in_order(wanted, REPLAY_PAGE_BYTES, rows)
-                self.hub.give(self.subscriber, [row.id for row in page])
+                self.hub.mark_sent(self.subscriber, [row.id for row in page])
                 yield page
                 ids = ids[wanted.index(page[-1].id) + 1 if page else len(wanted) :]
             return
@@ -96,7 +96,7 @@ class Replay:
             page = await self.store.after(cursor, want, rows, REPLAY_PAGE_BYTES)
             if not page:  # a short page may only have been cut at its size: ask again
                 return
-            self.hub.give(self.subscriber, [row.id for row in page], self.after)
+            self.hub.mark_sent(self.subscriber, [row.id for row in page], self.after)
             yield page
             budget -= len(page)
             cursor = page[-1].id

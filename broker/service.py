@@ -70,7 +70,7 @@ class Broker:
     @property
     def ready(self) -> bool:
         """What `/readyz` reports: the listener, or with a bus Redis and PostgreSQL up and a
-        live relay (its lease renewed: relay.py)."""
+        live relay (its lease renewed: feeds/relay.py)."""
         if self.bus is None:
             return self.listener.connected
         relay = self.bus.relay
@@ -86,7 +86,7 @@ class Broker:
             broker.hub.on_idle_ready = flusher.mark
             if broker.bus is None:
                 feeds = [("listener", broker.listener.run)]
-            else:  # the relay feeds the bus; every broker reads it (bus.py, relay.py)
+            else:  # the relay feeds the bus; every broker reads it (feeds/bus.py, feeds/relay.py)
                 feeds = [("relay", broker.bus.relay.run), ("bus", broker.bus.reader.run)]
             tasks = [
                 *(asyncio.create_task(broker._supervise(name, run)) for name, run in feeds),
@@ -113,7 +113,7 @@ class Broker:
         """Subscribe a new stream and plan its replay (resume or history), in one event-loop
         step. Raises `AtCapacity` at `max_connections`."""
         subscriber = self.hub.subscribe(sessions, robot_id)
-        replay = Replay.start(
+        replay = Replay.plan(
             self.hub,
             self.store,
             subscriber,

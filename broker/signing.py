@@ -1,7 +1,7 @@
 """The database's key: what proves a notification or a bus entry came from pgsse's trigger.
 
 Any role that can connect may `NOTIFY pgsse_messages, '...'`, and anyone who can write to
-Redis may `XADD` to the bus (issue 20). So every payload the broker acts on is signed:
+Redis may `XADD` to the bus. So every payload the broker acts on is signed:
 `sql/002_notify.sql` makes a random 64-byte key once, in table `pgsse_key` that only its owner
 reads, and the trigger (SECURITY DEFINER) prefixes each payload with its HMAC-SHA256 as 64 hex
 digits. The broker loads the key when its listener (or relay, or bus reader) connects and

@@ -8,17 +8,18 @@ errors.
 
 Recovery: psycopg_pool retries a failed connection with its own backoff (1 s doubling, for up
 to `reconnect_timeout`), so after a 3 s outage the pool came back up to 7 s after PostgreSQL
-did and replays failed with `PoolTimeout` meanwhile (issue 14). A failed attempt here gives up
-after `RECONNECT_SECONDS` instead (the next request starts a new one at once), and the
-listener calls `revive` as soon as it is back, so the pool reconnects within the same second.
+did and replays failed with `PoolTimeout` meanwhile. A failed attempt here gives up
+after `RECONNECT_SECONDS` instead (the next request starts a new one at once), and the feed
+that LISTENs (the listener, or the relay on a bus) calls `revive` once its backfill is done
+(`feeds/source.py`), so the pool reconnects within the same second.
 
-What one row may cost is bounded (issue 20): a row whose content is over `max_row_bytes`
+What one row may cost is bounded: a row whose content is over `max_row_bytes`
 (`BROKER_MAX_ROW_BYTES`) is read cut, by PostgreSQL, to its first `max_row_bytes` characters
 (`left` reads only that slice of a stored value, `octet_length` its size without fetching it),
 then to as many bytes here; the `Message` carries the full size (`content_bytes`) and its event
 says `"truncated": true`. Every read goes through here (live, backfill, relay, replay,
-history), so a client sees one row the same way live and on resume. A 50 MiB row read whole
-delayed every other session's rows by 2.5 s and kept the broker's RSS 100 MiB higher.
+history), so a client sees one row the same way live and on resume; one huge row read whole
+delays every other session's rows (measured in docs/security.md).
 """
 
 from __future__ import annotations
@@ -204,7 +205,7 @@ class Store:
 
         The filter is checked here, against the table, not taken from whoever chose `ids`
         (the journal): a row moved to another session since (`UPDATE ... SET session_id`), or
-        an id that names another row now, is never read on a stream's behalf (issue 20)."""
+        an id that names another row now, is never read on a stream's behalf."""
         where, params = _where(wanted)
         candidates = sql.SQL(
             "SELECT {}, position FROM unnest(%s::bigint[]) WITH ORDINALITY AS wanted (id, position)"

@@ -17,9 +17,10 @@ from broker.errors import (
     Unauthorized,
     Unavailable,
 )
+from broker.events import error_body
 from broker.server.protocol import RESPONSE_408
 from broker.store import DatabaseUnavailable
-from broker.web.answers import HANDLERS, answer, error_body
+from broker.web.answers import HANDLERS, answer
 
 
 @pytest.mark.parametrize(

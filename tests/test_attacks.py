@@ -1,4 +1,4 @@
-"""The attacks of issue 10 that held, kept as a table so no change reopens one quietly.
+"""The attacks of a security review that held, kept as a table so no change reopens one quietly.
 
 One broker, set up as the attacked one was (tokens, an admin token, a per-client cap, a 3 s
 header timeout), answers each row's raw request on its own socket. Every row checks its

@@ -12,10 +12,13 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from broker.feeds.bus import Bus
 from broker.feeds.relay import LOCK_CLASS, lock_name
 from tests.conftest import Database
 from tests.support.nginx import Nginx
+from tests.support.probes import FirstSuccess, postgres_outage
 from tests.support.processes import BrokerProcess
 from tests.support.redis import RedisServer
 from tests.support.sse import SSEClient
@@ -346,3 +349,51 @@ async def test_a_smaller_id_committed_while_no_relay_listens_is_backfilled_once(
     later = database.insert(session_id, "C")
     assert (await client.message(timeout=10)).json["data"]["id"] == str(later)  # not A again
     await client.close()
+
+
+@pytest.mark.slow
+async def test_the_relay_backfills_and_a_follower_delivers_within_a_second_of_postgres(
+    start_broker: Callable[..., BrokerProcess],
+    redis: RedisServer,
+    database: Database,
+    session_id: str,
+) -> None:
+    """PostgreSQL stopped for 3 s, then started: the relay is back (its campaign's backoff is
+    the listener's), its backfill runs on its own connection and appends the row committed
+    first, and a follower delivers that row, all within a second of the server accepting
+    connections (the listener's bound without a bus, test_recovery)."""
+    stream = f"test:{uuid.uuid4().hex[:8]}"
+    brokers = [on_bus(start_broker, redis, stream) for _ in range(2)]
+    brokers[0].wait_until(
+        lambda: any(b.stats()["bus"]["role"] == "relay" for b in brokers), 20, "a relay"
+    )
+    follower = next(b for b in brokers if b.stats()["bus"]["role"] == "follower")
+    client = await connected(await SSEClient.open(follower.port, params={"sessionId": session_id}))
+    first = database.insert(session_id, "before")
+    assert (await client.message(timeout=10)).id == str(first)
+    backfills_before = sum(backfills(b) for b in brokers)
+
+    def relay_back() -> bool:
+        return any(b.stats()["listener"]["connected"] for b in brokers)
+
+    back = FirstSuccess(relay_back)
+    accepting, inserted = await postgres_outage(
+        database, session_id, lambda: not follower.ready(), back
+    )
+    delivered = await client.message(timeout=10)
+    delivered_at = time.monotonic()
+    await asyncio.to_thread(back.join, 30)
+    follower.wait_until(lambda: sum(backfills(b) for b in brokers) > backfills_before, 10)
+    timings = {"relay": back.at - accepting.at, "delivered": delivered_at - accepting.at}
+    print(
+        "\nback after PostgreSQL accepted connections:",
+        {k: round(v, 3) for k, v in timings.items()},
+    )
+    assert delivered.id == str(inserted[0])
+    assert back.at > 0 and max(timings.values()) < 1.0, timings
+    await client.close()
+
+
+def backfills(broker: BrokerProcess) -> int:
+    """The relay backfills this broker's log shows."""
+    return sum(1 for event in broker.log_events() if event["event"] == "relay_backfilled")

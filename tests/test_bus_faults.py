@@ -1,4 +1,4 @@
-"""The bus under attack and faults (issue 20, defects 4 and 10 to 13), over real processes: a
+"""The bus under attack and faults (found by a security review), over real processes: a
 password-protected Redis, rows of a MiB, a follower stopped while the stream is trimmed past
 it, a stopped relay, two Redis servers on one database.
 

@@ -1,6 +1,6 @@
-"""Issue 20's defects at the edges, each over a real broker process and real sockets: paths
-with control characters (6), requests pipelined behind a stream in one write (8), and the
-hardening of every answer (16). nginx's side of them is in test_nginx."""
+"""Defects at the edges (found by a security review), each over a real broker process and real
+sockets: paths with control characters, requests pipelined behind a stream in one write, and
+the hardening of every answer. nginx's side of them is in test_nginx."""
 
 from __future__ import annotations
 

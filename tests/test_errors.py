@@ -3,8 +3,15 @@ HTTP answer is answers.py's (test_answers.py)."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import pkgutil
+import re
+
 import pytest
 
+import broker
+from broker import errors
 from broker.errors import (
     AtCapacity,
     BrokerError,
@@ -23,6 +30,29 @@ def test_every_error_is_a_broker_error_in_the_documented_tree() -> None:
         assert issubclass(kind, BrokerError) and not issubclass(kind, Unavailable)
     assert issubclass(Unavailable, BrokerError)
     assert issubclass(AtCapacity, Unavailable) and issubclass(DatabaseUnavailable, Unavailable)
+
+
+def test_the_tree_names_every_exception_the_broker_defines() -> None:
+    """Wherever an exception is defined in broker/, errors.py's drawing names it, under its
+    base."""
+    defined: dict[str, type[BaseException]] = {}
+    for module in pkgutil.walk_packages(broker.__path__, "broker."):
+        if module.name.endswith("__main__"):
+            continue
+        for name, kind in inspect.getmembers(importlib.import_module(module.name)):
+            if (
+                inspect.isclass(kind)
+                and issubclass(kind, BaseException)
+                and kind.__module__.startswith("broker.")
+            ):
+                defined[name] = kind
+    tree = errors.__doc__ or ""
+    assert "BusDown" in defined and "BadSignature" in defined  # the walk finds them
+    for name, kind in defined.items():
+        drawn = re.search(rf"^[ │├└─]*{name}\b", tree, re.MULTILINE)
+        assert drawn, f"{name} ({kind.__module__}) is not in errors.py's tree"
+        base = kind.__bases__[0]
+        assert base is Exception or re.search(rf"^[ │├└─]*{base.__name__}\b", tree, re.M)
 
 
 def test_a_request_error_carries_the_status_its_check_chose() -> None:

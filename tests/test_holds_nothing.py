@@ -1,5 +1,7 @@
-"""Requests that must not hold anything (design.md): one regression test per attack of issue
-10 that once got through, each driven over real sockets against a real broker process.
+"""Requests that must not hold anything (the contract's "Requests that must not hold
+anything", in the shared design document outside this repository): one regression test per
+attack of a security review that once got through, each driven over real sockets against a
+real broker process.
 
 A gone client releases its stream, stats and per-client slot within 2 s whatever it had
 pipelined; HEAD holds no subscription; a body must arrive in time; no redirect echoes the

@@ -100,7 +100,7 @@ async def test_wait_wakes_on_push_and_on_close() -> None:
     assert subscriber.close_reason == "bye"
 
 
-def test_give_drops_queued_copies_and_skips_later_routing_once() -> None:
+def test_mark_sent_drops_queued_copies_and_skips_later_routing_once() -> None:
     """A replay sent rows 2 and 3: 2 was already queued (routed after subscribing), 3 has
     yet to be routed (a notification in flight). Neither is queued twice, and once row 3
     has been skipped it is forgotten."""
@@ -109,22 +109,22 @@ def test_give_drops_queued_copies_and_skips_later_routing_once() -> None:
     hub.publish(message(1))
     hub.publish(message(2))
     hub.heartbeat()
-    hub.give(subscriber, [2, 3])
+    hub.mark_sent(subscriber, [2, 3])
     assert [e.id for e in subscriber.take()] == [1, 0]  # the heartbeat stays
-    assert subscriber.seen is not None and subscriber.seen.pending == {3}
+    assert subscriber.seen is not None and subscriber.seen.to_skip == {3}
     hub.publish(message(3))
     hub.publish(message(4))
     assert ids(subscriber) == [4]
-    assert subscriber.seen.pending == set()
+    assert subscriber.seen.to_skip == set()
 
 
-def test_give_with_a_floor_counts_every_lower_row_as_sent() -> None:
+def test_mark_sent_with_a_floor_counts_every_lower_row_as_sent() -> None:
     """A resume from id 10 that the journal does not hold: the backfill routes 8..12 later;
     rows up to 10 never reach the stream, rows above it once."""
     hub = Hub(max_subscribers=10, queue_size=10)
     resumed, other = hub.subscribe("a", None), hub.subscribe("a", None)
     hub.publish(message(7))
-    hub.give(resumed, [11], floor=10)
+    hub.mark_sent(resumed, [11], floor=10)
     assert ids(resumed) == [] and ids(other) == [7]
     for row_id in range(8, 13):
         hub.publish(message(row_id))
@@ -136,8 +136,8 @@ def test_rows_routed_before_subscribing_are_not_remembered() -> None:
     hub = Hub(max_subscribers=10, queue_size=10)
     hub.publish(message(1))
     subscriber = hub.subscribe("a", None)
-    hub.give(subscriber, [1])  # a replay from the journal: routed already, never again
-    assert subscriber.seen is not None and subscriber.seen.pending == set()
+    hub.mark_sent(subscriber, [1])  # a replay from the journal: routed already, never again
+    assert subscriber.seen is not None and subscriber.seen.to_skip == set()
 
 
 def test_a_queue_full_by_bytes_closes_the_subscriber_as_one_full_by_count_does() -> None:
@@ -161,14 +161,15 @@ def test_a_row_reusing_a_delivered_id_resets_the_journal_and_what_streams_were_s
     (the table's ids were reused): the journal and every stream's `seen` are forgotten."""
     hub = Hub(max_subscribers=10, queue_size=10)
     first = message(5)
+    watcher = hub.subscribe("a", None)
     hub.publish(first)
-    assert not hub.is_new(first)
+    assert hub.publish(first) == 0 and ids(watcher) == [5]  # a copy: dropped by the hub
     subscriber = hub.subscribe("b", None)
-    hub.give(subscriber, [], floor=5)
+    hub.mark_sent(subscriber, [], floor=5)
     reused = dataclasses.replace(first, session_id="b", created_at="2026-02-01T00:00:00.000Z")
-    assert hub.is_new(reused)
-    assert 5 not in hub.journal and subscriber.seen is None and hub.reused_from == 5
     assert hub.publish(reused) == 1 and hub.counters.ids_reused == 1
+    assert subscriber.seen is None and hub.reused_from == 5
+    assert hub.journal.created_at(5) == reused.created_at
 
 
 def test_a_stream_of_several_sessions_gets_each_row_once_and_counts_under_each() -> None:

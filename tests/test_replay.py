@@ -61,7 +61,7 @@ async def opened(
     for message_id in delivered:
         routing.publish(await row(store, message_id))
     subscriber = routing.subscribe(session_id, robot_id)
-    replay = Replay.start(
+    replay = Replay.plan(
         routing, store, subscriber, last_event_id=after, history=history, limit=limit
     )
     return routing, subscriber, replay
@@ -76,7 +76,7 @@ async def test_a_resume_from_a_row_the_journal_holds_follows_delivery_order(
     for message_id in (first, third, other, second):  # commit order, not id order
         routing.publish(await row(store, message_id))
     subscriber = routing.subscribe(session_id, None)
-    replay = Replay.start(routing, store, subscriber, last_event_id=first, history=None, limit=100)
+    replay = Replay.plan(routing, store, subscriber, last_event_id=first, history=None, limit=100)
     assert replay is not None and replay.journal_ids == [third, second]
     assert await read(replay) == [[third, second]]
     later = database.insert(session_id, "later")
@@ -94,7 +94,7 @@ async def test_a_resume_from_the_table_merges_with_live_rows_once_each(
     rows = [database.insert(session_id, f"m{i}") for i in range(3)]
     routing = hub()
     subscriber = routing.subscribe(session_id, None)
-    replay = Replay.start(
+    replay = Replay.plan(
         routing, store, subscriber, last_event_id=resumed_from, history=None, limit=100
     )
     assert replay is not None and replay.journal_ids is None

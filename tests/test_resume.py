@@ -209,7 +209,7 @@ async def resuming_client_from(
     return received, last
 
 
-# Issue 14: a resume on a broker whose listener is down, or has not yet LISTENed.
+# A resume on a broker whose listener is down, or has not yet LISTENed.
 
 
 async def read_until(client: SSEClient, last: int) -> list[int]:

@@ -1,4 +1,4 @@
-"""What one row and one subscriber may cost (issue 20, defects 14 and 15), over real processes.
+"""What one row and one subscriber may cost, over real processes.
 
 A 50 MiB row inserted by SQL delayed every other session's rows by 2.5 s (5.1 s on the bus)
 and raised the broker's RSS by 100 MiB for good: rows over `BROKER_MAX_ROW_BYTES` are read cut

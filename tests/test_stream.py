@@ -322,7 +322,7 @@ async def test_one_listening_backend_for_a_thousand_subscribers(
 
 
 async def test_an_error_opening_the_stream_releases_its_subscription() -> None:
-    # An exp past the float range (a token before issue 20) raised before the stream's
+    # An exp past the float range (before `MAX_TOKEN_SECONDS`) raised before the stream's
     # `try`: a 500 and a subscription counted for good. Whatever raises now, it is released.
     hub = Hub(max_subscribers=10, queue_size=10)
     subscriber = hub.subscribe("a", None)

@@ -24,9 +24,9 @@ def test_take_empties_the_queue_in_order() -> None:
     assert [event.id for event in subscriber.take()] == [3] and subscriber.queued == 0
 
 
-def test_seen_skips_up_to_its_floor_and_each_pending_id_once() -> None:
+def test_seen_skips_up_to_its_floor_and_each_id_to_skip_once() -> None:
     seen = Seen()
-    seen.floor, seen.pending = 5, {7}
+    seen.floor, seen.to_skip = 5, {7}
     assert 5 in seen and 7 in seen and 6 not in seen and 0 not in seen
     assert seen.skip(3) and seen.skip(7) and not seen.skip(7) and not seen.skip(6)
 

@@ -61,7 +61,7 @@ async def test_an_empty_body_is_no_body(served: Served) -> None:
 
 
 async def test_a_sink_write_is_part_of_the_response_body(served: Served) -> None:
-    """What socketsink.py relies on: uvicorn frames a body with no Content-Length in chunks."""
+    """What server/sink.py relies on: uvicorn frames a body with no Content-Length in chunks."""
     async with Client(served.port) as client:
         await client.send(get("/sink"))
         head = await client.until(b"\r\n\r\n")

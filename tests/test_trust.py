@@ -1,4 +1,4 @@
-"""Issue 20, defects 1-3: what the broker reads on a stream's behalf, from NOTIFY and from
+"""What the broker reads on a stream's behalf, from NOTIFY and from
 Redis, is checked against the database, never taken on trust.
 
 Each test drives the attack over real processes (a broker, PostgreSQL, redis-server) and
@@ -89,7 +89,7 @@ def run(database: Database, statement: str) -> None:
         conn.execute(statement.encode())
 
 
-# Defect 1 -----------------------------------------------------------------------------------
+# Rows read on a stream's behalf are filtered as stored -------------------------------------
 
 
 async def test_resume_from_the_journal_never_sends_a_row_moved_to_another_session(
@@ -116,7 +116,7 @@ async def test_resume_from_the_journal_never_sends_a_row_moved_to_another_sessio
     assert leaked == [] and ids(got) == [last]
 
 
-# Defect 2 -----------------------------------------------------------------------------------
+# Notifications are signed ------------------------------------------------------------------
 
 
 async def test_a_role_without_privileges_cannot_forge_a_row_with_notify(
@@ -232,7 +232,7 @@ def database_insert(conn: psycopg.Connection[Any], session: str, content: str) -
     return int(row[0])
 
 
-# Defect 3 -----------------------------------------------------------------------------------
+# Bus entries are signed and name their database ---------------------------------------------
 
 
 def on_bus(

@@ -17,10 +17,23 @@ from broker.server.hooks import TESTED_UVICORN, check_uvicorn
 def test_uvicorn_has_every_hook(monkeypatch: pytest.MonkeyPatch) -> None:
     check_uvicorn()
     protocol = uvicorn_hooks.HttpToolsProtocol
-    monkeypatch.setitem(uvicorn_hooks.UVICORN_HOOKS, protocol, ("on_headers_complete", "self.gone"))
+    hooks = {"on_headers_complete": "here", "self.gone": "broker/server/protocol.py"}
+    monkeypatch.setitem(uvicorn_hooks.UVICORN_HOOKS, protocol, hooks)
     with pytest.raises(
         RuntimeError, match=r"has no HttpToolsProtocol\.gone, which broker/server/protocol"
     ):
+        check_uvicorn()
+
+
+def test_a_changed_line_of_uvicorn_that_a_module_relies_on_is_named_with_the_module(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sink's chunk framing, the stream's drain and cli's signal are lines of uvicorn's
+    source, not names: a release that changes one is refused too."""
+    server = uvicorn.Server
+    hooks = {"handle_exit": "broker/cli.py", "code: signal.raise_signal(sig)": "broker/cli.py"}
+    monkeypatch.setitem(uvicorn_hooks.UVICORN_HOOKS, server, hooks)
+    with pytest.raises(RuntimeError, match=r"Server\.code: signal.*, which broker/cli\.py"):
         check_uvicorn()
 
 

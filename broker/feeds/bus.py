@@ -17,7 +17,7 @@ forgets its journal, so clients resume by id from the table (`BusReader._gap`).
 Redis errors are translated here, at the boundary, into `BusDown`; their text never holds the
 URL's password (redis-py names only host and port).
 
-Nothing read from Redis is trusted (issue 20): anyone who can write to it can `XADD`. An entry
+Nothing read from Redis is trusted: anyone who can write to it can `XADD`. An entry
 is `{"row": <signed payload>, "db": <database>}`: the payload as the trigger signs it
 (`signing.py`; the relay forwards the trigger's own, or signs a row it read from the table),
 and the database it belongs to. A reader routes an entry only if it names this broker's
@@ -71,7 +71,7 @@ GAP = "missed rows on the bus: reconnect to resume"
 LAST_POSSIBLE_ID = "18446744073709551615-18446744073709551615"
 SOCKET_TIMEOUT = 5.0  # longer than READ_BLOCK_MS: a blocked XREAD is not a dead server
 
-log = structlog.get_logger(logger_name="broker.feeds.bus")
+log = structlog.get_logger(logger_name=__name__)
 
 
 class BusDown(BrokerError):
@@ -477,11 +477,10 @@ class BusReader:
         self._hub.close_all(GAP)
 
     def route(self, entries: list[Entry]) -> None:
-        """Publish each entry's row unless this hub delivered it already (a duplicate)."""
-        hub = self._hub
+        """Publish each entry's row (the hub drops a copy of one it routed already)."""
+        publish = self._hub.publish
         for entry in entries:
-            if hub.is_new(entry.message):
-                hub.publish(entry.message)
+            publish(entry.message)
             self.last_id = entry.stream_id
             self.high_id = max(self.high_id or 0, entry.message.id)
             self.entries += 1

@@ -30,13 +30,19 @@ relay resumes or dies: `takeover_refused` says so. A frozen relay that wakes fin
 taken (renewal is conditional) and its connection gone, and steps down; rows it had queued are
 in the table, appended by the new relay's backfill too, and readers drop the second copy.
 
+The relay is a thin end of `source.Source`, which owns the LISTEN, the backfill and the
+notifications, on the relay's own connection (never through the store's pool, which it revives
+once its backfill is done). What is the relay's own: the campaign and its lease, the floor of
+its backfill against the bus, and appending.
+
 What the relay appends is signed with the database's key (`signing.py`), loaded at each
-election on its own connection: a notification's payload, verified here, is forwarded as the
-trigger signed it; a row read from the table is signed here. A notification that does not
-verify (a role's own NOTIFY) is never appended. On taking the role the relay also checks that
-the stream can still take an `XADD *` (`Bus.exhausted`): after a forged entry with the
-largest possible id it deletes the stream and appends again every row above the newest this
-broker routed, and the readers start again from the stream's start (`bus.py`).
+election on its own connection: a notification's payload, verified there, is forwarded as the
+trigger signed it; a row read from the table is signed by the bus (`Bus.append`). A
+notification that does not verify (a role's own NOTIFY) is never appended. On taking the
+role the relay also checks that the stream can still take an `XADD *` (`Bus.exhausted`):
+after a forged entry with the largest possible id it deletes the stream and appends again
+every row above the newest this broker routed, and the readers start again from the
+stream's start (`bus.py`).
 """
 
 from __future__ import annotations
@@ -51,29 +57,26 @@ from typing import Any
 
 import psycopg
 import structlog
-from psycopg import sql
 
-from ..events import Message, Reference, parse_notification
-from ..signing import BadSignature, Refusals, RowKey
+from ..events import Message
 from ..store import Store
 from .backoff import Backoff
 from .bus import LEASE_MS, Bus, BusDown
-from .listener import APPLICATION_NAME, CHANNEL, CONNECTION_FAILURES, dedicated_connection
-from .notifications import HEALTH_CHECK_TIMEOUT, Notifications
-from .retry import pause, retry_forever
+from .notifications import HEALTH_CHECK_TIMEOUT
+from .retry import pause
+from .source import APPLICATION_NAME, Source, dedicated_connection
 
 __all__ = ["LOCK_CLASS", "Appender", "Relay", "lock_name"]
 
 CAMPAIGN_SECONDS = 1.0
 RENEW_SECONDS = LEASE_MS / 1000 / 6  # six renewals per lease: a busy loop may miss a few
 LOCK_CLASS = 0x7067  # the advisory lock's first key ('pg'); the second is hashtext(lock_name)
-BACKFILL_PAGE = 1_000
 CANDIDATE_NAME = "pgsse-relay-candidate"  # a follower's campaign connection, in pg_stat_activity
 
-log = structlog.get_logger(logger_name="broker.feeds.relay")
+log = structlog.get_logger(logger_name=__name__)
 
 
-class Relay:
+class Relay(Source):
     """Campaigns for the relay role and, while holding it, feeds the bus from PostgreSQL.
 
     `role` is "relay" or "follower"; `connected` says whether its PostgreSQL connection is up.
@@ -81,27 +84,24 @@ class Relay:
     empty stream (Redis lost its data).
     """
 
+    name = "relay"
+    down_event = "relay_lost"
+    failed_event = "relay_campaign_failed"
+
     def __init__(
         self, url: str, bus: Bus, store: Store, floor_hint: Callable[[], int | None]
     ) -> None:
-        self._url = url
+        super().__init__(url, store)
         self._bus = bus
-        self._store = store
         self._floor_hint = floor_hint
-        self._backfilled: set[int] = set()
         self.role = "follower"
-        self.connected = False
         self.elections = 0
         self.appended = 0
-        self.backfilled = 0
-        self.notifications = 0
         self.takeovers = 0  # stale relays' backends this broker terminated
         self.lease_live = False  # whether a relay (this broker or another) holds a live lease
         self._lease_missing = False  # seen gone at the previous poll, the lock held
         self._refused = False  # the holder's backend could not be terminated, this lapse
-        self.refused = Refusals(log, "notification_refused")  # unsigned, or malformed
         self.exhaustions = 0  # streams found exhausted and deleted
-        self._key: RowKey | None = None
         self._appender: Appender | None = None
 
     @property
@@ -109,17 +109,8 @@ class Relay:
         """Whether this broker holds the one LISTEN connection: as the relay, connected."""
         return self.role == "relay" and self.connected
 
-    async def run(self) -> None:
-        """Campaign until cancelled; after any failure, give the role up and campaign again."""
-        await retry_forever(
-            self._campaign,
-            self._step_down,
-            expected=CONNECTION_FAILURES,
-            crashed="relay_crashed",
-            log=log,
-        )
-
-    async def _campaign(self, backoff: Backoff) -> None:
+    async def attempt(self, backoff: Backoff) -> None:
+        """Campaign on a connection of its own; once elected, serve on it."""
         async with await dedicated_connection(self._url, CANDIDATE_NAME) as conn:
             self.connected = True
             backoff.reset()
@@ -135,24 +126,21 @@ class Relay:
             finally:
                 renewing.cancel()
 
-    async def _serve(self, conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
+    async def _serve(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """The relay's work once elected: LISTEN, load the key, backfill, append every
         notification."""
         # From here on pg_stat_activity shows it as the listener it now is.
         await conn.execute("SELECT set_config('application_name', %s, false)", (APPLICATION_NAME,))
-        await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
-        self._key = await self._store.using(conn).row_key()
+        rows = await self.listen(conn)
+        assert self._key is not None  # loaded by listen
         self._bus.trust(self._key)
         self.role = "relay"
         self.elections += 1
         log.info("relay_elected", stream=self._bus.key, elections=self.elections)
         await self._recover_exhausted()
-        await self._backfill()
+        await self._backfill(rows)
         self._appender = Appender(self._bus, lambda exc: _cut(conn, exc), self._count)
-        async with Notifications(conn) as notes:
-            while True:
-                for payload in await notes.next():
-                    await self._handle(payload)
+        await self.serve(conn, rows)
 
     async def _won(self, conn: psycopg.AsyncConnection[tuple[object, ...]]) -> bool:
         """Take the lock if Redis answers and no other broker holds it; also a health check.
@@ -240,67 +228,41 @@ class Relay:
         if hint is not None:
             await self._bus.set_floor(hint)
 
-    async def _backfill(self) -> None:
-        """Append every row committed that the stream lacks, in id order.
+    async def _backfill(self, rows: Store) -> None:
+        """Append every row committed that the stream lacks, in id order (`Source.backfill`).
 
-        Every id above the bus's floor that the stream's tail does not hold is looked for,
-        not only those above its oldest or newest entry: a transaction that drew its id before
-        a row the stream holds and committed while no relay listened is found too (as the
-        listener's backfill does against its journal). Once the stream has been trimmed, ids
-        below its oldest entry cannot be told from trimmed ones, so the floor rises to it.
+        Once the stream has been trimmed, ids below its oldest entry cannot be told from
+        trimmed ones, so the floor rises to it.
         """
         tail = await self._tail_ids()
         # A new stream's floor (or one Redis lost): the oldest id it holds, else the newest
         # row this broker routed, else the table's last id now, after LISTEN.
-        proposed = min(tail) if tail else self._floor_hint() or await self._store.last_id()
+        proposed = min(tail) if tail else self._floor_hint() or await rows.last_id()
         floor = await self._bus.floor(proposed)
         if tail and await self._bus.length() >= self._bus.maxlen:
             floor = max(floor, min(tail))
-        missing = [i for i in await self._store.ids_after(floor) if i not in tail]
-        self._backfilled = set(missing)
-        for start in range(0, len(missing), BACKFILL_PAGE):
-            page = missing[start : start + BACKFILL_PAGE]
-            rows = await self._store.by_ids(page)
-            found = [rows[message_id] for message_id in page if message_id in rows]
-            await self._bus.append_many(found)
-            self._count(len(found))
-        self.backfilled += len(missing)
-        log.info("relay_backfilled", after_id=floor, rows=len(missing))
+        await self.backfill(rows, floor, tail)
 
-    async def _handle(self, payload: str) -> None:
-        self.notifications += 1
-        try:
-            if self._key is None:
-                raise BadSignature("no key loaded")
-            signed = payload.encode()
-            parsed = parse_notification(self._key.verify(signed))
-        except ValueError as exc:  # BadSignature too: a role's own NOTIFY
-            self.refused.add(error=str(exc), bytes=len(payload))
-            return
-        if parsed.id in self._backfilled:
-            return
-        if isinstance(parsed, Reference):
-            message = await self._store.get(parsed.id)
-            if message is None:
-                log.warning("notification_row_missing", id=parsed.id)
-                return
-            row: Message | bytes = message
-        else:
-            row = signed  # forwarded as the trigger signed it
+    async def emit_page(self, messages: list[Message]) -> None:
+        await self._bus.append_many(messages)
+        self._count(len(messages))
+
+    def emit(self, message: Message, signed: str | None) -> None:
+        """Append a row: a notification as the trigger signed it, a row read by its id as
+        a `Message` (the bus signs it)."""
         if self._appender is not None:
-            self._appender.put(row)
+            self._appender.put(message if signed is None else signed.encode())
 
     def _count(self, appended: int) -> None:
         self.appended += appended
 
-    def _step_down(self, exc: BaseException) -> None:
-        error = f"{type(exc).__name__}: {exc}".strip()
-        if self.role == "relay":
-            log.warning("relay_lost", error=error)
-        else:
-            log.info("relay_campaign_failed", error=error)
+    def is_up(self) -> bool:
+        return self.role == "relay"
+
+    def set_down(self, exc: BaseException) -> None:
+        """Give the role up: a failure of the connection, the lease or an append."""
+        super().set_down(exc)
         self.role = "follower"
-        self.connected = False
         self.lease_live = False
         if self._appender is not None:
             self._appender.close()

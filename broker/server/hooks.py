@@ -1,9 +1,20 @@
-"""What pgsse relies on in uvicorn's internals, and the check that a uvicorn has all of it.
+"""Every uvicorn internal pgsse relies on, and the check that a uvicorn has all of it.
 
-The protocol subclass (`transport.py`, on `pipelining.py`) overrides uvicorn's httptools
-callbacks and reads its request cycles' state, none of which is public API. uvicorn is pinned
-to the range tests/test_transport.py drives over real sockets (`TESTED_UVICORN`); in case a
-release changes it anyway, `check_uvicorn` runs before serving and names the hook it lacks.
+None of what is listed here is uvicorn's public API:
+
+- the protocol subclass (`protocol.py`, on `pipelining.py`) overrides uvicorn's httptools
+  callbacks and reads its request cycles' and flow control's state;
+- the sink (`sink.py`) writes HTTP chunks on the transport itself, framed as uvicorn frames a
+  body with no `Content-Length` on HTTP/1.1;
+- the event stream (`web/stream.py`) relies on uvicorn's `send` waiting for flow control
+  before it writes, so an empty body message returns once the socket has drained;
+- `cli.py` subclasses `uvicorn.Server`: it overrides `handle_exit`, reads `should_exit` and
+  `started`, and ignores the signal uvicorn raises again once it has shut down;
+- `log.py` drops two of uvicorn's log messages by their text.
+
+uvicorn is pinned to the range the tests drive over real sockets (`TESTED_UVICORN`); in case a
+release changes it anyway, `check_uvicorn` runs before serving (`protocol.limited_protocol`)
+and names the hook it lacks and the module that relies on it.
 """
 
 from __future__ import annotations
@@ -18,38 +29,66 @@ __all__ = ["TESTED_UVICORN", "UVICORN_HOOKS", "check_uvicorn"]
 
 TESTED_UVICORN = ">=0.55,<0.56"  # as pinned in pyproject.toml
 
-# What transport.py and pipelining.py rely on, by owner: methods they override or call,
-# attributes they read.
-UVICORN_HOOKS: dict[type, tuple[str, ...]] = {
-    HttpToolsProtocol: (
-        "connection_made",
-        "connection_lost",
-        "data_received",
-        "on_message_begin",
-        "on_url",
-        "on_header",
-        "on_headers_complete",
-        "on_body",
-        "on_message_complete",
-        "on_response_complete",
-        "send_400_response",
-        "self.cycle",
-        "self.pipeline",
-        "self.flow",
-        "self.headers",
-        "self.scope",
-        "self.parser",
-        "self.loop",
-        "self.transport",
-    ),
-    FlowControl: ("resume_reading", "self._is_writable_event"),
-    RequestResponseCycle: (
-        "self.disconnected",
-        "self.message_event",
-        "self.response_started",
-        "self.response_complete",
-        "self.scope",
-    ),
+PROTOCOL = "broker/server/protocol.py"
+PIPELINING = "broker/server/pipelining.py"
+BOTH = "broker/server/protocol.py and pipelining.py"
+SINK = "broker/server/sink.py"
+STREAM = "broker/web/stream.py"
+CLI = "broker/cli.py"
+LOG = "broker/log.py"
+
+# By owner: each hook and the module that relies on it. A hook is a method (overridden or
+# called), `self.<attribute>` (assigned in the owner's source), or `code: <text>`, a line of
+# the owner's source whose behaviour is relied on.
+UVICORN_HOOKS: dict[type, dict[str, str]] = {
+    HttpToolsProtocol: {
+        "connection_made": BOTH,
+        "connection_lost": BOTH,
+        "data_received": BOTH,
+        "on_message_begin": PROTOCOL,
+        "on_url": PROTOCOL,
+        "on_header": PROTOCOL,
+        "on_headers_complete": BOTH,
+        "on_body": BOTH,
+        "on_message_complete": PROTOCOL,
+        "on_response_complete": BOTH,
+        "send_400_response": PROTOCOL,
+        "self.cycle": BOTH,
+        "self.pipeline": BOTH,
+        "self.flow": PIPELINING,
+        "self.headers": PROTOCOL,
+        "self.scope": PROTOCOL,
+        "self.parser": PROTOCOL,
+        "self.loop": PROTOCOL,
+        "self.transport": BOTH,
+        'code: msg = "Invalid HTTP request received."': LOG,
+    },
+    FlowControl: {
+        "resume_reading": PIPELINING,
+        "self._is_writable_event": PIPELINING,
+        "drain": STREAM,
+        "self.write_paused": STREAM,
+    },
+    RequestResponseCycle: {
+        "self.disconnected": PIPELINING,
+        "self.message_event": PIPELINING,
+        "self.response_started": PROTOCOL,
+        "self.response_complete": BOTH,
+        "self.scope": PIPELINING,
+        "send": STREAM,
+        "code: await self.flow.drain()": STREAM,
+        "self.chunked_encoding": SINK,
+        'code: content = [b"%x\\r\\n" % len(body), body, b"\\r\\n"]': SINK,
+        'code: msg = "ASGI callable returned without completing response."': LOG,
+    },
+    uvicorn.Server: {
+        "run": CLI,
+        "handle_exit": CLI,
+        "self.should_exit": CLI,
+        "self.started": CLI,
+        "capture_signals": CLI,
+        "code: signal.raise_signal(captured_signal)": CLI,
+    },
 }
 
 
@@ -57,15 +96,16 @@ def check_uvicorn() -> None:
     """Raise `RuntimeError` naming the first of `UVICORN_HOOKS` the installed uvicorn lacks."""
     for owner, hooks in UVICORN_HOOKS.items():
         source = inspect.getsource(owner)
-        for hook in hooks:
-            present = (
-                f"{hook} =" in source or f"{hook}:" in source
-                if hook.startswith("self.")
-                else callable(getattr(owner, hook, None))
-            )
+        for hook, user in hooks.items():
+            if hook.startswith("code: "):
+                present = hook.removeprefix("code: ") in source
+            elif hook.startswith("self."):
+                present = f"{hook} =" in source or f"{hook}:" in source
+            else:
+                present = callable(getattr(owner, hook, None))
             if not present:
                 raise RuntimeError(
                     f"uvicorn {uvicorn.__version__} has no {owner.__name__}"
-                    f".{hook.removeprefix('self.')}, which broker/server/protocol.py relies on"
+                    f".{hook.removeprefix('self.')}, which {user} relies on"
                     f" (tested: uvicorn{TESTED_UVICORN})"
                 )

@@ -18,7 +18,7 @@ behind it went unseen: a stream with a request pipelined behind it never learnt 
   `asyncio.Event`s, which cost ~760 B each for as long as a stream lasts.
 
 It is the base of `transport.LimitedHttpToolsProtocol`, which adds the request deadlines and
-limits; the uvicorn internals both rely on are listed in `uvicorn_hooks.UVICORN_HOOKS`.
+limits; the uvicorn internals both rely on are listed in `hooks.UVICORN_HOOKS`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ MAX_HELD_BYTES = 64 * 1024  # uvicorn's own bound on an unread body (HIGH_WATER_
 # and cycle (~1 KiB measured), so at most 64 tiny requests wait behind a running one.
 QUEUED_REQUEST_COST = 1024
 
-log = structlog.get_logger(logger_name="broker.server.protocol")
+log = structlog.get_logger(logger_name=__name__)
 refusals = Refusals(log)  # log.py: at a bounded rate
 
 
@@ -56,7 +56,7 @@ class PipelinedProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._cycles: list[RequestResponseCycle] = []  # running and queued requests
         self._held = bytearray()  # bytes behind a queued request, parsed once it runs
-        self.sink: SocketSink  # the connection's socket, for the streams (socketsink.py)
+        self.sink: SocketSink  # the connection's socket, for the streams (sink.py)
 
     @property
     def holding(self) -> bool:

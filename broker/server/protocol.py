@@ -15,12 +15,12 @@ pipelined ones too, hear its client go) that:
   takes one), and 408 and closes unless a body arrives whole within
   `BROKER_BODY_TIMEOUT_SECONDS` of its headers, on every endpoint;
 - puts the connection's `SocketSink` (`pipelining.py` makes it) in the request scope
-  (`socketsink.py`), so an idle event stream can be written to without a task switch, a stuck
+  (`sink.py`), so an idle event stream can be written to without a task switch, a stuck
   one aborted, and every stream told its client has gone without a task to wait for it.
 
-This module and its base, pipelining.py, are the only ones that touch uvicorn's internals
-(listed in `uvicorn_hooks.py`, which refuses to start on a uvicorn that lacks one, naming
-it); tests/test_transport.py drives each of them over real sockets.
+The uvicorn internals this module and its base, pipelining.py, rely on are listed in
+`hooks.py` with every other one pgsse relies on (`check_uvicorn` refuses to start on a uvicorn
+that lacks one, naming it); the protocol's tests drive each of them over real sockets.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from typing import Any
 import structlog
 
 from ..config.settings import Settings
+from ..events import error_body
 from ..log import Refusals
-from ..web.answers import error_body
 from .hooks import check_uvicorn
 from .pipelining import MAX_HELD_BYTES, PipelinedProtocol
 from .sink import SINK_EXTENSION
@@ -68,7 +68,7 @@ RESPONSE_400_INVALID = _answer(400, "invalid HTTP request")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-log = structlog.get_logger(logger_name="broker.server.protocol")
+log = structlog.get_logger(logger_name=__name__)
 refusals = Refusals(log)  # log.py: at a bounded rate
 
 

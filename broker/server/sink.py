@@ -1,12 +1,13 @@
 """A response's socket, as the server hands it to the app: the sink idle streams write to.
 
-The protocol (`transport.py`) puts a `SocketSink` for the connection's socket in each
+The protocol (`protocol.py`) puts a `SocketSink` for the connection's socket in each
 request's scope (`scope["extensions"][SINK_EXTENSION]`). An event stream gives it to its
 subscriber while idle (`subscriber.Sink`: the flusher writes events there without waking the
 stream's task), reads how much the client has yet to take (replay pacing), and aborts a
 client that takes nothing. Everything here depends on how uvicorn writes a response with no
-`Content-Length` on HTTP/1.1: as chunks on the connection's transport. The framing is
-written here and nowhere else; tests/test_socketsink.py reads it back off a real socket.
+`Content-Length` on HTTP/1.1: as chunks on the connection's transport (a line of uvicorn's
+listed in `hooks.py`). The framing is written here and nowhere else; the sink's tests read it
+back off a real socket.
 """
 
 from __future__ import annotations

@@ -2,15 +2,14 @@
 
 Every refusal the API makes has the body `{"success": false, "error": <message>}`. `answer`
 builds it for a `BrokerError` or a Starlette `HTTPException` (an unknown path, a wrong
-method); `error_body` is the same body as bytes, for the refusals `transport.py` writes on
-the socket before there is a request. `HANDLERS` are the app's exception handlers.
+method), with `events.error_body`, the body the server's protocol also writes for the refusals
+it makes on the socket before there is a request. `HANDLERS` are the app's exception handlers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 
-import orjson
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -23,8 +22,9 @@ from ..errors import (
     Unauthorized,
     Unavailable,
 )
+from ..events import error_body
 
-__all__ = ["HANDLERS", "answer", "error_body", "status_of"]
+__all__ = ["HANDLERS", "answer", "status_of"]
 
 _STATUS: Mapping[type[BrokerError], int] = {
     Unauthorized: 401,
@@ -33,11 +33,6 @@ _STATUS: Mapping[type[BrokerError], int] = {
     Unavailable: 503,
 }
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="pgsse"'}
-
-
-def error_body(message: str) -> bytes:
-    """The API's error body: `{"success":false,"error":<message>}`."""
-    return orjson.dumps({"success": False, "error": message})
 
 
 def status_of(error: BrokerError) -> int:

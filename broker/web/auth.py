@@ -52,10 +52,10 @@ MAX_CLAIM_ITEMS = 1000
 # The furthest `exp` accepted, from now: a year. A token is a bearer secret that only rotating
 # BROKER_AUTH_SECRET revokes, so one that never expires must not exist; and an `exp` past the
 # float range (`1e400` as an integer) made the stream's timer raise, a 500 that left the
-# subscription counted for good (issue 20). Mint short-lived tokens; a stream outlives none.
+# subscription counted for good. Mint short-lived tokens; a stream outlives none.
 MAX_TOKEN_SECONDS = 366 * 24 * 3600
 
-log = structlog.get_logger(logger_name="broker.web.auth")
+log = structlog.get_logger(logger_name=__name__)
 refusals = Refusals(log)  # log.py: at a bounded rate
 
 

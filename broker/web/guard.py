@@ -57,7 +57,7 @@ __all__ = ["Guard", "GuardedApp", "OriginWatch", "StreamRoute", "log_exposure"]
 Served = Callable[[Scope], bool]
 Endpoint = Callable[[Request], Awaitable[Response]]
 
-log = structlog.get_logger(logger_name="broker.web.guard")
+log = structlog.get_logger(logger_name=__name__)
 refusals = Refusals(log)  # log.py: at a bounded rate
 
 

@@ -22,7 +22,7 @@ import structlog
 
 __all__ = ["ClientCounter", "SharedStreamCounter", "StreamCounter"]
 
-log = structlog.get_logger(logger_name="broker.web.limits")
+log = structlog.get_logger(logger_name=__name__)
 
 
 class ClientCounter(Protocol):

@@ -7,7 +7,7 @@ subscriber is registered before the response starts (a full process's 503 is an 
 answer) and removed when it ends, whatever ends it.
 
 Writes: every event queued since the last write goes out in one write. While the stream
-idles it hands its socket's sink to its subscriber (`Subscriber.sink`, `socketsink.py`):
+idles it hands its socket's sink to its subscriber (`Subscriber.sink`, `server/sink.py`):
 events routed to it are then written by one callback per event-loop turn, for all idle
 streams, instead of by waking each stream's task. See `flusher.py` for why and when.
 
@@ -21,7 +21,7 @@ event, so the client reconnects with a new token. HEAD on the stream is `EventSt
 the stream's status and headers, and no subscription.
 
 Resume and history: the subscriber already queues live events when its `Replay` runs, and
-the hub drops or skips the rows the replay sent (`replay.py` owns that rule); the stream only
+the hub drops or skips the rows the replay sent (`hub.py` owns that rule); the stream only
 writes the replay's pages, then the queue. Nothing is written, not even `connected`, before the
 listener's first LISTEN, so a stream never misses a row committed after `connected`.
 """
@@ -66,7 +66,7 @@ HEADERS = {
     "X-Accel-Buffering": "no",
 }
 
-log = structlog.get_logger(logger_name="broker.web.stream")
+log = structlog.get_logger(logger_name=__name__)
 
 
 class EventStreamHead(Response):
@@ -106,7 +106,7 @@ class EventStreamResponse(Response):
         self.retry_ms = retry_ms
         self.valid_until = valid_until
         self.events_sent = 0
-        self._sink: SocketSink | None = None  # the socket (socketsink.py)
+        self._sink: SocketSink | None = None  # the socket (server/sink.py)
         self.replayed = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -122,8 +122,8 @@ class EventStreamResponse(Response):
         expiry: asyncio.TimerHandle | None = None
         watcher: asyncio.Future[None] | None = None
         # Everything from here on is inside the try: whatever raises, the subscription is
-        # released (a token's exp past the float range raised before it and left one counted
-        # for good, issue 20).
+        # released (a token's exp past the float range once raised before it and left one
+        # counted for good).
         try:
             if self.valid_until is not None:
                 delay = max(0.0, self.valid_until - time.time())
@@ -233,8 +233,8 @@ class EventStreamResponse(Response):
 
     async def _write_drained(self, send: Send, events: bytes) -> bool:
         """Write `events`, then wait until the socket has taken them (an empty body message
-        returns once uvicorn's flow control lets writing resume). False if the socket takes
-        not one byte for `STALL_SECONDS`: the client has stopped reading."""
+        returns once uvicorn's flow control lets writing resume: `server/hooks.py`). False if
+        the socket takes not one byte for `STALL_SECONDS`: the client has stopped reading."""
         for body in (events, b""):
             while True:
                 buffered = self._buffered()

@@ -1,4 +1,4 @@
-"""The `scaleout` scenario (issue 12): what the bus buys and what it costs.
+"""The `scaleout` scenario: what the bus buys and what it costs.
 
 - INSERT rows/s (the trigger firing, 4 writer connections as fast as they go) with the database
   alone, then with 1, 4 and 16 broker processes, first each LISTENing (no bus), then on the bus
@@ -27,7 +27,7 @@ from tests.bench.writer import Writer, Writes
 from tests.support.redis import RedisServer
 
 PROCESSES = (1, 4, 16)
-WRITERS = 4  # as the issue's pgbench measurement
+WRITERS = 4  # as docs/deployment.md's pgbench measurement
 LISTENER = "pgsse-listener"
 
 

@@ -1,7 +1,7 @@
 """The scenarios: each starts its own broker, drives load, and returns figures and targets.
 
 Every loop here is bounded in count and in time; `--quick` shortens each one. The targets are
-those of the performance issue, for a 2-core machine with the broker alone on one core.
+those of docs/benchmarks.md, for a 2-core machine with the broker alone on one core.
 
 - `idle`: N streams on N sessions, opened in steps; broker RSS growth per stream, PostgreSQL
   backends held while they are open.

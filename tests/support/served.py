@@ -1,5 +1,5 @@
 """The broker's uvicorn protocol on a real listening socket under a tiny ASGI app, and a raw
-client: what test_transport.py and test_pipelining.py drive."""
+client: what the protocol's and the pipelining's tests drive."""
 
 from __future__ import annotations
 

@@ -1,0 +1,206 @@
+"""A feed's core: one dedicated PostgreSQL connection that LISTENs for the trigger's rows.
+
+The listener (`listener.py`, which feeds this process's hub) and the relay (`relay.py`, which
+feeds the bus) are two ends of one job, and this module is that job. A `Source`:
+
+- connects outside the store's pool (`dedicated_connection`: autocommit, TCP keepalives), so
+  it is back as soon as PostgreSQL is, whatever the pool is doing, and reconnects after any
+  failure with a backoff capped at `RECONNECT_MAX_SECONDS` (`run`, on `retry.retry_forever`);
+- LISTENs on `CHANNEL` and loads the database's key (`signing.py`) on that connection;
+- backfills: every row above a floor that its end does not hold yet (the hub's journal, the
+  stream's tail) is read, `BACKFILL_PAGE` ids at a time, in id order, and handed to its end
+  before any notification that queued meanwhile; notifications of the rows it handed are then
+  dropped. The backfill runs on the connection itself, never through the pool, and revives
+  the pool (`Store.revive`) once it is done, so replays reconnect within the same second;
+- verifies and parses every notification (`Notifications`, which reads every payload the
+  socket holds at each wake-up and health-checks a quiet connection), drops one not signed
+  with the database's key or malformed (`notification_refused`, rate-limited), and reads a
+  row too large for NOTIFY by its id, on the connection;
+- says once, in its end's words, that it went down or could not connect (`set_down`).
+
+The ends give it a name for its log events (`<name>_backfilled`, `<name>_crashed`) and what
+to do with a row (`emit`, `emit_page`); the listener decides its floor against the hub's
+journal, the relay campaigns for its role and decides its floor against the bus.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container
+from typing import Any, ClassVar
+
+import psycopg
+import structlog
+from psycopg import sql
+
+from ..errors import BrokerError
+from ..events import Message, Reference, parse_notification
+from ..signing import BadSignature, Refusals, RowKey
+from ..store import Store
+from .backoff import Backoff
+from .notifications import Notifications
+from .retry import retry_forever
+
+__all__ = [
+    "APPLICATION_NAME",
+    "BACKFILL_PAGE",
+    "CHANNEL",
+    "CONNECTION_FAILURES",
+    "RECONNECT_MAX_SECONDS",
+    "Source",
+    "dedicated_connection",
+]
+
+CHANNEL = "pgsse_messages"
+APPLICATION_NAME = "pgsse-listener"  # how pg_stat_activity shows a listening connection
+# A returning server is noticed within half a second (tests/test_recovery.py measures it).
+RECONNECT_MAX_SECONDS = 0.5
+# What ends a dedicated connection's loop when the server goes (retried, not a crash).
+CONNECTION_FAILURES = (psycopg.Error, BrokerError, OSError, TimeoutError)
+BACKFILL_PAGE = 1_000
+
+log = structlog.get_logger(logger_name=__name__)
+
+Connection = psycopg.AsyncConnection[Any]
+
+
+async def dedicated_connection(url: str, application_name: str) -> Connection:
+    """A connection of its own, outside the pool, for LISTEN or the relay's lock: autocommit,
+    with TCP keepalives so a silent network cut ends it within about 25 s."""
+    return await psycopg.AsyncConnection.connect(
+        url,
+        autocommit=True,
+        application_name=application_name,
+        connect_timeout=5,
+        keepalives=1,
+        keepalives_idle=10,
+        keepalives_interval=5,
+        keepalives_count=3,
+    )
+
+
+class Source:
+    """The LISTENing end of PostgreSQL that a listener or a relay is (module docstring).
+
+    A subclass sets `name`, `down_event` and `failed_event`, and implements `attempt` (one
+    connection's life: connect, `listen`, `backfill`, `serve`), `emit` and `emit_page`.
+    `connected`, `notifications`, `backfilled` and `refused` are what stats and `/metrics`
+    report.
+    """
+
+    name: ClassVar[str]
+    down_event: ClassVar[str]  # logged when a connection that was up is lost
+    failed_event: ClassVar[str]  # logged when no connection could be made
+
+    def __init__(self, url: str, store: Store) -> None:
+        self._url = url
+        self._store = store
+        self._key: RowKey | None = None  # loaded at each connect
+        self._backfilled: set[int] = set()  # ids the last backfill emitted
+        self.connected = False
+        self.notifications = 0
+        self.backfilled = 0
+        self.refused = Refusals(log, "notification_refused")  # unsigned, or malformed
+
+    async def run(self) -> None:
+        """Run `attempt` until cancelled, again after any failure."""
+        await retry_forever(
+            self.attempt,
+            self.set_down,
+            expected=CONNECTION_FAILURES,
+            crashed=f"{self.name}_crashed",
+            log=log,
+            backoff=Backoff(maximum=RECONNECT_MAX_SECONDS),
+        )
+
+    async def attempt(self, backoff: Backoff) -> None:
+        """One connection's life; resets `backoff` once connected. Ends by raising."""
+        raise NotImplementedError
+
+    def emit(self, message: Message, signed: str | None) -> None:
+        """Hand on one row: `signed` is the trigger's payload it came in, None for a row read
+        from the table."""
+        raise NotImplementedError
+
+    async def emit_page(self, messages: list[Message]) -> None:
+        """Hand on a page of rows a backfill read, in id order."""
+        raise NotImplementedError
+
+    def is_up(self) -> bool:
+        """Whether a failure now loses a live connection (`down_event`) rather than an
+        attempt to make one (`failed_event`)."""
+        return self.connected
+
+    async def listen(self, conn: Connection) -> Store:
+        """LISTEN on `conn` and load the key; the store's queries, run on `conn`."""
+        await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+        rows = self._store.using(conn)
+        self._key = await rows.row_key()
+        return rows
+
+    async def backfill(self, rows: Store, floor: int, held: Container[int]) -> None:
+        """Emit every row above `floor` that `held` lacks, in id order, on `rows`' connection;
+        then revive the store's pool. Every missing id is looked for, not only those above
+        the newest held: a transaction that drew its id before a held row and committed while
+        no one listened is found too."""
+        missing = [i for i in await rows.ids_after(floor) if i not in held]
+        self._backfilled = set(missing)
+        for start in range(0, len(missing), BACKFILL_PAGE):
+            page = missing[start : start + BACKFILL_PAGE]
+            found = await rows.by_ids(page)
+            await self.emit_page([found[i] for i in page if i in found])
+        self.backfilled += len(missing)
+        log.info(f"{self.name}_backfilled", after_id=floor, rows=len(missing))
+        self._store.revive()
+
+    async def serve(self, conn: Connection, rows: Store) -> None:
+        """Emit every notification's row, in order, until the connection fails (raises)."""
+        async with Notifications(conn, self._emit_now) as notes:
+            while True:
+                for payload in await notes.next():
+                    if not self._emit_now(payload):
+                        await self._emit_reference(payload, rows, notes)
+
+    def set_down(self, exc: BaseException) -> None:
+        """The connection failed: log it once, in the end's words, and mark it down."""
+        error = f"{type(exc).__name__}: {exc}".strip()
+        if self.is_up():
+            log.warning(self.down_event, error=error)
+        else:
+            log.info(self.failed_event, error=error)
+        self.connected = False
+
+    def _emit_now(self, payload: str) -> bool:
+        """Emit a notification's row; False, doing nothing, for a row too large for NOTIFY
+        (a `Reference`: reading it takes a query). A payload not signed with the database's
+        key (a role's own NOTIFY), or malformed, is dropped: counted and logged without its
+        content."""
+        try:
+            parsed = self._parse(payload)
+        except ValueError as exc:  # BadSignature too
+            self.notifications += 1
+            self.refused.add(error=str(exc), bytes=len(payload))
+            return True
+        if isinstance(parsed, Reference):
+            return False
+        self.notifications += 1
+        if parsed.id not in self._backfilled:
+            self.emit(parsed, payload)
+        return True
+
+    def _parse(self, payload: str) -> Message | Reference:
+        """The verified, parsed payload. Raises `ValueError` (`BadSignature` included)."""
+        if self._key is None:
+            raise BadSignature("no key loaded")
+        return parse_notification(self._key.verify(payload))
+
+    async def _emit_reference(self, payload: str, rows: Store, notes: Notifications) -> None:
+        reference = self._parse(payload)  # verified once already; a rare, short payload
+        self.notifications += 1
+        if reference.id in self._backfilled:
+            return
+        async with notes.paused():
+            message = await rows.get(reference.id)
+        if message is None:
+            log.warning("notification_row_missing", id=reference.id)
+            return
+        self.emit(message, None)
