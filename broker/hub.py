@@ -192,10 +192,10 @@ class Hub:
 
     def heartbeat(self) -> None:
         """Queue one heartbeat, encoded once, to every open subscriber, the way `publish`
-        queues a message (`fan_out`: an event with id 0 passes every filter)."""
-        groups = (self._global, *self._by_session.values())
+        queues a message (`fan_out`: an event with id 0 passes every filter). Each subscriber
+        once, a stream of several sessions too."""
         event = Event(0, encode_heartbeat())
-        _, slow = fan_out(groups, event, 0, None, self.on_idle_ready)
+        _, slow = fan_out((list(self.subscribers()),), event, 0, None, self.on_idle_ready)
         self.counters.slow_consumer_disconnects += slow
 
     def close_all(self, reason: str) -> None:
