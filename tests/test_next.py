@@ -1,8 +1,8 @@
-"""The README's Next.js pages, verbatim, in a real Next.js 16 app: `next build`, `next start`,
+"""The guide's Next.js pages (docs/browser.md, where the README sends a newcomer), verbatim, in a real Next.js 16 app: `next build`, `next start`,
 then eight tabs of the chat page in Chromium, on a broker that speaks HTTP/1.1.
 
 tests/browser/next is the app around them (a root layout, package.json, tsconfig); the pages
-are the README's `tsx` blocks that start with `// app/...`, written into it before the build,
+are docs/browser.md's `tsx` blocks that start with `// app/...`, written into it before the build,
 with the broker's address in place of `http://localhost:5001`. pgsse-client comes from the
 tarball `make test` packs. Without npm (or before `make test` installed the app) this skips.
 """
@@ -82,12 +82,12 @@ def installed() -> None:
 def next_app(
     start_broker: Callable[..., BrokerProcess],
 ) -> Iterator[tuple[str, BrokerProcess]]:
-    """The README's pages built and served by `next start`; its origin and the broker."""
+    """The guide's pages built and served by `next start`; its origin and the broker."""
     installed()
     port = free_port()
     origin = f"http://127.0.0.1:{port}"
     broker = start_broker(BROKER_CORS_ORIGINS=origin)
-    pages = PAGE.findall((ROOT / "README.md").read_text())
+    pages = PAGE.findall((ROOT / "docs" / "browser.md").read_text())
     assert {path for _, path in pages} >= {"app/chat/[sessionId]/page.tsx", "app/support/page.tsx"}
     for block, path in pages:
         target = NEXT_APP / path
