@@ -23,6 +23,7 @@ from urllib.parse import quote
 import psycopg
 import structlog
 
+from . import slots
 from .config.settings import redact_url
 from .embedded.placement import Placement, absolute, locate, source_file
 from .errors import BrokerError
@@ -31,12 +32,18 @@ __all__ = [
     "EmbeddedPostgres",
     "check_database",
     "connect",
+    "drop_capture",
     "migrate",
     "postmaster_alive",
     "sql_files",
 ]
 
 MIGRATION_LOCK = 0x70677373  # "pgss": the advisory lock key migrations serialise on
+# BROKER_CAPTURE=wal reads a logical replication slot (feeds/wal.py), so the embedded server
+# always runs with logical WAL. Given with `pg_ctl -o` at every start, not written into the
+# cluster's configuration, so a cluster made by an older pgsse has it from its next start.
+# Its cost without a slot: a few bytes more WAL per transaction.
+LOGICAL_DECODING = "-c wal_level=logical -c max_replication_slots=10 -c max_wal_senders=10"
 SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; keep room for "/.s.PGSQL.5432"
 
 log = structlog.get_logger(logger_name=__name__)
@@ -67,21 +74,50 @@ def connect(url: str) -> psycopg.Connection[Any]:
         ) from None
 
 
-def migrate(url: str) -> list[str]:
-    """Apply every file of `sql/` in one transaction; returns the file names applied."""
+def migrate(url: str, capture: str = "notify", slot: str = "pgsse") -> list[str]:
+    """Apply every file of `sql/` in one transaction; returns the file names applied.
+
+    With `capture="wal"` the publication and the replication slot `slot` are made, then the
+    messages trigger emits logical messages instead of NOTIFY (`slots.py`). With `notify` the
+    files put the NOTIFY trigger back; a capture slot left from the WAL mode is only warned
+    about (it keeps WAL: `pgsse migrate --drop-capture`).
+    """
     files = sql_files()
     with connect(url) as conn:
+        conn.autocommit = True  # each `transaction()` below is its own (slots.prepare needs it)
         try:
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
                 for path in files:
                     conn.execute(path.read_text(encoding="utf-8").encode())
+            if capture == "wal":  # the slot first, then the trigger (slots.py says why)
+                slots.prepare(conn, slot, MIGRATION_LOCK)
+                notify_sql = (sql_dir() / "002_notify.sql").read_text(encoding="utf-8")
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+                    conn.execute(slots.wal_trigger_sql(notify_sql).encode())
+            elif conn.execute(
+                "SELECT 1 FROM pg_replication_slots"
+                " WHERE slot_name = %s AND database = current_database()",
+                (slot,),
+            ).fetchone():
+                log.warning("capture_slot_unused", slot=slot, drop="pgsse migrate --drop-capture")
         except psycopg.Error as exc:
             reason = " ".join(f"{type(exc).__name__}: {exc}".split())
             raise BrokerError(f"migration failed: {reason}") from None
     names = [path.name for path in files]
-    log.info("migrated", files=names)
+    log.info("migrated", files=names, capture=capture)
     return names
+
+
+def drop_capture(url: str, slot: str = "pgsse") -> bool:
+    """Put the NOTIFY trigger back (`migrate`), then drop the WAL capture's slot and
+    publication; True when there was a slot. A forgotten slot keeps every WAL segment written
+    after its position, so this is the way out of `BROKER_CAPTURE=wal`."""
+    migrate(url, "notify", slot="")
+    with connect(url) as conn:
+        conn.autocommit = True
+        return slots.drop(conn, slot)
 
 
 def check_database(url: str) -> None:
@@ -200,7 +236,7 @@ class EmbeddedPostgres:
         if self.is_running():
             return
         socket_dir = self._make_socket_dir()
-        options = f"-h '' -k {socket_dir} -c max_connections=200 -c fsync=on"
+        options = f"-h '' -k {socket_dir} -c max_connections=200 -c fsync=on {LOGICAL_DECODING}"
         try:
             self._run(
                 [

@@ -1,0 +1,286 @@
+"""WAL capture (issue 23): the emit trigger, the slot `pgsse migrate` makes, `SlotReader`.
+
+Each test gets a database of its own in the session's cluster (which runs with
+wal_level=logical, as every embedded server does), migrated with BROKER_CAPTURE=wal and a slot
+of its own, so the other tests' NOTIFY trigger is untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from broker import slots
+from broker.cli import main
+from broker.config.settings import Settings
+from broker.database import drop_capture, migrate, sql_dir
+from broker.errors import BrokerError, ConfigError
+from broker.feeds.wal import SlotReader, slot_lag
+from broker.signing import RowKey
+from tests.conftest import Database
+
+TIMEOUT = 10.0
+
+
+@dataclass
+class WalDatabase:
+    url: str
+    slot: str
+
+    def connect(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.url, autocommit=True)
+
+    def insert(self, session_id: str, content: str = "hello") -> int:
+        with self.connect() as conn:
+            row = conn.execute(
+                "INSERT INTO messages (session_id, content) VALUES (%s, %s) RETURNING id",
+                (session_id, content),
+            ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def key(self) -> RowKey:
+        with self.connect() as conn:
+            row = conn.execute("SELECT key FROM pgsse_key").fetchone()
+        assert row is not None
+        return RowKey(bytes(row[0]))
+
+    def reader_connection(self) -> Any:
+        return psycopg.AsyncConnection.connect(self.url, autocommit=True)
+
+
+@pytest.fixture
+def waldb(database: Database) -> Iterator[WalDatabase]:
+    name = f"wal_{uuid.uuid4().hex[:10]}"
+    with database.connect() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = database.url.replace("/postgres?", f"/{name}?", 1)
+    wal = WalDatabase(url, f"slot_{name}")
+    migrate(url, "wal", wal.slot)
+    try:
+        yield wal
+    finally:
+        with database.connect() as conn:
+            conn.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+                " WHERE database = %s",
+                (name,),
+            )
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+async def reader(waldb: WalDatabase) -> AsyncIterator[SlotReader]:
+    async with await waldb.reader_connection() as conn:
+        yield SlotReader(conn, waldb.slot, poll_seconds=0.005)
+
+
+async def take(reader: SlotReader) -> list[dict[str, Any]]:
+    """The next batch, bounded in time, as the rows' JSON (signatures stripped)."""
+    async with asyncio.timeout(TIMEOUT):
+        batch = await reader.next()
+    return [json.loads(payload[64:]) for payload in batch]
+
+
+async def nothing_within(reader: SlotReader, seconds: float) -> bool:
+    try:
+        async with asyncio.timeout(seconds):
+            await reader.next()
+    except TimeoutError:
+        return True
+    return False
+
+
+def test_the_embedded_server_runs_with_logical_wal(database: Database) -> None:
+    assert database.query("SHOW wal_level") == [("logical",)]
+
+
+async def test_payloads_are_signed_and_come_in_commit_order(
+    waldb: WalDatabase, reader: SlotReader
+) -> None:
+    with waldb.connect() as first:
+        first.execute("BEGIN")
+        early = first.execute(
+            "INSERT INTO messages (session_id, content) VALUES ('s', 'early') RETURNING id"
+        ).fetchone()
+        late = waldb.insert("s", "late")  # a higher id, committed first
+        first.execute("COMMIT")
+    assert early is not None and early[0] < late
+    async with asyncio.timeout(TIMEOUT):
+        batch = await reader.next()
+    while len(batch) < 2:  # two commits may be read in two polls
+        await reader.confirm()
+        batch += await asyncio.wait_for(reader.next(), TIMEOUT)
+    key = waldb.key()
+    rows = [json.loads(key.verify(payload)) for payload in batch]
+    assert [row["id"] for row in rows] == [str(late), str(early[0])]
+    assert [row["content"] for row in rows] == ["late", "early"]
+
+
+async def test_a_rolled_back_row_never_appears(waldb: WalDatabase, reader: SlotReader) -> None:
+    with waldb.connect() as conn:
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO messages (session_id, content) VALUES ('s', 'undone')")
+        conn.execute("ROLLBACK")
+    kept = waldb.insert("s", "kept")
+    rows = await take(reader)
+    assert [row["id"] for row in rows] == [str(kept)]
+
+
+async def test_an_unconfirmed_batch_comes_again_and_a_confirmed_one_never(
+    waldb: WalDatabase, reader: SlotReader
+) -> None:
+    ids = [str(waldb.insert("s", f"row {n}")) for n in range(3)]
+    seen: list[str] = []
+    while len(seen) < 3:
+        seen += [row["id"] for row in await take(reader)]
+        await reader.confirm()  # this reader hands each batch on
+    assert seen == ids
+    more = [str(waldb.insert("s", f"more {n}")) for n in range(2)]
+    async with await waldb.reader_connection() as conn:  # a reader killed before confirming
+        stopped = SlotReader(conn, waldb.slot, poll_seconds=0.005)
+        first = await take(stopped)
+    async with await waldb.reader_connection() as conn:  # its successor: the same rows
+        successor = SlotReader(conn, waldb.slot, poll_seconds=0.005)
+        again = await take(successor)
+        assert [row["id"] for row in again] == [row["id"] for row in first]
+        got = [row["id"] for row in again]
+        while len(got) < 2:
+            await successor.confirm()
+            got += [row["id"] for row in await take(successor)]
+        assert got == more
+        await successor.confirm()
+        assert await nothing_within(successor, 0.5)
+    async with await waldb.reader_connection() as conn:  # and after confirming: never again
+        assert await nothing_within(SlotReader(conn, waldb.slot, poll_seconds=0.005), 0.5)
+
+
+async def test_a_50_mb_row_is_sent_as_a_reference(waldb: WalDatabase, reader: SlotReader) -> None:
+    big = waldb.insert("s", "x" * 50_000_000)
+    rows = await take(reader)
+    assert rows == [{"id": str(big), "ref": True, "sessionId": "s", "robotId": None}]
+
+
+async def test_slot_lag_in_bytes_and_seconds(waldb: WalDatabase, reader: SlotReader) -> None:
+    async with await waldb.reader_connection() as conn:
+        quiet = await slot_lag(conn, waldb.slot)
+        assert quiet.seconds == 0.0 and not quiet.invalidated
+        for n in range(20):
+            waldb.insert("s", f"lagging {n}")
+        await asyncio.sleep(0.3)  # the oldest unread row is this old at least
+        behind = await slot_lag(conn, waldb.slot)
+        assert behind.bytes > quiet.bytes + 20 * 100
+        assert behind.seconds is not None and behind.seconds >= 0.3
+        read = 0
+        while read < 20:
+            read += len(await take(reader))
+            await reader.confirm()
+        caught_up = await slot_lag(conn, waldb.slot)
+    assert caught_up.seconds == 0.0
+    assert caught_up.bytes < behind.bytes
+
+
+async def test_an_invalidated_slot_is_one_clear_error(
+    database: Database, waldb: WalDatabase, reader: SlotReader
+) -> None:
+    waldb.insert("s", "before")
+    with database.connect() as conn:
+        conn.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+        conn.execute("SELECT pg_reload_conf()")
+        try:
+            for _ in range(4):  # WAL beyond the slot's allowance, then a checkpoint drops it
+                conn.execute("CREATE TEMP TABLE IF NOT EXISTS filler (x text)")
+                conn.execute(
+                    "INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 3000)"
+                )
+                conn.execute("SELECT pg_switch_wal()")
+            conn.execute("CHECKPOINT")
+        finally:
+            conn.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
+            conn.execute("SELECT pg_reload_conf()")
+    async with await waldb.reader_connection() as conn:
+        lag = await slot_lag(conn, waldb.slot)
+    assert lag.invalidated and lag.seconds is None
+    with pytest.raises(slots.SlotInvalidated, match="invalidated by PostgreSQL"):
+        await asyncio.wait_for(reader.next(), TIMEOUT)
+
+
+async def test_a_missing_slot_says_to_migrate(waldb: WalDatabase) -> None:
+    async with await waldb.reader_connection() as conn:
+        with pytest.raises(slots.SlotMissing, match="pgsse migrate"):
+            await SlotReader(conn, "no_such_slot").next()
+
+
+def test_migrate_is_idempotent_and_drop_capture_restores_notify(waldb: WalDatabase) -> None:
+    migrate(waldb.url, "wal", waldb.slot)  # again: nothing new
+
+    def state() -> tuple[int, int, str]:
+        with waldb.connect() as conn:
+            row = conn.execute(
+                "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s),"
+                " (SELECT count(*) FROM pg_publication WHERE pubname = %s),"
+                " (SELECT prosrc FROM pg_proc WHERE proname = 'notify_new_message')",
+                (waldb.slot, slots.PUBLICATION),
+            ).fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1]), str(row[2])
+
+    count, publications, source = state()
+    assert (count, publications) == (1, 1)
+    assert "pg_logical_emit_message" in source and "pg_notify" not in source
+    assert drop_capture(waldb.url, waldb.slot) is True
+    count, publications, source = state()
+    assert (count, publications) == (0, 0)
+    assert "pg_notify" in source and "pg_logical_emit_message" not in source
+    assert drop_capture(waldb.url, waldb.slot) is False
+
+
+def test_a_slot_of_another_database_is_refused(database: Database, waldb: WalDatabase) -> None:
+    with pytest.raises(BrokerError, match="BROKER_CAPTURE_SLOT"):
+        migrate(database.url, "wal", waldb.slot)
+
+
+def test_the_wal_trigger_differs_from_notify_in_its_step_only() -> None:
+    notify_sql = (sql_dir() / "002_notify.sql").read_text()
+    function = slots.wal_trigger_sql(notify_sql)
+    assert function.startswith("CREATE OR REPLACE FUNCTION notify_new_message()")
+    assert function.count("pg_logical_emit_message(true, 'pgsse_messages', payload)") == 1
+    assert (
+        function.replace(
+            slots.capture_step("wal", slots.PREFIX, "payload"),
+            slots.capture_step("notify", slots.PREFIX, "payload"),
+        )
+        in notify_sql
+    )
+    with pytest.raises(BrokerError, match="expected one"):
+        slots.wal_trigger_sql(notify_sql.replace("pg_notify", "pg_notify_other"))
+
+
+def test_broker_capture_is_notify_or_wal() -> None:
+    assert Settings.load({}).capture == "notify"
+    assert Settings.load({"BROKER_CAPTURE": "wal"}).capture == "wal"
+    with pytest.raises(ConfigError, match="BROKER_CAPTURE"):
+        Settings.load({"BROKER_CAPTURE": "logical"})
+    with pytest.raises(ConfigError, match="BROKER_CAPTURE_SLOT"):
+        Settings.load({"BROKER_CAPTURE_SLOT": "Bad-Name"})
+
+
+def test_pgsse_migrate_drop_capture(
+    waldb: WalDatabase, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", waldb.url)
+    monkeypatch.setenv("BROKER_CAPTURE_SLOT", waldb.slot)
+    monkeypatch.setenv("BROKER_CAPTURE", "wal")
+    assert main(["migrate", "--drop-capture"]) == 1  # contradictory: refused
+    assert "unset BROKER_CAPTURE" in capsys.readouterr().err
+    monkeypatch.delenv("BROKER_CAPTURE")
+    assert main(["migrate", "--drop-capture"]) == 0
+    assert capsys.readouterr().out == f"capture slot {waldb.slot}: dropped\n"
