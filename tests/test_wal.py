@@ -284,3 +284,38 @@ def test_pgsse_migrate_drop_capture(
     monkeypatch.delenv("BROKER_CAPTURE")
     assert main(["migrate", "--drop-capture"]) == 0
     assert capsys.readouterr().out == f"capture slot {waldb.slot}: dropped\n"
+
+
+async def test_the_slot_restart_point_follows_the_reader(
+    waldb: WalDatabase, reader: SlotReader
+) -> None:
+    """Decoding starts at restart_lsn: left where it was (PostgreSQL moves it every 15 s at
+    best), every poll would decode all the WAL since again."""
+
+    def wal_and_restart_lag() -> tuple[int, int]:
+        with waldb.connect() as conn:
+            row = conn.execute(
+                "SELECT (pg_current_wal_lsn() - '0/0')::bigint,"
+                " (pg_current_wal_lsn() - restart_lsn)::bigint FROM pg_replication_slots"
+                " WHERE slot_name = %s",
+                (waldb.slot,),
+            ).fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+    start, _ = wal_and_restart_lag()
+    for round_ in range(3):
+        with waldb.connect() as conn:
+            conn.execute(
+                "INSERT INTO messages (session_id, content)"
+                " SELECT 's', repeat('x', 1000) FROM generate_series(1, 300)"
+            )
+        read = 0
+        while read < 300:
+            read += len(await take(reader))
+            await reader.confirm()
+        if round_ < 2:
+            await asyncio.sleep(1.1)  # SNAPSHOT_SECONDS: the reader logs one a second at most
+    end, lag = wal_and_restart_lag()
+    assert end - start > 3 * 300 * 1000
+    assert lag < (end - start) / 2  # about one round's: the slot moved while rows flowed

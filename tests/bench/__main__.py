@@ -22,11 +22,12 @@ from typing import Any
 import psycopg
 
 from tests.bench import report
+from tests.bench.capture import capture
 from tests.bench.harness import Database, machine, pin_self_to_load_cpu, raise_file_limit
 from tests.bench.scaleout import scaleout
 from tests.bench.scenarios import SCENARIOS, Context, Options
 
-SCENARIOS = {**SCENARIOS, "scaleout": scaleout}  # its own module: scenarios.py is full
+SCENARIOS = {**SCENARIOS, "scaleout": scaleout, "capture": capture}  # scenarios.py is full
 
 RESULTS = Path(__file__).parent / "results"
 PACKAGES = ("starlette", "uvicorn", "uvloop", "httptools", "orjson", "psycopg", "anyio")
