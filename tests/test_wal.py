@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -317,3 +320,17 @@ async def test_the_slot_restart_point_follows_the_reader(
     end, lag = wal_and_restart_lag()
     assert end - start > 3 * 300 * 1000
     assert lag < (end - start) / 2  # about one round's: the slot moved while rows flowed
+
+
+def test_serve_refuses_wal_until_it_reads_the_slot(waldb: WalDatabase) -> None:
+    """Serving with the emit trigger and no reader would deliver nothing live."""
+    environ = {**os.environ, "DATABASE_URL": waldb.url, "BROKER_CAPTURE": "wal"}
+    done = subprocess.run(
+        [sys.executable, "-m", "broker", "serve", "--port", "0"],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "does not read the slot yet" in done.stderr
