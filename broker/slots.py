@@ -109,25 +109,37 @@ def prepare(conn: psycopg.Connection[Any], slot: str, lock: int) -> bool:
         )
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
+        found = _slot_exists(conn, slot)
         if not conn.execute(
             "SELECT 1 FROM pg_publication WHERE pubname = %s", (PUBLICATION,)
         ).fetchone():
             conn.execute(sql.SQL("CREATE PUBLICATION {}").format(sql.Identifier(PUBLICATION)))
+    if found:
+        return False
     with conn.transaction():  # a new one: the publication's was a write
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
-        found = conn.execute(
-            "SELECT database, plugin FROM pg_replication_slots WHERE slot_name = %s", (slot,)
-        ).fetchone()
-        if found is not None:
-            here = conn.execute("SELECT current_database()").fetchone()
-            if (found[0], found[1]) != ((here or [None])[0], PLUGIN):
-                raise BrokerError(
-                    f"invalid BROKER_CAPTURE_SLOT={slot!r}: that replication slot exists for"
-                    f" database {found[0]!r} with plugin {found[1]!r}; choose another name"
-                )
-            return False
+        if _slot_exists(conn, slot):
+            return False  # made meanwhile by an instance migrating too
         conn.execute("SELECT pg_create_logical_replication_slot(%s, %s)", (slot, PLUGIN))
     log.info("capture_slot_created", slot=slot)
+    return True
+
+
+def _slot_exists(conn: psycopg.Connection[Any], slot: str) -> bool:
+    """Whether this database's capture slot `slot` exists; a slot of that name for another
+    database or plugin raises, naming the setting."""
+    found = conn.execute(
+        "SELECT database, plugin, database = current_database()"
+        " FROM pg_replication_slots WHERE slot_name = %s",
+        (slot,),
+    ).fetchone()
+    if found is None:
+        return False
+    if not found[2] or found[1] != PLUGIN:
+        raise BrokerError(
+            f"invalid BROKER_CAPTURE_SLOT={slot!r}: that replication slot exists for"
+            f" database {found[0]!r} with plugin {found[1]!r}; choose another name"
+        )
     return True
 
 

@@ -249,6 +249,14 @@ def test_migrate_is_idempotent_and_drop_capture_restores_notify(waldb: WalDataba
 def test_a_slot_of_another_database_is_refused(database: Database, waldb: WalDatabase) -> None:
     with pytest.raises(BrokerError, match="BROKER_CAPTURE_SLOT"):
         migrate(database.url, "wal", waldb.slot)
+    made = database.query("SELECT count(*) FROM pg_publication WHERE pubname = 'pgsse_capture'")
+    assert made == [(0,)]  # refused before anything was made
+    assert (
+        "pg_notify("
+        in database.query("SELECT prosrc FROM pg_proc WHERE proname = %s", ("notify_new_message",))[
+            0
+        ][0]
+    )
 
 
 def test_the_wal_trigger_differs_from_notify_in_its_step_only() -> None:
