@@ -342,3 +342,22 @@ def test_serve_refuses_wal_until_it_reads_the_slot(waldb: WalDatabase) -> None:
     )
     assert done.returncode == 1
     assert "does not read the slot yet" in done.stderr
+
+
+async def test_others_writes_do_not_hold_the_slot_back(
+    waldb: WalDatabase, reader: SlotReader
+) -> None:
+    """WAL of tables without capture is decoded once: empty polls move the slot past it."""
+    with waldb.connect() as conn:
+        conn.execute("CREATE TABLE other (x text)")
+        conn.execute("INSERT INTO other SELECT repeat('x', 1000) FROM generate_series(1, 2000)")
+        assert await reader.poll() == []
+        row = conn.execute(
+            "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint"
+            " FROM pg_replication_slots WHERE slot_name = %s",
+            (waldb.slot,),
+        ).fetchone()
+    assert row is not None
+    assert row[0] < 65_536  # was 2 MB behind before the poll
+    kept = waldb.insert("s", "after")
+    assert [row["id"] for row in await take(reader)] == [str(kept)]

@@ -14,8 +14,8 @@ psycopg 3 has no replication-protocol API, so the reader polls over SQL: one que
 advanced (`pg_replication_slot_advance`) only when the caller `confirm`s that it handed the
 batch on. A reader killed before confirming loses nothing: the next one peeks the same batch
 again. After a confirm that batch never comes again. An empty poll is one query; when other
-tables' writes moved the WAL on meanwhile, the slot is advanced past them at most once a
-second, so a peek never decodes the same unrelated WAL for long.
+tables' writes moved the WAL on by 64 kB meanwhile, the slot is advanced past them, so no
+peek decodes the same unrelated WAL again and again.
 
 The slot and its publication are made by `pgsse migrate` and dropped by `pgsse migrate
 --drop-capture` (`slots.py`, which also says what a forgotten slot costs).
@@ -39,8 +39,9 @@ __all__ = ["SlotLag", "SlotReader", "Transaction", "decode", "format_lsn", "pars
 
 POLL_SECONDS = 0.01
 MAX_CHANGES = 10_000  # pgoutput rows per peek at most (it stops at the next commit after it)
-IDLE_ADVANCE = 1.0  # an empty poll moves the slot past others' WAL this often at most
-SNAPSHOT_BYTES = 65_536  # WAL grown since the last running-transactions record: see `_log_snapshot`
+# WAL grown since the last running-transactions record (`_log_snapshot`), or since an empty
+# poll last moved the slot on
+SNAPSHOT_BYTES = 65_536
 PG_EPOCH = datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)
 
 log = structlog.get_logger(logger_name=__name__)
@@ -88,6 +89,15 @@ def decode(rows: list[tuple[Any, ...]], prefixes: frozenset[str]) -> list[Transa
     return done
 
 
+def _last_commit_end(rows: list[tuple[Any, ...]]) -> int:
+    """The end LSN of the last commit among pgoutput's `rows` (0 when there is none)."""
+    for row in reversed(rows):
+        data = bytes(row[-1])
+        if data[:1] == b"C":
+            return int(struct.unpack_from(">Q", data, 10)[0])
+    return 0
+
+
 def parse_lsn(text: str) -> int:
     high, low = text.split("/")
     return (int(high, 16) << 32) | int(low, 16)
@@ -132,7 +142,6 @@ class SlotReader:
         self.position: int | None = None  # where `confirm` advances the slot to
         self.oldest_unconfirmed: datetime.datetime | None = None  # commit time, last batch
         self.polls = 0
-        self._advanced_at = 0.0
         self._advanced_to = 0
         self._snapshots = True
         self._snapshot_upto = 0
@@ -160,15 +169,11 @@ class SlotReader:
             self.position = done[-1].end_lsn if truncated else max(upto, done[-1].end_lsn)
             self.oldest_unconfirmed = done[0].committed
             return [payload for txn in done for payload in txn.payloads]
-        now = asyncio.get_running_loop().time()
-        if (
-            not truncated
-            and self.position is None
-            and upto != self._advanced_to
-            and now - self._advanced_at >= IDLE_ADVANCE
-        ):
-            await self._advance(upto)  # past WAL of no interest, decoded once only
-            self._advanced_at = now
+        # Nothing of interest: move the slot past it (others' writes, or a transaction of
+        # other prefixes only), so no later poll decodes it again.
+        past = upto if not truncated else _last_commit_end(changes)
+        if self.position is None and past - self._advanced_to >= SNAPSHOT_BYTES:
+            await self._advance(past)
         return []
 
     async def confirm(self, lsn: int | None = None) -> None:
