@@ -12,8 +12,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +29,12 @@ from broker.config.settings import Settings
 from broker.database import drop_capture, migrate, sql_dir
 from broker.errors import BrokerError, ConfigError
 from broker.feeds.wal import SlotReader, slot_lag
+from broker.feeds.walstream import SlotStream
 from broker.signing import RowKey
 from tests.conftest import Database
 
 TIMEOUT = 10.0
+Reader = SlotReader | SlotStream
 
 
 @dataclass
@@ -72,11 +76,19 @@ def waldb(database: Database) -> Iterator[WalDatabase]:
         yield wal
     finally:
         with database.connect() as conn:
-            conn.execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
-                " WHERE database = %s",
-                (name,),
-            )
+            deadline = time.monotonic() + TIMEOUT
+            while True:  # a stream's walsender may still be ending
+                try:
+                    conn.execute(
+                        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+                        " WHERE database = %s",
+                        (name,),
+                    )
+                    break
+                except psycopg.errors.ObjectInUse:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
             conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
@@ -86,14 +98,40 @@ async def reader(waldb: WalDatabase) -> AsyncIterator[SlotReader]:
         yield SlotReader(conn, waldb.slot, poll_seconds=0.005)
 
 
-async def take(reader: SlotReader) -> list[dict[str, Any]]:
+@pytest.fixture(params=["sql", "stream"])
+async def any_reader(request: pytest.FixtureRequest, waldb: WalDatabase) -> AsyncIterator[Reader]:
+    """A reader of each transport: SQL polling (`SlotReader`) and streaming (`SlotStream`)."""
+    async with open_reader(waldb, request.param) as reader:
+        yield reader
+
+
+@asynccontextmanager
+async def open_reader(waldb: WalDatabase, kind: str) -> AsyncIterator[Reader]:
+    if kind == "stream":
+        async with asyncio.timeout(TIMEOUT):
+            while True:  # the last stream's walsender may still be ending
+                try:
+                    stream = await SlotStream(waldb.url, waldb.slot).__aenter__()
+                    break
+                except slots.SlotBusy:
+                    await asyncio.sleep(0.05)
+        try:
+            yield stream
+        finally:
+            await stream.__aexit__(None, None, None)
+        return
+    async with await waldb.reader_connection() as conn:
+        yield SlotReader(conn, waldb.slot, poll_seconds=0.005)
+
+
+async def take(reader: Reader) -> list[dict[str, Any]]:
     """The next batch, bounded in time, as the rows' JSON (signatures stripped)."""
     async with asyncio.timeout(TIMEOUT):
         batch = await reader.next()
     return [json.loads(payload[64:]) for payload in batch]
 
 
-async def nothing_within(reader: SlotReader, seconds: float) -> bool:
+async def nothing_within(reader: Reader, seconds: float) -> bool:
     try:
         async with asyncio.timeout(seconds):
             await reader.next()
@@ -107,7 +145,7 @@ def test_the_embedded_server_runs_with_logical_wal(database: Database) -> None:
 
 
 async def test_payloads_are_signed_and_come_in_commit_order(
-    waldb: WalDatabase, reader: SlotReader
+    waldb: WalDatabase, any_reader: Reader
 ) -> None:
     with waldb.connect() as first:
         first.execute("BEGIN")
@@ -118,57 +156,56 @@ async def test_payloads_are_signed_and_come_in_commit_order(
         first.execute("COMMIT")
     assert early is not None and early[0] < late
     async with asyncio.timeout(TIMEOUT):
-        batch = await reader.next()
+        batch = await any_reader.next()
     while len(batch) < 2:  # two commits may be read in two polls
-        await reader.confirm()
-        batch += await asyncio.wait_for(reader.next(), TIMEOUT)
+        await any_reader.confirm()
+        batch += await asyncio.wait_for(any_reader.next(), TIMEOUT)
     key = waldb.key()
     rows = [json.loads(key.verify(payload)) for payload in batch]
     assert [row["id"] for row in rows] == [str(late), str(early[0])]
     assert [row["content"] for row in rows] == ["late", "early"]
 
 
-async def test_a_rolled_back_row_never_appears(waldb: WalDatabase, reader: SlotReader) -> None:
+async def test_a_rolled_back_row_never_appears(waldb: WalDatabase, any_reader: Reader) -> None:
     with waldb.connect() as conn:
         conn.execute("BEGIN")
         conn.execute("INSERT INTO messages (session_id, content) VALUES ('s', 'undone')")
         conn.execute("ROLLBACK")
     kept = waldb.insert("s", "kept")
-    rows = await take(reader)
+    rows = await take(any_reader)
     assert [row["id"] for row in rows] == [str(kept)]
 
 
+@pytest.mark.parametrize("kind", ["sql", "stream"])
 async def test_an_unconfirmed_batch_comes_again_and_a_confirmed_one_never(
-    waldb: WalDatabase, reader: SlotReader
+    waldb: WalDatabase, kind: str
 ) -> None:
     ids = [str(waldb.insert("s", f"row {n}")) for n in range(3)]
     seen: list[str] = []
-    while len(seen) < 3:
-        seen += [row["id"] for row in await take(reader)]
-        await reader.confirm()  # this reader hands each batch on
+    async with open_reader(waldb, kind) as reader:
+        while len(seen) < 3:
+            seen += [row["id"] for row in await take(reader)]
+            await reader.confirm()  # this reader hands each batch on
     assert seen == ids
     more = [str(waldb.insert("s", f"more {n}")) for n in range(2)]
-    async with await waldb.reader_connection() as conn:  # a reader killed before confirming
-        stopped = SlotReader(conn, waldb.slot, poll_seconds=0.005)
+    async with open_reader(waldb, kind) as stopped:  # killed before confirming
         first = await take(stopped)
-    async with await waldb.reader_connection() as conn:  # its successor: the same rows
-        successor = SlotReader(conn, waldb.slot, poll_seconds=0.005)
-        again = await take(successor)
-        assert [row["id"] for row in again] == [row["id"] for row in first]
-        got = [row["id"] for row in again]
+    assert [row["id"] for row in first] == more[: len(first)]
+    async with open_reader(waldb, kind) as successor:  # its successor: those rows again
+        got = [row["id"] for row in await take(successor)]
         while len(got) < 2:
             await successor.confirm()
             got += [row["id"] for row in await take(successor)]
         assert got == more
         await successor.confirm()
         assert await nothing_within(successor, 0.5)
-    async with await waldb.reader_connection() as conn:  # and after confirming: never again
-        assert await nothing_within(SlotReader(conn, waldb.slot, poll_seconds=0.005), 0.5)
+    async with open_reader(waldb, kind) as later:  # and after confirming: never again
+        assert await nothing_within(later, 0.5)
 
 
-async def test_a_50_mb_row_is_sent_as_a_reference(waldb: WalDatabase, reader: SlotReader) -> None:
+async def test_a_50_mb_row_is_sent_as_a_reference(waldb: WalDatabase, any_reader: Reader) -> None:
     big = waldb.insert("s", "x" * 50_000_000)
-    rows = await take(reader)
+    rows = await take(any_reader)
     assert rows == [{"id": str(big), "ref": True, "sessionId": "s", "robotId": None}]
 
 

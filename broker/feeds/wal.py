@@ -35,7 +35,16 @@ from psycopg import errors
 
 from ..slots import PREFIX, PUBLICATION, SlotBusy, SlotInvalidated, SlotMissing
 
-__all__ = ["SlotLag", "SlotReader", "Transaction", "decode", "format_lsn", "parse_lsn", "slot_lag"]
+__all__ = [
+    "SlotLag",
+    "SlotReader",
+    "Transaction",
+    "decode",
+    "format_lsn",
+    "parse_lsn",
+    "slot_error",
+    "slot_lag",
+]
 
 POLL_SECONDS = 0.01
 MAX_CHANGES = 10_000  # pgoutput rows per peek at most (it stops at the next commit after it)
@@ -209,7 +218,7 @@ class SlotReader:
         try:
             cursor = await self._conn.execute(self._query, self._params)
         except psycopg.Error as exc:
-            raise _translated(exc, self._slot) from None
+            raise slot_error(exc, self._slot) from None
         return await cursor.fetchall()
 
     async def _advance(self, lsn: int) -> None:
@@ -220,10 +229,10 @@ class SlotReader:
                 (self._slot, format_lsn(lsn)),
             )
         except psycopg.Error as exc:
-            raise _translated(exc, self._slot) from None
+            raise slot_error(exc, self._slot) from None
 
 
-def _translated(exc: psycopg.Error, slot: str) -> Exception:
+def slot_error(exc: psycopg.Error, slot: str) -> Exception:
     """A slot's failure as one clear error; a connection failure as it is."""
     reason = " ".join(str(exc).split())
     if isinstance(exc, errors.UndefinedObject):
