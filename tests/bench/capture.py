@@ -3,10 +3,11 @@
 - pgbench INSERT rate on `messages` (one row per transaction, synchronous_commit on) at 4, 16
   and 32 writers with no capture (trigger disabled), the trigger alone (payload built and
   signed, handed to nobody: what a transport adds is the rest), NOTIFY capture (today's
-  trigger, one connection LISTENing and draining) and WAL capture (the emit trigger, a
-  `SlotReader` draining and confirming the slot). The modes run one after the other for each
-  writer count, so a load change on the machine hits them alike; ratios are to no capture.
-- Delivery latency at 500 rows/s, commit returned -> payload read, through the `SlotReader`
+  trigger, one connection LISTENing and draining) and WAL capture (the emit trigger, read by
+  a `SlotReader` polling, `wal`, or a `SlotStream`, `stream`, each confirming what it read).
+  The modes run one after the other for each writer count, so a load change on the machine
+  hits them alike; ratios are to no capture.
+- Delivery latency at 500 rows/s, commit returned -> payload read, through both WAL readers
   and through LISTEN, in this process (one clock).
 - An idle `SlotReader`: polls per second, the time of one empty poll, and its backend's CPU.
 
@@ -30,11 +31,12 @@ import psycopg
 
 from broker.database import drop_capture, migrate, sql_dir
 from broker.feeds.wal import SlotReader
+from broker.feeds.walstream import SlotStream
 from broker.slots import PREFIX, capture_step, wal_trigger_sql
 from tests.bench.scenarios import Context, target
 
 WRITERS = (4, 16, 32)
-MODES = ("none", "trigger", "notify", "wal")
+MODES = ("none", "trigger", "notify", "wal", "stream")
 SLOT = "pgsse_bench"
 CHANNEL = "pgsse_messages"
 LATENCY_RATE = 500  # rows/s
@@ -60,27 +62,34 @@ def capture(ctx: Context) -> dict[str, Any]:
                 row[mode]["ratio"] = round(row[mode]["tps"] / floor, 2) if floor else None
             rates[str(writers)] = row
         _switch(url, "wal")
-        latency = {"wal": _latency(url, "wal", ctx.pick(10, 4))}
+        latency = {mode: _latency(url, mode, ctx.pick(10, 4)) for mode in ("wal", "stream")}
         _switch(url, "notify")
         latency["notify"] = _latency(url, "notify", ctx.pick(10, 4))
         idle = _idle_cost(url, ctx.pick(5, 2))
     finally:
         drop_capture(url, SLOT)  # NOTIFY trigger back, slot dropped
         _switch(url, "notify")
-    wal_p99 = latency["wal"].get("p99_ms")
     return {
         "inserts": rates,
         "latency": latency,
         "idle_poll": idle,
         "targets": [
             target(
-                f"WAL capture >= 0.9 of no capture at {n} writers",
-                rates[str(n)]["wal"]["ratio"],
-                (rates[str(n)]["wal"]["ratio"] or 0) >= 0.9,
+                f"{mode} capture >= 0.9 of no capture at {n} writers",
+                rates[str(n)][mode]["ratio"],
+                (rates[str(n)][mode]["ratio"] or 0) >= 0.9,
             )
+            for mode in ("wal", "stream")
             for n in (16, 32)
         ]
-        + [target("WAL delivery p99 at 500 rows/s <= 50 ms", wal_p99, (wal_p99 or 1e9) <= 50)],
+        + [
+            target(
+                f"{mode} delivery p99 at 500 rows/s <= 50 ms",
+                latency[mode].get("p99_ms"),
+                (latency[mode].get("p99_ms") or 1e9) <= 50,
+            )
+            for mode in ("wal", "stream")
+        ],
     }
 
 
@@ -92,7 +101,7 @@ def _switch(url: str, mode: str) -> None:
             conn.execute("ALTER TABLE messages DISABLE TRIGGER trigger_notify_new_message")
             return
         conn.execute("ALTER TABLE messages ENABLE TRIGGER trigger_notify_new_message")
-        function = wal_trigger_sql(notify_sql) if mode == "wal" else notify_sql
+        function = wal_trigger_sql(notify_sql) if mode in ("wal", "stream") else notify_sql
         if mode == "trigger":  # the payload built and signed, handed to nobody
             step = capture_step("notify", PREFIX, "payload")
             function = notify_sql.replace(step, "NULL;")
@@ -104,7 +113,7 @@ def _switch(url: str, mode: str) -> None:
 def _pgbench_phase(
     ctx: Context, url: str, mode: str, writers: int, seconds: int, script: Path
 ) -> dict[str, Any]:
-    drainer = Drainer(url, mode) if mode in ("notify", "wal") else None
+    drainer = Drainer(url, mode) if mode in ("notify", "wal", "stream") else None
     before = _max_id(url)
     if drainer is not None:
         drainer.start()
@@ -187,6 +196,8 @@ class Drainer:
         try:
             if self.mode == "notify":
                 self._listen()
+            elif self.mode == "stream":
+                asyncio.run(self._stream_slot())
             else:
                 asyncio.run(self._read_slot())
         except BaseException as exc:  # reported by stop()
@@ -220,6 +231,19 @@ class Drainer:
                 for payload in batch:
                     self._take(payload)
                 await reader.confirm()
+
+    async def _stream_slot(self) -> None:
+        async with SlotStream(self.url, SLOT) as stream:
+            self._ready.set()
+            while not self._stop.is_set():
+                try:
+                    async with asyncio.timeout(0.2):
+                        batch = await stream.next()
+                except TimeoutError:
+                    continue
+                for payload in batch:
+                    self._take(payload)
+                await stream.confirm()
 
 
 def _latency(url: str, mode: str, seconds: int) -> dict[str, Any]:
