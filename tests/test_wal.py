@@ -251,12 +251,25 @@ async def test_an_invalidated_slot_is_one_clear_error(
     assert lag.invalidated and lag.seconds is None
     with pytest.raises(slots.SlotInvalidated, match="invalidated by PostgreSQL"):
         await asyncio.wait_for(reader.next(), TIMEOUT)
+    with pytest.raises(slots.SlotInvalidated, match="invalidated by PostgreSQL"):
+        async with SlotStream(waldb.url, waldb.slot):
+            pass
 
 
 async def test_a_missing_slot_says_to_migrate(waldb: WalDatabase) -> None:
     async with await waldb.reader_connection() as conn:
         with pytest.raises(slots.SlotMissing, match="pgsse migrate"):
             await SlotReader(conn, "no_such_slot").next()
+    with pytest.raises(slots.SlotMissing, match="pgsse migrate"):
+        async with SlotStream(waldb.url, "no_such_slot"):
+            pass
+
+
+async def test_a_second_stream_on_the_slot_is_busy(waldb: WalDatabase) -> None:
+    async with SlotStream(waldb.url, waldb.slot):
+        with pytest.raises(slots.SlotBusy, match="another session"):
+            async with SlotStream(waldb.url, waldb.slot):
+                pass
 
 
 def test_migrate_is_idempotent_and_drop_capture_restores_notify(waldb: WalDatabase) -> None:

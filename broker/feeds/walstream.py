@@ -64,6 +64,16 @@ class SlotStream:
         self._conn = await psycopg.AsyncConnection.connect(
             self._url, autocommit=True, replication="database"
         )
+        try:
+            await self._start()
+        except BaseException:
+            await self._conn.close()
+            raise
+        return self
+
+    async def _start(self) -> None:
+        """START_REPLICATION, then the socket's reader for the stream."""
+        assert self._conn is not None
         pgconn = self._pgconn = self._conn.pgconn
         command = sql.SQL(
             "START_REPLICATION SLOT {} LOGICAL 0/0"
@@ -81,14 +91,15 @@ class SlotStream:
             self._loop.remove_reader(fd)
         self._loop.add_reader(fd, self._on_readable)
         self._on_readable()  # what libpq read with the answer is in its buffer, not the socket
-        return self
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if self._loop is not None and self._pgconn is not None:
             self._loop.remove_reader(self._pgconn.socket)
-            if self._error is None:  # the last status first, then the end of the copy
+            if (
+                self._error is None and not self._pgconn.is_busy()
+            ):  # the last status first, then the end of the copy
                 try:
                     self._send_status()
                     self._pgconn.put_copy_end()
