@@ -97,9 +97,7 @@ class SlotStream:
     ) -> None:
         if self._loop is not None and self._pgconn is not None:
             self._loop.remove_reader(self._pgconn.socket)
-            if (
-                self._error is None and not self._pgconn.is_busy()
-            ):  # the last status first, then the end of the copy
+            if self._error is None:  # the last status first, then the end of the copy
                 try:
                     self._send_status()
                     self._pgconn.put_copy_end()
