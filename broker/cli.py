@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(settings)
         if args.command == "migrate":
-            return _migrate(settings, args.print)
+            return _migrate(settings, args.print, args.drop_capture)
         if args.command == "token":
             return _token(settings, args)
         if args.command == "clean":
@@ -119,6 +119,13 @@ def _parser() -> argparse.ArgumentParser:
         "--print",
         action="store_true",
         help="print the SQL migrate would run, and run nothing (default: run it)",
+    )
+    commands.choices["migrate"].add_argument(
+        "--drop-capture",
+        action="store_true",
+        help="leave BROKER_CAPTURE=wal: NOTIFY trigger back, replication slot"
+        " BROKER_CAPTURE_SLOT and its publication dropped (a slot nobody reads keeps WAL;"
+        " default: migrate)",
     )
     publish = commands.choices["publish"]
     publish.add_argument("--session", required=True, help="sessionId of the message (required)")
@@ -172,14 +179,23 @@ def _database(settings: Settings, create: bool = False) -> Iterator[str]:
             embedded.stop()
 
 
-def _migrate(settings: Settings, print_only: bool) -> int:
+def _migrate(settings: Settings, print_only: bool = False, drop_capture: bool = False) -> int:
+    from .database import drop_capture as drop
     from .database import migrate, migration_sql
 
+    if drop_capture and settings.capture == "wal":
+        raise BrokerError("--drop-capture leaves BROKER_CAPTURE=wal: unset BROKER_CAPTURE first")
     with _database(settings) as url:
         if print_only:
             sys.stdout.write(migration_sql(url, settings.config))
             return 0
-        files = migrate(url, settings.config)
+        if drop_capture:
+            dropped = drop(url, settings.capture_slot, settings.config)
+            sys.stdout.write(
+                f"capture slot {settings.capture_slot}: {'dropped' if dropped else 'none'}\n"
+            )
+            return 0
+        files = migrate(url, settings.config, settings.capture, settings.capture_slot)
     sys.stdout.write("migrated: " + ", ".join(files) + "\n")
     return 0
 
@@ -252,12 +268,17 @@ def _serve(settings: Settings) -> int:
     from .workers import run_workers
 
     log = structlog.get_logger(logger_name=__name__)
+    if settings.capture == "wal":  # until the feed core reads the slot (issue 23)
+        raise BrokerError(
+            "BROKER_CAPTURE=wal: `pgsse migrate` prepares it, but `serve` does not read the"
+            " slot yet; unset BROKER_CAPTURE"
+        )
     sockets = listen_sockets(settings)  # public + admin port, if any
     try:
         with _database(settings, create=True) as url:
             settings = dataclasses.replace(settings, database_url=url)
             if settings.migrate:
-                migrate(url, settings.config)
+                migrate(url, settings.config, settings.capture, settings.capture_slot)
             else:
                 check_database(url, settings.config)
             log.info(

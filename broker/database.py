@@ -27,6 +27,7 @@ import psycopg
 import structlog
 from psycopg import sql
 
+from . import slots
 from .config import feeds as feedspec
 from .config.settings import redact_url
 from .embedded.placement import Placement, absolute, locate, source_file
@@ -37,6 +38,7 @@ __all__ = [
     "EmbeddedPostgres",
     "check_database",
     "connect",
+    "drop_capture",
     "migrate",
     "migration_sql",
     "postmaster_alive",
@@ -44,6 +46,11 @@ __all__ = [
 ]
 
 MIGRATION_LOCK = 0x70677373  # "pgss": the advisory lock key migrations serialise on
+# BROKER_CAPTURE=wal reads a logical replication slot (feeds/wal.py), so the embedded server
+# always runs with logical WAL. Given with `pg_ctl -o` at every start, not written into the
+# cluster's configuration, so a cluster made by an older pgsse has it from its next start.
+# Its cost without a slot: a few bytes more WAL per transaction.
+LOGICAL_DECODING = "-c wal_level=logical -c max_replication_slots=10 -c max_wal_senders=10"
 SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; keep room for "/.s.PGSQL.5432"
 
 log = structlog.get_logger(logger_name=__name__)
@@ -74,20 +81,51 @@ def connect(url: str) -> psycopg.Connection[Any]:
         ) from None
 
 
-def migrate(url: str, config: Path | None = None) -> list[str]:
+def migrate(
+    url: str, config: Path | None = None, capture: str = "notify", slot: str = "pgsse"
+) -> list[str]:
     """Apply every file of `sql/`, then the capture of the feeds `config` declares (None: the
     messages feed, inserts only), in one transaction; returns the file names applied.
 
     A mistake in `config` raises `ConfigError` (one line naming feed and field) before anything
     is installed: the file is read before connecting, and checked against the catalog inside
-    the transaction, which then rolls back."""
+    the transaction, which then rolls back.
+
+    With `capture="wal"` the publication and the replication slot `slot` are made next, then
+    the messages trigger emits logical messages instead of NOTIFY (`slots.py`). With `notify`
+    the files put the NOTIFY trigger back; a capture slot left from the WAL mode is only warned
+    about (it keeps WAL: `pgsse migrate --drop-capture`)."""
     declared = feedspec.read(config)
-    with connect(url) as conn, _translated(), conn.transaction():
-        feeds = _apply_sql(conn, declared)
-        conn.execute(capture_sql(feeds, key_table=_key_table(conn)).encode())
+    with connect(url) as conn, _translated():
+        conn.autocommit = True  # each `transaction()` below is its own (slots.prepare needs it)
+        with conn.transaction():
+            feeds = _apply_sql(conn, declared)
+            conn.execute(capture_sql(feeds, key_table=_key_table(conn)).encode())
+        if capture == "wal":  # the slot first, then the trigger (slots.py says why)
+            slots.prepare(conn, slot, MIGRATION_LOCK)
+            notify_sql = (sql_dir() / "002_notify.sql").read_text(encoding="utf-8")
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+                conn.execute(slots.wal_trigger_sql(notify_sql).encode())
+        elif conn.execute(
+            "SELECT 1 FROM pg_replication_slots"
+            " WHERE slot_name = %s AND database = current_database()",
+            (slot,),
+        ).fetchone():
+            log.warning("capture_slot_unused", slot=slot, drop="pgsse migrate --drop-capture")
     names = [path.name for path in sql_files()]
-    log.info("migrated", files=names, feeds=[feed.name for feed in feeds])
+    log.info("migrated", files=names, feeds=[feed.name for feed in feeds], capture=capture)
     return names
+
+
+def drop_capture(url: str, slot: str = "pgsse", config: Path | None = None) -> bool:
+    """Put the NOTIFY trigger back (`migrate`), then drop the WAL capture's slot and
+    publication; True when there was a slot. A forgotten slot keeps every WAL segment written
+    after its position, so this is the way out of `BROKER_CAPTURE=wal`."""
+    migrate(url, config, "notify", slot="")
+    with connect(url) as conn:
+        conn.autocommit = True
+        return slots.drop(conn, slot)
 
 
 def migration_sql(url: str, config: Path | None = None) -> str:
@@ -270,7 +308,7 @@ class EmbeddedPostgres:
         if self.is_running():
             return
         socket_dir = self._make_socket_dir()
-        options = f"-h '' -k {socket_dir} -c max_connections=200 -c fsync=on"
+        options = f"-h '' -k {socket_dir} -c max_connections=200 -c fsync=on {LOGICAL_DECODING}"
         try:
             self._run(
                 [

@@ -1,4 +1,5 @@
-"""The guide's Next.js pages (docs/browser.md, where the README sends a newcomer), verbatim, in a real Next.js 16 app: `next build`, `next start`,
+"""The guide's Next.js pages (docs/browser.md, where the README sends a newcomer), verbatim,
+in a real Next.js 16 app: `next build`, `next start`,
 then eight tabs of the chat page in Chromium, on a broker that speaks HTTP/1.1.
 
 tests/browser/next is the app around them (a root layout, package.json, tsconfig); the pages

@@ -214,6 +214,19 @@ def log_format(text: str) -> str:
     return text
 
 
+def capture(text: str) -> str:
+    if text not in ("notify", "wal"):
+        raise ValueError("must be 'notify' or 'wal'")
+    return text
+
+
+def slot_name(text: str) -> str:
+    """A replication slot's name: what PostgreSQL accepts (lower case, digits, _; 63 long)."""
+    if not re.fullmatch(r"[a-z0-9_]{1,63}", text):
+        raise ValueError("must be 1-63 lower-case letters, digits or underscores")
+    return text
+
+
 def boolean(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):

@@ -216,6 +216,25 @@ class Settings:
         "bytes of rows the bus's stream keeps at most (it keeps 50,000 rows at most too);"
         " a broker that falls further behind ends its streams so clients resume",
     )
+    capture: str = setting(
+        "notify",
+        "BROKER_CAPTURE",
+        parsers.capture,
+        "how rows reach the broker: notify (triggers NOTIFY) or wal (a logical replication"
+        " slot, no commit lock; needs wal_level=logical)",
+    )
+    capture_slot: str = setting(
+        "pgsse",
+        "BROKER_CAPTURE_SLOT",
+        parsers.slot_name,
+        "the replication slot of BROKER_CAPTURE=wal (one per database of a cluster)",
+    )
+    capture_poll_seconds: float = setting(
+        0.01,
+        "BROKER_CAPTURE_POLL_SECONDS",
+        parsers.positive_float,
+        "seconds between reads of an idle slot with BROKER_CAPTURE=wal",
+    )
 
     def __post_init__(self) -> None:
         """Checks that span settings; each message names the setting to change."""

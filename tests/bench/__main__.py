@@ -23,6 +23,7 @@ import psycopg
 
 from tests.bench import report
 from tests.bench.capture import capture
+from tests.bench.capture_cost import capture_cost
 from tests.bench.harness import Database, machine, pin_self_to_load_cpu, raise_file_limit
 from tests.bench.scaleout import scaleout
 from tests.bench.scenarios import SCENARIOS, Context, Options
@@ -31,6 +32,7 @@ SCENARIOS = {
     **SCENARIOS,
     "scaleout": scaleout,
     "capture": capture,
+    "capture-cost": capture_cost,
 }  # own modules: scenarios.py is full
 
 RESULTS = Path(__file__).parent / "results"

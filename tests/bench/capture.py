@@ -1,221 +1,322 @@
-"""The `capture` scenario (issue 22): what recording changes in the change log costs writers.
+"""The `capture` scenario (issue 23): what NOTIFY's commit lock costs the writers, and the WAL.
 
-pgbench, synchronous_commit on, no broker (the database's own cost), `--quick`: 5 s a phase,
-else 10 s; the phases of one client count run A B C C B A and their means are compared:
+- pgbench INSERT rate on `messages` (one row per transaction, synchronous_commit on) at 4, 16
+  and 32 writers with no capture (trigger disabled), the trigger alone (payload built and
+  signed, handed to nobody: what a transport adds is the rest), NOTIFY capture (today's
+  trigger, one connection LISTENing and draining) and WAL capture (the emit trigger, read by
+  a `SlotReader` polling, `wal`, or a `SlotStream`, `stream`, each confirming what it read).
+  The modes run one after the other for each writer count, so a load change on the machine
+  hits them alike; ratios are to no capture.
+- Delivery latency at 500 rows/s, commit returned -> payload read, through both WAL readers
+  and through LISTEN, in this process (one clock).
+- An idle `SlotReader`: polls per second, the time of one empty poll, and its backend's CPU.
 
-- INSERT rows/s on `messages` at 4 and 16 clients with today's trigger (`notify_new_message`:
-  one NOTIFY of the row) against the change-log capture the messages feed would use if its
-  inserts went through the log as a generic feed's do (`pgsse.capture()`: the row into
-  `pgsse.changes`, then one NOTIFY; today's trigger disabled meanwhile). This decides whether
-  the messages feed's inserts stay on the table (issue 22, point 3): the bound is 0.85.
-- UPDATE rows/s on an orders table (10,000 rows, random row per statement) at 4 and 16
-  clients without and with its feed (`events = ["update"]`).
-- Both with the change log in capture mode `wal` too (the trigger records the change and
-  notifies nothing): what NOTIFY's cluster-wide commit lock costs, apart from the log.
-
-Each phase starts from a vacuumed, checkpointed database with an empty change log.
+The drainers run in threads of this process; pgbench is a subprocess.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import re
 import subprocess
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
-from broker.config import feeds as feedspec
-from broker.database import migrate
-from broker.feeds.capture import capture_sql
+from broker.database import drop_capture, migrate, sql_dir
+from broker.feeds.wal import SlotReader
+from broker.feeds.walstream import SlotStream
+from broker.slots import PREFIX, capture_step, wal_trigger_sql
 from tests.bench.scenarios import Context, target
 
-CLIENTS = (4, 16)
-ORDERS = 10_000
-INSERT_SCRIPT = """\
-\\set s random(1, 1000)
-INSERT INTO messages (session_id, robot_id, content, intent)
-  VALUES ('bench-' || :s, 'robot', 'a chat line of ordinary length: ' || repeat('x', 60), 'chat');
-"""
-UPDATE_SCRIPT = f"""\
-\\set id random(1, {ORDERS})
-UPDATE shop.orders SET status = CASE status WHEN 'open' THEN 'paid' ELSE 'open' END,
-  total = total + 1, updated_at = now() WHERE id = :id;
-"""
-SCHEMA = f"""
-CREATE SCHEMA IF NOT EXISTS shop;
-DROP TABLE IF EXISTS shop.orders;
-CREATE TABLE shop.orders (
-    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    customer_id text NOT NULL,
-    status      text NOT NULL,
-    total       numeric(12, 2) NOT NULL,
-    updated_at  timestamptz NOT NULL DEFAULT now()
-);
-INSERT INTO shop.orders (customer_id, status, total)
-    SELECT (n % 500)::text, 'open', 10 FROM generate_series(1, {ORDERS}) AS n;
-"""
-LOG_FEED = """
-[feeds.chat]   # messages through the change log, as a generic feed's inserts go
-table = "messages"
-key = "session_id"
-filters = ["robot_id"]
-events = ["insert"]
-"""
-ORDERS_FEED = """
-[feeds.orders]
-table = "shop.orders"
-key = "customer_id"
-filters = ["status"]
-events = ["update"]
-"""
+WRITERS = (4, 16, 32)
+MODES = ("none", "trigger", "notify", "wal", "stream")
+SLOT = "pgsse_bench"
+CHANNEL = "pgsse_messages"
+LATENCY_RATE = 500  # rows/s
+INSERT = "INSERT INTO messages (session_id, content) VALUES ('bench-' || :client_id, 'hello');\n"
 
 
 def capture(ctx: Context) -> dict[str, Any]:
-    seconds = ctx.pick(10, 5)
+    seconds = ctx.pick(10, 4)
     url = ctx.database.url
-    pgbench = ctx.database.server.placement.bin_dir / "pgbench"
-    scripts = {"insert": ctx.workdir / "insert.sql", "update": ctx.workdir / "update.sql"}
-    scripts["insert"].write_text(INSERT_SCRIPT)
-    scripts["update"].write_text(UPDATE_SCRIPT)
-    chat = ctx.workdir / "chat.toml"
-    chat.write_text(LOG_FEED)
-    orders = ctx.workdir / "orders.toml"
-    orders.write_text(ORDERS_FEED)
-    _sql(url, SCHEMA)
-
-    def rate(script: Path, clients: int) -> float:
-        _settle(url)
-        return _pgbench(pgbench, url, script, clients, seconds)
-
-    def insert_today(clients: int) -> float:
-        migrate(url)  # today: notify_new_message only
-        return rate(scripts["insert"], clients)
-
-    def insert_logged(clients: int, mode: str = "notify") -> float:
-        _install(url, chat, mode)
-        _sql(url, "ALTER TABLE messages DISABLE TRIGGER trigger_notify_new_message")
-        try:
-            return rate(scripts["insert"], clients)
-        finally:
-            _sql(url, "ALTER TABLE messages ENABLE TRIGGER trigger_notify_new_message")
-
-    def update_plain(clients: int) -> float:
-        migrate(url)
-        return rate(scripts["update"], clients)
-
-    def update_fed(clients: int, mode: str = "notify") -> float:
-        _install(url, orders, mode)
-        return rate(scripts["update"], clients)
-
-    inserts: dict[str, dict[str, Any]] = {}
-    updates: dict[str, dict[str, Any]] = {}
+    migrate(url, "wal", SLOT)  # the slot; the trigger is switched per phase below
+    script = ctx.workdir / "insert.sql"
+    script.write_text(INSERT)
+    rates: dict[str, dict[str, Any]] = {}
     try:
-        for clients in CLIENTS:
-            inserts[f"{clients} clients"] = _figures(
-                ("today", "change_log", "change_log_without_notify"),
-                _mirrored(
-                    [insert_today, insert_logged, lambda c: insert_logged(c, "wal")], clients
-                ),
-            )
-            updates[f"{clients} clients"] = _figures(
-                ("without_feed", "with_feed", "with_feed_without_notify"),
-                _mirrored([update_plain, update_fed, lambda c: update_fed(c, "wal")], clients),
-            )
+        for writers in WRITERS:
+            row: dict[str, Any] = {}
+            for mode in MODES:
+                _switch(url, mode)
+                row[mode] = _pgbench_phase(ctx, url, mode, writers, seconds, script)
+                print(f"   {writers} writers, {mode}: {row[mode]}", flush=True)
+            floor = row["none"]["tps"]
+            for mode in MODES[1:]:
+                row[mode]["ratio"] = round(row[mode]["tps"] / floor, 2) if floor else None
+            rates[str(writers)] = row
+        _switch(url, "wal")
+        latency = {mode: _latency(url, mode, ctx.pick(10, 4)) for mode in ("wal", "stream")}
+        _switch(url, "notify")
+        latency["notify"] = _latency(url, "notify", ctx.pick(10, 4))
+        idle = _idle_cost(url, ctx.pick(5, 2))
     finally:
-        migrate(url)
-        _sql(url, "DROP SCHEMA IF EXISTS shop CASCADE; TRUNCATE pgsse.changes")
-    for name, figures in {**inserts, **updates}.items():
-        print(f"   {name}: {figures}", flush=True)
+        drop_capture(url, SLOT)  # NOTIFY trigger back, slot dropped
+        _switch(url, "notify")
     return {
-        "seconds_per_phase": seconds,
-        "inserts_on_messages": inserts,
-        "updates_on_orders": updates,
+        "inserts": rates,
+        "latency": latency,
+        "idle_poll": idle,
         "targets": [
             target(
-                f"messages INSERT via the change log, {name}: >= 0.85 of today's rows/s",
-                figures["ratio"],
-                figures["ratio"] >= 0.85,
+                f"{mode} capture >= 0.9 of no capture at {n} writers",
+                rates[str(n)][mode]["ratio"],
+                (rates[str(n)][mode]["ratio"] or 0) >= 0.9,
             )
-            for name, figures in inserts.items()
+            for mode in ("wal", "stream")
+            for n in (16, 32)
+        ]
+        + [
+            target(
+                f"{mode} delivery p99 at 500 rows/s <= 50 ms",
+                latency[mode].get("p99_ms"),
+                (latency[mode].get("p99_ms") or 1e9) <= 50,
+            )
+            for mode in ("wal", "stream")
         ],
     }
 
 
-def _mirrored(phases: list[Callable[[int], float]], clients: int) -> list[dict[str, Any]]:
-    """Each phase's rates, run in order then in reverse (A B C C B A), and their mean: a
-    machine drifting in speed (other load) weighs on every phase alike."""
-    runs: list[list[float]] = [[] for _ in phases]
-    for index in [*range(len(phases)), *reversed(range(len(phases)))]:
-        runs[index].append(round(phases[index](clients), 1))
-    return [{"mean": round(sum(r) / len(r), 1), "runs": r} for r in runs]
-
-
-def _figures(names: tuple[str, str, str], measured: list[dict[str, Any]]) -> dict[str, Any]:
-    """Rows/s of the baseline, the measured phase and the phase without NOTIFY; the ratio of
-    the measured phase to the baseline, and every run."""
-    figures: dict[str, Any] = {
-        f"{n}_rows_per_s": m["mean"] for n, m in zip(names, measured, strict=True)
-    }
-    base, with_capture = measured[0]["mean"], measured[1]["mean"]
-    figures["ratio"] = round(with_capture / base, 3) if base else 0.0
-    figures["runs"] = {n: m["runs"] for n, m in zip(names, measured, strict=True)}
-    return figures
-
-
-def _install(url: str, config: Path, mode: str) -> None:
-    """`pgsse migrate` with `config`; in capture mode `wal` the trigger notifies nothing (what
-    issue 23's mode costs the writers: the change log without NOTIFY's commit lock)."""
-    migrate(url, config)
-    if mode != "notify":
-        with psycopg.connect(url, autocommit=True) as conn:
-            feeds = feedspec.load(conn, config)
-            conn.execute(capture_sql(feeds, mode).encode())
-
-
-def _pgbench(pgbench: Path, url: str, script: Path, clients: int, seconds: float) -> float:
-    """Transactions per second of `script` (one statement each) over `seconds`."""
-    env = {**os.environ, "PGOPTIONS": "-c synchronous_commit=on"}
-    done = subprocess.run(
-        [
-            str(pgbench),
-            "-n",
-            "-f",
-            str(script),
-            "-c",
-            str(clients),
-            "-j",
-            str(min(clients, 4)),
-            "-T",
-            str(int(seconds)),
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=seconds + 60,
-        check=True,
-    )
-    found = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", done.stdout)
-    if found is None:
-        raise RuntimeError(f"pgbench said: {done.stdout[-500:]} {done.stderr[-500:]}")
-    return float(found[1])
-
-
-def _sql(url: str, text: str) -> None:
+def _switch(url: str, mode: str) -> None:
+    """The messages trigger for `mode`: disabled, NOTIFY, or logical messages."""
+    notify_sql = (sql_dir() / "002_notify.sql").read_text()
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(text.encode())
-
-
-def _settle(url: str) -> None:
-    """An empty change log, vacuumed tables and a checkpoint before each phase."""
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("TRUNCATE pgsse.changes")
+        if mode == "none":
+            conn.execute("ALTER TABLE messages DISABLE TRIGGER trigger_notify_new_message")
+            return
+        conn.execute("ALTER TABLE messages ENABLE TRIGGER trigger_notify_new_message")
+        function = wal_trigger_sql(notify_sql) if mode in ("wal", "stream") else notify_sql
+        if mode == "trigger":  # the payload built and signed, handed to nobody
+            step = capture_step("notify", PREFIX, "payload")
+            function = notify_sql.replace(step, "NULL;")
+        conn.execute(function.encode())
         conn.execute("VACUUM ANALYZE messages")
-        conn.execute("VACUUM ANALYZE shop.orders")
         conn.execute("CHECKPOINT")
 
 
-__all__ = ["capture"]
+def _pgbench_phase(
+    ctx: Context, url: str, mode: str, writers: int, seconds: int, script: Path
+) -> dict[str, Any]:
+    drainer = Drainer(url, mode) if mode in ("notify", "wal", "stream") else None
+    before = _max_id(url)
+    if drainer is not None:
+        drainer.start()
+    try:
+        tps = _pgbench(ctx, writers, seconds, script)
+        inserted = _max_id(url) - before
+        delivered = drainer.wait_for(inserted, 30.0) if drainer is not None else None
+    finally:
+        if drainer is not None:
+            drainer.stop()
+    return {"tps": tps, "rows": inserted, "delivered": delivered}
+
+
+def _pgbench(ctx: Context, writers: int, seconds: int, script: Path) -> float:
+    binary = ctx.database.server.placement.bin_dir / "pgbench"
+    done = subprocess.run(
+        [
+            str(binary),
+            "-n",
+            "-M",
+            "prepared",
+            "-c",
+            str(writers),
+            "-j",
+            str(min(writers, 4)),
+            "-T",
+            str(seconds),
+            "-f",
+            str(script),
+            ctx.database.url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=True,
+    )
+    found = re.search(r"tps = ([0-9.]+)", done.stdout)
+    assert found, done.stdout + done.stderr
+    return round(float(found.group(1)))
+
+
+def _max_id(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()
+    return int(row[0]) if row else 0
+
+
+class Drainer:
+    """A thread reading every payload of `mode` (LISTEN, or the slot) and counting it; with
+    `stamp`, the time each row's id was read."""
+
+    def __init__(self, url: str, mode: str, stamp: Callable[[int], None] | None = None):
+        self.url = url
+        self.mode = mode
+        self.stamp = stamp
+        self.count = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError(f"the {self.mode} drainer did not start")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        if self.error is not None:
+            raise self.error
+
+    def wait_for(self, count: int, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.count < count and time.monotonic() < deadline and self.error is None:
+            time.sleep(0.05)
+        return self.count
+
+    def _run(self) -> None:
+        try:
+            if self.mode == "notify":
+                self._listen()
+            elif self.mode == "stream":
+                asyncio.run(self._stream_slot())
+            else:
+                asyncio.run(self._read_slot())
+        except BaseException as exc:  # reported by stop()
+            self.error = exc
+            self._ready.set()
+
+    def _take(self, payload: str) -> None:
+        self.count += 1
+        if self.stamp is not None:
+            self.stamp(int(json.loads(payload[64:])["id"]))
+
+    def _listen(self) -> None:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(f"LISTEN {CHANNEL}")
+            self._ready.set()
+            while not self._stop.is_set():
+                for note in conn.notifies(timeout=0.2):
+                    self._take(note.payload)
+
+    async def _read_slot(self) -> None:
+        async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
+            reader = SlotReader(conn, SLOT)
+            while await reader.poll():  # what an earlier phase left
+                await reader.confirm()
+            self._ready.set()
+            while not self._stop.is_set():
+                batch = await reader.poll()
+                if not batch:
+                    await asyncio.sleep(0.01)
+                    continue
+                for payload in batch:
+                    self._take(payload)
+                await reader.confirm()
+
+    async def _stream_slot(self) -> None:
+        async with SlotStream(self.url, SLOT) as stream:
+            self._ready.set()
+            while not self._stop.is_set():
+                try:
+                    async with asyncio.timeout(0.2):
+                        batch = await stream.next()
+                except TimeoutError:
+                    continue
+                for payload in batch:
+                    self._take(payload)
+                await stream.confirm()
+
+
+def _latency(url: str, mode: str, seconds: int) -> dict[str, Any]:
+    """Commit returned -> payload read, at LATENCY_RATE rows/s, one row per transaction."""
+    committed: dict[int, float] = {}
+    read: dict[int, float] = {}
+    drainer = Drainer(url, mode, stamp=lambda row: read.__setitem__(row, time.perf_counter()))
+    drainer.start()
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            interval = 1 / LATENCY_RATE
+            start = time.perf_counter()
+            for n in range(seconds * LATENCY_RATE):
+                delay = start + n * interval - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                row = conn.execute(
+                    "INSERT INTO messages (session_id, content) VALUES ('lat', 'x') RETURNING id"
+                ).fetchone()
+                assert row is not None
+                committed[int(row[0])] = time.perf_counter()
+        deadline = time.monotonic() + 30
+        while not committed.keys() <= read.keys() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        drainer.stop()
+    samples = sorted((read[row] - at) * 1000 for row, at in committed.items() if row in read)
+    if not samples:
+        return {"rows": len(committed), "read": 0}
+
+    def pct(p: float) -> float:
+        return round(samples[min(len(samples) - 1, int(p * len(samples)))], 2)
+
+    return {
+        "rows": len(committed),
+        "read": len(samples),
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "max_ms": round(samples[-1], 2),
+    }
+
+
+def _idle_cost(url: str, seconds: int) -> dict[str, Any]:
+    """An idle SlotReader's polls: how many, how long each, and its backend's CPU."""
+
+    async def run() -> dict[str, Any]:
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            reader = SlotReader(conn, SLOT)
+            while await reader.poll():
+                await reader.confirm()
+            pid = conn.info.backend_pid
+            cpu_before = _cpu_seconds(pid)
+            began = time.perf_counter()
+            spent = 0.0
+            polls = 0
+            while time.perf_counter() - began < seconds:
+                t = time.perf_counter()
+                assert not await reader.poll()
+                spent += time.perf_counter() - t
+                polls += 1
+                await asyncio.sleep(reader.poll_seconds)  # as next() waits
+            elapsed = time.perf_counter() - began
+            cpu = _cpu_seconds(pid) - cpu_before
+        return {
+            "poll_seconds": reader.poll_seconds,
+            "polls_per_s": round(polls / elapsed, 1),
+            "poll_ms": round(spent / polls * 1000, 3),
+            "backend_cpu_percent": round(cpu / elapsed * 100, 2),
+        }
+
+    return asyncio.run(run())
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
