@@ -151,29 +151,40 @@ class Refusals:
     """Refusals logged at a bounded rate: the first of a (event, reason) at once, with
     `count=1`; those that follow within `interval` seconds as one line at its end, with their
     count. One client refused 66,000 times in 8 s wrote as many lines; now at most two per
-    reason per second, and the counts still add up to every refusal."""
+    reason per second, and the counts still add up to every refusal. `count` is every refusal
+    so far (stats). A reason is a fixed text, never a payload's content nor anything a client
+    can vary at will, or the bound is per variant."""
 
     def __init__(self, logger: Any, interval: float = REFUSAL_INTERVAL_SECONDS) -> None:
         self._log = logger
         self.interval = interval
+        self.count = 0
         self._pending: dict[tuple[str, str], int] = {}  # refusals not yet written, by key
 
     def info(self, event: str, reason: str, **fields: Any) -> None:
+        self._refuse(self._log.info, event, reason, fields)
+
+    def error(self, event: str, reason: str, **fields: Any) -> None:
+        """A refusal that says something is wrong upstream (a forged or foreign payload)."""
+        self._refuse(self._log.error, event, reason, fields)
+
+    def _refuse(self, write: Any, event: str, reason: str, fields: dict[str, Any]) -> None:
+        self.count += 1
         key = (event, reason)
         if key in self._pending:
             self._pending[key] += 1
             return
-        self._log.info(event, reason=reason, count=1, **fields)
+        write(event, reason=reason, count=1, **fields)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # outside the server: nothing to aggregate with
             return
         self._pending[key] = 0
-        loop.call_later(self.interval, self._flush, key, time.monotonic())
+        loop.call_later(self.interval, self._flush, write, key, time.monotonic())
 
-    def _flush(self, key: tuple[str, str], since: float) -> None:
+    def _flush(self, write: Any, key: tuple[str, str], since: float) -> None:
         count = self._pending.pop(key, 0)
         if count:
             event, reason = key
             seconds = round(time.monotonic() - since, 3)
-            self._log.info(event, reason=reason, count=count, seconds=seconds)
+            write(event, reason=reason, count=count, seconds=seconds)

@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import time
 from dataclasses import dataclass, field
-from typing import Any
 
-__all__ = ["SIGNATURE_CHARS", "BadSignature", "Refusals", "RowKey"]
+__all__ = ["SIGNATURE_CHARS", "BadSignature", "RowKey", "refusal_reason"]
 
 SIGNATURE_CHARS = 64  # hex digits of an HMAC-SHA256
 
@@ -61,23 +59,6 @@ class RowKey:
         return payload
 
 
-class Refusals:
-    """Payloads refused (unsigned, foreign, malformed): counted, and logged as `event` at
-    most once a second, with how many went unlogged, so a flood of forged NOTIFYs or XADDs
-    is not a flood of log lines. Never log a payload's content in `fields`."""
-
-    def __init__(self, log: Any, event: str) -> None:
-        self._log = log
-        self._event = event
-        self.count = 0
-        self._logged = 0
-        self._next_log = 0.0
-
-    def add(self, **fields: Any) -> None:
-        self.count += 1
-        now = time.monotonic()
-        if now >= self._next_log:
-            unlogged = self.count - self._logged - 1
-            self._log.error(self._event, refused=self.count, unlogged=unlogged, **fields)
-            self._logged = self.count
-            self._next_log = now + 1.0
+def refusal_reason(exc: ValueError) -> str:
+    """Why a payload was refused, as a fixed text (`log.Refusals` bounds lines per reason)."""
+    return "not signed with this database's key" if isinstance(exc, BadSignature) else "malformed"

@@ -54,7 +54,8 @@ from ..errors import BrokerError
 from ..events import Message, parse_notification
 from ..hub import JOURNAL_SIZE, Hub
 from ..journal import Journal
-from ..signing import Refusals, RowKey
+from ..log import Refusals
+from ..signing import RowKey, refusal_reason
 from ..store import DatabaseUnavailable
 from .backoff import Backoff
 from .retry import checkpoint, retry_forever
@@ -172,7 +173,7 @@ class Bus:
         self.maxlen = maxlen
         self.sizes = Sizes(max_bytes, maxlen)
         self.row_key: RowKey | None = None  # the database's key (`trust`)
-        self.refusals = Refusals(log, "bus_entry_refused")
+        self.refusals = Refusals(log)  # forged, foreign or malformed entries
         self._redis = redis.asyncio.Redis.from_url(
             url,
             socket_timeout=SOCKET_TIMEOUT,
@@ -343,12 +344,14 @@ class Bus:
         for raw_id, fields in raw:
             last = _text(raw_id)
             if fields.get(b"db") != database:
-                self.refusals.add(stream_id=last, reason="another database")
+                self.refusals.error("bus_entry_refused", "another database", stream_id=last)
                 continue
             try:
                 parsed = parse_notification(row_key.verify(fields.get(b"row", b"")))
             except ValueError as exc:  # BadSignature too
-                self.refusals.add(stream_id=last, reason=str(exc))
+                self.refusals.error(
+                    "bus_entry_refused", refusal_reason(exc), stream_id=last, error=str(exc)
+                )
                 continue
             if isinstance(parsed, Message):
                 entries.append((Entry(last, parsed), _size(fields)))

@@ -34,7 +34,8 @@ from psycopg import sql
 
 from ..errors import BrokerError
 from ..events import Message, Reference, parse_notification
-from ..signing import BadSignature, Refusals, RowKey
+from ..log import Refusals
+from ..signing import BadSignature, RowKey, refusal_reason
 from ..store import Store
 from .backoff import Backoff
 from .notifications import Notifications
@@ -99,7 +100,7 @@ class Source:
         self.connected = False
         self.notifications = 0
         self.backfilled = 0
-        self.refused = Refusals(log, "notification_refused")  # unsigned, or malformed
+        self.refused = Refusals(log)  # unsigned, or malformed
 
     async def run(self) -> None:
         """Run `attempt` until cancelled, again after any failure."""
@@ -178,7 +179,9 @@ class Source:
             parsed = self._parse(payload)
         except ValueError as exc:  # BadSignature too
             self.notifications += 1
-            self.refused.add(error=str(exc), bytes=len(payload))
+            self.refused.error(
+                "notification_refused", refusal_reason(exc), bytes=len(payload), error=str(exc)
+            )
             return True
         if isinstance(parsed, Reference):
             return False
