@@ -190,16 +190,22 @@ def check_database(url: str, config: Path | None = None) -> None:
                 f"invalid BROKER_MIGRATE=false: DATABASE_URL={redact_url(url)} has no table"
                 " messages or pgsse_key; run `pgsse migrate` once, or unset BROKER_MIGRATE"
             )
-        feeds = feedspec.resolve(conn, declared)
-        installed = {
-            str(name)
-            for (name,) in conn.execute(
-                "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal"
-                " AND tgfoid = to_regprocedure('pgsse.capture()')"
-            ).fetchall()
-        }
-    for feed in feeds:
-        if captured_events(feed) and trigger_name(feed) not in installed:
+        captured = [feed for feed in feedspec.resolve(conn, declared) if captured_events(feed)]
+        # Only when a feed is captured: a role that serves the messages feed alone may have no
+        # right to look into schema pgsse.
+        installed = (
+            {
+                str(name)
+                for (name,) in conn.execute(
+                    "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal"
+                    " AND tgfoid = to_regprocedure('pgsse.capture()')"
+                ).fetchall()
+            }
+            if captured
+            else set()
+        )
+    for feed in captured:
+        if trigger_name(feed) not in installed:
             raise BrokerError(
                 f"invalid BROKER_MIGRATE=false: feed {feed.name} is not installed;"
                 " run `pgsse migrate --config` with this file, or unset BROKER_MIGRATE"
