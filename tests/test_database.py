@@ -22,7 +22,7 @@ from psycopg import sql
 from broker.database import EmbeddedPostgres, check_database, connect, migrate
 from broker.embedded.placement import BASE, installed_pginstall
 from broker.errors import BrokerError, ConfigError
-from tests.conftest import Database, chain_modes
+from tests.support.database import Database, chain_modes
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="root's placement of the server's files")
 
