@@ -44,7 +44,9 @@ def test_each_error_is_one_answer_with_its_status_headers_and_body(
     assert response.headers["content-type"] == "application/json"
     for name, value in headers.items():
         assert response.headers[name] == value
-    assert "retry-after" in response.headers or "retry-after" not in headers
+    # And no other of these: a client retries on Retry-After, re-authenticates on a challenge.
+    for name in ("retry-after", "www-authenticate", "allow"):
+        assert (name in response.headers) == (name in headers), name
     message = error.detail if isinstance(error, HTTPException) else str(error)
     assert json.loads(response.body) == {"success": False, "error": message}
 
