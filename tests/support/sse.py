@@ -2,22 +2,24 @@
 
 Nothing here buffers a whole body: events are parsed as the bytes arrive, so an endless stream
 is read as a browser reads it. Every read is bounded by a timeout, so a hang fails fast.
+
+Also what many tests do with it: `subscribe` (a stream of a broker, read up to `connected`),
+`connected` (check a stream opened), `Follower` (a browser's EventSource: it resumes on every
+end of its stream).
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from tests.support.processes import BrokerProcess
 
 import asyncio
 import contextlib
 import json
 import ssl
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
+
+if TYPE_CHECKING:
+    from tests.support.processes import BrokerProcess
 
 OPEN_CLIENTS: list[SSEClient] = []  # closed by the `close_clients` fixture after each test
 
