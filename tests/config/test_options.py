@@ -1,6 +1,6 @@
 """broker.config.options: a setting declared once on a dataclass field becomes its `Option`
 (env var, flag, parser, help, default as shown), and raw values parse or fail naming the
-setting. Tested on a small dataclass of its own; `Settings` itself is test_config's."""
+setting. Tested on a small dataclass of its own; `Settings` itself is test_settings'."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """broker.config.parsers: each parser's accepted values and its refusals, at the edges. How a
-refusal becomes one line naming the setting is config's and options' (test_config, test_options)."""
+refusal becomes one line naming the setting is settings' and options' (test_settings,
+test_options)."""
 
 from __future__ import annotations
 
