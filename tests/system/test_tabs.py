@@ -18,8 +18,8 @@ from urllib.parse import urlencode
 import pytest
 from playwright.async_api import BrowserContext, Page, expect
 
-from tests.conftest import Database
 from tests.support.browser import TIMEOUT_MS, app_origin, browser, context, insert, wait_for_streams
+from tests.support.database import Database
 from tests.support.processes import BrokerProcess
 from tests.support.security import mint, new_secret
 

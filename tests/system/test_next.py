@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterator
 import pytest
 from playwright.async_api import BrowserContext, expect
 
-from tests.conftest import Database
 from tests.support.browser import (
     CLIENT,
     FIXTURES,
@@ -33,6 +32,7 @@ from tests.support.browser import (
     packed_client,
     wait_for_streams,
 )
+from tests.support.database import Database
 from tests.support.processes import BrokerProcess
 
 __all__ = ["browser", "context"]  # fixtures, imported for pytest

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Database
 from tests.support.browser import FIXTURES, ROOT, missing
+from tests.support.database import Database
 from tests.support.processes import BrokerProcess
 
 DOC = ROOT / "docs" / "browser.md"
