@@ -20,7 +20,7 @@ from psycopg import sql
 from broker.database import check_database, migrate
 from broker.errors import BrokerError
 from broker.feeds.capture import CHANNEL, NOTIFY_LIMIT
-from tests.conftest import Database
+from tests.support.database import Database
 from tests.support.feeds import (
     ORDERS_CONFIG,
     ORDERS_TABLE,

@@ -15,7 +15,7 @@ from broker.database import migrate
 from broker.feeds import changelog
 from broker.feeds.capture import CHANNEL
 from broker.feeds.changelog import Match
-from tests.conftest import Database
+from tests.support.database import Database
 from tests.support.feeds import (
     ORDERS_CONFIG,
     ORDERS_TABLE,

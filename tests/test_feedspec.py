@@ -11,7 +11,7 @@ import pytest
 
 from broker.config import feeds as feedspec
 from broker.errors import ConfigError
-from tests.conftest import Database
+from tests.support.database import Database
 from tests.support.feeds import (
     ORDERS_CONFIG,
     ORDERS_TABLE,
