@@ -12,8 +12,6 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from broker.feeds.relay import LOCK_CLASS, lock_name
 from tests.support.database import Database, stored_ids
 from tests.support.nginx import Nginx
@@ -334,7 +332,6 @@ async def test_a_smaller_id_committed_while_no_relay_listens_is_backfilled_once(
     await client.close()
 
 
-@pytest.mark.slow
 async def test_the_relay_backfills_and_a_follower_delivers_within_a_second_of_postgres(
     start_broker: Callable[..., BrokerProcess],
     redis: RedisServer,

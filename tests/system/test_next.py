@@ -1,5 +1,6 @@
-"""The guide's Next.js pages (docs/browser.md, where the README sends a newcomer), verbatim, in a real Next.js 16 app: `next build`, `next start`,
-then eight tabs of the chat page in Chromium, on a broker that speaks HTTP/1.1.
+"""The guide's Next.js pages (docs/browser.md, where the README sends a newcomer), verbatim, in
+a real Next.js 16 app: `next build`, `next start`, then eight tabs of the chat page in Chromium,
+on a broker that speaks HTTP/1.1.
 
 tests/browser/next is the app around them (a root layout, package.json, tsconfig); the pages
 are docs/browser.md's `tsx` blocks that start with `// app/...`, written into it before the build,
