@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 RUN_STAMP := $(VENV)/.installed-run
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: run cluster test lint bench soak clean npm-packages
+.PHONY: run cluster test test-fast lint bench soak clean npm-packages
 
 $(RUN_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,14 @@ run: $(RUN_STAMP)
 cluster: $(RUN_STAMP)
 	deploy/cluster.sh $(N)
 
+# Two tiers (tests/conftest.py): `make test-fast` runs the modules in process, under a minute;
+# `make test` runs that tier first, then tests/system/ (broker processes, PostgreSQL restarts,
+# nginx, Redis, Chromium, podman), minutes long. PYTEST_ARGS go to pytest, e.g. "-x -k bus".
 test: $(DEV_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(DEV_STAMP)
+	$(BIN)/python -m pytest --ignore=tests/system $(PYTEST_ARGS)
 
 # The npm side of `make test`: the browser fixtures' packages, and pgsse-client as an app gets
 # it: `npm pack client/`, then that tarball installed (again whenever client/ changes) into

@@ -1,4 +1,9 @@
-"""Fixtures: one real PostgreSQL cluster per test session, real broker processes.
+"""Fixtures: one real PostgreSQL cluster per test session, real broker processes; the tiers.
+
+Two tiers: everything under tests/system/ runs real processes (brokers, PostgreSQL restarts,
+nginx, Redis, Chromium, podman) and is marked `system`; the rest is the fast tier, the
+modules in process (`make test-fast`). A full run takes the fast tier first, so a broken
+module shows before minutes of system tests.
 
 The cluster is the embedded server of `broker.database`, in a temporary directory, so tests
 may stop, restart or `pg_terminate_backend` it. Tests isolate themselves by using fresh
@@ -17,73 +22,27 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
 
-import psycopg
 import pytest
 
 from broker.database import EmbeddedPostgres, migrate
 from broker.feeds.bus import Bus
-from broker.feeds.listener import APPLICATION_NAME as LISTENER_NAME
 from broker.signing import RowKey
+from tests.support.database import Database, chain_modes
 from tests.support.pgproxy import PostgresProxy
 from tests.support.processes import BrokerProcess
 from tests.support.redis import RedisServer, available
 from tests.support.sse import OPEN_CLIENTS
 
-
-def chain_modes(path: Path) -> list[str]:
-    """`stat -c '%a %U %n'` of `path` and each of its parents, from `/` down."""
-    chain = [*reversed(path.parents), path]
-    return [f"{p.stat().st_mode & 0o7777:o} {p.owner()} {p}" for p in chain]
+SYSTEM = Path(__file__).parent / "system"
 
 
-class Database:
-    """The test cluster: its URL, plain-SQL helpers, and stop/start for fault injection."""
-
-    def __init__(self, server: EmbeddedPostgres, root: Path, modes_before: list[str]) -> None:
-        self.server = server
-        self.url = server.url
-        self.root = root  # the temporary directory BROKER_DATA_DIR is in
-        self.modes_before = modes_before  # chain_modes(root) before the cluster started
-
-    def connect(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.url, autocommit=True)
-
-    def insert(
-        self, session_id: str, content: str = "hello", robot_id: str | None = None, **columns: Any
-    ) -> int:
-        """INSERT with plain SQL, as an application would; returns the row id."""
-        names = ["session_id", "content", "robot_id", *columns]
-        values = [session_id, content, robot_id, *columns.values()]
-        query = psycopg.sql.SQL("INSERT INTO messages ({}) VALUES ({}) RETURNING id").format(
-            psycopg.sql.SQL(", ").join(map(psycopg.sql.Identifier, names)),
-            psycopg.sql.SQL(", ").join(psycopg.sql.Placeholder() * len(values)),
-        )
-        with self.connect() as conn:
-            row = conn.execute(query, values).fetchone()
-        assert row is not None
-        return int(row[0])
-
-    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with self.connect() as conn:
-            return conn.execute(sql.encode(), params).fetchall()
-
-    def listening_backends(self) -> int:
-        """Brokers' listening connections (they connect as `listener.APPLICATION_NAME`)."""
-        rows = self.query(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-            (LISTENER_NAME,),
-        )
-        return int(rows[0][0])
-
-    def terminate_listeners(self) -> int:
-        """pg_terminate_backend every broker's listening connection; how many there were."""
-        rows = self.query(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
-            (LISTENER_NAME,),
-        )
-        return len(rows)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests under tests/system/ `system`, and run them after the fast tier."""
+    for item in items:
+        if SYSTEM in item.path.parents:
+            item.add_marker(pytest.mark.system)
+    items.sort(key=lambda item: SYSTEM in item.path.parents)  # stable: modules stay whole
 
 
 @pytest.fixture(scope="session")

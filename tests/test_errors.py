@@ -1,5 +1,5 @@
 """broker.errors: the broker's exceptions, their fields and their tree. How each becomes an
-HTTP answer is answers.py's (test_answers.py)."""
+HTTP answer is answers.py's (tests/web/test_answers.py)."""
 
 from __future__ import annotations
 

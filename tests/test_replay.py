@@ -13,7 +13,7 @@ from broker.events import Message
 from broker.hub import Hub, Subscriber
 from broker.replay import Replay
 from broker.store import Store
-from tests.conftest import Database
+from tests.support.database import Database
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 from broker.config.settings import Settings
 from broker.errors import AtCapacity
 from broker.service import SHUTDOWN, Broker
-from tests.conftest import Database
+from tests.support.database import Database
 
 
 async def test_a_running_broker_opens_and_closes_streams(

@@ -9,7 +9,7 @@ import pytest
 
 from broker.filters import Filter
 from broker.store import Store
-from tests.conftest import Database
+from tests.support.database import Database
 
 
 @pytest.fixture

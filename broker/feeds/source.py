@@ -53,7 +53,7 @@ __all__ = [
 
 CHANNEL = "pgsse_messages"
 APPLICATION_NAME = "pgsse-listener"  # how pg_stat_activity shows a listening connection
-# A returning server is noticed within half a second (tests/test_recovery.py measures it).
+# A returning server is noticed within half a second (tests/system/test_recovery.py measures it).
 RECONNECT_MAX_SECONDS = 0.5
 # What ends a dedicated connection's loop when the server goes (retried, not a crash).
 CONNECTION_FAILURES = (psycopg.Error, BrokerError, OSError, TimeoutError)

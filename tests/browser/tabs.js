@@ -1,4 +1,4 @@
-// One tab of tests/test_tabs.py: a client per `sessionId` group of the URL, on the broker at
+// One tab of tests/system/test_tabs.py: a client per `sessionId` group of the URL, on the broker at
 // `baseUrl`, recording what it receives for the test to read (window.tab).
 //   ?baseUrl=…&sessionId=a&sessionId=b          one client of sessions a and b
 //   &clients=split                               one client per session instead

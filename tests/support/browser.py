@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import pytest
 from playwright.async_api import Browser, BrowserContext, Locator, Page, async_playwright
 
-from tests.conftest import Database
+from tests.support.database import Database
 from tests.support.processes import BrokerProcess
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -18,7 +18,7 @@ import psycopg
 from psycopg import sql
 
 from broker.signing import SIGNATURE_CHARS
-from tests.conftest import Database
+from tests.support.database import Database
 
 ORDERS_TABLE = """
 CREATE SCHEMA shop;

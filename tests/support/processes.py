@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -131,3 +132,22 @@ class BrokerProcess:
             if line.startswith("{"):
                 events.append(json.loads(line))
         return events
+
+
+def consecutive_free_ports(count: int) -> int:
+    """The first of `count` consecutive ports that are free now.
+
+    Drawn below Linux's ephemeral range (32768 and up), where the connections of earlier
+    tests linger in TIME_WAIT; SO_REUSEADDR as uvicorn and nginx set it.
+    """
+    for _ in range(100):
+        first = random.randrange(20000, 32768 - count)
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+    raise RuntimeError(f"no {count} consecutive free ports found")

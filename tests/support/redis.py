@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from broker.feeds.bus import Bus
 from tests.support.processes import free_port
 
 REDIS_SERVER = "redis-server"
@@ -138,3 +139,12 @@ def make_certificates(directory: Path) -> None:
     openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
             "-CAcreateserial", "-out", "server.crt", "-days", "2",
             "-extfile", "san.ext")  # fmt: skip
+
+
+async def bus_identity(redis: RedisServer, stream: str) -> str:
+    """The identity the brokers on `stream` keep in Redis (part of their relay lock's key)."""
+    bus = Bus(redis.url, stream)
+    try:
+        return await bus.identity()
+    finally:
+        await bus.close()

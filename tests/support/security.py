@@ -206,14 +206,6 @@ async def open_stream(
     return client
 
 
-async def connected(client: SSEClient) -> SSEClient:
-    """Check that `client` is a live stream: 200, then `retry` and `connected` events."""
-    assert client.status == 200, await client.body()
-    assert client.headers["content-type"].startswith("text/event-stream")
-    await client.events_until(lambda event: event.type == "connected", timeout=5)
-    return client
-
-
 async def refused(client: SSEClient) -> tuple[int, dict[str, str], dict[str, Any]]:
     """Status, headers and JSON body of a stream request that must not become a stream."""
     assert not client.headers.get("content-type", "").startswith("text/event-stream")

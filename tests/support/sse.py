@@ -2,6 +2,10 @@
 
 Nothing here buffers a whole body: events are parsed as the bytes arrive, so an endless stream
 is read as a browser reads it. Every read is bounded by a timeout, so a hang fails fast.
+
+Also what many tests do with it: `subscribe` (a stream of a broker, read up to `connected`),
+`connected` (check a stream opened), `Follower` (a browser's EventSource: it resumes on every
+end of its stream).
 """
 
 from __future__ import annotations
@@ -11,8 +15,11 @@ import contextlib
 import json
 import ssl
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
+
+if TYPE_CHECKING:
+    from tests.support.processes import BrokerProcess
 
 OPEN_CLIENTS: list[SSEClient] = []  # closed by the `close_clients` fixture after each test
 
@@ -172,3 +179,67 @@ def parse_frame(frame: bytes) -> SSEEvent:
     if data_lines:
         event.data = "\n".join(data_lines)
     return event
+
+
+async def subscribe(broker: BrokerProcess, **params: str) -> SSEClient:
+    """Open a stream and read up to its `connected` event."""
+    client = await SSEClient.open(broker.port, params=params)
+    assert client.status == 200
+    connected = await client.event()
+    assert connected.type == "connected" and connected.retry == 3000
+    return client
+
+
+async def connected(client: SSEClient) -> SSEClient:
+    """Check that `client` is a live stream: 200, then `retry` and `connected` events."""
+    assert client.status == 200, await client.body()
+    assert client.headers["content-type"].startswith("text/event-stream")
+    await client.events_until(lambda event: event.type == "connected", timeout=5)
+    return client
+
+
+@dataclass
+class Follower:
+    """A browser's EventSource for one session, through nginx: on any end of the stream it
+    reconnects with `Last-Event-ID`, until the session's row with content "end"."""
+
+    port: int
+    session: str
+    ids: list[int] = field(default_factory=list)
+    connections: int = 0
+    refused: list[int] = field(default_factory=list)
+    first_row: asyncio.Event = field(default_factory=asyncio.Event)
+    opened: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self) -> None:
+        while True:
+            headers = {"Last-Event-ID": str(self.ids[-1])} if self.ids else {}
+            client = await SSEClient.open(
+                self.port, params={"sessionId": self.session}, headers=headers
+            )
+            try:
+                if client.status != 200:
+                    self.refused.append(client.status)
+                    await asyncio.sleep(0.1)
+                    continue
+                self.connections += 1
+                self.opened.set()
+                if await self._read(client):
+                    return
+            except (EOFError, ConnectionError):
+                pass  # the instance died: nginx ended the stream; reconnect
+            finally:
+                await client.close()
+
+    async def _read(self, client: SSEClient) -> bool:
+        """True at the "end" row; False when the broker ends the stream with `error`."""
+        while True:
+            event = await client.event(timeout=30)
+            if event.type == "error":
+                return False
+            if event.type == "message":
+                assert event.id is not None
+                self.ids.append(int(event.id))
+                self.first_row.set()
+                if event.json["data"]["content"] == "end":
+                    return True

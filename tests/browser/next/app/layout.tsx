@@ -1,4 +1,4 @@
-// The root layout every Next.js app has; the pages come from the README (tests/test_next.py
+// The root layout every Next.js app has; the pages come from the README (tests/system/test_next.py
 // writes them into app/ before each build, as a reader pastes them).
 import type { ReactNode } from 'react';
 

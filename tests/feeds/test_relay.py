@@ -1,0 +1,104 @@
+"""broker.feeds.relay in process, on real PostgreSQL and Redis: the election, the backfill of
+what the stream lacks, stepping down when its backend dies, and the Appender's batches.
+
+End to end tests over broker processes are in tests/system/test_bus.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from broker.feeds.bus import Bus, BusDown
+from broker.feeds.relay import LOCK_CLASS, Appender, Relay, lock_name
+from broker.store import Store
+from tests.support.database import Database
+from tests.support.inprocess import eventually, message, stop
+from tests.support.redis import RedisServer
+
+
+async def relay_locks(database: Database, bus: Bus) -> int:
+    """Advisory locks granted on `bus`'s lock: how many relays hold the role."""
+    rows = database.query(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        " AND classid = %s AND objid = hashtext(%s)::oid",
+        (LOCK_CLASS, lock_name(bus.key, await bus.identity())),
+    )
+    return int(rows[0][0])
+
+
+async def test_one_relay_is_elected_and_the_next_backfills_what_the_stream_lacks(
+    bus: Bus, database: Database, session_id: str
+) -> None:
+    async with Store.open(database.url) as store:
+        relays = [Relay(database.url, bus, store, lambda: None) for _ in range(2)]
+        tasks = [asyncio.ensure_future(relay.run()) for relay in relays]
+        try:
+            await eventually(lambda: any(r.role == "relay" for r in relays), 10, "a relay")
+            await asyncio.sleep(2.5)  # two campaign rounds: the other must stay a follower
+            assert sorted(r.role for r in relays) == ["follower", "relay"]
+            first = next(i for i, r in enumerate(relays) if r.role == "relay")
+            assert await relay_locks(database, bus) == 1
+            database.insert(session_id, "live")
+            await eventually(lambda: relays[first].appended == 1, 10, "the row appended")
+
+            await stop(tasks[first])  # its connection closes: lock and LISTEN go with it
+            gap = [database.insert(session_id, f"gap {i}") for i in range(3)]
+            other = relays[1 - first]
+            started = time.monotonic()
+            await eventually(lambda: other.role == "relay", 10, "the follower takes over")
+            assert time.monotonic() - started < 5
+            await eventually(lambda: other.backfilled == 3, 10, "the gap backfilled")
+            after = database.insert(session_id, "after")
+            await eventually(lambda: other.appended == 4, 10, "the next row appended")
+            rows = [e.message.id for e in await bus.tail() if e.message.session_id == session_id]
+            assert rows[1:] == [*gap, after]
+            assert await relay_locks(database, bus) == 1
+        finally:
+            await stop(*tasks)
+
+
+async def test_the_appender_pipelines_rows_in_order_and_reports_a_failure_once(
+    bus: Bus, redis: RedisServer
+) -> None:
+    batches: list[int] = []
+    failures: list[BusDown] = []
+    appender = Appender(bus, failures.append, batches.append)
+    for i in range(1, 201):
+        appender.put(message(i))
+    await eventually(lambda: sum(batches) == 200, 10, "every row appended")
+    assert [e.message.id for e in await bus.tail()] == list(range(1, 201))  # in order
+    assert len(batches) < 200  # rows that queued during a round trip shared the next one
+    redis.stop()
+    appender.put(message(201))
+    await eventually(lambda: len(failures) == 1, 10, "the failure reported")
+    with pytest.raises(BusDown):
+        appender.put(message(202))
+    assert len(failures) == 1
+    appender.close()
+
+
+async def test_a_relay_whose_backend_is_terminated_steps_down_and_is_elected_again(
+    bus: Bus, database: Database, session_id: str
+) -> None:
+    """Losing the connection loses the lock and the LISTEN together; the next campaign wins
+    them back and appends the row committed meanwhile, once."""
+    async with Store.open(database.url) as store:
+        relay = Relay(database.url, bus, store, lambda: None)
+        task = asyncio.ensure_future(relay.run())
+        try:
+            await eventually(lambda: relay.listening, 10, "elected")
+            first = database.insert(session_id, "first")
+            await eventually(lambda: relay.appended == 1, 10, "the row appended")
+            assert database.terminate_listeners() == 1  # as pgsse-listener once elected
+            meanwhile = database.insert(session_id, "meanwhile")
+            await eventually(lambda: relay.elections == 2, 10, "elected again")
+            after = database.insert(session_id, "after")
+            await eventually(lambda: relay.appended == 3, 10, "every row appended")
+            rows = [e.message.id for e in await bus.tail() if e.message.session_id == session_id]
+            assert rows == [first, meanwhile, after]
+            assert await relay_locks(database, bus) == 1 and relay.listening
+        finally:
+            await stop(task)
