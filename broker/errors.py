@@ -11,6 +11,10 @@ when not here):
      ├── Forbidden            a valid token that does not allow this
      ├── TooManyStreams       this client address has its most streams open (`retry_after`)
      ├── BusDown              Redis did not answer (feeds/bus.py)
+     ├── SlotError            the WAL capture's replication slot cannot be read (slots.py)
+     │    ├── SlotMissing     no such slot: `pgsse migrate` with BROKER_CAPTURE=wal makes it
+     │    ├── SlotBusy        another session reads it
+     │    └── SlotInvalidated PostgreSQL dropped the WAL it needed (max_slot_wal_keep_size)
      └── Unavailable          the broker cannot serve this now (`retry_after`)
           ├── AtCapacity      every stream slot is taken (BROKER_MAX_CONNECTIONS)
           └── DatabaseUnavailable  PostgreSQL unreachable or failing (store.py)

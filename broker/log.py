@@ -82,6 +82,8 @@ class _Writer(structlog.WriteLogger):
             super().msg(message)
         except OSError as exc:
             silence_closed_pipe(self._file, exc)
+        except ValueError:  # a file closed under it (an embedding app's, a test's capture)
+            pass
 
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg
