@@ -268,7 +268,7 @@ def _serve(settings: Settings) -> int:
     from .workers import run_workers
 
     log = structlog.get_logger(logger_name=__name__)
-    if settings.capture == "wal":  # until the feed core reads the slot (issue 23)
+    if settings.capture == "wal":  # until the feed core reads the slot
         raise BrokerError(
             "BROKER_CAPTURE=wal: `pgsse migrate` prepares it, but `serve` does not read the"
             " slot yet; unset BROKER_CAPTURE"

@@ -1,4 +1,4 @@
-"""The WAL capture's database objects (`BROKER_CAPTURE=wal`, issue 23): the trigger's step,
+"""The WAL capture's database objects (`BROKER_CAPTURE=wal`): the trigger's step,
 the publication and the logical replication slot that `pgsse migrate` makes and `pgsse
 migrate --drop-capture` drops. `feeds/wal.py` reads the slot.
 
@@ -68,7 +68,7 @@ class SlotInvalidated(SlotError):
 def capture_step(mode: str, prefix: str, payload: str) -> str:
     """The PL/pgSQL statement that hands the signed `payload` (a variable name) on: NOTIFY on
     channel `prefix`, or a transactional logical message with that prefix. The one place the
-    modes' triggers differ; the change-log trigger of issue 22 uses it too."""
+    modes' triggers differ; the change log's trigger (feeds/capture.py) uses it too."""
     literal = "'" + prefix.replace("'", "''") + "'"
     if mode == "notify":
         return f"PERFORM pg_notify({literal}, {payload});"

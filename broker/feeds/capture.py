@@ -32,7 +32,7 @@ text), and the notification is the change only when it fits in `NOTIFY_LIMIT` by
 reference `{"feed", "position", "ref": true}` from which the broker reads the change. There is
 no EXCEPTION block: each would cost a subtransaction per row.
 
-Capture mode `notify` (default) notifies channel `CHANNEL`; `wal` (issue 23) notifies nothing,
+Capture mode `notify` (default) notifies channel `CHANNEL`; `wal` notifies nothing,
 as a logical replication reader takes the changes from the log's inserts. Where `sql/` made a
 signing key (table `pgsse_key`), each notification is preceded by its HMAC-SHA256 in 64 hex
 digits, exactly as `notify_new_message` signs its own.

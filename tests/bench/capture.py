@@ -1,4 +1,4 @@
-"""The `capture` scenario (issue 23): what NOTIFY's commit lock costs the writers, and the WAL.
+"""The `capture` scenario: what NOTIFY's commit lock costs the writers, and the WAL.
 
 - pgbench INSERT rate on `messages` (one row per transaction, synchronous_commit on) at 4, 16
   and 32 writers with no capture (trigger disabled), the trigger alone (payload built and

@@ -7,7 +7,7 @@ else 10 s; the phases of one client count run A B C C B A and their means are co
   one NOTIFY of the row) against the change-log capture the messages feed would use if its
   inserts went through the log as a generic feed's do (`pgsse.capture()`: the row into
   `pgsse.changes`, then one NOTIFY; today's trigger disabled meanwhile). This decides whether
-  the messages feed's inserts stay on the table (issue 22, point 3): the bound is 0.85.
+  the messages feed's inserts stay on the table (docs/feeds.md): the bound is 0.85.
 - UPDATE rows/s on an orders table (10,000 rows, random row per statement) at 4 and 16
   clients without and with its feed (`events = ["update"]`).
 - Both with the change log in capture mode `wal` too (the trigger records the change and
@@ -167,7 +167,7 @@ def _figures(names: tuple[str, str, str], measured: list[dict[str, Any]]) -> dic
 
 def _install(url: str, config: Path, mode: str) -> None:
     """`pgsse migrate` with `config`; in capture mode `wal` the trigger notifies nothing (what
-    issue 23's mode costs the writers: the change log without NOTIFY's commit lock)."""
+    the WAL mode costs the writers: the change log without NOTIFY's commit lock)."""
     migrate(url, config)
     if mode != "notify":
         with psycopg.connect(url, autocommit=True) as conn:

@@ -1,4 +1,4 @@
-"""WAL capture (issue 23): the emit trigger, the slot `pgsse migrate` makes, `SlotReader`.
+"""WAL capture: the emit trigger, the slot `pgsse migrate` makes, `SlotReader`.
 
 Each test gets a database of its own in the session's cluster (which runs with
 wal_level=logical, as every embedded server does), migrated with BROKER_CAPTURE=wal and a slot
