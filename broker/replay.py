@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
-from .events import Message
+from .events import Message, encode_message
 from .hub import Hub, Subscriber
 from .store import Store
 
@@ -47,6 +47,11 @@ class Replay:
     after: int = 0  # resume by id after this row (and count every row up to it as seen)
     journal_ids: list[int] | None = None  # resume from the journal: these rows, in this order
     history: int = 0  # the last `history` rows first
+
+    @staticmethod
+    def encode(item: Message) -> bytes:
+        """The event a replayed row is sent as (`web/stream.py`'s `Backlog`)."""
+        return encode_message(item)
 
     @classmethod
     def plan(

@@ -24,7 +24,6 @@ the old values of the route columns that changed): so a subscriber sees a row le
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +33,8 @@ import psycopg
 import structlog
 from psycopg import sql
 from psycopg.rows import tuple_row
+
+from ..changes import OPS, Change
 
 log = structlog.get_logger(logger_name="broker.feeds.changelog")
 
@@ -51,7 +52,6 @@ __all__ = [
     "read",
 ]
 
-OPS = {"i": "insert", "u": "update", "d": "delete"}
 PRUNE_LOCK = 0x70677370  # "pgsp": the transaction advisory lock pruners take
 PRUNE_BATCH = 1_000  # changes deleted per transaction: short, so nothing waits long on it
 PAGE = 500
@@ -64,18 +64,6 @@ class Match:
 
     keys: Sequence[str] | None = None
     filters: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    """One captured change. `data` and `old` are as the trigger wrote them (see capture.py)."""
-
-    feed: str
-    position: int
-    op: str  # insert, update or delete
-    data: dict[str, Any]
-    old: dict[str, Any] | None
-    at: datetime.datetime
 
 
 @dataclass(frozen=True, slots=True)

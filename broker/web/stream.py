@@ -30,18 +30,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from contextlib import aclosing, contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import structlog
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from ..events import encode_connected, encode_error, encode_message
+from ..events import encode_connected, encode_error
 from ..hub import Hub, Subscriber
-from ..replay import Replay
 from ..server.sink import SocketSink, sink_of
 from ..store import DatabaseUnavailable
 from ..subscriber import SLOW_CONSUMER
@@ -69,6 +68,19 @@ HEADERS = {
 log = structlog.get_logger(logger_name=__name__)
 
 
+class Backlog(Protocol):
+    """What a stream sends before live (`replay.Replay` for messages): pages of items, in
+    order, at most `limit` + 1 in all, each encoded by `encode`."""
+
+    limit: int
+    after: int
+    history: int
+
+    def pages(self) -> AsyncGenerator[list[Any], None]: ...
+
+    def encode(self, item: Any) -> bytes: ...
+
+
 class EventStreamHead(Response):
     """HEAD of a stream: its status and headers, no body, and nothing held."""
 
@@ -89,7 +101,7 @@ class EventStreamResponse(Response):
         self,
         hub: Hub,
         subscriber: Subscriber,
-        replay: Replay | None,
+        replay: Backlog | None,
         *,
         listening: asyncio.Event,
         retry_ms: int,
@@ -211,7 +223,7 @@ class EventStreamResponse(Response):
             finally:
                 subscriber.on_close = None
 
-    async def _replay(self, send: Send, replay: Replay) -> None:
+    async def _replay(self, send: Send, replay: Backlog) -> None:
         """Send the rows the client missed (or its history). At the replay limit, closes
         the subscriber so the client reconnects from the last row it got."""
         async with aclosing(replay.pages()) as pages:
@@ -220,7 +232,7 @@ class EventStreamResponse(Response):
                 over_limit = len(page) > room
                 page = page[:room]
                 if page:
-                    if not await self._write_drained(send, b"".join(map(encode_message, page))):
+                    if not await self._write_drained(send, b"".join(map(replay.encode, page))):
                         self.hub.counters.slow_consumer_disconnects += 1
                         self.subscriber.close(SLOW_CONSUMER)
                         break
