@@ -14,7 +14,9 @@ from typing import Any
 
 import orjson
 
-__all__ = ["OPS", "Change", "ChangeReference", "parse_change"]
+from .events import data_line, utc_timestamp
+
+__all__ = ["OPS", "Change", "ChangeReference", "encode_change", "parse_change"]
 
 OPS = {"i": "insert", "u": "update", "d": "delete"}
 _OP_NAMES = frozenset(OPS.values())
@@ -63,3 +65,14 @@ def parse_change(payload: str | bytes) -> Change | ChangeReference:
     ):
         raise ValueError("malformed change payload: a field of the wrong type")
     return Change(feed, position, op, data, old, at)
+
+
+def encode_change(change: Change, timestamp: str | None = None) -> bytes:
+    """A generic feed's event: `{"type": op, "feed", "data", ["old"], "timestamp"}` with the
+    change's position as the SSE `id:` (design.md, "Feeds"). `old` only on an update that
+    changed a key or filter column."""
+    body: dict[str, Any] = {"type": change.op, "feed": change.feed, "data": change.data}
+    if change.old is not None:
+        body["old"] = change.old
+    body["timestamp"] = timestamp or utc_timestamp()
+    return b"id: %d\n" % change.position + data_line(body)

@@ -16,13 +16,16 @@ from typing import Any
 import orjson
 
 __all__ = [
+    "HISTORY_EXPIRED",
     "Message",
     "Reference",
     "cut_content",
+    "data_line",
     "encode_connected",
     "encode_error",
     "encode_heartbeat",
     "encode_message",
+    "encode_reset",
     "error_body",
     "parse_notification",
     "utc_timestamp",
@@ -158,14 +161,15 @@ _now_cache: list[Any] = [-1, ""]
 _second_cache: list[Any] = [-1, ""]
 
 
-def _data(obj: dict[str, Any]) -> bytes:
+def data_line(obj: dict[str, Any]) -> bytes:
+    """One unnamed event's `data:` line and its blank line."""
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
 def encode_message(message: Message, timestamp: str | None = None) -> bytes:
     """The `message` event, with the row id as the SSE `id:` so clients can resume."""
     body = {"type": "message", "data": message.as_json(), "timestamp": timestamp or utc_timestamp()}
-    return b"id: %d\n" % message.id + _data(body)
+    return b"id: %d\n" % message.id + data_line(body)
 
 
 def encode_connected(
@@ -184,15 +188,24 @@ def encode_connected(
     }
     if sessions is not None and len(sessions) > 1:
         body["sessionIds"] = list(sessions)
-    return (b"" if retry_ms is None else b"retry: %d\n" % retry_ms) + _data(body)
+    return (b"" if retry_ms is None else b"retry: %d\n" % retry_ms) + data_line(body)
 
 
 def encode_heartbeat() -> bytes:
-    return _data({"type": "heartbeat", "timestamp": utc_timestamp()})
+    return data_line({"type": "heartbeat", "timestamp": utc_timestamp()})
 
 
 def encode_error(error: str) -> bytes:
-    return _data({"type": "error", "error": error})
+    return data_line({"type": "error", "error": error})
+
+
+HISTORY_EXPIRED = "history expired"
+
+
+def encode_reset(reason: str = HISTORY_EXPIRED) -> bytes:
+    """Sent instead of a replay when the changes after the client's position were pruned
+    (`BROKER_RETENTION`): the client refetches what it shows; live events follow."""
+    return data_line({"type": "reset", "reason": reason})
 
 
 def error_body(message: str) -> bytes:
