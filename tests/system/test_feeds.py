@@ -10,6 +10,9 @@ resumed from the journal in commit order, `history=N`, and `reset` after pruning
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,8 +24,8 @@ import pytest
 from broker.feeds import changelog
 from tests.support.database import Database
 from tests.support.exposition import values
-from tests.support.feeds import ORDERS_TABLE, Scratch, migrated
-from tests.support.processes import BrokerProcess
+from tests.support.feeds import ORDERS_TABLE, Scratch, migrated, write_config
+from tests.support.processes import BrokerProcess, free_port
 from tests.support.sse import SSEClient, SSEEvent
 
 CONFIG = """
@@ -256,3 +259,74 @@ async def test_the_feed_route_refuses_what_it_does_not_know(
         assert client.status == status, path
         assert text in (await client.body()).decode()
         await client.close()
+
+
+async def head(broker: BrokerProcess, path: str) -> int:
+    reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
+    writer.write(f"HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    status = int((await asyncio.wait_for(reader.readline(), 10)).split()[1])
+    writer.close()
+    return status
+
+
+async def test_the_cap_counts_the_streams_of_every_feed_and_head_tells_it(
+    start_broker: Callable[..., BrokerProcess], shop: tuple[Scratch, Path]
+) -> None:
+    scratch, config = shop
+    broker = start_broker(
+        DATABASE_URL=scratch.url, BROKER_CONFIG=str(config), BROKER_MAX_CONNECTIONS="2"
+    )
+    assert await head(broker, "/api/sse/orders?customer_id=42") == 200
+    assert await head(broker, "/api/sse/nothing") == 404
+    orders = await stream(broker, customer_id="42")
+    messages = await SSEClient.open(broker.port, params={"sessionId": "s"})
+    assert messages.status == 200
+    for path in ("/api/sse/orders", "/api/sse/messages"):
+        full = await SSEClient.open(broker.port, path)
+        assert full.status == 503, path
+        await full.close()
+    assert await head(broker, "/api/sse/orders") == 503
+    await orders.close()
+    await asyncio.to_thread(
+        broker.wait_until, lambda: broker.stats()["totalConnections"] == 1, 10, "one stream"
+    )
+    assert await head(broker, "/api/sse/orders") == 200
+    assert broker.stats()["counters"]["rejectedConnections"] == 3
+
+
+async def test_a_token_is_required_for_a_feed_when_tokens_are(
+    start_broker: Callable[..., BrokerProcess], shop: tuple[Scratch, Path]
+) -> None:
+    scratch, config = shop
+    broker = start_broker(
+        DATABASE_URL=scratch.url, BROKER_CONFIG=str(config), BROKER_AUTH_SECRET="s" * 32
+    )
+    client = await SSEClient.open(broker.port, "/api/sse/orders", params={"customer_id": "42"})
+    assert client.status == 401
+
+
+def test_serve_stops_on_a_mistake_in_the_feeds_file_with_one_line(
+    shop: tuple[Scratch, Path], tmp_path: Path
+) -> None:
+    scratch, _ = shop
+    bad = write_config(
+        tmp_path, CONFIG.replace('filters = ["status"]', 'filters = ["statu"]'), "bad.toml"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "broker", "serve"],
+        env={
+            **os.environ,
+            "DATABASE_URL": scratch.url,
+            "BROKER_CONFIG": str(bad),
+            "BROKER_PORT": str(free_port()),
+            "BROKER_HOST": "127.0.0.1",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [
+        'pgsse: feeds.orders.filters: column "statu" not in shop.orders (did you mean "status"?)'
+    ]
