@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from tests.support.database import Database
 from tests.support.exposition import values
 from tests.support.feeds import ORDERS_TABLE, Scratch, migrated, write_config
 from tests.support.processes import BrokerProcess, free_port
+from tests.support.redis import RedisServer
 from tests.support.sse import SSEClient, SSEEvent
 
 CONFIG = """
@@ -330,3 +332,45 @@ def test_serve_stops_on_a_mistake_in_the_feeds_file_with_one_line(
     assert done.stderr.strip().splitlines() == [
         'pgsse: feeds.orders.filters: column "statu" not in shop.orders (did you mean "status"?)'
     ]
+
+
+async def test_on_a_bus_changes_reach_every_broker_resume_anywhere_and_survive_the_relay(
+    start_broker: Callable[..., BrokerProcess], shop: tuple[Scratch, Path], redis: RedisServer
+) -> None:
+    scratch, config = shop
+    env = {
+        "DATABASE_URL": scratch.url,
+        "BROKER_CONFIG": str(config),
+        "BROKER_BUS_URL": redis.url,
+        "BROKER_BUS_STREAM": f"test:{uuid.uuid4().hex[:8]}",
+    }
+    brokers = [start_broker(**env) for _ in range(2)]
+    brokers[0].wait_until(
+        lambda: sorted(str(b.stats()["bus"]["role"]) for b in brokers) == ["follower", "relay"],
+        20,
+        "one relay",
+    )
+    first, second = [await stream(b, customer_id="42") for b in brokers]
+    order = insert(scratch, "42", "open")
+    scratch.execute("UPDATE shop.orders SET status = 'paid' WHERE id = %s", (order,))
+    scratch.execute("DELETE FROM shop.orders WHERE id = %s", (order,))
+    seen = await changes(first, 3)
+    assert summary(await changes(second, 3)) == summary(seen)
+    await first.close()
+
+    # Resumed on the other broker, from a change it read on the bus: exact.
+    resumed = await stream(brokers[1], {"Last-Event-ID": seen[0].id or ""}, customer_id="42")
+    assert [e.id for e in await changes(resumed, 2)] == [e.id for e in seen[1:]]
+
+    relay = next(b for b in brokers if b.stats()["bus"]["role"] == "relay")
+    survivor = next(b for b in brokers if b is not relay)
+    watcher = await stream(survivor, customer_id="42")
+    assert relay.process is not None
+    relay.process.kill()  # kill -9: what commits now has no relay until the next election
+    relay.process.wait(10)
+    meanwhile = insert(scratch, "42", "open")
+    got = await changes(watcher, 1, timeout=20)
+    assert summary(got) == [("insert", meanwhile, None)]
+    survivor.wait_until(lambda: survivor.stats()["bus"]["role"] == "relay", 20, "a new relay")
+    after = insert(scratch, "42", "open")
+    assert summary(await changes(watcher, 1)) == [("insert", after, None)]
