@@ -12,7 +12,8 @@ session id would give every session its own time series.
 
 Feeds: the unlabelled families are the process's totals over every feed (with no feeds file,
 the messages feed's numbers, as before feeds); `pgsse_feed_*` give the same per feed, with a
-`feed` label (the feed's name, from the feeds file: a bounded set, never a key value).
+`feed` label (the feed's name, from the feeds file: a bounded set, never a key value), when
+the file declares feeds besides messages (without, the exposition is as it was).
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ class BrokerCollector(Collector):
 
 def _per_feed(stats: Stats) -> Iterator[Metric]:
     """The per-feed families (`feed` label): see the module docstring."""
+    if len(stats.feeds) < 2:
+        return
     streams = GaugeMetricFamily(
         "pgsse_feed_open_streams", "Open SSE streams of each feed.", labels=["feed"]
     )
