@@ -374,3 +374,20 @@ async def test_on_a_bus_changes_reach_every_broker_resume_anywhere_and_survive_t
     survivor.wait_until(lambda: survivor.stats()["bus"]["role"] == "relay", 20, "a new relay")
     after = insert(scratch, "42", "open")
     assert summary(await changes(watcher, 1)) == [("insert", after, None)]
+
+
+async def test_the_broker_prunes_changes_past_the_retention(
+    start_broker: Callable[..., BrokerProcess], shop: tuple[Scratch, Path]
+) -> None:
+    scratch, config = shop
+    for _ in range(3):
+        insert(scratch, "42", "open")
+    scratch.execute("UPDATE pgsse.changes SET at = at - interval '2 hours' WHERE position < 3")
+    broker = start_broker(
+        DATABASE_URL=scratch.url, BROKER_CONFIG=str(config), BROKER_RETENTION="1h"
+    )
+    broker.wait_until(
+        lambda: scratch.query("SELECT count(*) FROM pgsse.changes")[0][0] == 1, 10, "pruned"
+    )
+    assert scratch.query("SELECT feed, pruned_through FROM pgsse.retention") == [("orders", 2)]
+    assert broker.ready()
