@@ -6,7 +6,9 @@ export { createMessageStream } from "./MessageStream.js";
 export type { MessageStreamComponent, MessageStreamProps } from "./MessageStream.js";
 export type {
   ConnectedEvent,
+  DeletedMessage,
   Message,
+  ResetEvent,
   SSEClientOptions,
   SSEError,
   SSEState,

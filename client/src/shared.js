@@ -278,10 +278,23 @@ class Tab {
     }
     const event = { data, lastEventId: id || "" };
     for (const member of this.members.keys()) {
-      if (body.type !== "message" || (body.data && member.matches(body.data))) {
-        member.onEvent(body, event);
-      }
+      if (wants(member, body)) member.onEvent(body, event);
     }
+  }
+}
+
+// Which events of its stream a member gets: a message of its sessions and robot; a change of
+// a message it matches or has received (an edit may take a message out of its sessions: it
+// must see it leave); every other event (connected, heartbeat, error, reset).
+function wants(member, body) {
+  switch (body.type) {
+    case "message":
+      return Boolean(body.data) && member.matches(body.data);
+    case "message_updated":
+    case "message_deleted":
+      return Boolean(body.data) && member.concerns(body.data);
+    default:
+      return true;
   }
 }
 

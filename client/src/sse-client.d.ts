@@ -19,6 +19,22 @@ export interface Message {
   contentBytes?: number;
 }
 
+/** The `data` of a `message_deleted` event: which message was recalled. */
+export interface DeletedMessage {
+  id: string;
+  sessionId: string;
+  robotId: string | null;
+}
+
+/** Sent when the broker no longer holds the changes after the client's resume point (they are
+ * kept `BROKER_RETENTION`): what the client shows may be stale, so the app refetches. Live
+ * events follow. */
+export interface ResetEvent {
+  type: "reset";
+  reason: string;
+  [field: string]: unknown;
+}
+
 /** The first event of every stream. */
 export interface ConnectedEvent {
   type: "connected";
@@ -93,8 +109,14 @@ export interface SSEClientOptions {
   history?: number | null;
   /** Resume point of a new client (e.g. one saved in `sessionStorage`). */
   lastEventId?: string | null;
-  /** Called once per message id. */
+  /** Called once per message id, for new messages only. */
   onMessage?: (message: Message) => void;
+  /** A message was edited (`message_updated`); `messages` holds the new version in place. */
+  onMessageUpdated?: (message: Message) => void;
+  /** A message was recalled (`message_deleted`); it is gone from `messages`. */
+  onMessageDeleted?: (message: DeletedMessage) => void;
+  /** The changes after the resume point are no longer kept: nothing is cleared; refetch. */
+  onReset?: (event: ResetEvent) => void;
   /** Every event the stream delivers, with its SSE id (messages only), for logs and tools;
    * on a shared stream, those of the other tabs' sessions too. */
   onEvent?: (event: StreamEvent, id: string | null) => void;

@@ -27,15 +27,19 @@
 // reconnectInterval (ms, 3000), maxReconnectInterval (ms, 30000), maxReconnectAttempts
 // (Infinity), autoReconnect (true), maxMessages (500), history (null, or 1 to 1000: the last
 // rows to show first when there is no resume point), lastEventId (resume point of a new
-// client), shared (true), stallTimeout (ms, 5000; 0: never report a stall), onMessage(message),
-// onEvent(event, id) (every event as the stream delivered it: connected, message, heartbeat,
-// error), onConnected(event), onDisconnected(reason), onError(error), and EventSource (a replacement
+// client), shared (true), stallTimeout (ms, 5000; 0: never report a stall), onMessage(message)
+// (new messages only), onMessageUpdated(message), onMessageDeleted({ id, sessionId, robotId }),
+// onReset(event), onEvent(event, id) (every event as the stream delivered it: connected,
+// message, heartbeat, error, ...), onConnected(event), onDisconnected(reason), onError(error), and EventSource (a replacement
 // constructor, e.g. a polyfill). A bad value throws a TypeError naming the option. Types:
 // sse-client.d.ts.
 //
 // Messages are kept deduplicated by id (the last 10000 ids received are remembered, across
 // reconnects and clearMessages()), in id order, at most `maxMessages` of them (the oldest go
-// first). State: `connected`, `messages`, `error` (an `SSEError`, an `Error`, or null),
+// first). An edit (`message_updated`) replaces the message with its id in place, a recall
+// (`message_deleted`) removes it; a change of a message not held is reported to its callback
+// and not added. A `reset` (the broker no longer has the changes after the resume point)
+// clears nothing: the messages shown stay, `onReset` tells the app, which may refetch. State: `connected`, `messages`, `error` (an `SSEError`, an `Error`, or null),
 // `reconnectAttempts` (consecutive failed attempts, 0 once connected), `lastEventId`, and
 // `status`: "idle", "connecting", "connected", "reconnecting", "stalled" or "failed".
 
@@ -60,6 +64,9 @@ const DEFAULTS = {
   shared: true,
   stallTimeout: 5000,
   onMessage: null,
+  onMessageUpdated: null,
+  onMessageDeleted: null,
+  onReset: null,
   onEvent: null,
   onConnected: null,
   onDisconnected: null,
@@ -109,6 +116,12 @@ function checkOptions(opts) {
   }
 }
 
+/** Adds `id` to a set of recent ids bounded by SEEN_LIMIT, the oldest going first. */
+function remember(set, id) {
+  set.add(id);
+  if (set.size > SEEN_LIMIT) set.delete(set.values().next().value);
+}
+
 /** The client's sessions: null for every one, else distinct non-empty ids. */
 function sessionsOf(sessionId) {
   const list = (Array.isArray(sessionId) ? sessionId : [sessionId])
@@ -129,7 +142,8 @@ export function createSSEClient(options = {}) {
   let wanted = false; // connect() called and not disconnect()
   let lastEventId = isResumable(opts.lastEventId) ? String(opts.lastEventId) : null;
   let messages = [];
-  const seen = new Set(); // ids received lately, so a replayed row is never shown twice
+  const seen = new Set(); // positions received lately, so a replayed row is never shown twice
+  const known = new Set(); // ids of the messages received lately: their changes concern us
   let state = snapshot({
     connected: false,
     messages,
@@ -205,6 +219,9 @@ export function createSSEClient(options = {}) {
     call("onEvent", body, event.lastEventId || null);
     if (body.type === "connected") greeting = own(body);
     else if (body.type === "message" && body.data) add(body.data, event.lastEventId);
+    else if (body.type === "message_updated" && body.data) change(body, event.lastEventId);
+    else if (body.type === "message_deleted" && body.data) change(body, event.lastEventId);
+    else if (body.type === "reset") call("onReset", body);
   }
 
   function matches(message) {
@@ -214,15 +231,21 @@ export function createSSEClient(options = {}) {
     );
   }
 
+  // A position (SSE id) met for the first time: remembered as the resume point and among the
+  // ids seen. The broker resumes after the last one received in its delivery (commit) order,
+  // which is not always id order.
+  function fresh(id) {
+    if (!isResumable(id)) return false;
+    lastEventId = id;
+    if (seen.has(id)) return false;
+    remember(seen, id);
+    return true;
+  }
+
   function add(message, sseId) {
     const id = String(message.id ?? sseId ?? "");
-    if (!isResumable(id)) return;
-    // The last id received, as EventSource keeps it: the broker resumes after that row in
-    // its delivery (commit) order, which is not always id order.
-    lastEventId = id;
-    if (seen.has(id)) return;
-    seen.add(id);
-    if (seen.size > SEEN_LIMIT) seen.delete(seen.values().next().value);
+    if (!fresh(id)) return;
+    remember(known, id);
     const limit = Math.max(0, opts.maxMessages);
     // Kept in id order and trimmed from the oldest: a row older than all of a full history
     // would go at once, but it is still reported.
@@ -240,6 +263,30 @@ export function createSSEClient(options = {}) {
     call("onMessage", message);
   }
 
+  // An edit or a recall of a message (`message_updated`, `message_deleted`), once per
+  // position. The message held with that id is replaced in place, or removed: recalled, or
+  // edited out of this client's sessions/robot. A message not held is not added: it is older
+  // than the messages shown (or was cleared, or trimmed by maxMessages), and showing it now
+  // would put an old message among the new; the callback still reports it.
+  function change(body, sseId) {
+    const message = body.data;
+    const id = String(message.id ?? "");
+    if (sseId && !fresh(String(sseId))) return;
+    const at = messages.findIndex((held) => held.id === id);
+    const updated = body.type === "message_updated";
+    if (at >= 0) {
+      const next = messages.slice();
+      if (updated && matches(message)) next[at] = message;
+      else next.splice(at, 1);
+      messages = next;
+      update({ messages });
+    } else {
+      update({});
+    }
+    if (updated && matches(message)) remember(known, id);
+    call(updated ? "onMessageUpdated" : "onMessageDeleted", message);
+  }
+
   // A stream of its own, or a place on the tabs' shared one.
   // A member of the shared stream resumes from its last id when it (re)joins: the leader
   // reopens the stream from there if the stream is past it (`after`, shared.js).
@@ -248,6 +295,8 @@ export function createSSEClient(options = {}) {
     sessions,
     robotId,
     matches,
+    /** A change of this message concerns the client: it matches, or matched before. */
+    concerns: (message) => matches(message) || known.has(String(message.id ?? "")),
     onEvent,
     onState,
     get after() {

@@ -13,8 +13,10 @@
 //
 // Options: baseUrl, sessionId (one, or an array), robotId, token, getToken,
 // reconnectInterval, maxReconnectInterval, maxReconnectAttempts, autoReconnect, maxMessages,
-// history, shared, stallTimeout, onMessage, onEvent, onConnected, onDisconnected, onError (see
-// sse-client.js), and `enabled` (default true: connect on mount). A change of baseUrl,
+// history, shared, stallTimeout, onMessage, onMessageUpdated, onMessageDeleted, onReset,
+// onEvent, onConnected, onDisconnected, onError (see sse-client.js), and `enabled` (default
+// true: connect on mount). `messages` shows edits and recalls in place: a `message_updated`
+// replaces the message with its id, a `message_deleted` removes it (sse-client.js says more). A change of baseUrl,
 // sessionId (by value: a new array of the same ids is the same), robotId, a token string,
 // history or a reconnect setting starts a new stream; new callbacks (and a new token or
 // getToken function) do not. Unmounting closes it. The tabs of an origin share one connection
@@ -63,6 +65,9 @@ export function createUseSSE(React) {
           token: typeof token === "function" ? () => callbacks.current.token() : token,
           getToken: typeof getToken === "function" ? () => callbacks.current.getToken() : null,
           onMessage: (message) => callbacks.current.onMessage?.(message),
+          onMessageUpdated: (message) => callbacks.current.onMessageUpdated?.(message),
+          onMessageDeleted: (message) => callbacks.current.onMessageDeleted?.(message),
+          onReset: (event) => callbacks.current.onReset?.(event),
           onEvent: (event, id) => callbacks.current.onEvent?.(event, id),
           onConnected: (event) => callbacks.current.onConnected?.(event),
           onDisconnected: (reason) => callbacks.current.onDisconnected?.(reason),
