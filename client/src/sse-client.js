@@ -39,17 +39,30 @@
 // first). An edit (`message_updated`) replaces the message with its id in place, a recall
 // (`message_deleted`) removes it; a change of a message not held is reported to its callback
 // and not added. A `reset` (the broker no longer has the changes after the resume point)
-// clears nothing: the messages shown stay, `onReset` tells the app, which may refetch. State: `connected`, `messages`, `error` (an `SSEError`, an `Error`, or null),
+// clears nothing: the messages shown stay, `onReset` tells the app, which may refetch.
+// State: `connected`, `messages`, `error` (an `SSEError`, an `Error`, or null),
 // `reconnectAttempts` (consecutive failed attempts, 0 once connected), `lastEventId`, and
 // `status`: "idle", "connecting", "connected", "reconnecting", "stalled" or "failed".
+//
+// Any other feed (`feed: "orders"`, `filters: { customer_id: "42", status: "open" }`: the
+// stream /api/sse/orders?customer_id=42&status=open) has `rows` in place of `messages`: its
+// rows keyed by primary key (`key`, "id" by default; an array for a composite key), kept by
+// rows.js: insert and update put the row (an update out of the filters removes it), delete
+// removes it, `reset` clears them and calls onReset, and `load(rows)` merges rows the app
+// fetched. Handlers: onInsert(row, event), onUpdate(row, event), onDelete(row, event),
+// onReset(event). Changes are deduplicated by position (the SSE id) and resume as messages do.
 
 import { compareIds, createConnection, isResumable, SSEError } from "./connection.js";
+import { createRows, passes } from "./rows.js";
 import { joinShared } from "./shared.js";
 
 export { compareIds, SSEError };
 
 const DEFAULTS = {
   baseUrl: "",
+  feed: null,
+  filters: null,
+  key: "id",
   sessionId: null,
   robotId: null,
   token: null,
@@ -67,6 +80,9 @@ const DEFAULTS = {
   onMessageUpdated: null,
   onMessageDeleted: null,
   onReset: null,
+  onInsert: null,
+  onUpdate: null,
+  onDelete: null,
   onEvent: null,
   onConnected: null,
   onDisconnected: null,
@@ -87,13 +103,18 @@ export const STATUS_TEXT = Object.freeze({
 const SEEN_LIMIT = 10000;
 const HISTORY_LIMIT = 1000; // the broker's bound on `history`
 const SESSIONS_LIMIT = 100; // the broker's bound on `sessionId` repeated
+const MESSAGES = "messages"; // the guide's feed: sessionId/robotId, `message` events
+const FEED_NAME = /^[a-z0-9_-]{1,49}$/; // as the broker's configuration accepts
+const RESERVED = new Set(["history", "lastEventId", "token"]); // not column filters
+const CHANGES = new Set(["insert", "update", "delete"]);
 
 // Checked at once, naming the option: a mistyped value would otherwise show up much later, as
 // a client that reconnects in a tight loop or never at all.
 function checkOptions(opts) {
   const fail = (name, what) => {
     const value = opts[name];
-    const shown = typeof value === "string" ? JSON.stringify(value) : String(value);
+    const json = typeof value === "string" || (value !== null && typeof value === "object");
+    const shown = json ? JSON.stringify(value) : String(value);
     throw new TypeError(`pgsse-client: ${name} must be ${what}, not ${shown}`);
   };
   for (const name of ["reconnectInterval", "maxReconnectInterval", "stallTimeout"]) {
@@ -114,6 +135,53 @@ function checkOptions(opts) {
   if (Array.isArray(sessionId) && sessionId.length > SESSIONS_LIMIT) {
     fail("sessionId", `at most ${SESSIONS_LIMIT} sessions`);
   }
+  const { feed, filters, key } = opts;
+  if (feed !== null && !(typeof feed === "string" && FEED_NAME.test(feed))) {
+    fail("feed", "a feed name (1 to 49 of a-z, 0-9, _ and -), or null for messages");
+  }
+  const generic = feed !== null && feed !== MESSAGES;
+  if (filters !== null && (typeof filters !== "object" || Array.isArray(filters))) {
+    fail("filters", "an object of column names and values, or null");
+  }
+  if (!generic && filters !== null && Object.keys(filters).length) {
+    fail("filters", "empty for the messages feed (it takes sessionId and robotId)");
+  }
+  for (const [name, value] of Object.entries(filters || {})) {
+    if (RESERVED.has(name) || name === "") {
+      throw new TypeError(`pgsse-client: filters must name columns, not ${JSON.stringify(name)}`);
+    }
+    if (!(value == null || ["string", "number", "boolean"].includes(typeof value))) {
+      throw new TypeError(`pgsse-client: filters.${name} must be a string, a number or a boolean`);
+    }
+  }
+  for (const name of ["sessionId", "robotId"]) {
+    if (generic && opts[name] != null && opts[name] !== "") {
+      fail(name, `null for the feed ${JSON.stringify(feed)} (use filters)`);
+    }
+  }
+  const keyOk = (name) => typeof name === "string" && name !== "";
+  if (!(keyOk(key) || (Array.isArray(key) && key.length && key.every(keyOk)))) {
+    fail("key", "a column name, or an array of them");
+  }
+}
+
+/** A generic feed's stream: its name, and its filters as query parameters in column order
+ * (one spelling, so that equal filters share a stream); null for the messages feed. */
+function feedOf(opts) {
+  if (opts.feed === null || opts.feed === MESSAGES) return null;
+  const params = new URLSearchParams();
+  const filters = Object.entries(opts.filters || {})
+    .filter(([, value]) => value != null && value !== "")
+    .map(([name, value]) => [name, String(value)])
+    .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
+  for (const [name, value] of filters) params.set(name, value);
+  const query = params.toString();
+  return {
+    name: opts.feed,
+    filters: Object.fromEntries(filters),
+    path: `/api/sse/${opts.feed}`,
+    id: `${opts.feed}?${query}`,
+  };
 }
 
 /** Adds `id` to a set of recent ids bounded by SEEN_LIMIT, the oldest going first. */
@@ -136,6 +204,9 @@ export function createSSEClient(options = {}) {
     if (value !== undefined) opts[key] = value;
   }
   checkOptions(opts);
+  const feed = feedOf(opts);
+  const path = feed ? feed.path : `/api/sse/${MESSAGES}`;
+  const store = feed ? createRows(opts.key) : null;
   const sessions = sessionsOf(opts.sessionId);
   const robotId = opts.robotId != null && opts.robotId !== "" ? String(opts.robotId) : null;
 
@@ -146,7 +217,7 @@ export function createSSEClient(options = {}) {
   const known = new Set(); // ids of the messages received lately: their changes concern us
   let state = snapshot({
     connected: false,
-    messages,
+    ...(store ? { rows: store.rows } : { messages }),
     error: null,
     reconnectAttempts: 0,
     status: "idle",
@@ -174,7 +245,7 @@ export function createSSEClient(options = {}) {
   }
 
   function query() {
-    const params = new URLSearchParams();
+    const params = new URLSearchParams(feed ? feed.filters : {});
     for (const session of sessions || []) params.append("sessionId", session);
     if (robotId !== null) params.set("robotId", robotId);
     // History only opens a stream that has nothing to resume from (the broker ignores it
@@ -209,6 +280,7 @@ export function createSSEClient(options = {}) {
   // A `connected` event as this client's own stream would have said it (a shared stream
   // names every tab's sessions).
   function own(body) {
+    if (feed) return body;
     const event = { ...body, sessionId: sessions ? sessions[0] : null, robotId };
     delete event.sessionIds;
     if (sessions && sessions.length > 1) event.sessionIds = sessions;
@@ -218,6 +290,7 @@ export function createSSEClient(options = {}) {
   function onEvent(body, event) {
     call("onEvent", body, event.lastEventId || null);
     if (body.type === "connected") greeting = own(body);
+    else if (feed) onFeedEvent(body, event.lastEventId);
     else if (body.type === "message" && body.data) add(body.data, event.lastEventId);
     else if (body.type === "message_updated" && body.data) change(body, event.lastEventId);
     else if (body.type === "message_deleted" && body.data) change(body, event.lastEventId);
@@ -287,11 +360,40 @@ export function createSSEClient(options = {}) {
     call(updated ? "onMessageUpdated" : "onMessageDeleted", message);
   }
 
+  // A generic feed's event: the rows kept by primary key. An update that takes a row out of
+  // this client's filters (`old` names a filter column whose new value no longer passes)
+  // removes it: the broker sends an update to the filters of the old row too, so that they
+  // see it leave. A `reset` clears the rows (what they were is unknown now) and asks the app,
+  // through onReset, to fetch them again (`load`).
+  function onFeedEvent(body, sseId) {
+    if (body.type === "reset") {
+      update({ rows: store.clear() });
+      call("onReset", body);
+      return;
+    }
+    if (!CHANGES.has(body.type) || body.feed !== feed.name || !body.data) return;
+    if (sseId && !fresh(String(sseId))) return;
+    const row = body.data;
+    if (body.type === "delete" || (body.type === "update" && leaves(body))) store.remove(row);
+    else store.put(row);
+    update({ rows: store.rows });
+    if (body.type === "insert") call("onInsert", row, body);
+    else if (body.type === "update") call("onUpdate", row, body);
+    else call("onDelete", row, body);
+  }
+
+  function leaves(body) {
+    return Object.keys(body.old || {}).some(
+      (column) => column in feed.filters && !passes(body.data[column], feed.filters[column]),
+    );
+  }
+
   // A stream of its own, or a place on the tabs' shared one.
   // A member of the shared stream resumes from its last id when it (re)joins: the leader
   // reopens the stream from there if the stream is past it (`after`, shared.js).
   const ownStream = !opts.shared || opts.history !== null;
   const member = {
+    feed: feed && feed.id,
     sessions,
     robotId,
     matches,
@@ -306,7 +408,8 @@ export function createSSEClient(options = {}) {
   let transport = null;
   function carrier() {
     if (transport === null) {
-      transport = (!ownStream && joinShared(opts, member)) || createConnection(opts, { query, onEvent, onState });
+      transport =
+        (!ownStream && joinShared(opts, member)) || createConnection(opts, { path, query, onEvent, onState });
     }
     return transport;
   }
@@ -332,7 +435,17 @@ export function createSSEClient(options = {}) {
      * row already received does not come back. */
     clearMessages() {
       messages = [];
-      update({ messages });
+      update(store ? {} : { messages });
+    },
+    /** A feed's rows fetched by the app (first, or after a reset), merged with the stream's:
+     * a row the stream changed since the last reset keeps the stream's version. */
+    load(rows) {
+      if (!store) throw new TypeError("pgsse-client: load() is for a feed's rows");
+      update({ rows: store.load(rows) });
+    },
+    /** Forget a feed's rows (the stream goes on). */
+    clearRows() {
+      if (store) update({ rows: store.clear() });
     },
     /** Call `listener(state)` on every change; returns the function that unsubscribes. */
     subscribe(listener) {
@@ -361,6 +474,13 @@ export function createSSEClient(options = {}) {
     get messages() {
       return state.messages;
     },
+    get rows() {
+      return state.rows;
+    },
+    /** The feed this client streams ("messages" for the guide's). */
+    get feed() {
+      return feed ? feed.name : MESSAGES;
+    },
     get error() {
       return state.error;
     },
@@ -374,7 +494,7 @@ export function createSSEClient(options = {}) {
     get url() {
       const params = query();
       const text = params.toString();
-      return `${String(opts.baseUrl).replace(/\/+$/, "")}/api/sse/messages${text ? `?${text}` : ""}`;
+      return `${String(opts.baseUrl).replace(/\/+$/, "")}${path}${text ? `?${text}` : ""}`;
     },
   };
   return client;
