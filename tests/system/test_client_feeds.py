@@ -72,6 +72,9 @@ class EventServer(AppFiles):
 
 
 class FixedEvents(http.server.ThreadingHTTPServer):
+    """A real SSE server on 127.0.0.1 whose streams send what the test pushes, and the
+    requests it was sent (with their query: the client's resume point)."""
+
     daemon_threads = True
 
     def __init__(self) -> None:
