@@ -20,6 +20,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute
 from starlette.staticfiles import StaticFiles
 
+from ..config.feeds import MESSAGES
 from ..config.settings import Settings
 from ..errors import RequestError, Unavailable
 from ..service import Broker
@@ -73,6 +74,7 @@ def create_app(settings: Settings, counter: ClientCounter | None = None) -> Star
     routes: list[BaseRoute] = [
         stream_route,
         guard.admin("/api/sse/stats", stats),
+        guard.admin("/api/feeds", feeds),  # names the tables and columns served: as stats
         guard.public("/api/messages", post_message, methods=["POST"]),
         guard.probe("/healthz", healthz),
         guard.probe("/readyz", readyz),
@@ -147,6 +149,28 @@ async def stream_messages(request: Request) -> Response:
 
 async def stats(request: Request) -> Response:
     return JSONResponse({"success": True, "data": snapshot(_broker(request)).as_json()})
+
+
+async def feeds(request: Request) -> Response:
+    """The feeds this broker serves, messages first: `{"name", "key", "filters", "events"}`,
+    where `key` and `filters` are the stream's query parameters (the column names of a
+    generic feed; messages keeps `sessionId` and `robotId`). The demo page's picker."""
+    declared = _broker(request).feeds.declared
+    messages = declared.get(MESSAGES)
+    listed = [
+        {
+            "name": MESSAGES,
+            "key": "sessionId",
+            "filters": ["robotId"],
+            "events": list(messages.events) if messages is not None else ["insert"],
+        }
+    ]
+    listed += [
+        {"name": f.name, "key": f.key, "filters": list(f.filters), "events": list(f.events)}
+        for f in declared.values()
+        if not f.is_messages
+    ]
+    return JSONResponse({"success": True, "data": listed})
 
 
 async def post_message(request: Request) -> Response:
