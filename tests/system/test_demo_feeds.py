@@ -60,6 +60,11 @@ async def test_the_picker_shows_only_where_there_are_other_feeds(
             .filter(control => control.labels.length === 0).map(control => control.id)"""
     )
     assert unlabelled == []
+    await page.set_viewport_size({"width": 360, "height": 740})  # a phone: nothing sideways
+    overflow = await page.evaluate(
+        "() => document.documentElement.scrollWidth - document.documentElement.clientWidth"
+    )
+    assert overflow == 0
 
     # Back to messages: the session field and the conversation again.
     await page.select_option("#feed", "messages")
@@ -82,3 +87,45 @@ async def test_a_feed_in_the_url_the_broker_lacks_is_said_not_streamed(
         "No feed invoices on this broker: pick one and Connect."
     )
     assert streams == []
+
+
+async def test_the_page_lists_a_feeds_changes_as_they_arrive_and_resumes(
+    context: BrowserContext, start_broker: StartBroker, shop: tuple[Scratch, Path]
+) -> None:
+    scratch, config = shop
+    broker = start_broker(DATABASE_URL=scratch.url, BROKER_CONFIG=str(config))
+    page = await context.new_page()
+    streams: list[str] = []
+    page.on("request", lambda r: streams.append(r.url) if "/api/sse/" in r.url else None)
+    await page.goto(broker.base_url + "/?feed=orders&customer_id=42")
+    await expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+    await expect(page.locator("#filter-customer_id")).to_have_value("42")
+    await expect(page.locator("#curl")).to_have_value(
+        f"curl -N '{broker.base_url}/api/sse/orders?customer_id=42'"
+    )
+    assert parse_qs(urlsplit(streams[0]).query) == {"customer_id": ["42"], "history": ["50"]}
+
+    scratch.execute("INSERT INTO shop.orders (customer_id, status) VALUES ('43', 'open')")
+    scratch.execute("INSERT INTO shop.orders (customer_id, status, total) VALUES ('42', 'open', 5)")
+    scratch.execute("UPDATE shop.orders SET status = 'paid' WHERE customer_id = '42'")
+    scratch.execute("DELETE FROM shop.orders WHERE customer_id = '42'")
+    changes = page.locator("#changes li")
+    await expect(changes).to_have_count(3)
+    kinds = await changes.evaluate_all("items => items.map(item => item.dataset.type)")
+    assert kinds == ["insert", "update", "delete"]
+    status = (
+        changes.nth(1).locator("dt", has_text="status").locator("xpath=following-sibling::dd[1]")
+    )
+    await expect(status).to_have_text("open → paid")
+    await expect(page.locator("#changes-count")).to_have_text("3")
+    await expect(page.locator("#events li[data-type='update']")).to_have_count(1)
+
+    # Disconnect, a change meanwhile, Connect: it resumes after the last change shown.
+    await page.click("#disconnect")
+    await expect(page.locator("#status")).to_have_attribute("data-state", "idle")
+    last = await changes.nth(2).get_attribute("data-id")
+    scratch.execute("INSERT INTO shop.orders (customer_id, status) VALUES ('42', 'new')")
+    await page.click("#connect")
+    await expect(changes).to_have_count(4)
+    await expect(changes.nth(3)).to_have_attribute("data-type", "insert")
+    assert parse_qs(urlsplit(streams[-1]).query) == {"customer_id": ["42"], "lastEventId": [last]}

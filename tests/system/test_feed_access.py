@@ -13,10 +13,13 @@ from tests.support.database import Database
 from tests.support.feeds import Scratch, orders_shop
 from tests.support.processes import BrokerProcess, free_port, http_json
 from tests.support.security import (
+    mint,
     new_secret,
     no_secret_in_logs,  # noqa: F401 -- autouse: no token or secret in any broker log
+    refused,
     request,
 )
+from tests.support.sse import SSEClient, connected
 
 StartBroker = Callable[..., BrokerProcess]
 
@@ -77,3 +80,45 @@ def test_feeds_on_the_admin_port_only(start_broker: StartBroker) -> None:
     assert broker.get("/api/feeds")[0] == 404
     status, body = http_json(f"http://127.0.0.1:{admin_port}/api/feeds")
     assert status == 200 and body["data"][0]["name"] == "messages"
+
+
+async def test_a_token_for_orders_key_42_reads_42_and_nothing_else(
+    start_broker: StartBroker, shop: tuple[Scratch, Path]
+) -> None:
+    scratch, config = shop
+    secret = new_secret()
+    broker = start_broker(
+        DATABASE_URL=scratch.url, BROKER_CONFIG=str(config), BROKER_AUTH_SECRET=secret
+    )
+    token = mint(secret, [], feeds={"orders": ["42"]})
+
+    async def orders(params: dict[str, str]) -> SSEClient:
+        return await SSEClient.open(broker.port, "/api/sse/orders", params=params)
+
+    reader = await connected(await orders({"customer_id": "42", "token": token}))
+    scratch.execute(
+        "INSERT INTO shop.orders (customer_id, status) VALUES ('43', 'open'), ('42', 'open')"
+    )
+    changes = await reader.events_until(lambda event: event.type == "insert", timeout=5)
+    assert changes[-1].json["data"]["customer_id"] == "42"  # 43's, first, never reached it
+    await reader.close()
+
+    refusals = {
+        "another key": ({"customer_id": "43", "token": token}, 403, "key of feed orders"),
+        "the global stream": ({"token": token}, 403, "global stream of feed orders"),
+        "no feeds claim": ({"customer_id": "42", "token": mint(secret, "*")}, 403, "feed orders"),
+        "malformed claim": (
+            {"customer_id": "42", "token": mint(secret, [], feeds={"orders": 42})},
+            401,
+            "claim feeds",
+        ),
+        "no token": ({"customer_id": "42"}, 401, "token required"),
+    }
+    for name, (params, expected, says) in refusals.items():
+        status, _, body = await refused(await orders(params))
+        assert (name, status) == (name, expected), body
+        assert body["success"] is False and says in body["error"], (name, body)
+
+    everything = mint(secret, [], feeds={"orders": "*"})
+    global_reader = await connected(await orders({"token": everything}))
+    await global_reader.close()
