@@ -6,17 +6,28 @@
 
 const CHANGES = 200; // changes kept in the list
 
-// GET /api/feeds: [{name, key, filters, events}], messages first. An admin route (stats'
-// guard): where it is hidden (auth on, no admin token) or fails, the page offers messages.
-export async function loadFeeds() {
+const MESSAGES = { name: "messages", key: "sessionId", filters: ["robotId"], events: ["insert"] };
+
+// GET /api/feeds: [{name, key, filters, events}], messages first. It is an admin route
+// (stats' guard): where it is hidden (auth on, no admin port or token) or fails, the page
+// offers messages, and the feed `asked` for in the URL with the URL's `columns` as its key
+// (the first) and filters: a token's holder can still watch the feed the link names.
+export async function loadFeeds(asked = null, columns = []) {
   try {
     const response = await fetch("/api/feeds", { headers: { Accept: "application/json" } });
     const answer = await response.json();
     if (response.ok && answer.success && Array.isArray(answer.data)) return answer.data;
   } catch {
-    // a network failure or a body that is not JSON: messages only
+    // a network failure or a body that is not JSON: as hidden
   }
-  return [{ name: "messages", key: "sessionId", filters: ["robotId"], events: ["insert"] }];
+  if (!asked || asked === MESSAGES.name) return [MESSAGES];
+  return [MESSAGES, { name: asked, key: columns[0] ?? null, filters: columns.slice(1), events: [] }];
+}
+
+// The key and filter columns of `feed`, the key first (a feed known only from the URL may
+// have none).
+export function columnsOf(feed) {
+  return [feed.key, ...feed.filters].filter((column) => column);
 }
 
 // The stream's URL: the feed's route with its key and filter values (columns given a value
@@ -116,7 +127,7 @@ export function changeItem(feed, event, id) {
   meta.append(element("span", "author", event.type));
   if (id) meta.append(element("span", "tag id", `#${id}`));
   const data = event.data && typeof event.data === "object" ? event.data : {};
-  for (const column of [feed.key, ...feed.filters]) {
+  for (const column of columnsOf(feed)) {
     if (column in data) meta.append(element("span", "tag", `${column} ${show(data[column])}`));
   }
   if (typeof event.timestamp === "string") {

@@ -11,7 +11,15 @@
 // than messages is watched with inputs for its key and filter columns and its changes listed
 // as they arrive (demo-feed.js); ?feed=orders&customer_id=42 opens on it.
 
-import { appendChange, changeItem, element, feedUrl, loadFeeds, watchFeed } from "./demo-feed.js";
+import {
+  appendChange,
+  changeItem,
+  columnsOf,
+  element,
+  feedUrl,
+  loadFeeds,
+  watchFeed,
+} from "./demo-feed.js";
 import { createSSEClient, STATUS_TEXT } from "./sse-client.js";
 
 const DEFAULT_SESSION = "123";
@@ -92,7 +100,7 @@ function startFeed(feed) {
   if (client) client.disconnect();
   showView("feed");
   const values = {};
-  for (const column of [feed.key, ...feed.filters]) {
+  for (const column of columnsOf(feed)) {
     values[column] = document.getElementById(`filter-${column}`)?.value.trim() || "";
   }
   const query = withoutFeed(new URLSearchParams(params));
@@ -138,7 +146,7 @@ function withoutFeed(query) {
   query.delete("feed");
   for (const feed of feeds.values()) {
     if (feed.name === "messages") continue;
-    for (const column of [feed.key, ...feed.filters]) query.delete(column);
+    for (const column of columnsOf(feed)) query.delete(column);
   }
   return query;
 }
@@ -159,11 +167,12 @@ function showFilters(feed) {
   const box = $("feed-filters");
   box.replaceChildren();
   if (!feed || feed.name === "messages") return;
-  for (const [index, column] of [feed.key, ...feed.filters].entries()) {
+  for (const [index, column] of columnsOf(feed).entries()) {
     const field = element("div", "field");
     const label = element("label", "", column);
     label.htmlFor = `filter-${column}`;
-    label.append(element("span", "optional", index === 0 ? " (key)" : " (filter)"));
+    const role = !feed.events.length ? "" : index === 0 ? " (key)" : " (filter)"; // known?
+    if (role) label.append(element("span", "optional", role));
     const input = element("input");
     input.id = `filter-${column}`;
     input.name = column;
@@ -366,7 +375,11 @@ $("feed").addEventListener("change", () => {
 });
 const asked = params.get("feed");
 if (!asked || asked === "messages") start();
-loadFeeds().then((list) => {
+// Parameters of the page itself; any other in the URL names a column of the feed asked for.
+const PAGE = ["feed", "token", "sessionId", "robotId", "all", "history", "lastEventId"];
+const SETTINGS = ["reconnectInterval", "maxReconnectInterval", "maxReconnectAttempts"];
+const columns = [...new Set(params.keys())].filter((n) => ![...PAGE, ...SETTINGS].includes(n));
+loadFeeds(asked, columns).then((list) => {
   feeds = new Map(list.map((feed) => [feed.name, feed]));
   $("feed").replaceChildren(...list.map((feed) => new Option(feed.name, feed.name)));
   $("feed-field").hidden = list.length < 2;

@@ -14,6 +14,11 @@ from tests.support.browser import TIMEOUT_MS, browser, context
 from tests.support.database import Database
 from tests.support.feeds import Scratch, orders_shop
 from tests.support.processes import BrokerProcess
+from tests.support.security import (
+    mint,
+    new_secret,
+    no_secret_in_logs,  # noqa: F401 -- autouse: no token or secret in any broker log
+)
 
 __all__ = ["browser", "context"]  # fixtures, imported for pytest
 
@@ -129,3 +134,29 @@ async def test_the_page_lists_a_feeds_changes_as_they_arrive_and_resumes(
     await expect(changes).to_have_count(4)
     await expect(changes.nth(3)).to_have_attribute("data-type", "insert")
     assert parse_qs(urlsplit(streams[-1]).query) == {"customer_id": ["42"], "lastEventId": [last]}
+
+
+async def test_with_auth_a_token_link_opens_its_feed_and_a_refusal_says_why(
+    context: BrowserContext, start_broker: StartBroker, shop: tuple[Scratch, Path]
+) -> None:
+    """Auth on and no admin token: `/api/feeds` is hidden (404), so the page takes the feed
+    and its columns from the URL; the broker's 403 reason is shown, not a silent failure."""
+    scratch, config = shop
+    secret = new_secret()
+    broker = start_broker(
+        DATABASE_URL=scratch.url, BROKER_CONFIG=str(config), BROKER_AUTH_SECRET=secret
+    )
+    token = mint(secret, [], feeds={"orders": ["42"]})
+    page = await context.new_page()
+    await page.goto(f"{broker.base_url}/?feed=orders&customer_id=42&token={token}")
+    await expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+    await expect(page.locator("#feed option")).to_have_text(["messages", "orders"])
+    scratch.execute("INSERT INTO shop.orders (customer_id, status) VALUES ('42', 'open')")
+    await expect(page.locator("#changes li[data-type='insert']")).to_have_count(1)
+
+    await page.fill("#filter-customer_id", "43")
+    await page.click("#connect")
+    await expect(page.locator("#status")).to_have_attribute("data-state", "failed")
+    await expect(page.locator("#error")).to_have_text(
+        "HTTP 403: token does not allow this key of feed orders"
+    )
