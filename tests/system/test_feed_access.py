@@ -92,7 +92,7 @@ async def test_a_token_for_orders_key_42_reads_42_and_nothing_else(
     )
     token = mint(secret, [], feeds={"orders": ["42"]})
 
-    async def orders(params: dict[str, str]) -> SSEClient:
+    async def orders(params: dict[str, str] | list[tuple[str, str]]) -> SSEClient:
         return await SSEClient.open(broker.port, "/api/sse/orders", params=params)
 
     reader = await connected(await orders({"customer_id": "42", "token": token}))
@@ -103,8 +103,13 @@ async def test_a_token_for_orders_key_42_reads_42_and_nothing_else(
     assert changes[-1].json["data"]["customer_id"] == "42"  # 43's, first, never reached it
     await reader.close()
 
-    refusals = {
+    refusals: dict[str, tuple[dict[str, str] | list[tuple[str, str]], int, str]] = {
         "another key": ({"customer_id": "43", "token": token}, 403, "key of feed orders"),
+        "its key and another": (
+            [("customer_id", "42"), ("customer_id", "43"), ("token", token)],
+            403,
+            "key of feed orders",
+        ),
         "the global stream": ({"token": token}, 403, "global stream of feed orders"),
         "no feeds claim": ({"customer_id": "42", "token": mint(secret, "*")}, 403, "feed orders"),
         "malformed claim": (
