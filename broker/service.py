@@ -52,8 +52,14 @@ class BusFeed:
     def __init__(self, settings: Settings, database_url: str, broker: Broker) -> None:
         assert settings.bus_url is not None
         self.bus = Bus(settings.bus_url, settings.bus_stream, max_bytes=settings.bus_max_bytes)
-        self.reader = BusReader(self.bus, broker.hub, broker.store.row_key)
-        self.relay = Relay(database_url, self.bus, broker.store, lambda: self.reader.high_id)
+        self.reader = BusReader(self.bus, broker.hub, broker.store.row_key, broker.feeds)
+        self.relay = Relay(
+            database_url,
+            self.bus,
+            broker.store,
+            lambda: self.reader.high_id,
+            broker.feeds.captured,
+        )
 
 
 class Broker:

@@ -10,7 +10,11 @@ resumed from the journal in commit order, `history=N`, and `reset` after pruning
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,8 +25,9 @@ import pytest
 from broker.feeds import changelog
 from tests.support.database import Database
 from tests.support.exposition import values
-from tests.support.feeds import ORDERS_TABLE, Scratch, migrated
-from tests.support.processes import BrokerProcess
+from tests.support.feeds import ORDERS_TABLE, Scratch, migrated, write_config
+from tests.support.processes import BrokerProcess, free_port
+from tests.support.redis import RedisServer
 from tests.support.sse import SSEClient, SSEEvent
 
 CONFIG = """
@@ -256,3 +261,116 @@ async def test_the_feed_route_refuses_what_it_does_not_know(
         assert client.status == status, path
         assert text in (await client.body()).decode()
         await client.close()
+
+
+async def head(broker: BrokerProcess, path: str) -> int:
+    reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
+    writer.write(f"HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    status = int((await asyncio.wait_for(reader.readline(), 10)).split()[1])
+    writer.close()
+    return status
+
+
+async def test_the_cap_counts_the_streams_of_every_feed_and_head_tells_it(
+    start_broker: Callable[..., BrokerProcess], shop: tuple[Scratch, Path]
+) -> None:
+    scratch, config = shop
+    broker = start_broker(
+        DATABASE_URL=scratch.url, BROKER_CONFIG=str(config), BROKER_MAX_CONNECTIONS="2"
+    )
+    assert await head(broker, "/api/sse/orders?customer_id=42") == 200
+    assert await head(broker, "/api/sse/nothing") == 404
+    orders = await stream(broker, customer_id="42")
+    messages = await SSEClient.open(broker.port, params={"sessionId": "s"})
+    assert messages.status == 200
+    for path in ("/api/sse/orders", "/api/sse/messages"):
+        full = await SSEClient.open(broker.port, path)
+        assert full.status == 503, path
+        await full.close()
+    assert await head(broker, "/api/sse/orders") == 503
+    await orders.close()
+    await asyncio.to_thread(
+        broker.wait_until, lambda: broker.stats()["totalConnections"] == 1, 10, "one stream"
+    )
+    assert await head(broker, "/api/sse/orders") == 200
+    assert broker.stats()["counters"]["rejectedConnections"] == 3
+
+
+async def test_a_token_is_required_for_a_feed_when_tokens_are(
+    start_broker: Callable[..., BrokerProcess], shop: tuple[Scratch, Path]
+) -> None:
+    scratch, config = shop
+    broker = start_broker(
+        DATABASE_URL=scratch.url, BROKER_CONFIG=str(config), BROKER_AUTH_SECRET="s" * 32
+    )
+    client = await SSEClient.open(broker.port, "/api/sse/orders", params={"customer_id": "42"})
+    assert client.status == 401
+
+
+def test_serve_stops_on_a_mistake_in_the_feeds_file_with_one_line(
+    shop: tuple[Scratch, Path], tmp_path: Path
+) -> None:
+    scratch, _ = shop
+    bad = write_config(
+        tmp_path, CONFIG.replace('filters = ["status"]', 'filters = ["statu"]'), "bad.toml"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "broker", "serve"],
+        env={
+            **os.environ,
+            "DATABASE_URL": scratch.url,
+            "BROKER_CONFIG": str(bad),
+            "BROKER_PORT": str(free_port()),
+            "BROKER_HOST": "127.0.0.1",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [
+        'pgsse: feeds.orders.filters: column "statu" not in shop.orders (did you mean "status"?)'
+    ]
+
+
+async def test_on_a_bus_changes_reach_every_broker_resume_anywhere_and_survive_the_relay(
+    start_broker: Callable[..., BrokerProcess], shop: tuple[Scratch, Path], redis: RedisServer
+) -> None:
+    scratch, config = shop
+    env = {
+        "DATABASE_URL": scratch.url,
+        "BROKER_CONFIG": str(config),
+        "BROKER_BUS_URL": redis.url,
+        "BROKER_BUS_STREAM": f"test:{uuid.uuid4().hex[:8]}",
+    }
+    brokers = [start_broker(**env) for _ in range(2)]
+    brokers[0].wait_until(
+        lambda: sorted(str(b.stats()["bus"]["role"]) for b in brokers) == ["follower", "relay"],
+        20,
+        "one relay",
+    )
+    first, second = [await stream(b, customer_id="42") for b in brokers]
+    order = insert(scratch, "42", "open")
+    scratch.execute("UPDATE shop.orders SET status = 'paid' WHERE id = %s", (order,))
+    scratch.execute("DELETE FROM shop.orders WHERE id = %s", (order,))
+    seen = await changes(first, 3)
+    assert summary(await changes(second, 3)) == summary(seen)
+    await first.close()
+
+    # Resumed on the other broker, from a change it read on the bus: exact.
+    resumed = await stream(brokers[1], {"Last-Event-ID": seen[0].id or ""}, customer_id="42")
+    assert [e.id for e in await changes(resumed, 2)] == [e.id for e in seen[1:]]
+
+    relay = next(b for b in brokers if b.stats()["bus"]["role"] == "relay")
+    survivor = next(b for b in brokers if b is not relay)
+    watcher = await stream(survivor, customer_id="42")
+    assert relay.process is not None
+    relay.process.kill()  # kill -9: what commits now has no relay until the next election
+    relay.process.wait(10)
+    meanwhile = insert(scratch, "42", "open")
+    got = await changes(watcher, 1, timeout=20)
+    assert summary(got) == [("insert", meanwhile, None)]
+    survivor.wait_until(lambda: survivor.stats()["bus"]["role"] == "relay", 20, "a new relay")
+    after = insert(scratch, "42", "open")
+    assert summary(await changes(watcher, 1)) == [("insert", after, None)]
