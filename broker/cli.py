@@ -135,7 +135,8 @@ def _parser() -> argparse.ArgumentParser:
         "token", help="print a signed token (signed with the first BROKER_AUTH_SECRET)"
     )
     token.add_argument(
-        "--sessions", required=True, help="comma-separated sessionIds, or '*' (required)"
+        "--sessions",
+        help="comma-separated sessionIds, or '*' (default: none; give --sessions, --feed or both)",
     )
     token.add_argument(
         "--robots", default="*", help="comma-separated robotIds, or '*' (default: '*')"
@@ -144,6 +145,21 @@ def _parser() -> argparse.ArgumentParser:
         "--publish", action="store_true", help="allow POST /api/messages (default: not allowed)"
     )
     token.add_argument("--ttl", type=int, default=3600, help="seconds until expiry (default: 3600)")
+    _add_option(token, next(o for o in OPTIONS if o.field == "config"))  # checks --feed names
+    token.add_argument(
+        "--feed",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a feed the token may read, each followed by its --keys; repeatable (default: none)",
+    )
+    token.add_argument(
+        "--keys",
+        action="append",
+        default=[],
+        help="the --feed's key values, comma-separated, or '*' for every key and the global"
+        " stream (default: none; required with each --feed)",
+    )
     return parser
 
 
@@ -393,11 +409,46 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
 
     if not 1 <= args.ttl <= MAX_TOKEN_SECONDS:
         raise BrokerError(f"--ttl must be from 1 to {MAX_TOKEN_SECONDS} seconds (a year)")
+    if args.sessions is None and not args.feed:
+        raise BrokerError("token: give --sessions, --feed NAME --keys K, or both")
+    feeds = _token_feeds(settings, args.feed, [ids(keys) for keys in args.keys])
     token = Authenticator(settings.auth_secret).mint(
-        ids(args.sessions), ids(args.robots), publish=args.publish, ttl_seconds=args.ttl
+        ids(args.sessions or ""),
+        ids(args.robots),
+        publish=args.publish,
+        ttl_seconds=args.ttl,
+        feeds=feeds or None,
     )
     sys.stdout.write(token + "\n")
     return 0
+
+
+def _token_feeds(
+    settings: Settings, names: list[str], keys: list[list[str] | str]
+) -> dict[str, list[str] | str]:
+    """The `feeds` claim of `--feed NAME --keys K ...`, each --feed paired with the --keys
+    after it. With BROKER_CONFIG set, each name must be a feed it declares (read without a
+    database): a token for a misspelt feed would read nothing, and say so only when used."""
+    from .config.feeds import MESSAGES, read
+
+    if len(names) != len(keys):
+        raise BrokerError("token: give each --feed its --keys (comma-separated, or '*')")
+    declared = None if settings.config is None else [f.name for f in read(settings.config)]
+    feeds: dict[str, list[str] | str] = {}
+    for name, values in zip(names, keys, strict=True):
+        if name == MESSAGES:
+            raise BrokerError("token: --feed messages: the messages feed is scoped by --sessions")
+        if declared is not None and name not in declared:
+            raise BrokerError(
+                f"token: --feed {name}: not a feed of BROKER_CONFIG={settings.config}"
+                f" (feeds: {', '.join(declared)})"
+            )
+        if name in feeds:
+            raise BrokerError(f"token: --feed {name} given twice: list its keys in one --keys")
+        if not values:
+            raise BrokerError(f"token: --feed {name}: --keys is empty (values, or '*')")
+        feeds[name] = values
+    return feeds
 
 
 def _publish(settings: Settings, session: str, robot: str | None, text: str) -> int:

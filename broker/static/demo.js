@@ -6,7 +6,20 @@
 // `token` for a broker that requires one (used for the stream and for sending), and, for trying
 // failure modes, the client's reconnectInterval, maxReconnectInterval and maxReconnectAttempts
 // (a number or Infinity, the default: never give up).
+//
+// Where the broker declares other feeds (GET /api/feeds), a Feed picker appears: a feed other
+// than messages is watched with inputs for its key and filter columns and its changes listed
+// as they arrive (demo-feed.js); ?feed=orders&customer_id=42 opens on it.
 
+import {
+  appendChange,
+  changeItem,
+  columnsOf,
+  element,
+  feedUrl,
+  loadFeeds,
+  watchFeed,
+} from "./demo-feed.js";
 import { createSSEClient, STATUS_TEXT } from "./sse-client.js";
 
 const DEFAULT_SESSION = "123";
@@ -32,6 +45,9 @@ let client = null;
 let current = null; // the session (null: all) and robot `client` streams
 let unsubscribe = null;
 const items = new Map(); // message id -> its <li>
+let feeds = new Map(); // name -> {name, key, filters, events}, from GET /api/feeds
+let watcher = null; // the stream of a feed other than messages
+let watching = null; // its feed and filter values, as a string to compare
 
 const timeFormat = new Intl.DateTimeFormat(undefined, {
   hour: "2-digit",
@@ -42,11 +58,18 @@ const timeFormat = new Intl.DateTimeFormat(undefined, {
 // Connect: a new client for a new session or robot; the same one otherwise, so that a
 // Disconnect then Connect resumes after the last message shown and loses nothing.
 function start() {
+  const feed = feeds.get($("feed").value);
+  if (feed && feed.name !== "messages") {
+    startFeed(feed);
+    return;
+  }
+  stopFeed();
+  showView("messages");
   const all = $("all").checked || !$("session").value.trim();
   $("all").checked = all;
   const sessionId = all ? null : $("session").value.trim();
   const robotId = $("robot").value.trim() || null;
-  const query = new URLSearchParams(params);
+  const query = withoutFeed(new URLSearchParams(params));
   if (all) {
     query.set("all", "1");
     query.delete("sessionId");
@@ -72,6 +95,97 @@ function start() {
   client.connect();
 }
 
+// A feed other than messages: the stream of its key and filter values as typed.
+function startFeed(feed) {
+  if (client) client.disconnect();
+  showView("feed");
+  const values = {};
+  for (const column of columnsOf(feed)) {
+    values[column] = document.getElementById(`filter-${column}`)?.value.trim() || "";
+  }
+  const query = withoutFeed(new URLSearchParams(params));
+  for (const name of ["sessionId", "robotId", "all"]) query.delete(name);
+  query.set("feed", feed.name);
+  for (const [column, value] of Object.entries(values)) if (value) query.set(column, value);
+  history.replaceState(null, "", `?${query}`);
+
+  const wanted = JSON.stringify([feed.name, values]);
+  if (!watcher || watching !== wanted) {
+    if (watcher) watcher.disconnect();
+    $("changes").replaceChildren();
+    $("changes-count").textContent = "0";
+    $("events").replaceChildren();
+    $("changes-feed").textContent = feed.name;
+    watching = wanted;
+    watcher = watchFeed(feed.name, values, {
+      token: settings.token,
+      history: HISTORY,
+      onState: renderStatus,
+      onEvent: (event, id) => {
+        logEvent(event, id);
+        if (["insert", "update", "delete"].includes(event.type)) {
+          appendChange($("changes"), changeItem(feed, event, id));
+          $("changes-count").textContent = String($("changes").children.length);
+        }
+      },
+    });
+    const shown = feedUrl(feed.name, values, { token: settings.token && "$TOKEN" });
+    $("curl").value = `curl -N '${location.origin}${shown.replace("%24TOKEN", "$TOKEN")}'`;
+  }
+  watcher.connect();
+}
+
+function stopFeed() {
+  if (watcher) watcher.disconnect();
+  watcher = null;
+  watching = null;
+}
+
+// The URL's query without the feed and the columns of any feed: what messages leave in it.
+function withoutFeed(query) {
+  query.delete("feed");
+  for (const feed of feeds.values()) {
+    if (feed.name === "messages") continue;
+    for (const column of columnsOf(feed)) query.delete(column);
+  }
+  return query;
+}
+
+// The messages view (session, robot, the conversation, sending) or a feed's (its filter
+// columns, its changes).
+function showView(view) {
+  const messages = view === "messages";
+  for (const node of document.querySelectorAll(".messages-only")) node.hidden = !messages;
+  $("messages-view").hidden = !messages;
+  $("send").hidden = !messages;
+  $("changes-view").hidden = messages;
+  $("feed-filters").hidden = messages;
+}
+
+// One input per key and filter column of the picked feed, filled from the URL the first time.
+function showFilters(feed) {
+  const box = $("feed-filters");
+  box.replaceChildren();
+  if (!feed || feed.name === "messages") return;
+  for (const [index, column] of columnsOf(feed).entries()) {
+    const field = element("div", "field");
+    const label = element("label", "", column);
+    label.htmlFor = `filter-${column}`;
+    const role = !feed.events.length ? "" : index === 0 ? " (key)" : " (filter)"; // known?
+    if (role) label.append(element("span", "optional", role));
+    const input = element("input");
+    input.id = `filter-${column}`;
+    input.name = column;
+    input.maxLength = 255;
+    input.autocomplete = "off";
+    input.spellcheck = false;
+    input.placeholder = index === 0 ? "every key (global)" : "any";
+    input.value = params.get("feed") === feed.name ? params.get(column) || "" : "";
+    field.append(label, input);
+    box.append(field);
+  }
+}
+
 // The raw events, newest last: what someone checking their own INSERTs wants to see.
 function logEvent(event, id) {
   const list = $("events");
@@ -83,9 +197,13 @@ function logEvent(event, id) {
       ? `id ${id} · session ${event.data?.sessionId}`
       : event.type === "error"
         ? String(event.error)
-        : event.type === "connected"
+        : event.type === "connected" && event.sessionId !== undefined
           ? `session ${event.sessionId ?? "(all)"}${event.robotId ? ` · robot ${event.robotId}` : ""}`
-          : "";
+          : ["insert", "update", "delete"].includes(event.type)
+            ? `id ${id} · ${event.feed}`
+            : event.type === "reset"
+              ? String(event.reason)
+              : "";
   li.textContent = `${time} ${event.type}${detail ? `: ${detail}` : ""}`;
   const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
   list.append(li);
@@ -107,6 +225,11 @@ function stop() {
 }
 
 function render(state) {
+  renderStatus(state);
+  renderMessages(state.messages);
+}
+
+function renderStatus(state) {
   const status = $("status");
   const text = $("status-text");
   status.dataset.state = state.status;
@@ -121,7 +244,6 @@ function render(state) {
   if (failed) error.setAttribute("role", "alert");
   else error.removeAttribute("role");
   error.textContent = state.error ? state.error.message : "";
-  renderMessages(state.messages);
 }
 
 function renderMessages(messages) {
@@ -147,13 +269,6 @@ function renderMessages(messages) {
   }
   $("count").textContent = String(messages.length);
   if (nearBottom) list.scrollTop = list.scrollHeight;
-}
-
-function element(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
 }
 
 function messageItem(message) {
@@ -227,8 +342,13 @@ $("subscribe").addEventListener("submit", (event) => {
   event.preventDefault();
   start();
 });
-$("disconnect").addEventListener("click", stop);
-$("clear").addEventListener("click", () => client && client.clearMessages());
+$("disconnect").addEventListener("click", () => (watcher ? watcher.disconnect() : stop()));
+$("clear").addEventListener("click", () => {
+  if (watcher) {
+    $("changes").replaceChildren();
+    $("changes-count").textContent = "0";
+  } else if (client) client.clearMessages();
+});
 $("send").addEventListener("submit", send);
 $("content").addEventListener("keydown", (event) => {
   if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
@@ -242,6 +362,35 @@ window.pgsse = {
   get client() {
     return client;
   },
+  get feed() {
+    return watcher;
+  },
 };
 
-start();
+// The feed picker, shown only where there is a feed besides messages. The messages stream
+// starts at once unless the URL asks for another feed, which needs the list first.
+$("feed").addEventListener("change", () => {
+  showFilters(feeds.get($("feed").value));
+  start();
+});
+const asked = params.get("feed");
+if (!asked || asked === "messages") start();
+// Parameters of the page itself; any other in the URL names a column of the feed asked for.
+const PAGE = ["feed", "token", "sessionId", "robotId", "all", "history", "lastEventId"];
+const SETTINGS = ["reconnectInterval", "maxReconnectInterval", "maxReconnectAttempts"];
+const columns = [...new Set(params.keys())].filter((n) => ![...PAGE, ...SETTINGS].includes(n));
+loadFeeds(asked, columns).then((list) => {
+  feeds = new Map(list.map((feed) => [feed.name, feed]));
+  $("feed").replaceChildren(...list.map((feed) => new Option(feed.name, feed.name)));
+  $("feed-field").hidden = list.length < 2;
+  $("subscribe").classList.toggle("with-feeds", list.length > 1);
+  if (!asked || asked === "messages") return;
+  if (!feeds.has(asked)) {
+    const error = new Error(`No feed ${asked} on this broker: pick one and Connect.`);
+    renderStatus({ status: "failed", error, reconnectAttempts: 0 });
+    return;
+  }
+  $("feed").value = asked;
+  showFilters(feeds.get(asked));
+  start();
+});

@@ -20,11 +20,12 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute
 from starlette.staticfiles import StaticFiles
 
+from ..config.feeds import MESSAGES
 from ..config.settings import Settings
-from ..errors import Forbidden, RequestError, Unavailable
+from ..errors import RequestError, Unavailable
 from ..service import Broker
 from .answers import HANDLERS
-from .auth import OPEN, Authenticator, Grant, authenticate
+from .auth import Authenticator, authenticate
 from .guard import Guard, GuardedApp, OriginWatch
 from .limits import ClientCounter
 from .metrics import create_registry, render
@@ -76,6 +77,7 @@ def create_app(settings: Settings, counter: ClientCounter | None = None) -> Star
         guard.admin("/api/sse/stats", stats),
         # After the two above (`stats` is no feed's name: config/feeds.py reserves it).
         guard.stream("/api/sse/{feed}", stream_feed),
+        guard.admin("/api/feeds", feeds),  # names the tables and columns served: as stats
         guard.public("/api/messages", post_message, methods=["POST"]),
         guard.probe("/healthz", healthz),
         guard.probe("/readyz", readyz),
@@ -154,15 +156,13 @@ async def stream_feed(request: Request) -> Response:
     broker = _broker(request)
     name = request.path_params["feed"]
     feed = broker.feeds.get(name)
-    if feed is None:
+    if feed is None:  # before the token: a hidden /api/sse/stats stays 404 for everyone
         raise RequestError(404, "no such feed")
     grant = authenticate(request, query=True)
     spec = feed.feed
     params = request.query_params
     keys, filters = check_feed_query(spec.key, spec.filters, params.multi_items())
-    refusal = authorize_feed(grant, name, keys)
-    if refusal is not None:
-        raise Forbidden(refusal)
+    grant.check_feed(name, keys or ())  # its `feeds` claim (auth.py): 403 outside it
     last_event_id = parse_last_event_id(
         request.headers.get("last-event-id", params.get("lastEventId"))
     )
@@ -184,18 +184,30 @@ async def stream_feed(request: Request) -> Response:
     )
 
 
-def authorize_feed(grant: Grant, feed: str, keys: tuple[str, ...] | None) -> str | None:
-    """Why `grant` may not stream `feed` for `keys` (None: the global stream), or None if it
-    may: the one place a feed stream's token is checked. Without `BROKER_AUTH_SECRET` every
-    feed is open; a token's `sessions`/`robots` scope the messages feed only, so until tokens
-    carry a `feeds` claim a token allows no other feed."""
-    if grant is OPEN:
-        return None
-    return "token does not allow this feed"
-
-
 async def stats(request: Request) -> Response:
     return JSONResponse({"success": True, "data": snapshot(_broker(request)).as_json()})
+
+
+async def feeds(request: Request) -> Response:
+    """The feeds this broker serves, messages first: `{"name", "key", "filters", "events"}`,
+    where `key` and `filters` are the stream's query parameters (the column names of a
+    generic feed; messages keeps `sessionId` and `robotId`). The demo page's picker."""
+    declared = _broker(request).feeds.declared
+    messages = declared.get(MESSAGES)
+    listed = [
+        {
+            "name": MESSAGES,
+            "key": "sessionId",
+            "filters": ["robotId"],
+            "events": list(messages.events) if messages is not None else ["insert"],
+        }
+    ]
+    listed += [
+        {"name": f.name, "key": f.key, "filters": list(f.filters), "events": list(f.events)}
+        for f in declared.values()
+        if not f.is_messages
+    ]
+    return JSONResponse({"success": True, "data": listed})
 
 
 async def post_message(request: Request) -> Response:

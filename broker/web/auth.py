@@ -6,6 +6,11 @@ signs, every one verifies, so a secret can be rotated without cutting anyone off
     sessions  list of session ids, or "*" for every session (needed by the global stream)
     robots    list of robot ids, or "*" (the default) for every robot
     publish   true to allow `POST /api/messages` within the same sessions and robots
+    feeds     the other feeds (config/feeds.py) and, per feed, the key values the bearer may
+              read: `{"orders": ["42"], "tickets": "*"}`; "*" is every key, and the feed's
+              global stream (no key) needs it. A feed it does not name, or a token without
+              the claim, reads nothing of that feed; `messages` is scoped by `sessions` and
+              `robots` alone, so the claim may not name it (`Grant.feed_keys`)
     exp       expiry, seconds since the epoch (required, a number, at most
               `MAX_TOKEN_SECONDS` ahead); a stream opened with the token ends when it expires
               (`Grant.valid_until`)
@@ -24,14 +29,16 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import jwt
 import structlog
 from starlette.requests import Request
 
+from ..config.feeds import MESSAGES
 from ..errors import ConfigError, Forbidden, Unauthorized
 from ..log import Refusals
 
@@ -42,6 +49,7 @@ __all__ = [
     "Authenticator",
     "Grant",
     "authenticate",
+    "authorize_feed",
     "bearer",
     "fingerprint",
 ]
@@ -54,6 +62,10 @@ MAX_CLAIM_ITEMS = 1000
 # float range (`1e400` as an integer) made the stream's timer raise, a 500 that left the
 # subscription counted for good. Mint short-lived tokens; a stream outlives none.
 MAX_TOKEN_SECONDS = 366 * 24 * 3600
+FEEDS_CLAIM = 'token claim feeds must be an object of feed names to "*" or a list of strings'
+
+FeedScopes = Mapping[str, frozenset[str] | None]
+NO_FEEDS: FeedScopes = MappingProxyType({})
 
 log = structlog.get_logger(logger_name=__name__)
 refusals = Refusals(log)  # log.py: at a bounded rate
@@ -66,7 +78,11 @@ def fingerprint(token: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """What a request may do. `None` for sessions or robots means every one ("*")."""
+    """What a request may do. `None` for sessions or robots means every one ("*").
+
+    `feeds` maps each other feed the token names to its key values (`None`: every key);
+    `None` for `feeds` itself means every feed and every key (open mode). The default is no
+    other feed: a grant reads only what it was given."""
 
     sessions: frozenset[str] | None
     robots: frozenset[str] | None
@@ -74,6 +90,23 @@ class Grant:
     token: str | None = None  # the fingerprint, for logs
     # When the token stops being accepted (exp plus the clock-skew leeway), epoch seconds.
     valid_until: float | None = None
+    feeds: FeedScopes | None = field(default_factory=lambda: NO_FEEDS, hash=False)
+
+    def feed_keys(self, feed: str) -> frozenset[str] | None:
+        """The key values of `feed` this grant may read; `None`: every key (and the feed's
+        global stream); empty: none. The messages feed's keys are its sessions."""
+        if feed == MESSAGES:
+            return self.sessions
+        if self.feeds is None:
+            return None
+        return self.feeds.get(feed, frozenset())
+
+    def check_feed(self, feed: str, keys: Iterable[str]) -> None:
+        """Allow a stream of `feed` for the key values `keys` (none: the global stream), or
+        403 (`authorize_feed`)."""
+        refusal = authorize_feed(self, feed, keys)
+        if refusal is not None:
+            raise _forbidden(refusal)
 
     def check_read(self, session_id: str | None, robot_id: str | None) -> None:
         """Allow a stream of `session_id` (None: global) narrowed to `robot_id`, or 403."""
@@ -100,7 +133,29 @@ class Grant:
             raise _forbidden("token does not allow publishing as this robotId")
 
 
-OPEN = Grant(sessions=None, robots=None, publish=True)
+OPEN = Grant(sessions=None, robots=None, publish=True, feeds=None)
+
+
+def authorize_feed(grant: Grant, feed: str, keys: Iterable[str]) -> str | None:
+    """Why `grant` may not stream `feed` for the key values `keys`, or None if it may.
+
+    No key is the feed's global stream, which needs every key ("*"). The messages feed is
+    checked as `Grant.check_read` does with no robotId: a token listing robots reads it only
+    on `/api/sse/messages` with one of them. The message is fixed text and the feed's name
+    (a declared one: the route checks it first), never a key value or the token."""
+    allowed = grant.feed_keys(feed)
+    wanted = list(keys)
+    if feed == MESSAGES and grant.robots is not None:
+        return "token allows only some robots: give a robotId it lists"
+    if allowed is None:
+        return None
+    if not allowed:
+        return f"token does not allow feed {feed}"
+    if not wanted:
+        return f'token does not allow the global stream of feed {feed}: it needs "*"'
+    if any(key not in allowed for key in wanted):
+        return f"token does not allow this key of feed {feed}"
+    return None
 
 
 def _forbidden(message: str) -> Forbidden:
@@ -129,18 +184,22 @@ class Authenticator:
         publish: bool = False,
         ttl_seconds: float = 3600,
         now: float | None = None,
+        feeds: Mapping[str, Iterable[str] | str] | None = None,
     ) -> str:
-        """A token signed with the first secret. Raises `ConfigError` with no secret."""
+        """A token signed with the first secret; `feeds` (feed name -> key values or "*")
+        is its `feeds` claim, left out when None. Raises `ConfigError` with no secret."""
         if not self.secrets:
             raise ConfigError("BROKER_AUTH_SECRET is not set: there is no secret to sign with")
         issued = int(time.time() if now is None else now)
-        claims = {
-            "sessions": sessions if isinstance(sessions, str) else list(sessions),
-            "robots": robots if isinstance(robots, str) else list(robots),
+        claims: dict[str, Any] = {
+            "sessions": _listed(sessions),
+            "robots": _listed(robots),
             "publish": publish,
             "iat": issued,
             "exp": issued + int(ttl_seconds),
         }
+        if feeds is not None:
+            claims["feeds"] = {name: _listed(keys) for name, keys in feeds.items()}
         return jwt.encode(claims, self.secrets[0], algorithm=ALGORITHM)
 
     def verify(self, token: str) -> Grant:
@@ -152,6 +211,7 @@ class Authenticator:
             publish=_flag(claims, "publish"),
             token=fingerprint(token),
             valid_until=claims["exp"] + LEEWAY_SECONDS,
+            feeds=_feeds(claims),
         )
 
     def _decode(self, token: str) -> dict[str, Any]:
@@ -247,6 +307,35 @@ def _scope(claims: dict[str, Any], name: str, default: Any) -> frozenset[str] | 
     ):
         raise Unauthorized(f'token claim {name} must be "*" or a list of strings')
     return frozenset(value)
+
+
+def _feeds(claims: dict[str, Any]) -> FeedScopes:
+    """The `feeds` claim; missing: no other feed. `messages` may not be named in it: its
+    scope is `sessions` and `robots`, and a second one would leave a reader guessing which
+    of the two counts."""
+    value = claims.get("feeds", {})
+    if not isinstance(value, dict) or len(value) > MAX_CLAIM_ITEMS:
+        raise Unauthorized(FEEDS_CLAIM)
+    if MESSAGES in value:
+        raise Unauthorized("token claim feeds may not name messages: sessions and robots scope it")
+    scopes: dict[str, frozenset[str] | None] = {}
+    for name, keys in value.items():
+        if keys == "*":
+            scopes[name] = None
+        elif (
+            isinstance(keys, list)
+            and len(keys) <= MAX_CLAIM_ITEMS
+            and all(isinstance(key, str) for key in keys)
+        ):
+            scopes[name] = frozenset(keys)
+        else:
+            raise Unauthorized(FEEDS_CLAIM)
+    return MappingProxyType(scopes)
+
+
+def _listed(values: Iterable[str] | str) -> list[str] | str:
+    """A claim's value: "*" as it is, anything else as a list."""
+    return values if isinstance(values, str) else list(values)
 
 
 def _flag(claims: dict[str, Any], name: str) -> bool:

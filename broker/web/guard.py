@@ -3,10 +3,10 @@
 `app.py` declares every route once, through the `Guard` built from the settings; the route
 carries its own checks, so nothing matches a request a second time:
 
-- `admin` routes (stats, metrics). With `BROKER_ADMIN_PORT` they are served only on that
-  port and the public port answers 404, as if they did not exist. Without an admin port,
-  `BROKER_ADMIN_TOKEN` makes them require `Authorization: Bearer <admin token>` (401
-  otherwise; on the admin port too when both are set). With auth on and neither set they are
+- `admin` routes (stats, the feeds list, metrics). With `BROKER_ADMIN_PORT` they are served
+  only on that port and the public port answers 404, as if they did not exist. Without an
+  admin port, `BROKER_ADMIN_TOKEN` makes them require `Authorization: Bearer <admin token>`
+  (401 otherwise; on the admin port too when both are set). With auth on and neither set they are
   hidden (404): stats name every open session, which is not for the internet. With auth off
   and neither set they stay public.
 - `public` routes (and the static mount) are not served on the admin port; `probe` routes

@@ -128,3 +128,16 @@ def write_config(directory: Path, text: str, name: str = "pgsse.toml") -> Path:
 def unsigned(payload: str) -> str:
     """A capture notification's JSON, after its signature (`broker.signing`)."""
     return payload[SIGNATURE_CHARS:] if payload[:1] != "{" else payload
+
+
+@contextmanager
+def orders_shop(database: Database, directory: Path) -> Iterator[tuple[Scratch, Path]]:
+    """A database of its own with `shop.orders`, migrated with `ORDERS_CONFIG` (written
+    to `directory`): for a broker started with DATABASE_URL and BROKER_CONFIG on it."""
+    from broker.database import migrate
+
+    with scratch_database(database) as scratch:
+        scratch.execute(ORDERS_TABLE)
+        config = write_config(directory, ORDERS_CONFIG)
+        migrate(scratch.url, config)
+        yield scratch, config

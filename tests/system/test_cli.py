@@ -14,6 +14,7 @@ from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
+import jwt
 import pytest
 
 from broker.database import EmbeddedPostgres
@@ -422,3 +423,60 @@ def test_clean_shows_what_is_kept_and_removes_only_what_is_unused(
     finally:
         for cluster in clusters.values():
             cluster.destroy()
+
+
+TOKEN_SECRET = "a-secret-of-thirty-two-bytes-or-more!"
+
+
+def _claims(result: subprocess.CompletedProcess[str]) -> dict[str, object]:
+    assert result.returncode == 0, result.stderr
+    claims: dict[str, object] = jwt.decode(
+        result.stdout.strip(), TOKEN_SECRET, algorithms=["HS256"]
+    )
+    return claims
+
+
+def test_token_feed_keys_scope_each_feed_beside_the_sessions(tmp_path: Path) -> None:
+    env = {"BROKER_AUTH_SECRET": TOKEN_SECRET}
+    claims = _claims(
+        run_broker(
+            "token", "--sessions", "s1", "--feed", "orders", "--keys", "42, 43",
+            "--feed", "tickets", "--keys", "*", **env,
+        )
+    )  # fmt: skip
+    assert claims["feeds"] == {"orders": ["42", "43"], "tickets": "*"}
+    assert claims["sessions"] == ["s1"] and claims["robots"] == "*"
+    only_feeds = _claims(run_broker("token", "--feed", "orders", "--keys", "*", **env))
+    assert only_feeds["feeds"] == {"orders": "*"} and only_feeds["sessions"] == []
+    assert "feeds" not in _claims(run_broker("token", "--sessions", "*", **env))
+
+    config = tmp_path / "pgsse.toml"
+    config.write_text('[feeds.orders]\ntable = "shop.orders"\nkey = "customer_id"\n')
+    declared = run_broker(
+        "token", "--config", str(config), "--feed", "orders", "--keys", "1", **env
+    )
+    assert _claims(declared)["feeds"] == {"orders": ["1"]}
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        ((), "give --sessions, --feed"),
+        (("--feed", "orders"), "give each --feed its --keys"),
+        (("--feed", "orders", "--keys", " , "), "--keys is empty"),
+        (("--feed", "orders", "--keys", "1", "--feed", "orders", "--keys", "2"), "given twice"),
+        (("--feed", "messages", "--keys", "s1"), "scoped by --sessions"),
+        (("--config", "{config}", "--feed", "ordres", "--keys", "1"), "feeds: orders"),
+    ],
+    ids=["nothing", "no-keys", "empty-keys", "twice", "messages", "undeclared"],
+)
+def test_token_feed_mistakes_are_one_line_and_print_no_token(
+    args: tuple[str, ...], says: str, tmp_path: Path
+) -> None:
+    config = tmp_path / "pgsse.toml"
+    config.write_text('[feeds.orders]\ntable = "shop.orders"\nkey = "customer_id"\n')
+    argv = [arg.format(config=config) for arg in args]
+    result = run_broker("token", *argv, BROKER_AUTH_SECRET=TOKEN_SECRET)
+    assert result.returncode == 1 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pgsse: token:") and says in lines[0]

@@ -13,7 +13,7 @@ import pytest
 
 from broker.config.settings import Settings
 from broker.errors import ConfigError, Forbidden, Unauthorized
-from broker.web.auth import MAX_TOKEN_SECONDS, Authenticator, bearer
+from broker.web.auth import MAX_TOKEN_SECONDS, OPEN, Authenticator, authorize_feed, bearer
 from tests.support.security import (
     mint,
     new_secret,
@@ -86,6 +86,12 @@ def _signed(secret: str, **claims: Any) -> str:
         (lambda s: _signed(s, nbf="0"), "nbf must be a number"),
         (lambda s: "not.a.token", "malformed"),
         (lambda s: "", "malformed"),
+        (lambda s: mint(s, "*", feeds=["orders"]), "claim feeds must be an object"),
+        (lambda s: mint(s, "*", feeds="*"), "claim feeds must be an object"),
+        (lambda s: mint(s, "*", feeds={"orders": "42"}), "claim feeds must be an object"),
+        (lambda s: mint(s, "*", feeds={"orders": [42]}), "claim feeds must be an object"),
+        (lambda s: mint(s, "*", feeds={"orders": None}), "claim feeds must be an object"),
+        (lambda s: mint(s, "*", feeds={"messages": "*"}), "sessions and robots scope it"),
     ],
     ids=[
         "alg-none",
@@ -104,6 +110,12 @@ def _signed(secret: str, **claims: Any) -> str:
         "nbf-string",
         "garbage",
         "empty",
+        "feeds-list",
+        "feeds-star",
+        "feeds-key-string",
+        "feeds-key-ints",
+        "feeds-key-null",
+        "feeds-messages",
     ],
 )
 def test_verify_refuses_bad_tokens(make: Callable[[str], str], reason: str) -> None:
@@ -159,3 +171,53 @@ def test_exp_further_than_a_year_is_refused(exp: Any) -> None:
         Authenticator([secret]).verify(_signed(secret, exp=exp))
     a_year = _signed(secret, exp=int(time.time()) + MAX_TOKEN_SECONDS - 60)
     assert Authenticator([secret]).verify(a_year).valid_until is not None
+
+
+def test_the_feeds_claim_scopes_key_values_per_feed() -> None:
+    secret = new_secret()
+    grant = Authenticator([secret]).verify(
+        mint(secret, ["s1"], feeds={"orders": ["42", "44"], "tickets": "*"})
+    )
+    assert grant.feed_keys("orders") == frozenset({"42", "44"})
+    assert grant.feed_keys("tickets") is None  # every key
+    assert grant.feed_keys("invoices") == frozenset()  # not named: nothing
+    assert grant.feed_keys("messages") == frozenset({"s1"})  # sessions scope messages
+    assert authorize_feed(grant, "orders", ["42"]) is None
+    assert authorize_feed(grant, "orders", ["42", "44"]) is None
+    assert authorize_feed(grant, "orders", ["43"]) == "token does not allow this key of feed orders"
+    assert authorize_feed(grant, "orders", ["42", "43"]) is not None
+    assert "global stream of feed orders" in (authorize_feed(grant, "orders", []) or "")
+    assert authorize_feed(grant, "tickets", []) is None
+    assert authorize_feed(grant, "invoices", ["1"]) == "token does not allow feed invoices"
+    with pytest.raises(Forbidden, match="key of feed orders"):
+        grant.check_feed("orders", ["43"])
+    grant.check_feed("orders", ["44"])
+
+
+def test_a_token_without_the_feeds_claim_reads_no_other_feed() -> None:
+    """Least privilege: tokens minted before feeds existed, `sessions: "*"` ones included,
+    were meant for messages; they open no orders, which may hold anything."""
+    secret = new_secret()
+    everything_of_messages = Authenticator([secret]).verify(mint(secret, "*"))
+    assert everything_of_messages.feed_keys("orders") == frozenset()
+    assert authorize_feed(everything_of_messages, "orders", []) is not None
+    assert authorize_feed(everything_of_messages, "messages", []) is None
+    # Open mode (no secret) grants every feed and key.
+    assert OPEN.feed_keys("orders") is None and authorize_feed(OPEN, "orders", []) is None
+
+
+def test_messages_through_authorize_feed_keeps_the_robots_scope() -> None:
+    secret = new_secret()
+    verify = Authenticator([secret]).verify
+    one_robot = verify(mint(secret, "*", robots=["r1"]))
+    assert "robotId" in (authorize_feed(one_robot, "messages", ["s1"]) or "")
+    assert authorize_feed(verify(mint(secret, ["s1"])), "messages", ["s2"]) is not None
+
+
+def test_minted_feeds_claims_verify_to_the_same_scope() -> None:
+    authenticator = Authenticator([new_secret()])
+    token = authenticator.mint([], feeds={"orders": ["42", "43"], "tickets": "*"})
+    grant = authenticator.verify(token)
+    assert grant.feeds == {"orders": frozenset({"42", "43"}), "tickets": None}
+    assert grant.sessions == frozenset()
+    assert authenticator.verify(authenticator.mint(["a"])).feeds == {}
