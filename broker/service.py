@@ -1,23 +1,30 @@
-"""The running broker: store, hub, listener and heartbeat, as one async context manager.
+"""The running broker: store, feeds, listener and heartbeat, as one async context manager.
 
-`Broker.running(settings)` opens the pool, starts the listener and heartbeat tasks and
-supervises them: a task that ends unexpectedly is logged and restarted at once, never found
-only at exit. On exit every stream gets an `error` event and the tasks are cancelled.
+`Broker.running(settings)` opens the pool, loads the feeds file (`BROKER_CONFIG`, checked
+against the catalog: a mistake raises `ConfigError`; `serve` has checked it already, when it
+migrated), starts the listener and heartbeat tasks and supervises them: a task that ends
+unexpectedly is logged and restarted at once, never found only at exit. On exit every stream
+gets an `error` event and the tasks are cancelled. Without a feeds file the broker serves the
+messages feed alone, as before feeds, and reads nothing more at start-up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 
+import psycopg
 import structlog
 
+from .config import feeds as feedspec
 from .config.settings import Settings
 from .feeds.bus import Bus, BusReader
 from .feeds.listener import Listener
 from .feeds.relay import Relay
+from .feedset import FeedSet
 from .filters import Sessions
 from .flusher import Flusher
 from .hub import Hub
@@ -46,7 +53,9 @@ class BusFeed:
 class Broker:
     """What the HTTP layer talks to: the hub, the store and the listener's state."""
 
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, feeds: Sequence[feedspec.Feed] = ()
+    ) -> None:
         if settings.database_url is None:
             raise ValueError("settings.database_url must be resolved before the broker starts")
         self.settings = settings
@@ -56,7 +65,8 @@ class Broker:
             queue_size=settings.queue_size,
             queue_bytes=settings.queue_bytes,
         )
-        self.listener = Listener(settings.database_url, self.hub, store)
+        self.feeds = FeedSet(self.hub, feeds)
+        self.listener = Listener(settings.database_url, self.hub, store, self.feeds.route)
         self.bus: BusFeed | None = None
         if settings.bus_url is not None:
             self.bus = BusFeed(settings, settings.database_url, self)
@@ -80,10 +90,13 @@ class Broker:
     @asynccontextmanager
     async def running(cls, settings: Settings) -> AsyncIterator[Broker]:
         assert settings.database_url is not None
+        declared: tuple[feedspec.Feed, ...] = ()
+        if settings.config is not None:
+            declared = await asyncio.to_thread(_load_feeds, settings.database_url, settings.config)
         async with Store.open(settings.database_url, max_row_bytes=settings.max_row_bytes) as store:
-            broker = cls(settings, store)
+            broker = cls(settings, store, declared)
             flusher = Flusher(asyncio.get_running_loop(), broker.hub.counters.delivery_latency)
-            broker.hub.on_idle_ready = flusher.mark
+            broker.feeds.set_on_idle_ready(flusher.mark)
             if broker.bus is None:
                 feeds = [("listener", broker.listener.run)]
             else:  # the relay feeds the bus; every broker reads it (feeds/bus.py, feeds/relay.py)
@@ -112,6 +125,7 @@ class Broker:
     ) -> tuple[Subscriber, Replay | None]:
         """Subscribe a new stream and plan its replay (resume or history), in one event-loop
         step. Raises `AtCapacity` at `max_connections`."""
+        self.feeds.admit()
         subscriber = self.hub.subscribe(sessions, robot_id)
         replay = Replay.plan(
             self.hub,
@@ -125,14 +139,14 @@ class Broker:
 
     def close_streams(self, reason: str = SHUTDOWN) -> None:
         """Send every stream an `error` event and end it, so clients move elsewhere."""
-        if len(self.hub):
-            log.info("streams_closing", streams=len(self.hub), reason=reason)
-        self.hub.close_all(reason)
+        if len(self.feeds):
+            log.info("streams_closing", streams=len(self.feeds), reason=reason)
+        self.feeds.close_all(reason)
 
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_seconds)
-            self.hub.heartbeat()
+            self.feeds.heartbeat()
 
     async def _supervise(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
         while True:
@@ -144,3 +158,10 @@ class Broker:
             except Exception:
                 log.exception("task_crashed", task=name)
             await asyncio.sleep(RESTART_DELAY_SECONDS)
+
+
+def _load_feeds(url: str, path: Path) -> tuple[feedspec.Feed, ...]:
+    """The feeds of the file at `path`, checked against the database's catalog (blocking:
+    run in a thread at start-up)."""
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        return feedspec.load(conn, path)

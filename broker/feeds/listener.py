@@ -2,7 +2,8 @@
 
 A thin end of `source.Source`, which owns the connection, its recovery, the backfill and the
 notifications. What is the listener's own: the floor of its backfill, and when streams may
-start reading.
+start reading. Rows go to the hub; changes of declared feeds to `route_change` (the service's
+`FeedSet.route`).
 
 `started` is set at the first LISTEN: streams wait for it before they read anything, so no
 row can commit between a stream's read of the table and the first LISTEN unseen. The first
@@ -15,9 +16,11 @@ drops the overlap between the backfill and the notifications of rows committed w
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import structlog
 
+from ..changes import Change
 from ..events import Message
 from ..hub import Hub
 from ..store import Store
@@ -36,9 +39,16 @@ class Listener(Source):
     down_event = "listener_down"
     failed_event = "listener_connect_failed"
 
-    def __init__(self, url: str, hub: Hub, store: Store) -> None:
+    def __init__(
+        self,
+        url: str,
+        hub: Hub,
+        store: Store,
+        route_change: Callable[[Change], object] | None = None,
+    ) -> None:
         super().__init__(url, store)
         self._hub = hub
+        self._route_change = route_change or hub.publish_change
         self._floor: int | None = None  # rows up to this id committed before the first LISTEN
         self.started = asyncio.Event()
         self.reconnects = 0
@@ -72,3 +82,6 @@ class Listener(Source):
         publish = self._hub.publish
         for message in messages:
             publish(message)
+
+    def emit_change(self, change: Change, signed: str | None) -> None:
+        self._route_change(change)

@@ -58,6 +58,7 @@ from typing import Any
 import psycopg
 import structlog
 
+from ..changes import Change
 from ..events import Message
 from ..store import Store
 from .backoff import Backoff
@@ -252,6 +253,9 @@ class Relay(Source):
         a `Message` (the bus signs it)."""
         if self._appender is not None:
             self._appender.put(message if signed is None else signed.encode())
+
+    def emit_change(self, change: Change, signed: str | None) -> None:
+        """Changes of declared feeds are not carried on the bus yet."""
 
     def _count(self, appended: int) -> None:
         self.appended += appended

@@ -6,7 +6,9 @@ feeds the bus) are two ends of one job, and this module is that job. A `Source`:
 - connects outside the store's pool (`dedicated_connection`: autocommit, TCP keepalives), so
   it is back as soon as PostgreSQL is, whatever the pool is doing, and reconnects after any
   failure with a backoff capped at `RECONNECT_MAX_SECONDS` (`run`, on `retry.retry_forever`);
-- LISTENs on `CHANNEL` and loads the database's key (`signing.py`) on that connection;
+- LISTENs on `CHANNEL` (rows) and `capture.CHANNEL` (changes of declared feeds) on that one
+  connection, so rows and changes arrive together in commit order, and loads the database's
+  key (`signing.py`) on it;
 - backfills: every row above a floor that its end does not hold yet (the hub's journal, the
   stream's tail) is read, `BACKFILL_PAGE` ids at a time, in id order, and handed to its end
   before any notification that queued meanwhile; notifications of the rows it handed are then
@@ -15,12 +17,16 @@ feeds the bus) are two ends of one job, and this module is that job. A `Source`:
 - verifies and parses every notification (`Notifications`, which reads every payload the
   socket holds at each wake-up and health-checks a quiet connection), drops one not signed
   with the database's key or malformed (`notification_refused`, rate-limited), and reads a
-  row too large for NOTIFY by its id, on the connection;
+  row too large for NOTIFY by its id, on the connection; a verified payload that starts with
+  `{"feed":` (the capture trigger writes that first) is a change (`changes.parse_change`),
+  handed to `emit_change`, and a change too large for NOTIFY is read from the change log
+  (`changelog.fetch`) on the connection too;
 - says once, in its end's words, that it went down or could not connect (`set_down`).
 
 The ends give it a name for its log events (`<name>_backfilled`, `<name>_crashed`) and what
-to do with a row (`emit`, `emit_page`); the listener decides its floor against the hub's
-journal, the relay campaigns for its role and decides its floor against the bus.
+to do with a row (`emit`, `emit_page`) and a change (`emit_change`); the listener decides its
+floor against the hub's journal, the relay campaigns for its role and decides its floor
+against the bus.
 """
 
 from __future__ import annotations
@@ -32,11 +38,13 @@ import psycopg
 import structlog
 from psycopg import sql
 
+from ..changes import Change, ChangeReference, parse_change
 from ..errors import BrokerError
 from ..events import Message, Reference, parse_notification
 from ..log import Refusals
 from ..signing import BadSignature, RowKey, refusal_reason
 from ..store import Store
+from . import capture, changelog
 from .backoff import Backoff
 from .notifications import Notifications
 from .retry import retry_forever
@@ -58,6 +66,7 @@ RECONNECT_MAX_SECONDS = 0.5
 # What ends a dedicated connection's loop when the server goes (retried, not a crash).
 CONNECTION_FAILURES = (psycopg.Error, BrokerError, OSError, TimeoutError)
 BACKFILL_PAGE = 1_000
+CHANGE_PREFIX = b'{"feed":'  # how a change's payload starts (`capture.py` writes it first)
 
 log = structlog.get_logger(logger_name=__name__)
 
@@ -126,6 +135,11 @@ class Source:
         """Hand on a page of rows a backfill read, in id order."""
         raise NotImplementedError
 
+    def emit_change(self, change: Change, signed: str | None) -> None:
+        """Hand on one change of a declared feed: `signed` is the trigger's payload it came
+        in, None for a change read from the log."""
+        raise NotImplementedError
+
     def is_up(self) -> bool:
         """Whether a failure now loses a live connection (`down_event`) rather than an
         attempt to make one (`failed_event`)."""
@@ -133,7 +147,8 @@ class Source:
 
     async def listen(self, conn: Connection) -> Store:
         """LISTEN on `conn` and load the key; the store's queries, run on `conn`."""
-        await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+        for channel in (CHANNEL, capture.CHANNEL):
+            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         rows = self._store.using(conn)
         self._key = await rows.row_key()
         return rows
@@ -159,7 +174,7 @@ class Source:
             while True:
                 for payload in await notes.next():
                     if not self._emit_now(payload):
-                        await self._emit_reference(payload, rows, notes)
+                        await self._emit_reference(payload, conn, rows, notes)
 
     def set_down(self, exc: BaseException) -> None:
         """The connection failed: log it once, in the end's words, and mark it down."""
@@ -171,10 +186,10 @@ class Source:
         self.connected = False
 
     def _emit_now(self, payload: str) -> bool:
-        """Emit a notification's row; False, doing nothing, for a row too large for NOTIFY
-        (a `Reference`: reading it takes a query). A payload not signed with the database's
-        key (a role's own NOTIFY), or malformed, is dropped: counted and logged without its
-        content."""
+        """Emit a notification's row or change; False, doing nothing, for one too large for
+        NOTIFY (a `Reference` or `ChangeReference`: reading it takes a query). A payload not
+        signed with the database's key (a role's own NOTIFY), or malformed, is dropped:
+        counted and logged without its content."""
         try:
             parsed = self._parse(payload)
         except ValueError as exc:  # BadSignature too
@@ -183,22 +198,40 @@ class Source:
                 "notification_refused", refusal_reason(exc), bytes=len(payload), error=str(exc)
             )
             return True
-        if isinstance(parsed, Reference):
-            return False
-        self.notifications += 1
-        if parsed.id not in self._backfilled:
-            self.emit(parsed, payload)
-        return True
+        if isinstance(parsed, Message):
+            self.notifications += 1
+            if parsed.id not in self._backfilled:
+                self.emit(parsed, payload)
+            return True
+        if isinstance(parsed, Change):
+            self.notifications += 1
+            self.emit_change(parsed, payload)  # its hub drops a copy a backfill handed on
+            return True
+        return False
 
-    def _parse(self, payload: str) -> Message | Reference:
+    def _parse(self, payload: str) -> Message | Reference | Change | ChangeReference:
         """The verified, parsed payload. Raises `ValueError` (`BadSignature` included)."""
         if self._key is None:
             raise BadSignature("no key loaded")
-        return parse_notification(self._key.verify(payload))
+        verified = self._key.verify(payload)
+        if verified.startswith(CHANGE_PREFIX):
+            return parse_change(verified)
+        return parse_notification(verified)
 
-    async def _emit_reference(self, payload: str, rows: Store, notes: Notifications) -> None:
+    async def _emit_reference(
+        self, payload: str, conn: Connection, rows: Store, notes: Notifications
+    ) -> None:
         reference = self._parse(payload)  # verified once already; a rare, short payload
         self.notifications += 1
+        if isinstance(reference, ChangeReference):
+            async with notes.paused():
+                change = await changelog.fetch(conn, reference.feed, reference.position)
+            if change is None:  # pruned meanwhile: a resume from before it gets `reset`
+                log.warning("change_missing", feed=reference.feed, position=reference.position)
+            else:
+                self.emit_change(change, None)
+            return
+        assert isinstance(reference, Reference)
         if reference.id in self._backfilled:
             return
         async with notes.paused():

@@ -129,6 +129,7 @@ async def stream_messages(request: Request) -> Response:
     history = parse_history(params.get("history"))
     if request.method == "HEAD":
         # The status and headers a GET would get (503 when full); nothing is held.
+        broker.feeds.admit()
         broker.hub.unsubscribe(broker.hub.subscribe(sessions, robot_id))
         return EventStreamHead()
     subscriber, replay = broker.open_stream(
