@@ -9,7 +9,8 @@
 //   root.render(React.createElement(MessageStream, { sessionId: "123" }));
 //
 // Props: every useSSE option, plus `onNewMessage(message)` (called once per new message, as
-// onMessage is), `title`, `className`, `showControls` (default true) and
+// onMessage is; an edit or a recall is shown in place, and reported to onMessageUpdated and
+// onMessageDeleted), `title`, `className`, `showControls` (default true) and
 // `renderMessage(message)` to replace the default rendering of one message's body.
 // Markup: section.pgsse-stream > header (status, buttons), p[role=alert] for errors, and
 // ol[aria-live=polite] > li.pgsse-message.bot|.human[data-id].

@@ -44,9 +44,9 @@ function nextToken(opts) {
   return typeof opts.token === "function" ? opts.token() : opts.token;
 }
 
-// hooks: query() -> URLSearchParams of the stream (its resume point included), onEvent(body,
-// event) for every parsed event, onState({ connected, attempts, error, status }, reason) on
-// every change of the connection's state.
+// hooks: path (`/api/sse/<feed>`), query() -> URLSearchParams of the stream (its resume point
+// included), onEvent(body, event) for every parsed event, onState({ connected, attempts,
+// error, status }, reason) on every change of the connection's state.
 export function createConnection(opts, hooks) {
   const EventSourceImpl = opts.EventSource || globalThis.EventSource;
   const onEvent = orNothing(hooks.onEvent);
@@ -68,7 +68,7 @@ export function createConnection(opts, hooks) {
     // EventSource cannot send an Authorization header.
     if (token) params.set("token", token);
     const query = params.toString();
-    return `${String(opts.baseUrl).replace(/\/+$/, "")}/api/sse/messages${query ? `?${query}` : ""}`;
+    return `${String(opts.baseUrl).replace(/\/+$/, "")}${hooks.path}${query ? `?${query}` : ""}`;
   }
 
   // A token that is a promise is awaited; any other is used at once, so that a client with

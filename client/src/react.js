@@ -1,9 +1,9 @@
 "use client";
-// pgsse-client/react: useSSE and MessageStream bound to the app's own React, for bundled
-// apps (Next.js, Vite). The directive marks this entry as client code for Next.js's App Router,
-// so a server component may render <MessageStream> itself.
+// pgsse-client/react: useSSE, MessageStream and useFeed bound to the app's own React, for
+// bundled apps (Next.js, Vite). The directive marks this entry as client code for Next.js's
+// App Router, so a server component may render <MessageStream> itself.
 //
-//   import { useSSE, MessageStream } from "pgsse-client/react";
+//   import { useSSE, MessageStream, useFeed } from "pgsse-client/react";
 //
 // The files stay React-agnostic (they take React as an argument) so that the very same files
 // serve pages with no build step from the broker's /static/; this is the only module that
@@ -11,8 +11,10 @@
 
 import * as React from "react";
 import { createMessageStream } from "./MessageStream.js";
+import { createUseFeed } from "./useFeed.js";
 import { createUseSSE } from "./useSSE.js";
 
-export { createMessageStream, createUseSSE };
+export { createMessageStream, createUseFeed, createUseSSE };
 export const useSSE = createUseSSE(React);
 export const MessageStream = createMessageStream(React);
+export const useFeed = createUseFeed(React);

@@ -6,10 +6,12 @@
 // Lock (`navigator.locks`, granted to one tab at a time, and to the next when it closes) is the
 // leader: it merges every tab's subscriptions into one stream per robot filter (`sessionId`
 // repeated, at most SESSIONS_PER_STREAM each; any client of every session makes it the global
-// stream) and posts each event to the channel. Every tab, the leader too, hands each message to
-// its clients whose filter matches, and remembers the last id of each stream: the next leader
-// resumes from it, so a handover loses nothing; a row the old leader sent after that id comes
-// again, and the clients drop the ids they have seen, so none is shown twice.
+// stream; a generic feed's clients, one stream per feed and filters) and posts each event to
+// the channel. Every tab, the leader too, hands each message to its clients whose filter
+// matches (each feed event to the clients of its stream), and remembers the last id of each
+// stream: the next leader resumes from it, so a handover loses nothing; a row the old leader
+// sent after that id comes again, and the clients drop the ids they have seen, so none is
+// shown twice.
 //
 // Caveats, by design: the leader's token (its clients' `getToken`/`token`) opens the stream,
 // so every tab must be allowed the sessions it asks for under that token (tabs of one user);
@@ -43,7 +45,7 @@ export function joinShared(opts, member) {
       joined = false;
     },
     get reconnecting() {
-      return current.state.status === "reconnecting";
+      return current.stateOf(member).status === "reconnecting";
     },
   };
 }
@@ -62,7 +64,7 @@ class Tab {
     this.leader = false;
     this.requested = false; // the lock asked for, not yet granted
     this.release = null; // ends the lock's hold
-    this.state = { connected: false, attempts: 0, error: null, status: "connecting" };
+    this.states = {}; // group ("" for messages, else the feed) -> its streams' state
     this.pending = false; // a reconcile queued
 
     this.channel = new BroadcastChannel(name);
@@ -88,8 +90,9 @@ class Tab {
   }
 
   subscriptions() {
-    return [...this.members].map(([{ sessions, robotId }, { id, after }]) => ({
+    return [...this.members].map(([{ feed, sessions, robotId }, { id, after }]) => ({
       id,
+      feed,
       sessions,
       robotId,
       after,
@@ -99,7 +102,7 @@ class Tab {
   // `after`: the member's last id as it joins, the point its stream must resume from.
   add(member, opts) {
     this.members.set(member, { ...opts, id: randomId(), after: member.after });
-    member.onState(this.state);
+    member.onState(this.stateOf(member));
     this.announce();
     if (!this.release && !this.requested) {
       this.requested = true;
@@ -137,7 +140,7 @@ class Tab {
     switch (message && message.t) {
       case "hello":
         this.post({ t: "subs", tab: this.id, subs: this.subscriptions() });
-        if (this.leader) this.post({ t: "state", state: wire(this.state) });
+        if (this.leader) this.post({ t: "state", states: wireAll(this.states) });
         break;
       case "subs":
         if (message.subs.length) this.others.set(message.tab, message.subs);
@@ -148,7 +151,7 @@ class Tab {
         this.dispatch(message.key, message.data, message.id);
         break;
       case "state":
-        if (!this.leader) this.setState(unwire(message.state));
+        if (!this.leader && message.states) this.setStates(unwireAll(message.states));
         break;
       case "nudge":
         if (this.leader) this.nudge();
@@ -192,26 +195,37 @@ class Tab {
   reconcile() {
     const subscriptions = [...this.subscriptions(), ...[...this.others.values()].flat()];
     const wanted = new Map();
-    for (const { sessions, robotId } of subscriptions) {
+    const specs = new Map();
+    for (const { feed, sessions, robotId } of subscriptions) {
+      // A generic feed's stream per feed and filters, shared by the clients asking the same.
+      if (feed) {
+        specs.set(`f:${feed}`, { feed, robotId: null, sessions: null });
+        continue;
+      }
       const robot = robotId ?? "";
       const group = wanted.get(robot) || { robotId, sessions: new Set(), global: false };
       wanted.set(robot, group);
       if (sessions === null) group.global = true;
       else for (const session of sessions) group.sessions.add(session);
     }
-    const specs = new Map();
     for (const [robot, group] of wanted) {
       const all = group.global ? [null] : chunks([...group.sessions].sort(), SESSIONS_PER_STREAM);
-      all.forEach((sessions, n) => specs.set(`${robot}#${n}`, { robotId: group.robotId, sessions }));
+      all.forEach((sessions, n) => {
+        specs.set(`m:${robot}#${n}`, { feed: null, robotId: group.robotId, sessions });
+      });
     }
     const rewind = new Set();
-    for (const { id, sessions, robotId, after } of subscriptions) {
+    for (const { id, feed, sessions, robotId, after } of subscriptions) {
       if (!after || this.resumed.has(id)) continue;
       this.resumed.add(id);
       for (const [key, spec] of specs) {
-        const covers = spec.sessions === null || !sessions || sessions.some((x) => spec.sessions.includes(x));
+        const covers = feed
+          ? spec.feed === feed
+          : !spec.feed &&
+            (spec.robotId ?? "") === (robotId ?? "") &&
+            (spec.sessions === null || !sessions || sessions.some((x) => spec.sessions.includes(x)));
         const last = this.lastIds.get(key);
-        if (covers && (spec.robotId ?? "") === (robotId ?? "") && (!last || compareIds(after, last) < 0)) {
+        if (covers && (!last || compareIds(after, last) < 0)) {
           this.lastIds.set(key, after);
           rewind.add(key);
         }
@@ -228,9 +242,11 @@ class Tab {
     for (const [key, spec] of specs) {
       if (this.streams.has(key) || !opts) continue;
       const stream = { spec, state: { connected: false, attempts: 0, error: null, status: "connecting" } };
+      const [name, filters] = spec.feed ? splitFeed(spec.feed) : ["messages", ""];
       stream.connection = createConnection(opts, {
+        path: `/api/sse/${name}`,
         query: () => {
-          const params = new URLSearchParams();
+          const params = new URLSearchParams(filters);
           for (const session of spec.sessions || []) params.append("sessionId", session);
           if (spec.robotId != null) params.set("robotId", spec.robotId);
           const last = this.lastIds.get(key);
@@ -256,16 +272,29 @@ class Tab {
 
   // The tabs' view of the shared connection: connected when every stream is.
   publishState() {
-    const states = [...this.streams.values()].map((stream) => stream.state);
-    if (!states.length) return;
-    const worst = states.find((s) => !s.connected) || states[0];
-    this.setState(worst);
-    this.post({ t: "state", state: wire(worst) });
+    if (!this.streams.size) return;
+    const states = {};
+    for (const { spec, state } of this.streams.values()) {
+      const group = spec.feed ?? "";
+      if (!states[group] || (states[group].connected && !state.connected)) states[group] = state;
+    }
+    this.setStates(states);
+    this.post({ t: "state", states: wireAll(states) });
   }
 
-  setState(state) {
-    this.state = state;
-    for (const member of this.members.keys()) member.onState(state);
+  // A client's state is that of its own streams: a feed's stream, or (for messages) the worst
+  // of the messages streams, connected when all are.
+  stateOf(member) {
+    return this.states[member.feed ?? ""] || CONNECTING;
+  }
+
+  setStates(states) {
+    const before = new Map([...this.members.keys()].map((member) => [member, this.stateOf(member)]));
+    this.states = states;
+    for (const [member, was] of before) {
+      const state = this.stateOf(member);
+      if (state !== was) member.onState(state);
+    }
   }
 
   dispatch(key, data, id) {
@@ -277,11 +306,26 @@ class Tab {
       return;
     }
     const event = { data, lastEventId: id || "" };
+    const feed = key.startsWith("f:") ? key.slice(2) : null;
     for (const member of this.members.keys()) {
-      if (body.type !== "message" || (body.data && member.matches(body.data))) {
-        member.onEvent(body, event);
-      }
+      const mine = (member.feed ?? null) === feed && (feed !== null || wants(member, body));
+      if (mine) member.onEvent(body, event);
     }
+  }
+}
+
+// Which events of its stream a member gets: a message of its sessions and robot; a change of
+// a message it matches or has received (an edit may take a message out of its sessions: it
+// must see it leave); every other event (connected, heartbeat, error, reset).
+function wants(member, body) {
+  switch (body.type) {
+    case "message":
+      return Boolean(body.data) && member.matches(body.data);
+    case "message_updated":
+    case "message_deleted":
+      return Boolean(body.data) && member.concerns(body.data);
+    default:
+      return true;
   }
 }
 
@@ -292,16 +336,30 @@ function chunks(list, size) {
 }
 
 function sameSpec(a, b) {
-  return a.robotId === b.robotId && String(a.sessions) === String(b.sessions);
+  return a.feed === b.feed && a.robotId === b.robotId && String(a.sessions) === String(b.sessions);
 }
+
+// A feed subscription, `orders?customer_id=42`: the feed's name and its filters' query.
+function splitFeed(feed) {
+  const at = feed.indexOf("?");
+  return at < 0 ? [feed, ""] : [feed.slice(0, at), feed.slice(at + 1)];
+}
+
+const CONNECTING = Object.freeze({ connected: false, attempts: 0, error: null, status: "connecting" });
 
 // Errors cross the channel as their message and reason.
-function wire(state) {
-  const { error } = state;
-  return { ...state, error: error && { message: error.message, reason: error.reason } };
+function wireAll(states) {
+  const wire = ({ error, ...state }) => ({
+    ...state,
+    error: error && { message: error.message, reason: error.reason },
+  });
+  return Object.fromEntries(Object.entries(states).map(([group, state]) => [group, wire(state)]));
 }
 
-function unwire(state) {
-  const { error } = state;
-  return { ...state, error: error && new SSEError(error.message, error.reason) };
+function unwireAll(states) {
+  const unwire = ({ error, ...state }) => ({
+    ...state,
+    error: error && new SSEError(error.message, error.reason),
+  });
+  return Object.fromEntries(Object.entries(states).map(([group, state]) => [group, unwire(state)]));
 }

@@ -7,9 +7,9 @@ export interface UseSSEOptions extends Omit<SSEClientOptions, "EventSource" | "l
   enabled?: boolean;
 }
 
-export interface UseSSEResult {
+/** What the hooks (useSSE, useFeed) return of their stream. */
+export interface UseStreamResult {
   connected: boolean;
-  messages: readonly Message[];
   /** What went wrong last (`error.message`), null while all is well. */
   error: SSEError | null;
   reconnectAttempts: number;
@@ -17,6 +17,10 @@ export interface UseSSEResult {
   lastEventId: string | null;
   connect: () => void;
   disconnect: () => void;
+}
+
+export interface UseSSEResult extends UseStreamResult {
+  messages: readonly Message[];
   clearMessages: () => void;
 }
 

@@ -13,8 +13,10 @@
 //
 // Options: baseUrl, sessionId (one, or an array), robotId, token, getToken,
 // reconnectInterval, maxReconnectInterval, maxReconnectAttempts, autoReconnect, maxMessages,
-// history, shared, stallTimeout, onMessage, onEvent, onConnected, onDisconnected, onError (see
-// sse-client.js), and `enabled` (default true: connect on mount). A change of baseUrl,
+// history, shared, stallTimeout, onMessage, onMessageUpdated, onMessageDeleted, onReset,
+// onEvent, onConnected, onDisconnected, onError (see sse-client.js), and `enabled` (default
+// true: connect on mount). `messages` shows edits and recalls in place: a `message_updated`
+// replaces the message with its id, a `message_deleted` removes it (sse-client.js says more). A change of baseUrl,
 // sessionId (by value: a new array of the same ids is the same), robotId, a token string,
 // history or a reconnect setting starts a new stream; new callbacks (and a new token or
 // getToken function) do not. Unmounting closes it. The tabs of an origin share one connection
@@ -37,17 +39,32 @@ const STREAM_OPTIONS = [
   "stallTimeout",
 ];
 
+// Every callback a client takes, read through a ref when called.
+const CALLBACKS = [
+  "onMessage",
+  "onMessageUpdated",
+  "onMessageDeleted",
+  "onReset",
+  "onInsert",
+  "onUpdate",
+  "onDelete",
+  "onEvent",
+  "onConnected",
+  "onDisconnected",
+  "onError",
+];
+
 // A dependency key for a session id or an array of them, equal for equal ids.
 const sessionKey = (value) => (Array.isArray(value) ? `[${value.join("\u0000")}]` : value);
 
-export function createUseSSE(React) {
+/** For the package's hooks (useSSE, useFeed): a client made again when `stream` changes (by
+ * the values of `identity`), connected while mounted and `enabled`, and what both hooks
+ * return of it (their own fields added). */
+export function bindClient(React) {
   const { useEffect, useMemo, useRef, useSyncExternalStore } = React;
 
-  return function useSSE(options = {}) {
+  return function useClient(options, stream, identity) {
     const { token = null, getToken = null, enabled = true } = options;
-    const settings = STREAM_OPTIONS.map((name) => options[name]);
-    const sessionIds = options.sessionId;
-    const sessions = sessionKey(sessionIds);
 
     // The latest callbacks, read when an event arrives, so passing inline arrow functions
     // does not reconnect on every render.
@@ -57,19 +74,15 @@ export function createUseSSE(React) {
     const client = useMemo(
       () =>
         createSSEClient({
-          ...Object.fromEntries(STREAM_OPTIONS.map((name, at) => [name, settings[at]])),
-          sessionId: sessionIds,
+          ...stream,
           // Token functions are read through the ref: a new one need not reconnect.
           token: typeof token === "function" ? () => callbacks.current.token() : token,
           getToken: typeof getToken === "function" ? () => callbacks.current.getToken() : null,
-          onMessage: (message) => callbacks.current.onMessage?.(message),
-          onEvent: (event, id) => callbacks.current.onEvent?.(event, id),
-          onConnected: (event) => callbacks.current.onConnected?.(event),
-          onDisconnected: (reason) => callbacks.current.onDisconnected?.(reason),
-          onError: (error) => callbacks.current.onError?.(error),
+          ...Object.fromEntries(
+            CALLBACKS.map((name) => [name, (...args) => callbacks.current[name]?.(...args)]),
+          ),
         }),
-      // sessionId by value (`sessions`): a new array of the same ids keeps the stream
-      [...settings, sessions, typeof token === "function" ? "function" : token, !getToken],
+      [...identity, typeof token === "function" ? "function" : token, !getToken],
     );
 
     useEffect(() => {
@@ -78,10 +91,8 @@ export function createUseSSE(React) {
     }, [client, enabled]);
 
     const state = useSyncExternalStore(client.subscribe, client.getSnapshot, client.getSnapshot);
-
-    return {
+    const result = {
       connected: state.connected,
-      messages: state.messages,
       error: state.error,
       reconnectAttempts: state.reconnectAttempts,
       // Beyond the seed's values: "idle", "connecting", "connected", "reconnecting",
@@ -90,7 +101,21 @@ export function createUseSSE(React) {
       lastEventId: state.lastEventId,
       connect: client.connect,
       disconnect: client.disconnect,
-      clearMessages: client.clearMessages,
     };
+    return { client, state, result };
+  };
+}
+
+export function createUseSSE(React) {
+  const useClient = bindClient(React);
+
+  return function useSSE(options = {}) {
+    const settings = STREAM_OPTIONS.map((name) => options[name]);
+    const stream = Object.fromEntries(STREAM_OPTIONS.map((name, at) => [name, settings[at]]));
+    stream.sessionId = options.sessionId;
+    // sessionId by value: a new array of the same ids keeps the stream
+    const identity = [...settings, sessionKey(options.sessionId)];
+    const { client, state, result } = useClient(options, stream, identity);
+    return { ...result, messages: state.messages, clearMessages: client.clearMessages };
   };
 }

@@ -82,7 +82,14 @@ def test_node_resolves_both_entry_points_to_what_the_declarations_name() -> None
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {
         "client": ["SSEError", "STATUS_TEXT", "compareIds", "createSSEClient"],
-        "react": ["MessageStream", "createMessageStream", "createUseSSE", "useSSE"],
+        "react": [
+            "MessageStream",
+            "createMessageStream",
+            "createUseFeed",
+            "createUseSSE",
+            "useFeed",
+            "useSSE",
+        ],
         "useSSE": "function",
         "MessageStream": "function",
     }
@@ -231,4 +238,4 @@ async def test_packed_client_drives_the_demo_page(
     await expect(page.locator("#status")).to_have_attribute("data-state", "connected")
     row = await insert(database, session_id, "through the packed client")
     await expect(item(page, row).locator(".content")).to_have_text("through the packed client")
-    assert sorted(served) == ["connection.js", "shared.js", "sse-client.js"]
+    assert sorted(served) == ["connection.js", "rows.js", "shared.js", "sse-client.js"]
