@@ -12,14 +12,13 @@ import psycopg
 import pytest
 
 from broker import replay as replay_module
-from broker.database import migrate
 from broker.events import Message
 from broker.feeds import changelog
 from broker.hub import Hub, Subscriber
 from broker.replay import RESET, Item, Replay, Reset
 from broker.store import Store
 from tests.support.database import Database
-from tests.support.feeds import Scratch, scratch_database, write_config
+from tests.support.feeds import Scratch, chat_database
 
 
 @pytest.fixture
@@ -189,14 +188,11 @@ async def test_a_robot_filter_is_applied_to_the_rows_read(
 
 # The messages feed with updates and deletes declared: rows and logged changes, merged.
 
-MESSAGES_CHANGES = '[feeds.messages]\nevents = ["insert", "update", "delete"]\n'
-
 
 @pytest.fixture
 async def logged(database: Database, tmp_path: Path) -> AsyncIterator[tuple[Scratch, Store]]:
     """A database of its own whose messages feed logs its updates and deletes, and a store."""
-    with scratch_database(database) as scratch:
-        migrate(scratch.url, write_config(tmp_path, MESSAGES_CHANGES))
+    with chat_database(database, tmp_path) as (scratch, _):
         async with Store.open(scratch.url) as store:
             yield scratch, store
 

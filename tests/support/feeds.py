@@ -17,6 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 from psycopg import sql
 
+from broker.database import migrate
 from broker.signing import SIGNATURE_CHARS
 from tests.support.database import Database
 
@@ -114,3 +115,16 @@ def write_config(directory: Path, text: str, name: str = "pgsse.toml") -> Path:
 def unsigned(payload: str) -> str:
     """A capture notification's JSON, after its signature (`broker.signing`)."""
     return payload[SIGNATURE_CHARS:] if payload[:1] != "{" else payload
+
+
+MESSAGES_CHANGES = '[feeds.messages]\nevents = ["insert", "update", "delete"]\n'
+
+
+@contextmanager
+def chat_database(database: Database, directory: Path) -> Iterator[tuple[Scratch, Path]]:
+    """A database of its own whose messages feed logs its updates and deletes (migrated with
+    the feeds file `MESSAGES_CHANGES`), and that file."""
+    config = write_config(directory, MESSAGES_CHANGES)
+    with scratch_database(database) as scratch:
+        migrate(scratch.url, config)
+        yield scratch, config

@@ -13,23 +13,18 @@ from typing import Any
 import psycopg
 import pytest
 
-from broker.database import migrate
 from broker.feeds import changelog
 from tests.support.database import Database
-from tests.support.feeds import Scratch, scratch_database, write_config
+from tests.support.feeds import Scratch, chat_database
 from tests.support.processes import BrokerProcess
 from tests.support.sse import SSEClient, SSEEvent, subscribe
-
-MESSAGES_CHANGES = '[feeds.messages]\nevents = ["insert", "update", "delete"]\n'
 
 
 @pytest.fixture
 def chat(database: Database, tmp_path: Path) -> Iterator[tuple[Scratch, Path]]:
     """A database of its own with the messages feed's changes captured, and the feeds file."""
-    config = write_config(tmp_path, MESSAGES_CHANGES)
-    with scratch_database(database) as scratch:
-        migrate(scratch.url, config)
-        yield scratch, config
+    with chat_database(database, tmp_path) as chat:
+        yield chat
 
 
 @pytest.fixture
