@@ -121,8 +121,10 @@ class Journal:
             return None
         later = islice(self._rows, position - self._first + 1, None)
         matches, old = wanted.matches, self._old
+        if not old:  # no changes held: the rows' loop alone
+            return [row_id for row_id, session, robot, _ in later if matches(session, robot)]
         return [
             row_id
             for row_id, session, robot, _ in later
-            if matches(session, robot) or (old and row_id in old and matches(*old[row_id]))
+            if matches(session, robot) or (row_id in old and matches(*old[row_id]))
         ]
