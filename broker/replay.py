@@ -30,6 +30,11 @@ sequence, so every case above holds for them, each read from the log, not the ta
 - History: the last H rows (as they stand now), then every row and change after the oldest
   of them. No `reset` there: the rows read are current, whatever was pruned.
 
+Rows are always read as they stand (the table is their log): a row edited since is sent with
+its edit, then the edit itself (the same content twice, harmless); a row deleted before the
+read is not sent, only its `message_deleted` (inserts of messages are not logged, so nothing
+holds the deleted row any more; a client holding no such message ignores it).
+
 Nothing is read before the listener's first LISTEN (`Listener.started`): a row committed
 between a read and that LISTEN would be neither read nor notified.
 """
