@@ -184,7 +184,7 @@ async def test_a_resume_from_before_the_pruned_log_gets_reset_then_live(
     async with await psycopg.AsyncConnection.connect(scratch.url, autocommit=True) as conn:
         assert await changelog.prune(conn, 0) == 1  # as BROKER_RETENTION's pruner does
     broker = serve()
-    client = await resumed(broker, "a", str(seen - 1))
+    client = await resumed(broker, "a", str(seen))
     events = await client.events_until(lambda e: e.type == "reset")
     assert [e.type for e in events] == ["connected", "reset"]
     assert events[-1].json == {"type": "reset", "reason": "history expired"}
