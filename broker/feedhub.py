@@ -115,7 +115,7 @@ class ChangeJournal:
     def __init__(self, size: int = JOURNAL_SIZE) -> None:
         if size < 1:
             raise ValueError(f"journal size must be at least 1, got {size}")
-        self._size = size
+        self.size = size
         self._entries: deque[tuple[int, tuple[Route, ...]]] = deque()
         self._index: dict[int, int] = {}
         self._first = 0  # index of self._entries[0]; only grows
@@ -134,7 +134,7 @@ class ChangeJournal:
     def append(self, position: int, views: tuple[Route, ...]) -> None:
         self._index[position] = self._first + len(self._entries)
         self._entries.append((position, views))
-        if len(self._entries) > self._size:
+        if len(self._entries) > self.size:
             old, _ = self._entries.popleft()
             del self._index[old]
             self._first += 1
@@ -259,6 +259,15 @@ class FeedHub:
         counters.events_delivered += delivered
         counters.slow_consumer_disconnects += slow
         return delivered
+
+    def remember(self, change: Change) -> None:
+        """Journal a change without routing it (`FeedSet.remember`)."""
+        if change.position not in self.journal:
+            self.journal.append(change.position, route_views(self.feed, change))
+
+    def forget(self) -> None:
+        """A new, empty journal: resumes then read by position from the log."""
+        self.journal = ChangeJournal(self.journal.size)
 
     def _matching(self, views: tuple[Route, ...]) -> list[Subscriber]:
         """The streams a change with these rows goes to, each once."""

@@ -100,6 +100,18 @@ class FeedSet:
         hub = self.generic.get(feed)
         return (hub.journal if hub is not None else self.hub.journal).forgotten_up_to
 
+    def remember(self, change: Change) -> None:
+        """Record a change as delivered without routing it (a bus reader's preload of the
+        stream's tail), so resume from it is exact; the messages feed's are left out."""
+        feed = self.generic.get(change.feed)
+        if feed is not None:
+            feed.remember(change)
+
+    def forget_changes(self) -> None:
+        """Forget every generic feed's journal (a bus reader that missed entries)."""
+        for feed in self.generic.values():
+            feed.forget()
+
     def heartbeat(self) -> None:
         self.hub.heartbeat()
         for feed in self.generic.values():

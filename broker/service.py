@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -21,9 +21,13 @@ import structlog
 
 from .config import feeds as feedspec
 from .config.settings import Settings
+from .feedhub import FeedHub
+from .feedreplay import FeedReplay
+from .feeds import changelog
 from .feeds.bus import Bus, BusReader
 from .feeds.listener import Listener
 from .feeds.relay import Relay
+from .feeds.source import CONNECTION_FAILURES, dedicated_connection
 from .feedset import FeedSet
 from .filters import Sessions
 from .flusher import Flusher
@@ -36,6 +40,8 @@ __all__ = ["SHUTDOWN", "Broker"]
 
 SHUTDOWN = "server shutting down: reconnect to resume"
 RESTART_DELAY_SECONDS = 1.0
+PRUNE_SECONDS = 300.0  # how often changes past BROKER_RETENTION are deleted
+PRUNER_NAME = "pgsse-pruner"  # its connection, in pg_stat_activity
 
 log = structlog.get_logger(logger_name=__name__)
 
@@ -46,8 +52,14 @@ class BusFeed:
     def __init__(self, settings: Settings, database_url: str, broker: Broker) -> None:
         assert settings.bus_url is not None
         self.bus = Bus(settings.bus_url, settings.bus_stream, max_bytes=settings.bus_max_bytes)
-        self.reader = BusReader(self.bus, broker.hub, broker.store.row_key)
-        self.relay = Relay(database_url, self.bus, broker.store, lambda: self.reader.high_id)
+        self.reader = BusReader(self.bus, broker.hub, broker.store.row_key, broker.feeds)
+        self.relay = Relay(
+            database_url,
+            self.bus,
+            broker.store,
+            lambda: self.reader.high_id,
+            broker.feeds.captured,
+        )
 
 
 class Broker:
@@ -69,7 +81,14 @@ class Broker:
         self.feeds = FeedSet(self.hub, feeds)
         # The messages feed logs its updates and deletes: replays merge them with its rows.
         self.message_changes = feedspec.MESSAGES in self.feeds.captured
-        self.listener = Listener(settings.database_url, self.hub, store, self.feeds.route)
+        self.listener = Listener(
+            settings.database_url,
+            self.hub,
+            store,
+            self.feeds.route,
+            self.feeds,
+            self.feeds.captured,
+        )
         self.bus: BusFeed | None = None
         if settings.bus_url is not None:
             self.bus = BusFeed(settings, settings.database_url, self)
@@ -104,6 +123,8 @@ class Broker:
                 feeds = [("listener", broker.listener.run)]
             else:  # the relay feeds the bus; every broker reads it (feeds/bus.py, feeds/relay.py)
                 feeds = [("relay", broker.bus.relay.run), ("bus", broker.bus.reader.run)]
+            if broker.feeds.captured:
+                feeds.append(("pruner", broker._prune))
             tasks = [
                 *(asyncio.create_task(broker._supervise(name, run)) for name, run in feeds),
                 asyncio.create_task(broker._supervise("heartbeat", broker._heartbeat)),
@@ -141,6 +162,30 @@ class Broker:
         )
         return subscriber, replay
 
+    def open_feed_stream(
+        self,
+        feed: FeedHub,
+        keys: tuple[str, ...] | None,
+        filters: Mapping[str, str],
+        *,
+        last_event_id: int | None = None,
+        history: int | None = None,
+    ) -> tuple[Subscriber, FeedReplay | None]:
+        """`open_stream` for a generic feed: subscribe a stream of `keys` (None: all) and
+        `filters`, and plan its replay, in one event-loop step. Raises `AtCapacity` when the
+        streams of every feed together are at `max_connections`."""
+        self.feeds.admit()
+        subscriber = feed.subscribe(keys, filters)
+        replay = FeedReplay.plan(
+            feed,
+            self.store,
+            subscriber,
+            last_event_id=last_event_id,
+            history=history,
+            limit=self.settings.replay_limit,
+        )
+        return subscriber, replay
+
     def close_streams(self, reason: str = SHUTDOWN) -> None:
         """Send every stream an `error` event and end it, so clients move elsewhere."""
         if len(self.feeds):
@@ -151,6 +196,22 @@ class Broker:
         while True:
             await asyncio.sleep(self.settings.heartbeat_seconds)
             self.feeds.heartbeat()
+
+    async def _prune(self) -> None:
+        """Delete changes older than `BROKER_RETENTION`, at start and every `PRUNE_SECONDS`,
+        on a connection of its own (opened each time: a backend held for a query every few
+        minutes would be a waste). A failure is logged and tried again at the next round;
+        several brokers may run this: one prunes at a time (`changelog.prune`)."""
+        assert self.settings.database_url is not None
+        while True:
+            try:
+                async with await dedicated_connection(
+                    self.settings.database_url, PRUNER_NAME
+                ) as conn:
+                    await changelog.prune(conn, self.settings.retention)
+            except CONNECTION_FAILURES as exc:
+                log.warning("prune_failed", error=f"{type(exc).__name__}: {exc}".strip())
+            await asyncio.sleep(PRUNE_SECONDS)
 
     async def _supervise(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
         while True:

@@ -34,14 +34,13 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcon
 from functools import partial
 from typing import Any, TypeVar
 
-import orjson
 import psycopg
 import structlog
 from psycopg import sql
 from psycopg.rows import AsyncRowFactory, kwargs_row, tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from .changes import OPS, Change
+from .changes import Change
 from .errors import Unavailable
 from .events import Message, cut_content, utc_timestamp
 from .feeds import changelog
@@ -136,6 +135,17 @@ class Store:
         if isinstance(self._source, AsyncConnectionPool):
             return self._source.connection()
         return nullcontext(self._source)
+
+    @asynccontextmanager
+    async def borrowed(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A connection of the pool (or the store's one connection) for queries written
+        elsewhere (the change log's reads): a failure in the block raises
+        `DatabaseUnavailable`, as the store's own queries do."""
+        try:
+            async with self._connection() as conn:
+                yield conn
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise DatabaseUnavailable(exc) from exc
 
     @classmethod
     @asynccontextmanager
@@ -246,33 +256,16 @@ class Store:
             keys=wanted.sessions,
             filters={} if wanted.robot_id is None else {"robot_id": wanted.robot_id},
         )
-        try:
-            async with self._connection() as conn:
-                return await changelog.read(
-                    conn, MESSAGES_FEED, "session_id", after, match, limit=limit
-                )
-        except (psycopg.Error, PoolTimeout) as exc:
-            raise DatabaseUnavailable(exc) from exc
+        async with self.borrowed() as conn:
+            return await changelog.read(
+                conn, MESSAGES_FEED, "session_id", after, match, limit=limit
+            )
 
     async def changes_at(self, positions: list[int]) -> dict[int, Change]:
         """The messages feed's changes at `positions` that the log still holds, by position
         (one that is missing was pruned)."""
-        query = sql.SQL(
-            "SELECT position, op::text, data::text, old::text, at FROM pgsse.changes"
-            " WHERE feed = %s AND position = ANY(%s)"
-        )
-        rows = await self._all(query, (MESSAGES_FEED, positions), TUPLE_ROW)
-        return {
-            position: Change(
-                MESSAGES_FEED,
-                position,
-                OPS[op],
-                orjson.loads(data),
-                None if old is None else orjson.loads(old),
-                at,
-            )
-            for position, op, data, old, at in rows
-        }
+        async with self.borrowed() as conn:
+            return await changelog.at_positions(conn, MESSAGES_FEED, positions)
 
     async def oldest_of_last(self, count: int, wanted: Filter = EVERYTHING) -> int | None:
         """The id of the oldest of the last `count` rows matching `wanted` (`history=N`

@@ -12,21 +12,17 @@ import orjson
 import pytest
 
 from broker.config.settings import Settings
-from broker.database import migrate
 from broker.errors import AtCapacity
 from broker.service import Broker
 from tests.support.database import Database
-from tests.support.feeds import ORDERS_CONFIG, ORDERS_TABLE, Scratch, scratch_database, write_config
+from tests.support.feeds import ORDERS_CONFIG, ORDERS_TABLE, Scratch, migrated
 from tests.support.inprocess import received
 
 
 @pytest.fixture
 def shop(database: Database, tmp_path: Path) -> Iterator[tuple[Scratch, Path]]:
-    with scratch_database(database) as scratch:
-        scratch.execute(ORDERS_TABLE)
-        config = write_config(tmp_path, ORDERS_CONFIG)
-        migrate(scratch.url, config)
-        yield scratch, config
+    with migrated(database, tmp_path, ORDERS_TABLE, ORDERS_CONFIG) as found:
+        yield found
 
 
 def events(data: list[bytes]) -> list[dict[str, object]]:

@@ -3,7 +3,9 @@
 A thin end of `source.Source`, which owns the connection, its recovery, the backfill and the
 notifications. What is the listener's own: the floor of its backfill, and when streams may
 start reading. Rows go to the hub; changes of declared feeds to `route_change` (the service's
-`FeedSet.route`).
+`FeedSet.route`). Changes recover as rows do: the first connection records each captured
+feed's last position as its floor, and each reconnect backfills from the change log every
+change above it that the feed's journal does not hold.
 
 `started` is set at the first LISTEN: streams wait for it before they read anything, so no
 row can commit between a stream's read of the table and the first LISTEN unseen. The first
@@ -16,7 +18,7 @@ drops the overlap between the backfill and the notifications of rows committed w
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import structlog
 
@@ -24,8 +26,9 @@ from ..changes import Change
 from ..events import Message
 from ..hub import Hub
 from ..store import Store
+from . import changelog
 from .backoff import Backoff
-from .source import APPLICATION_NAME, CHANNEL, Source, dedicated_connection
+from .source import APPLICATION_NAME, CHANNEL, ChangesHeld, Source, dedicated_connection
 
 __all__ = ["APPLICATION_NAME", "CHANNEL", "Listener"]
 
@@ -45,10 +48,15 @@ class Listener(Source):
         hub: Hub,
         store: Store,
         route_change: Callable[[Change], object] | None = None,
+        changes: ChangesHeld | None = None,
+        captured: Sequence[str] = (),
     ) -> None:
         super().__init__(url, store)
         self._hub = hub
         self._route_change = route_change or hub.publish_change
+        self._changes = changes  # what the hubs hold of the `captured` feeds' changes
+        self._captured = tuple(captured)
+        self._change_floors: dict[str, int] | None = None  # per feed, as `_floor` for rows
         self._floor: int | None = None  # rows up to this id committed before the first LISTEN
         self.started = asyncio.Event()
         self.reconnects = 0
@@ -61,6 +69,11 @@ class Listener(Source):
             else:
                 await self.backfill(rows, self._backfill_floor(), self._hub.journal)
                 self.reconnects += 1
+            if self._captured and self._changes is not None:
+                if self._change_floors is None:
+                    self._change_floors = await changelog.last_positions(conn, self._captured)
+                else:
+                    await self.backfill_changes(conn, self._change_floors, self._changes)
             self.connected = True
             self.started.set()
             backoff.reset()

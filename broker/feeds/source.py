@@ -31,8 +31,8 @@ against the bus.
 
 from __future__ import annotations
 
-from collections.abc import Container
-from typing import Any, ClassVar
+from collections.abc import Container, Mapping
+from typing import Any, ClassVar, Protocol
 
 import psycopg
 import structlog
@@ -55,6 +55,7 @@ __all__ = [
     "CHANNEL",
     "CONNECTION_FAILURES",
     "RECONNECT_MAX_SECONDS",
+    "ChangesHeld",
     "Source",
     "dedicated_connection",
 ]
@@ -86,6 +87,14 @@ async def dedicated_connection(url: str, application_name: str) -> Connection:
         keepalives_interval=5,
         keepalives_count=3,
     )
+
+
+class ChangesHeld(Protocol):
+    """What an end holds of each feed's changes (`feedset.FeedSet` for the listener)."""
+
+    def holds(self, feed: str, position: int) -> bool: ...
+
+    def forgotten_up_to(self, feed: str) -> int: ...
 
 
 class Source:
@@ -167,6 +176,28 @@ class Source:
         self.backfilled += len(missing)
         log.info(f"{self.name}_backfilled", after_id=floor, rows=len(missing))
         self._store.revive()
+
+    async def backfill_changes(
+        self, conn: Connection, floors: Mapping[str, int], held: ChangesHeld
+    ) -> None:
+        """Emit every change of each feed of `floors` above its floor (raised to what its
+        journal forgot) that `held` lacks, in position order, read from the change log on
+        `conn` a bounded page at a time: changes committed while no one listened. Their
+        notifications, if any queued meanwhile, are dropped by the hubs (their journals)."""
+        everything = changelog.Match()
+        emitted = 0
+        for feed, floor in floors.items():
+            after = max(floor, held.forgotten_up_to(feed))
+            while True:
+                page = await changelog.read(conn, feed, "", after, everything)
+                for change in page.changes:
+                    if not held.holds(feed, change.position):
+                        self.emit_change(change, None)
+                        emitted += 1
+                if page.done:
+                    break
+                after = page.through
+        log.info(f"{self.name}_changes_backfilled", feeds=len(floors), changes=emitted)
 
     async def serve(self, conn: Connection, rows: Store) -> None:
         """Emit every notification's row, in order, until the connection fails (raises)."""

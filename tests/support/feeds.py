@@ -9,7 +9,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -17,7 +17,6 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 from psycopg import sql
 
-from broker.database import migrate
 from broker.signing import SIGNATURE_CHARS
 from tests.support.database import Database
 
@@ -94,6 +93,20 @@ def scratch_database(database: Database) -> Iterator[Scratch]:
             conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
+@contextmanager
+def migrated(
+    database: Database, directory: Path, table: str, config: str
+) -> Iterator[tuple[Scratch, Path]]:
+    """A scratch database holding `table` (SQL), migrated with the feeds file `config`."""
+    from broker.database import migrate
+
+    with scratch_database(database) as scratch:
+        scratch.execute(table)
+        path = write_config(directory, config)
+        migrate(scratch.url, path)
+        yield scratch, path
+
+
 def pgsse(*args: str, url: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """`pgsse ARGS` as a process against `url`."""
     return subprocess.run(
@@ -120,11 +133,9 @@ def unsigned(payload: str) -> str:
 MESSAGES_CHANGES = '[feeds.messages]\nevents = ["insert", "update", "delete"]\n'
 
 
-@contextmanager
-def chat_database(database: Database, directory: Path) -> Iterator[tuple[Scratch, Path]]:
-    """A database of its own whose messages feed logs its updates and deletes (migrated with
-    the feeds file `MESSAGES_CHANGES`), and that file."""
-    config = write_config(directory, MESSAGES_CHANGES)
-    with scratch_database(database) as scratch:
-        migrate(scratch.url, config)
-        yield scratch, config
+def chat_database(
+    database: Database, directory: Path
+) -> AbstractContextManager[tuple[Scratch, Path]]:
+    """A scratch database whose messages feed logs its updates and deletes (`sql/`'s messages
+    table, migrated with the feeds file `MESSAGES_CHANGES`), and that file."""
+    return migrated(database, directory, "SELECT 1", MESSAGES_CHANGES)

@@ -10,10 +10,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 
-from broker.feeds import changelog
 from tests.support.database import Database
 from tests.support.feeds import Scratch, chat_database
 from tests.support.processes import BrokerProcess
@@ -30,9 +28,10 @@ def chat(database: Database, tmp_path: Path) -> Iterator[tuple[Scratch, Path]]:
 @pytest.fixture
 def serve(
     chat: tuple[Scratch, Path], start_broker: Callable[..., BrokerProcess]
-) -> Callable[[], BrokerProcess]:
+) -> Callable[..., BrokerProcess]:
+    """Start a broker on the chat database with its feeds file (and `env`)."""
     scratch, config = chat
-    return lambda: start_broker(DATABASE_URL=scratch.url, BROKER_CONFIG=str(config))
+    return lambda **env: start_broker(DATABASE_URL=scratch.url, BROKER_CONFIG=str(config), **env)
 
 
 def insert(scratch: Scratch, session_id: str, content: str = "hello") -> int:
@@ -181,9 +180,12 @@ async def test_a_resume_from_before_the_pruned_log_gets_reset_then_live(
     seen = insert(scratch, "a", "seen")
     scratch.execute("UPDATE messages SET content = 'edited' WHERE id = %s", (seen,))
     edit = last_position(scratch)
-    async with await psycopg.AsyncConnection.connect(scratch.url, autocommit=True) as conn:
-        assert await changelog.prune(conn, 0) == 1  # as BROKER_RETENTION's pruner does
-    broker = serve()
+    # The edit is two hours old: the broker's pruner deletes it at start.
+    scratch.execute("UPDATE pgsse.changes SET at = at - interval '2 hours'")
+    broker = serve(BROKER_RETENTION="1h")
+    broker.wait_until(
+        lambda: scratch.query("SELECT count(*) FROM pgsse.changes") == [(0,)], 10, "pruned"
+    )
     client = await resumed(broker, "a", str(seen))
     events = await client.events_until(lambda e: e.type == "reset")
     assert [e.type for e in events] == ["connected", "reset"]

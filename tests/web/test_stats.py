@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from broker.errors import AtCapacity
+from broker.feedset import FeedSet
 from broker.hub import Hub
 from broker.web.metrics import create_registry, render
 from broker.web.stats import snapshot
@@ -25,7 +26,9 @@ def broker_of(hub: Hub) -> SimpleNamespace:
         backfilled=2,
         refused=SimpleNamespace(count=0),
     )
-    return SimpleNamespace(hub=hub, listener=listener, bus=None, started_at=time.time() - 3)
+    return SimpleNamespace(
+        hub=hub, feeds=FeedSet(hub), listener=listener, bus=None, started_at=time.time() - 3
+    )
 
 
 async def test_the_stats_json_keeps_its_contract() -> None:
