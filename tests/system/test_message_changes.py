@@ -6,6 +6,7 @@ in commit order; and a resume from before the pruned log gets `reset`, then live
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 from tests.support.database import Database
 from tests.support.feeds import Scratch, chat_database
 from tests.support.processes import BrokerProcess
+from tests.support.redis import RedisServer
 from tests.support.sse import SSEClient, SSEEvent, subscribe
 
 
@@ -195,3 +197,29 @@ async def test_a_resume_from_before_the_pruned_log_gets_reset_then_live(
     # From a position after the pruned ones, nothing is lost: no reset.
     after = await resumed(broker, "a", edit)
     assert summary(await next_change(after)) == ("message", str(live), str(live), "a")
+
+
+async def test_on_the_bus_edits_and_recalls_reach_every_broker_in_the_shared_order(
+    chat: tuple[Scratch, Path], serve: Callable[..., BrokerProcess], redis: RedisServer
+) -> None:
+    """Two brokers on one bus: a stream on either gets the edit and the recall, and a resume
+    on the other broker, from the row, gets exactly them."""
+    scratch, _ = chat
+    bus = {"BROKER_BUS_URL": redis.url, "BROKER_BUS_STREAM": f"test:{uuid.uuid4().hex[:8]}"}
+    first, second = serve(**bus), serve(**bus)
+    client = await subscribe(first, sessionId="a")
+    row = insert(scratch, "a", "helo")
+    scratch.execute("UPDATE messages SET content = 'hello' WHERE id = %s", (row,))
+    edit = last_position(scratch)
+    scratch.execute("DELETE FROM messages WHERE id = %s", (row,))
+    recall = last_position(scratch)
+    expected = [
+        ("message_updated", edit, str(row), "a"),
+        ("message_deleted", recall, str(row), "a"),
+    ]
+    assert summary(await next_change(client)) == ("message", str(row), str(row), "a")
+    assert [summary(await next_change(client)) for _ in range(2)] == expected
+    again = await resumed(second, "a", str(row))
+    assert [summary(await next_change(again)) for _ in range(2)] == expected
+    live = insert(scratch, "a", "live")
+    assert summary(await next_change(again)) == ("message", str(live), str(live), "a")
