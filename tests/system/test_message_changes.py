@@ -6,6 +6,7 @@ in commit order; and a resume from before the pruned log gets `reset`, then live
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -223,3 +224,26 @@ async def test_on_the_bus_edits_and_recalls_reach_every_broker_in_the_shared_ord
     assert [summary(await next_change(again)) for _ in range(2)] == expected
     live = insert(scratch, "a", "live")
     assert summary(await next_change(again)) == ("message", str(live), str(live), "a")
+
+
+async def test_edits_committed_while_the_listener_is_down_arrive_once_in_order(
+    chat: tuple[Scratch, Path], serve: Callable[..., BrokerProcess], database: Database
+) -> None:
+    """The listener's connection killed between edits: those committed while it was down
+    come by its backfill from the log, each once, in order, and the stream stays open."""
+    scratch, _ = chat
+    broker = serve()
+    client = await subscribe(broker, sessionId="a")
+    row = insert(scratch, "a")
+    await next_change(client)
+    killed = 0
+    for n in range(20):
+        killed += await asyncio.to_thread(database.terminate_listeners)
+        edit = "UPDATE messages SET content = %s WHERE id = %s"
+        await asyncio.to_thread(scratch.execute, edit, (f"edit {n}", row))
+    assert killed >= 1
+    positions = [str(p) for (p,) in scratch.query("SELECT position FROM pgsse.changes")]
+    events = await client.events_until(lambda e: e.id == max(positions, key=int), 20)
+    assert [e.id for e in events if e.type == "message_updated"] == sorted(positions, key=int)
+    assert events[-1].json["data"]["content"] == "edit 19"
+    assert {e.type for e in events} <= {"message_updated", "heartbeat"}
