@@ -56,7 +56,7 @@ from .events import (
     message_of_change,
 )
 from .hub import Hub, Subscriber
-from .store import Store
+from .store import ROW_OVERHEAD_BYTES, Store
 
 __all__ = ["REPLAY_PAGE", "REPLAY_PAGE_BYTES", "RESET", "Item", "Replay", "Reset"]
 
@@ -77,6 +77,19 @@ Item = Message | Change | Reset
 
 def position(item: Message | Change) -> int:
     return item.id if isinstance(item, Message) else item.position
+
+
+def within_bytes(items: list[Message | Change]) -> list[Message | Change]:
+    """The first of `items` that fit in about `REPLAY_PAGE_BYTES` (one at least), sized as
+    `Store` sizes rows: content plus `ROW_OVERHEAD_BYTES`. Rows come cut to the page budget
+    already; changes are read whole from the log, so a page of large edits is cut here."""
+    total = 0
+    for count, item in enumerate(items):
+        content = item.content if isinstance(item, Message) else item.data.get("content")
+        total += ROW_OVERHEAD_BYTES + (len(content) if isinstance(content, str) else 0)
+        if total > REPLAY_PAGE_BYTES and count:
+            return items[:count]
+    return items
 
 
 @dataclass
@@ -181,7 +194,10 @@ class Replay:
                     return
                 by_position: dict[int, Message | Change] = {row.id: row for row in table}
                 by_position.update(found)
-                page = [by_position[i] for i in wanted[:through] if i in by_position]
+                whole = [by_position[i] for i in wanted[:through] if i in by_position]
+                page = within_bytes(whole)
+                if len(page) < len(whole):  # large edits: the rest is the next page's
+                    through = wanted.index(position(page[-1])) + 1
             self.hub.mark_sent(self.subscriber, [position(item) for item in page])
             yield list(page)
             ids = ids[through:]
@@ -222,8 +238,9 @@ class Replay:
             merged: list[Message | Change] = sorted([*table, *logged.changes], key=position)
             if bound is not None:
                 merged = [item for item in merged if position(item) <= bound]
-            if len(merged) > want:
-                merged = merged[:want]
+            page = within_bytes(merged[:want])
+            if len(page) < len(merged):
+                merged = page
                 bound = position(merged[-1])
             if merged:
                 self.hub.mark_sent(self.subscriber, [position(i) for i in merged], self.after)

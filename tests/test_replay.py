@@ -367,3 +367,26 @@ async def test_without_changes_declared_the_log_is_never_read(
             routing, store, subscriber, last_event_id=after, history=history, limit=100
         )
         assert positions(await all_pages(replay)) == [ids["a4"]]
+
+
+@pytest.mark.parametrize("from_journal", [False, True])
+async def test_pages_of_large_edits_are_cut_at_their_byte_budget(
+    logged: tuple[Scratch, Store], monkeypatch: pytest.MonkeyPatch, from_journal: bool
+) -> None:
+    monkeypatch.setattr(replay_module, "REPLAY_PAGE_BYTES", 3_000)
+    scratch, store = logged
+    start = insert(scratch, "a")
+    rows = [insert(scratch, "a") for _ in range(2)]
+    edit = "UPDATE messages SET content = %s WHERE id = %s"
+    edits = [change(scratch, edit, c * 2_000, row_id) for c in "xy" for row_id in rows]
+    routing = hub()
+    if from_journal:
+        for row_id in (start, *rows):
+            routing.publish(delivered_row(row_id, "a"))
+        for logged_change in (await store.changes_after(0, 100)).changes:
+            routing.publish_change(logged_change)
+    _, replay = planned(routing, store, "a", after=start)
+    assert (replay.journal_ids is not None) == from_journal
+    pages = await all_pages(replay)
+    assert positions(pages) == [*rows, *edits]
+    assert max(map(len, pages)) <= 2  # about 3,000 bytes: a row and an edit, or one edit
