@@ -13,6 +13,8 @@ import asyncio
 import http.server
 import json
 import queue
+import select
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -49,7 +51,13 @@ class EventServer(AppFiles):
         self.wfile.flush()
         outbox: queue.Queue[bytes | None] = self.server.open(path, self.path)
         try:
-            while (chunk := outbox.get()) is not None:
+            while not self.gone():
+                try:
+                    chunk = outbox.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                if chunk is None:
+                    break
                 self.wfile.write(chunk)
                 self.wfile.flush()
         except OSError:
@@ -57,8 +65,16 @@ class EventServer(AppFiles):
         finally:
             self.server.closed(path, outbox)
 
+    def gone(self) -> bool:
+        """The browser closed the stream (a closed tab): its socket reads as at its end."""
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+
 
 class FixedEvents(http.server.ThreadingHTTPServer):
+    """A real SSE server on 127.0.0.1 whose streams send what the test pushes, and the
+    requests it was sent (with their query: the client's resume point)."""
+
     daemon_threads = True
 
     def __init__(self) -> None:
@@ -170,6 +186,7 @@ async def open_page(context: BrowserContext, events: FixedEvents) -> tuple[Page,
     errors: list[str] = []
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     await page.goto(f"http://127.0.0.1:{events.server_address[1]}/feeds.html")
+    await page.wait_for_function("window.joined === true")
     # StrictMode mounted each hook twice: one shared stream per feed all the same.
     await asyncio.to_thread(events.wait_streams, MESSAGES, 1)
     await asyncio.to_thread(events.wait_streams, ORDERS, 1)
@@ -304,3 +321,30 @@ async def test_use_feed_upserts_by_key_removes_and_reloads_after_a_reset(
         ["update", 4, None],
     ]
     assert errors == []
+
+
+async def test_tabs_share_one_stream_per_feed_and_the_next_leader_resumes_it(
+    context: BrowserContext, events: FixedEvents
+) -> None:
+    leader, leader_errors = await open_page(context, events)  # first to ask: it leads
+    other, errors = await open_page(context, events)
+    # Two tabs, each with a chat and a feed: still one stream of each on the server.
+    assert sorted(urlsplit(url).path for url in events.requests) == [MESSAGES, ORDERS]
+    events.push(ORDERS, CONNECTED, change(30, "insert", 1, total=10))
+    events.push(MESSAGES, CONNECTED, message(3, "message", "3", content="hello"))
+    for page in (leader, other):
+        await expect(page.locator("#orders li")).to_have_text(["1:10"])
+        await expect(page.locator("#hook-messages li")).to_have_text(["hello"])
+        await expect(page.locator("#feed-connected")).to_have_text("true")
+    # Feed events reach the feed's clients only, and messages the chat's.
+    assert sorted(await other.evaluate("window.log")) == [["insert", 1], ["message", "3"]]
+
+    await leader.close()
+    await asyncio.to_thread(events.wait_requests, ORDERS, 2)
+    await asyncio.to_thread(events.wait_requests, MESSAGES, 2)
+    orders = [url for url in events.requests if urlsplit(url).path == ORDERS]
+    assert orders[-1] == f"{ORDERS}?customer_id=42&status=open&lastEventId=30"
+    events.push(ORDERS, CONNECTED, change(30, "insert", 1, total=10), change(31, "delete", 1))
+    await expect(other.locator("#orders li")).to_have_count(0)
+    assert await other.evaluate("window.log.slice(2)") == [["delete", 1]]
+    assert leader_errors == [] and errors == []
