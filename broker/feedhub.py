@@ -322,6 +322,6 @@ class FeedHub:
         several key values counts under each."""
         name = self.feed.name
         counts = {f"{name}:{key}": len(group) for key, group in self._by_key.items()}
-        if self._global:
-            counts[f"{name}:global"] = len(self._global)
+        if self._global:  # added to a key named `global`, if any (no key value is reserved)
+            counts[f"{name}:global"] = counts.get(f"{name}:global", 0) + len(self._global)
         return counts
