@@ -347,3 +347,15 @@ def test_a_change_that_is_not_a_messages_row_is_not_routed(data: dict) -> None: 
     assert hub.publish_change(bad) == 0
     assert hub.publish_change(updated(7, {**row_data(3), "content": 1})) == 0
     assert ids(a) == [] and 6 not in hub.journal
+
+
+def test_an_insert_that_comes_as_a_change_is_routed_as_its_row() -> None:
+    """The messages feed's inserts are not captured (its trigger notifies them as rows), but
+    one that came as a change is routed as `publish` routes the row: a `message`, once."""
+    hub = Hub(max_subscribers=10, queue_size=10)
+    a = hub.subscribe("a", None)
+    insert = Change("messages", 3, "insert", row_data(3, "a", content="hi"), None, "")
+    assert hub.publish_change(insert) == 1
+    assert hub.publish(message(3, "a")) == 0  # a copy of the row the journal holds
+    [(position, body)] = bodies(a)
+    assert position == 3 and body["type"] == "message" and body["data"]["content"] == "hi"
