@@ -9,11 +9,14 @@ event's JSON fits on one `data:` line whatever the message content holds.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
+
+if TYPE_CHECKING:  # changes.py imports this module: the type only
+    from .changes import Change
 
 __all__ = [
     "HISTORY_EXPIRED",
@@ -25,8 +28,11 @@ __all__ = [
     "encode_error",
     "encode_heartbeat",
     "encode_message",
+    "encode_message_deleted",
+    "encode_message_updated",
     "encode_reset",
     "error_body",
+    "message_of_change",
     "parse_notification",
     "utc_timestamp",
 ]
@@ -170,6 +176,75 @@ def encode_message(message: Message, timestamp: str | None = None) -> bytes:
     """The `message` event, with the row id as the SSE `id:` so clients can resume."""
     body = {"type": "message", "data": message.as_json(), "timestamp": timestamp or utc_timestamp()}
     return b"id: %d\n" % message.id + data_line(body)
+
+
+def message_of_change(data: dict[str, Any], max_bytes: int | None = None) -> Message:
+    """The `Message` a messages-feed change's `data` holds (the trigger's column names and
+    values: `capture.py`), its content cut to `max_bytes` as `store.py` cuts a row read from
+    the table, so a row reads the same whether inserted, edited or replayed. Raises
+    `ValueError` for data that is not a messages row (a field missing or of the wrong type)."""
+    try:
+        message = Message(
+            id=_row_id(data),
+            session_id=data["session_id"],
+            robot_id=data["robot_id"],
+            content=data["content"],
+            is_from_bot=data["is_from_bot"],
+            is_human=data["is_human"],
+            intent=data["intent"],
+            created_at=data["created_at"],
+        )
+    except KeyError as exc:
+        raise ValueError(f"not a messages row: {exc!r} missing") from None
+    if not _well_typed(message):
+        raise ValueError("not a messages row: a field of the wrong type")
+    if max_bytes is not None and len(message.content) > max_bytes // 4:
+        size = len(message.content.encode())
+        if size > max_bytes:
+            return replace(
+                message, content=cut_content(message.content, max_bytes), content_bytes=size
+            )
+    return message
+
+
+def _row_id(data: dict[str, Any]) -> int:
+    """A change's row id (`to_jsonb` writes a bigint as a JSON number). Raises `ValueError`."""
+    row_id = data.get("id")
+    if type(row_id) is not int or row_id < 1:
+        raise ValueError("not a messages row: id must be a positive integer")
+    return row_id
+
+
+def encode_message_updated(
+    change: Change, timestamp: str | None = None, max_bytes: int | None = None
+) -> bytes:
+    """`message_updated`: the edited row in the message shape (`Message.as_json`), with the
+    change's position as the SSE `id:` (it shares the row ids' sequence). Raises `ValueError`
+    as `message_of_change`."""
+    message = message_of_change(change.data, max_bytes)
+    body = {
+        "type": "message_updated",
+        "data": message.as_json(),
+        "timestamp": timestamp or utc_timestamp(),
+    }
+    return b"id: %d\n" % change.position + data_line(body)
+
+
+def encode_message_deleted(change: Change, timestamp: str | None = None) -> bytes:
+    """`message_deleted`: the deleted row's id, session and robot (what the trigger keeps of a
+    deleted row), with the change's position as the SSE `id:`. Raises `ValueError` for data
+    without them."""
+    data = change.data
+    session_id, robot_id = data.get("session_id"), data.get("robot_id")
+    if type(session_id) is not str or not (robot_id is None or type(robot_id) is str):
+        raise ValueError("not a messages row: sessionId or robotId of the wrong type")
+    row_id = _row_id(data)
+    body = {
+        "type": "message_deleted",
+        "data": {"id": str(row_id), "sessionId": session_id, "robotId": robot_id},
+        "timestamp": timestamp or utc_timestamp(),
+    }
+    return b"id: %d\n" % change.position + data_line(body)
 
 
 def encode_connected(

@@ -24,6 +24,12 @@ twice). The hub applies the whole rule:
   when it reaches them (`subscriber.Seen` holds that state, per stream).
 - Rows that committed before a resume's position and were never journaled count as sent:
   `mark_sent`'s floor (`replay.py` gives the cases).
+
+Updates and deletes of messages (when the feeds file declares them) come as changes
+(`publish_change`), under positions drawn from the rows' own id sequence, so the rule above
+holds for them unchanged: the journal, `Seen` and `Last-Event-ID` work on one position space.
+An update reaches the streams that match the row after it or before it (a stream sees a row
+leave it); a delete, those that matched the row before it.
 """
 
 from __future__ import annotations
@@ -36,7 +42,14 @@ import structlog
 
 from .changes import Change
 from .errors import AtCapacity
-from .events import Message, encode_heartbeat, encode_message
+from .events import (
+    Message,
+    encode_heartbeat,
+    encode_message,
+    encode_message_deleted,
+    encode_message_updated,
+    message_of_change,
+)
 from .filters import Sessions
 from .journal import Journal
 from .latency import LatencyHistogram
@@ -84,6 +97,8 @@ class Hub:
     # first queued event (`Flusher.mark`).
     on_idle_ready: Callable[[Subscriber], None] | None = None
     counters: HubCounters = field(default_factory=HubCounters)
+    # Content of an edited row over this many bytes is cut, as `store.py` cuts a row read.
+    max_row_bytes: int | None = None
     _by_session: dict[str, set[Subscriber]] = field(default_factory=dict)
     _global: set[Subscriber] = field(default_factory=set)
     _count: int = 0
@@ -151,10 +166,66 @@ class Hub:
         return delivered
 
     def publish_change(self, change: Change) -> int:
-        """Route an update or delete of the messages feed (declared in `BROKER_CONFIG`): the
-        service's feed registry routes the messages feed's changes here, every other feed's
-        to its `FeedHub`. How many queued it."""
-        return 0
+        """Route one change of the messages feed (an update or a delete; an insert is routed
+        as `publish` routes its row) to every matching subscriber that lacks it; returns how
+        many queued it, 0 for a change the journal holds (a backfill's overlap, a bus entry
+        appended twice) or one that is not a messages row (logged; only a signed or logged
+        change gets here, so that is a table the guide's shape does not fit).
+
+        An update reaches the streams whose filter takes the row after it OR before it (`old`
+        holds the previous values of the route columns that changed); a delete, those that
+        took the row before it (`data` holds its id, session and robot). Encoded once."""
+        position = change.position
+        if position in self.journal:
+            return 0
+        data, old = change.data, change.old or {}
+        session_id, robot_id = data.get("session_id"), data.get("robot_id")
+        old_session = old.get("session_id", session_id)
+        old_robot = old.get("robot_id", robot_id)
+        try:
+            if not (type(session_id) is str and type(old_session) is str):
+                raise ValueError("not a messages row: session_id must be a string")
+            if not (robot_id is None or type(robot_id) is str) or not (
+                old_robot is None or type(old_robot) is str
+            ):
+                raise ValueError("not a messages row: robot_id must be a string or null")
+            if change.op == "insert":
+                return self.publish(message_of_change(data, self.max_row_bytes))
+            if change.op == "update":
+                encoded = encode_message_updated(change, max_bytes=self.max_row_bytes)
+            else:
+                encoded = encode_message_deleted(change)
+        except ValueError as exc:
+            log.error("change_not_routed", feed=change.feed, position=position, error=str(exc))
+            return 0
+        self.journal.append_change(position, session_id, robot_id, old_session, old_robot)
+        event = Event(position, encoded, time.perf_counter())
+        extra = extra_slots(len(encoded), slot_bytes(self.queue_size, self.queue_bytes))
+        by_session = self._by_session
+        delivered, slow = fan_out(
+            (by_session.get(session_id, _NOBODY), self._global),
+            event,
+            extra,
+            robot_id,
+            self.on_idle_ready,
+        )
+        if (old_session, old_robot) != (session_id, robot_id):
+            # The streams that took the row before and not after: each gets it once.
+            left = [
+                subscriber
+                for group in (by_session.get(old_session, _NOBODY), self._global)
+                for subscriber in group
+                if subscriber.filter.matches(old_session, old_robot)
+                and not subscriber.filter.matches(session_id, robot_id)
+            ]
+            more, more_slow = fan_out((left,), event, extra, old_robot, self.on_idle_ready)
+            delivered += more
+            slow += more_slow
+        counters = self.counters
+        counters.messages_routed += 1
+        counters.events_delivered += delivered
+        counters.slow_consumer_disconnects += slow
+        return delivered
 
     def _is_new(self, message: Message) -> bool:
         """Whether `message` is still to be routed: False for a copy of a row the journal

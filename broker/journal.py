@@ -12,6 +12,13 @@ It also tells the listener which rows it already delivered, for exactly-once bac
 keeps each row's `created_at`, so a row that reuses a delivered id (the table was truncated
 with `RESTART IDENTITY`, or restored to an earlier point) is told from a copy of that row.
 Memory: about 200 bytes a row (the strings are shared with the messages).
+
+Changes of the messages feed (its updates and deletes, when the feeds file declares them) take
+the same place in the order, under their position (drawn from the same sequence as row ids):
+an update that moved a row is held with its new route and, in `_old`, its old one, so a resume
+from the journal sends it to a stream that matched either, as live routing did (`Hub.
+publish_change`). `_old` holds an entry only for a change, so a row costs what it did, and
+`is_change` tells the replay to read a position from the change log, not the table.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ class Journal:
         self._size = size
         self._rows: deque[tuple[int, str, str | None, str]] = deque()
         self._position: dict[int, int] = {}
+        # A change's position -> the route (session, robot) of the row before it.
+        self._old: dict[int, tuple[str, str | None]] = {}
         self._first = 0  # position of self._rows[0]; positions only grow
         self.forgotten_up_to = 0  # the highest id that was dropped to keep the size
 
@@ -66,6 +75,7 @@ class Journal:
         self._first = self.end
         self._rows.clear()
         self._position.clear()
+        self._old.clear()
         self.forgotten_up_to = 0
 
     def append(
@@ -76,11 +86,32 @@ class Journal:
         if len(self._rows) > self._size:
             old_id, _, _, _ = self._rows.popleft()
             del self._position[old_id]
+            if self._old:
+                self._old.pop(old_id, None)
             self._first += 1
             self.forgotten_up_to = max(self.forgotten_up_to, old_id)
 
+    def append_change(
+        self,
+        position: int,
+        session_id: str,
+        robot_id: str | None,
+        old_session_id: str,
+        old_robot_id: str | None,
+    ) -> None:
+        """Hold a change of the messages feed: its route after (an update's new row; a
+        delete's old one) and before. No `created_at`: a row that reuses the position is
+        told from it by `Hub.publish`'s check (an empty one matches no row)."""
+        self.append(position, session_id, robot_id)
+        self._old[position] = (old_session_id, old_robot_id)
+
+    def is_change(self, position: int) -> bool:
+        """Whether the journal holds `position` as a change (read from the change log)."""
+        return position in self._old
+
     def after(self, message_id: int, wanted: Filter) -> list[int] | None:
-        """Ids delivered after `message_id` that match `wanted`, in delivery order.
+        """Ids delivered after `message_id` that match `wanted`, in delivery order; a change
+        matches on its route before or after.
 
         None when the journal does not hold `message_id` (too old, or never delivered here):
         the caller then falls back to replay by id.
@@ -89,5 +120,11 @@ class Journal:
         if position is None:
             return None
         later = islice(self._rows, position - self._first + 1, None)
-        matches = wanted.matches
-        return [row_id for row_id, session, robot, _ in later if matches(session, robot)]
+        matches, old = wanted.matches, self._old
+        if not old:  # no changes held: the rows' loop alone
+            return [row_id for row_id, session, robot, _ in later if matches(session, robot)]
+        return [
+            row_id
+            for row_id, session, robot, _ in later
+            if matches(session, robot) or (row_id in old and matches(*old[row_id]))
+        ]

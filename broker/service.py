@@ -76,8 +76,11 @@ class Broker:
             max_subscribers=settings.max_connections,
             queue_size=settings.queue_size,
             queue_bytes=settings.queue_bytes,
+            max_row_bytes=settings.max_row_bytes,
         )
         self.feeds = FeedSet(self.hub, feeds)
+        # The messages feed logs its updates and deletes: replays merge them with its rows.
+        self.message_changes = feedspec.MESSAGES in self.feeds.captured
         self.listener = Listener(
             settings.database_url,
             self.hub,
@@ -155,6 +158,7 @@ class Broker:
             last_event_id=last_event_id,
             history=history,
             limit=self.settings.replay_limit,
+            changes=self.message_changes,
         )
         return subscriber, replay
 

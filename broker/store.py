@@ -20,6 +20,10 @@ then to as many bytes here; the `Message` carries the full size (`content_bytes`
 says `"truncated": true`. Every read goes through here (live, backfill, relay, replay,
 history), so a client sees one row the same way live and on resume; one huge row read whole
 delays every other session's rows (measured in docs/security.md).
+
+With the feeds file declaring the messages feed's updates and deletes, its logged changes are
+read here too (`changes_after`, `changes_at`: `pgsse.changes`, feed `messages`), for the
+replay to merge with the rows by position (`replay.py`). Never without: no log is read then.
 """
 
 from __future__ import annotations
@@ -36,12 +40,14 @@ from psycopg import sql
 from psycopg.rows import AsyncRowFactory, kwargs_row, tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from .changes import Change
 from .errors import Unavailable
 from .events import Message, cut_content, utc_timestamp
+from .feeds import changelog
 from .filters import EVERYTHING, Filter
 from .signing import RowKey
 
-__all__ = ["COLUMNS", "DEFAULT_MAX_ROW_BYTES", "DatabaseUnavailable", "Store"]
+__all__ = ["COLUMNS", "DEFAULT_MAX_ROW_BYTES", "MESSAGES_FEED", "DatabaseUnavailable", "Store"]
 
 POOL_SIZE = 4
 RECONNECT_SECONDS = 0.5
@@ -49,6 +55,7 @@ APPLICATION_NAME = "pgsse-store"
 Query = sql.SQL | sql.Composed
 COLUMNS = sql.SQL("id, session_id, robot_id, content, is_from_bot, is_human, intent, created_at")
 DEFAULT_MAX_ROW_BYTES = 1024 * 1024  # as `BROKER_MAX_ROW_BYTES`
+MESSAGES_FEED = "messages"  # the feed name of the messages' changes in the log
 ROW_OVERHEAD_BYTES = 512  # an encoded row's bytes besides its content, about (the other fields)
 Row = TypeVar("Row")
 
@@ -237,6 +244,28 @@ class Store:
         """The rows of `ids` that exist, by id."""
         query = sql.SQL("SELECT {} FROM messages WHERE id = ANY(%s)").format(self._columns)
         return {message.id: message for message in await self._all(query, (ids,), self._rows)}
+
+    async def changes_after(
+        self, after: int, limit: int, wanted: Filter = EVERYTHING
+    ) -> changelog.Page:
+        """One page of the messages feed's logged changes with position > `after` that
+        `wanted` takes (an update on its row after or before, a delete on its row before), in
+        position order, at most `limit` (`changelog.read`: bounded scan, the feed's pruning
+        watermark read with it)."""
+        match = changelog.Match(
+            keys=wanted.sessions,
+            filters={} if wanted.robot_id is None else {"robot_id": wanted.robot_id},
+        )
+        async with self.borrowed() as conn:
+            return await changelog.read(
+                conn, MESSAGES_FEED, "session_id", after, match, limit=limit
+            )
+
+    async def changes_at(self, positions: list[int]) -> dict[int, Change]:
+        """The messages feed's changes at `positions` that the log still holds, by position
+        (one that is missing was pruned)."""
+        async with self.borrowed() as conn:
+            return await changelog.at_positions(conn, MESSAGES_FEED, positions)
 
     async def oldest_of_last(self, count: int, wanted: Filter = EVERYTHING) -> int | None:
         """The id of the oldest of the last `count` rows matching `wanted` (`history=N`

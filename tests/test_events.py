@@ -9,12 +9,16 @@ from datetime import UTC, datetime, timedelta, timezone
 import orjson
 import pytest
 
+from broker.changes import Change
 from broker.events import (
     Message,
     Reference,
     encode_connected,
     encode_error,
     encode_message,
+    encode_message_deleted,
+    encode_message_updated,
+    message_of_change,
     parse_notification,
     utc_timestamp,
 )
@@ -126,3 +130,50 @@ def test_a_field_of_the_wrong_type_is_malformed(field: str, value: object) -> No
     parse_notification(orjson.dumps(row))  # well typed as it is
     with pytest.raises(ValueError, match="malformed"):
         parse_notification(orjson.dumps({**row, field: value}))
+
+
+ROW = {  # a messages row as the capture trigger writes it in a change's `data`
+    "id": 7,
+    "session_id": "s",
+    "robot_id": None,
+    "content": "a\nb\r\nc 你好",
+    "is_from_bot": True,
+    "is_human": False,
+    "intent": None,
+    "created_at": "2026-01-01T00:00:00.000Z",
+}
+
+
+def test_an_update_of_a_message_is_the_message_shape_under_the_change_position() -> None:
+    change = Change("messages", 9, "update", ROW, None, "2026-01-01T00:00:01.000Z")
+    encoded = encode_message_updated(change, "2026-01-01T00:00:02.000Z")
+    as_row = encode_message(MESSAGE, "2026-01-01T00:00:02.000Z")
+    assert encoded == b"id: 9\n" + as_row.split(b"\n", 1)[1].replace(
+        b'"type":"message"', b'"type":"message_updated"'
+    )
+    assert message_of_change(ROW) == MESSAGE
+
+
+def test_a_delete_of_a_message_is_its_id_session_and_robot() -> None:
+    data = {"id": 7, "session_id": "s", "robot_id": "r"}
+    change = Change("messages", 10, "delete", data, None, "2026-01-01T00:00:01.000Z")
+    encoded = encode_message_deleted(change, "2026-01-01T00:00:02.000Z")
+    assert encoded == (
+        b'id: 10\ndata: {"type":"message_deleted","data":{"id":"7","sessionId":"s",'
+        b'"robotId":"r"},"timestamp":"2026-01-01T00:00:02.000Z"}\n\n'
+    )
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {**ROW, "id": "7"},
+        {**ROW, "id": True},
+        {**ROW, "is_human": "yes"},
+        {k: v for k, v in ROW.items() if k != "content"},
+    ],
+)
+def test_a_change_that_is_not_a_messages_row_raises_value_error(data: dict[str, object]) -> None:
+    change = Change("messages", 9, "update", data, None, "2026-01-01T00:00:01.000Z")
+    with pytest.raises(ValueError):
+        encode_message_updated(change)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
+import orjson
 import pytest
 
+from broker.changes import Change
 from broker.errors import Unavailable
 from broker.events import Message
+from broker.filters import Filter
 from broker.hub import GLOBAL_CHANNEL, Hub
 
 
@@ -209,3 +212,150 @@ def test_repeated_sessions_of_one_stream_count_once() -> None:
     hub.publish(message(1, "a"))
     assert ids(subscriber) == [1]
     assert hub.channels() == {"session_messages:a": 1, "session_messages:b": 1}
+
+
+# Updates and deletes of the messages feed (`Hub.publish_change`).
+
+
+def row_data(id_: int, session: str = "a", robot: str | None = None, content: str = "edited"):  # type: ignore[no-untyped-def]
+    """A messages row as the capture trigger writes it in a change's `data`."""
+    return {
+        "id": id_,
+        "session_id": session,
+        "robot_id": robot,
+        "content": content,
+        "is_from_bot": False,
+        "is_human": True,
+        "intent": None,
+        "created_at": "2026-01-01T00:00:00.000Z",
+    }
+
+
+def updated(position: int, data: dict, old: dict | None = None) -> Change:  # type: ignore[type-arg]
+    return Change("messages", position, "update", data, old, "2026-01-01T00:00:01.000Z")
+
+
+def deleted(position: int, id_: int, session: str = "a", robot: str | None = None) -> Change:
+    data = {"id": id_, "session_id": session, "robot_id": robot}
+    return Change("messages", position, "delete", data, None, "2026-01-01T00:00:01.000Z")
+
+
+def bodies(subscriber) -> list[tuple[int, dict]]:  # type: ignore[no-untyped-def,type-arg]
+    """(SSE id, JSON body) of each queued event."""
+    out = []
+    for event in subscriber.take():
+        head, data = event.data.split(b"\n", 1)
+        assert head == b"id: %d" % event.id and data.startswith(b"data: ")
+        out.append((event.id, orjson.loads(data[len(b"data: ") :])))
+    return out
+
+
+def test_an_update_reaches_its_session_and_global_once_as_message_updated() -> None:
+    hub = Hub(max_subscribers=10, queue_size=10)
+    a, b, everything = hub.subscribe("a", None), hub.subscribe("b", None), hub.subscribe(None, None)
+    assert hub.publish_change(updated(7, row_data(3, "a", content="fixed"))) == 2
+    [(position, body)] = bodies(a)
+    assert position == 7 and body["type"] == "message_updated"
+    assert body["data"] == {
+        "id": "3",
+        "sessionId": "a",
+        "robotId": None,
+        "content": "fixed",
+        "isFromBot": False,
+        "isHuman": True,
+        "intent": None,
+        "createdAt": "2026-01-01T00:00:00.000Z",
+    }
+    assert [p for p, _ in bodies(everything)] == [7] and ids(b) == []
+    assert hub.counters.events_delivered == 2
+
+
+def test_an_update_moving_a_row_reaches_the_old_and_the_new_filter_once_each() -> None:
+    hub = Hub(max_subscribers=10, queue_size=10)
+    a, b, c = hub.subscribe("a", None), hub.subscribe("b", None), hub.subscribe("c", None)
+    both = hub.subscribe(("a", "b"), None)
+    everything = hub.subscribe(None, None)
+    moved = updated(9, row_data(3, "b"), old={"session_id": "a"})
+    assert hub.publish_change(moved) == 4
+    assert [ids(s) for s in (a, b, c, both, everything)] == [[9], [9], [], [9], [9]]
+
+
+def test_an_update_changing_the_robot_reaches_streams_of_either_robot() -> None:
+    hub = Hub(max_subscribers=10, queue_size=10)
+    r1, r2, r3 = (hub.subscribe("a", r) for r in ("r1", "r2", "r3"))
+    any_r1 = hub.subscribe(None, "r1")
+    change = updated(5, row_data(2, "a", "r2"), old={"robot_id": "r1"})
+    assert hub.publish_change(change) == 3
+    assert [ids(s) for s in (r1, r2, r3, any_r1)] == [[5], [5], [], [5]]
+
+
+def test_a_delete_reaches_only_streams_of_the_old_row() -> None:
+    hub = Hub(max_subscribers=10, queue_size=10)
+    a, b = hub.subscribe("a", None), hub.subscribe("b", None)
+    a_r2, everything = hub.subscribe("a", "r2"), hub.subscribe(None, None)
+    assert hub.publish_change(deleted(8, 3, "a", "r1")) == 2
+    [(position, body)] = bodies(a)
+    assert position == 8 and body["type"] == "message_deleted"
+    assert body["data"] == {"id": "3", "sessionId": "a", "robotId": "r1"}
+    assert ids(b) == [] and ids(a_r2) == [] and ids(everything) == [8]
+
+
+def test_a_change_is_routed_once_and_its_routes_are_journaled_for_a_resume() -> None:
+    hub = Hub(max_subscribers=10, queue_size=10)
+    a = hub.subscribe("a", None)
+    hub.publish(message(3, "a"))
+    moved = updated(4, row_data(3, "b"), old={"session_id": "a"})
+    assert hub.publish_change(moved) == 1
+    assert hub.publish_change(moved) == 0  # a backfill's overlap, a bus entry twice
+    hub.publish_change(deleted(5, 3, "b"))
+    assert ids(a) == [3, 4]
+    # A stream of `a` resuming from row 3 gets the move (its old route), not the delete.
+    assert hub.journal.after(3, Filter.of("a")) == [4]
+    assert hub.journal.after(3, Filter.of("b")) == [4, 5]
+    assert [hub.journal.is_change(i) for i in (3, 4, 5)] == [False, True, True]
+
+
+def test_a_change_already_sent_by_a_replay_is_skipped() -> None:
+    hub = Hub(max_subscribers=10, queue_size=10)
+    a = hub.subscribe("a", None)
+    hub.mark_sent(a, [6])
+    assert hub.publish_change(updated(6, row_data(3, "a"))) == 0
+    assert ids(a) == []
+
+
+def test_an_edited_row_over_the_row_budget_is_cut_as_a_row_read_is() -> None:
+    hub = Hub(max_subscribers=10, queue_size=10, max_row_bytes=10)
+    a = hub.subscribe("a", None)
+    hub.publish_change(updated(6, row_data(3, "a", content="é" * 20)))
+    [(_, body)] = bodies(a)
+    assert body["data"]["content"] == "é" * 5
+    assert body["data"]["truncated"] is True and body["data"]["contentBytes"] == 40
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"id": 3, "session_id": 5, "robot_id": None},
+        {"id": "3", "session_id": "a", "robot_id": None},
+        {"session_id": "a", "robot_id": None},
+    ],
+)
+def test_a_change_that_is_not_a_messages_row_is_not_routed(data: dict) -> None:  # type: ignore[type-arg]
+    hub = Hub(max_subscribers=10, queue_size=10)
+    a = hub.subscribe("a", None)
+    bad = Change("messages", 6, "delete", data, None, "2026-01-01T00:00:01.000Z")
+    assert hub.publish_change(bad) == 0
+    assert hub.publish_change(updated(7, {**row_data(3), "content": 1})) == 0
+    assert ids(a) == [] and 6 not in hub.journal
+
+
+def test_an_insert_that_comes_as_a_change_is_routed_as_its_row() -> None:
+    """The messages feed's inserts are not captured (its trigger notifies them as rows), but
+    one that came as a change is routed as `publish` routes the row: a `message`, once."""
+    hub = Hub(max_subscribers=10, queue_size=10)
+    a = hub.subscribe("a", None)
+    insert = Change("messages", 3, "insert", row_data(3, "a", content="hi"), None, "")
+    assert hub.publish_change(insert) == 1
+    assert hub.publish(message(3, "a")) == 0  # a copy of the row the journal holds
+    [(position, body)] = bodies(a)
+    assert position == 3 and body["type"] == "message" and body["data"]["content"] == "hi"

@@ -43,3 +43,20 @@ def test_unknown_or_evicted_id_gives_none() -> None:
 def test_size_must_be_positive() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         Journal(0)
+
+
+def test_a_change_matches_on_its_route_before_or_after_and_leaves_with_its_place() -> None:
+    journal = Journal(3)
+    journal.append(1, "a", None)
+    journal.append_change(2, "b", "r2", "a", "r1")  # moved from a/r1 to b/r2
+    journal.append(3, "a", None)
+    assert journal.after(1, Filter.of("a", "r1")) == [2]
+    assert journal.after(1, Filter.of("b")) == [2]
+    assert journal.after(1, Filter.of("a", "r2")) == []
+    assert journal.is_change(2) and not journal.is_change(3)
+    journal.append(4, "a", None)
+    journal.append(5, "a", None)  # the change is dropped to keep the size
+    assert not journal.is_change(2) and journal.after(3, Filter.of("a")) == [4, 5]
+    journal.append_change(6, "a", None, "a", None)
+    journal.clear()
+    assert not journal.is_change(6)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -130,14 +130,20 @@ def unsigned(payload: str) -> str:
     return payload[SIGNATURE_CHARS:] if payload[:1] != "{" else payload
 
 
-@contextmanager
-def orders_shop(database: Database, directory: Path) -> Iterator[tuple[Scratch, Path]]:
+def orders_shop(
+    database: Database, directory: Path
+) -> AbstractContextManager[tuple[Scratch, Path]]:
     """A database of its own with `shop.orders`, migrated with `ORDERS_CONFIG` (written
     to `directory`): for a broker started with DATABASE_URL and BROKER_CONFIG on it."""
-    from broker.database import migrate
+    return migrated(database, directory, ORDERS_TABLE, ORDERS_CONFIG)
 
-    with scratch_database(database) as scratch:
-        scratch.execute(ORDERS_TABLE)
-        config = write_config(directory, ORDERS_CONFIG)
-        migrate(scratch.url, config)
-        yield scratch, config
+
+MESSAGES_CHANGES = '[feeds.messages]\nevents = ["insert", "update", "delete"]\n'
+
+
+def chat_database(
+    database: Database, directory: Path
+) -> AbstractContextManager[tuple[Scratch, Path]]:
+    """A scratch database whose messages feed logs its updates and deletes (`sql/`'s messages
+    table, migrated with the feeds file `MESSAGES_CHANGES`), and that file."""
+    return migrated(database, directory, "SELECT 1", MESSAGES_CHANGES)
