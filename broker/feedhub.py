@@ -43,10 +43,10 @@ from .hub import JOURNAL_SIZE, HubCounters
 from .subscriber import (
     DEFAULT_QUEUE_BYTES,
     Event,
-    Seen,
     Subscriber,
     extra_slots,
     fan_out,
+    mark_sent,
     slot_bytes,
 )
 
@@ -292,15 +292,7 @@ class FeedHub:
         """Record that `subscriber` was sent changes `positions` read from the log, and that
         every change up to `floor` counts as sent (`Hub.mark_sent`, for changes). Call it
         right after the read, before any await."""
-        seen = subscriber.seen
-        if seen is None:
-            seen = subscriber.seen = Seen()
-        seen.floor = max(seen.floor, floor)
-        fresh = [p for p in positions if p > seen.floor]
-        seen.to_skip.update(fresh)
-        subscriber.drop_seen()
-        # A change the journal holds was routed already: it will not be routed again.
-        seen.to_skip.difference_update(p for p in fresh if p in self.journal)
+        mark_sent(subscriber, positions, floor, self.journal)
 
     def heartbeat(self) -> None:
         """Queue one heartbeat, encoded once, to every open stream (`Hub.heartbeat`)."""

@@ -57,11 +57,11 @@ from .subscriber import (
     DEFAULT_QUEUE_BYTES,
     GLOBAL_CHANNEL,
     Event,
-    Seen,
     Subscriber,
     channel_of,
     extra_slots,
     fan_out,
+    mark_sent,
     slot_bytes,
 )
 
@@ -257,16 +257,7 @@ class Hub:
         """Record that `subscriber` was sent rows `ids` from the table, and that every row up
         to `floor` counts as sent: copies already queued are dropped, and routing skips the
         rest when it reaches them. Call it right after the read, before any await."""
-        seen = subscriber.seen
-        if seen is None:
-            seen = subscriber.seen = Seen()
-        seen.floor = max(seen.floor, floor)
-        fresh = [i for i in ids if i > seen.floor]
-        seen.to_skip.update(fresh)
-        subscriber.drop_seen()
-        # A row the journal holds was routed already (to the queue just emptied of it, or
-        # before this stream subscribed): it will not be routed again.
-        seen.to_skip.difference_update(i for i in fresh if i in self.journal)
+        mark_sent(subscriber, ids, floor, self.journal)
 
     def heartbeat(self) -> None:
         """Queue one heartbeat, encoded once, to every open subscriber, the way `publish`

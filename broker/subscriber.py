@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Container, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -50,6 +50,7 @@ __all__ = [
     "channels_of",
     "extra_slots",
     "fan_out",
+    "mark_sent",
     "slot_bytes",
     "write_to_sinks",
 ]
@@ -248,6 +249,25 @@ class Subscriber:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+
+def mark_sent(
+    subscriber: Subscriber, ids: Collection[int], floor: int, routed: Container[int]
+) -> None:
+    """Record that `subscriber` was sent `ids` outside routing (a read of the table or the
+    log), and that every id up to `floor` counts as sent: copies already queued are dropped,
+    and routing skips the rest when it reaches them. An id in `routed` (the journal) was
+    routed already, to the queue just emptied of it or before the stream subscribed: it will
+    not be routed again, so nothing is kept to skip it. The rule of `hub.py` and `feedhub.py`;
+    call it right after the read, before any await."""
+    seen = subscriber.seen
+    if seen is None:
+        seen = subscriber.seen = Seen()
+    seen.floor = max(seen.floor, floor)
+    fresh = [i for i in ids if i > seen.floor]
+    seen.to_skip.update(fresh)
+    subscriber.drop_seen()
+    seen.to_skip.difference_update(i for i in fresh if i in routed)
 
 
 def fan_out(
