@@ -18,6 +18,7 @@ from .config.settings import Settings
 from .feeds.bus import Bus, BusReader
 from .feeds.listener import Listener
 from .feeds.relay import Relay
+from .feeds.walcapture import CaptureMonitor, SlotClaim
 from .filters import Sessions
 from .flusher import Flusher
 from .hub import Hub
@@ -36,11 +37,22 @@ log = structlog.get_logger(logger_name=__name__)
 class BusFeed:
     """With `BROKER_BUS_URL`: the bus, this broker's reader of it, and its relay campaign."""
 
-    def __init__(self, settings: Settings, database_url: str, broker: Broker) -> None:
+    def __init__(
+        self, settings: Settings, database_url: str, broker: Broker, claim: SlotClaim | None
+    ) -> None:
         assert settings.bus_url is not None
         self.bus = Bus(settings.bus_url, settings.bus_stream, max_bytes=settings.bus_max_bytes)
         self.reader = BusReader(self.bus, broker.hub, broker.store.row_key)
-        self.relay = Relay(database_url, self.bus, broker.store, lambda: self.reader.high_id)
+        self.relay = Relay(database_url, self.bus, broker.store, lambda: self.reader.high_id, claim)
+
+
+class Capture:
+    """With `BROKER_CAPTURE=wal`: this process's claim on the slot (read by the listener, or
+    by the relay with a bus) and the slot's lag monitor (`feeds/walcapture.py`)."""
+
+    def __init__(self, settings: Settings, database_url: str) -> None:
+        self.claim = SlotClaim(database_url, settings.capture_slot)
+        self.monitor = CaptureMonitor(database_url, settings.capture_slot)
 
 
 class Broker:
@@ -56,10 +68,14 @@ class Broker:
             queue_size=settings.queue_size,
             queue_bytes=settings.queue_bytes,
         )
-        self.listener = Listener(settings.database_url, self.hub, store)
+        self.capture: Capture | None = None
+        if settings.capture == "wal":
+            self.capture = Capture(settings, settings.database_url)
+        claim = None if self.capture is None else self.capture.claim
+        self.listener = Listener(settings.database_url, self.hub, store, claim)
         self.bus: BusFeed | None = None
         if settings.bus_url is not None:
-            self.bus = BusFeed(settings, settings.database_url, self)
+            self.bus = BusFeed(settings, settings.database_url, self, claim)
         self.started_at = time.time()
 
     @property
@@ -70,11 +86,17 @@ class Broker:
     @property
     def ready(self) -> bool:
         """What `/readyz` reports: the listener, or with a bus Redis and PostgreSQL up and a
-        live relay (its lease renewed: feeds/relay.py)."""
+        live relay (its lease renewed: feeds/relay.py). With `BROKER_CAPTURE=wal` the listener
+        is connected only while it reads the slot; with a bus, a follower also needs the
+        slot read by someone (the relay) at the monitor's last sample."""
         if self.bus is None:
             return self.listener.connected
         relay = self.bus.relay
-        return self.bus.reader.connected and relay.connected and relay.lease_live
+        if not (self.bus.reader.connected and relay.connected and relay.lease_live):
+            return False
+        if self.capture is None or relay.listening:
+            return True
+        return self.capture.monitor.reader_active
 
     @classmethod
     @asynccontextmanager
@@ -88,6 +110,8 @@ class Broker:
                 feeds = [("listener", broker.listener.run)]
             else:  # the relay feeds the bus; every broker reads it (feeds/bus.py, feeds/relay.py)
                 feeds = [("relay", broker.bus.relay.run), ("bus", broker.bus.reader.run)]
+            if broker.capture is not None:
+                feeds.append(("capture_monitor", broker.capture.monitor.run))
             tasks = [
                 *(asyncio.create_task(broker._supervise(name, run)) for name, run in feeds),
                 asyncio.create_task(broker._supervise("heartbeat", broker._heartbeat)),

@@ -10,6 +10,13 @@ connection records the table's last id as the floor; each reconnect backfills, a
 hub's journal, every row above it that the journal does not hold, down to the journal's
 horizon (rows committed during the outage reach their subscribers once, in order); the hub
 drops the overlap between the backfill and the notifications of rows committed while it ran.
+
+With a `SlotClaim` (`BROKER_CAPTURE=wal` without a bus) the listener reads the capture slot
+instead of LISTENing (`walcapture.py`): it campaigns for the slot's lock first (not connected,
+so not ready, meanwhile), and a reconnect needs no backfill, since the slot kept every payload
+not confirmed, in commit order; only a slot made again (it was invalidated) is backfilled
+from the table, as after a LISTEN outage. What the slot gives again (handed on, not yet
+confirmed when the connection died) the hub's journal drops.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from ..hub import Hub
 from ..store import Store
 from .backoff import Backoff
 from .source import APPLICATION_NAME, CHANNEL, Source, dedicated_connection
+from .walcapture import SlotClaim
 
 __all__ = ["APPLICATION_NAME", "CHANNEL", "Listener"]
 
@@ -36,14 +44,18 @@ class Listener(Source):
     down_event = "listener_down"
     failed_event = "listener_connect_failed"
 
-    def __init__(self, url: str, hub: Hub, store: Store) -> None:
+    def __init__(self, url: str, hub: Hub, store: Store, claim: SlotClaim | None = None) -> None:
         super().__init__(url, store)
         self._hub = hub
+        self.claim = claim  # the capture slot to read instead of LISTEN (`BROKER_CAPTURE=wal`)
         self._floor: int | None = None  # rows up to this id committed before the first LISTEN
         self.started = asyncio.Event()
         self.reconnects = 0
 
     async def attempt(self, backoff: Backoff) -> None:
+        if self.claim is not None:
+            await self._read_slot(self.claim, backoff)
+            return
         async with await dedicated_connection(self._url, APPLICATION_NAME) as conn:
             rows = await self.listen(conn)
             if self._floor is None:
@@ -56,6 +68,33 @@ class Listener(Source):
             backoff.reset()
             log.info("listener_up", channel=CHANNEL, floor=self._floor, reconnects=self.reconnects)
             await self.serve(conn, rows)
+
+    async def _read_slot(self, claim: SlotClaim, backoff: Backoff) -> None:
+        """The wal mode's connection life: the slot's lock, then its stream."""
+        async with await dedicated_connection(self._url, APPLICATION_NAME) as conn:
+            rows = await self.listen(conn, notify=False)
+            await claim.campaign(conn)
+            async with claim.read(conn) as transport:
+                await self._catch_up(rows, claim.recreated)
+                self.connected = True
+                self.started.set()
+                backoff.reset()
+                log.info(
+                    "listener_up", slot=claim.slot, floor=self._floor, reconnects=self.reconnects
+                )
+                await self.serve(conn, rows, transport)
+
+    async def _catch_up(self, rows: Store, recreated: bool) -> None:
+        """The first read records the floor; later ones backfill only after the slot was
+        made again (the slot kept the rest), and revive the pool."""
+        if self._floor is None:
+            self._floor = await rows.last_id()
+            return
+        self.reconnects += 1
+        if recreated:
+            await self.backfill(rows, self._backfill_floor(), self._hub.journal)
+        else:
+            self._store.revive()
 
     def _backfill_floor(self) -> int:
         """Where the backfill looks from: the first LISTEN's floor (lowered to an id found

@@ -91,6 +91,9 @@ class Notifications:
         self._payloads.clear()
         return batch
 
+    async def confirm(self) -> None:
+        """Nothing to confirm: NOTIFY keeps nothing for a listener (`source.Transport`)."""
+
     async def _wait(self) -> bool:
         """Wait until the reader has something (payloads or an error); False when nothing
         came for `HEALTH_CHECK_SECONDS`.

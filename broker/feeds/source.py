@@ -26,7 +26,8 @@ journal, the relay campaigns for its role and decides its floor against the bus.
 from __future__ import annotations
 
 from collections.abc import Container
-from typing import Any, ClassVar
+from contextlib import AbstractAsyncContextManager
+from typing import Any, ClassVar, Protocol
 
 import psycopg
 import structlog
@@ -48,6 +49,7 @@ __all__ = [
     "CONNECTION_FAILURES",
     "RECONNECT_MAX_SECONDS",
     "Source",
+    "Transport",
     "dedicated_connection",
 ]
 
@@ -77,6 +79,19 @@ async def dedicated_connection(url: str, application_name: str) -> Connection:
         keepalives_interval=5,
         keepalives_count=3,
     )
+
+
+class Transport(Protocol):
+    """Where a source's payloads come from: LISTEN (`Notifications`) or the capture slot
+    (`walcapture.SlotTransport`). `next()` gives the payloads in commit order; a query on the
+    source's connection runs inside `paused()`; `confirm()` says the last batch was handed on
+    (the slot moves past it; LISTEN has nothing to confirm)."""
+
+    async def next(self) -> list[str]: ...
+
+    def paused(self) -> AbstractAsyncContextManager[None]: ...
+
+    async def confirm(self) -> None: ...
 
 
 class Source:
@@ -131,9 +146,11 @@ class Source:
         attempt to make one (`failed_event`)."""
         return self.connected
 
-    async def listen(self, conn: Connection) -> Store:
-        """LISTEN on `conn` and load the key; the store's queries, run on `conn`."""
-        await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+    async def listen(self, conn: Connection, notify: bool = True) -> Store:
+        """LISTEN on `conn` (unless `notify` is False: the capture slot brings the payloads)
+        and load the key; the store's queries, run on `conn`."""
+        if notify:
+            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
         rows = self._store.using(conn)
         self._key = await rows.row_key()
         return rows
@@ -153,13 +170,24 @@ class Source:
         log.info(f"{self.name}_backfilled", after_id=floor, rows=len(missing))
         self._store.revive()
 
-    async def serve(self, conn: Connection, rows: Store) -> None:
-        """Emit every notification's row, in order, until the connection fails (raises)."""
+    async def serve(
+        self, conn: Connection, rows: Store, transport: Transport | None = None
+    ) -> None:
+        """Emit every payload's row, in order, until the connection fails (raises): from
+        LISTEN on `conn`, or from `transport` (the capture slot), confirming each batch once
+        it was handed on."""
+        if transport is not None:
+            await self._pump(transport, rows)
+            return
         async with Notifications(conn, self._emit_now) as notes:
-            while True:
-                for payload in await notes.next():
-                    if not self._emit_now(payload):
-                        await self._emit_reference(payload, rows, notes)
+            await self._pump(notes, rows)
+
+    async def _pump(self, transport: Transport, rows: Store) -> None:
+        while True:
+            for payload in await transport.next():
+                if not self._emit_now(payload):
+                    await self._emit_reference(payload, rows, transport)
+            await transport.confirm()
 
     def set_down(self, exc: BaseException) -> None:
         """The connection failed: log it once, in the end's words, and mark it down."""
@@ -196,7 +224,7 @@ class Source:
             raise BadSignature("no key loaded")
         return parse_notification(self._key.verify(payload))
 
-    async def _emit_reference(self, payload: str, rows: Store, notes: Notifications) -> None:
+    async def _emit_reference(self, payload: str, rows: Store, notes: Transport) -> None:
         reference = self._parse(payload)  # verified once already; a rare, short payload
         self.notifications += 1
         if reference.id in self._backfilled:

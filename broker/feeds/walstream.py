@@ -43,9 +43,17 @@ class SlotStream:
     Raises `SlotMissing`, `SlotBusy`, `SlotInvalidated` on start, and
     `psycopg.OperationalError` from `next()` when the connection fails."""
 
-    def __init__(self, url: str, slot: str, *, prefixes: tuple[str, ...] = (PREFIX,)) -> None:
+    def __init__(
+        self,
+        url: str,
+        slot: str,
+        *,
+        prefixes: tuple[str, ...] = (PREFIX,),
+        application_name: str = "pgsse-capture",
+    ) -> None:
         self._url = url
         self._slot = slot
+        self._application_name = application_name
         self._prefixes = frozenset(prefixes)
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._pgconn: pq.abc.PGconn | None = None
@@ -62,7 +70,15 @@ class SlotStream:
 
     async def __aenter__(self) -> SlotStream:
         self._conn = await psycopg.AsyncConnection.connect(
-            self._url, autocommit=True, replication="database"
+            self._url,
+            autocommit=True,
+            replication="database",
+            application_name=self._application_name,
+            connect_timeout=5,
+            keepalives=1,
+            keepalives_idle=10,
+            keepalives_interval=5,
+            keepalives_count=3,
         )
         try:
             await self._start()
@@ -112,7 +128,11 @@ class SlotStream:
         assert self._pgconn is not None and self._conn is not None
         if started.done():
             return
-        self._pgconn.consume_input()
+        try:
+            self._pgconn.consume_input()
+        except psycopg.Error as exc:  # the server went while starting
+            started.set_exception(exc)
+            return
         if self._pgconn.is_busy():
             return
         result = self._pgconn.get_result()
@@ -148,6 +168,14 @@ class SlotStream:
         self._handed = self.position
         self._done.clear()
         return batch
+
+    def unconfirmed_since(self) -> datetime.datetime | None:
+        """The commit time of the oldest transaction received and not yet confirmed (handed
+        out by `next()` or still waiting for it), None when there is none: the slot's lag in
+        time, as its reader sees it."""
+        if self.oldest_unconfirmed is not None:
+            return self.oldest_unconfirmed
+        return self._done[0][1] if self._done else None
 
     async def confirm(self) -> None:
         """The batch `next()` returned was handed on: the slot moves past it."""
