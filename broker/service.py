@@ -1,24 +1,35 @@
-"""The running broker: store, hub, listener and heartbeat, as one async context manager.
+"""The running broker: store, feeds, listener and heartbeat, as one async context manager.
 
-`Broker.running(settings)` opens the pool, starts the listener and heartbeat tasks and
-supervises them: a task that ends unexpectedly is logged and restarted at once, never found
-only at exit. On exit every stream gets an `error` event and the tasks are cancelled.
+`Broker.running(settings)` opens the pool, loads the feeds file (`BROKER_CONFIG`, checked
+against the catalog: a mistake raises `ConfigError`; `serve` has checked it already, when it
+migrated), starts the listener and heartbeat tasks and supervises them: a task that ends
+unexpectedly is logged and restarted at once, never found only at exit. On exit every stream
+gets an `error` event and the tasks are cancelled. Without a feeds file the broker serves the
+messages feed alone, as before feeds, and reads nothing more at start-up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 
+import psycopg
 import structlog
 
+from .config import feeds as feedspec
 from .config.settings import Settings
+from .feedhub import FeedHub
+from .feedreplay import FeedReplay
+from .feeds import changelog
 from .feeds.bus import Bus, BusReader
 from .feeds.listener import Listener
 from .feeds.relay import Relay
+from .feeds.source import CONNECTION_FAILURES, dedicated_connection
 from .feeds.walcapture import CaptureMonitor, SlotClaim
+from .feedset import FeedSet
 from .filters import Sessions
 from .flusher import Flusher
 from .hub import Hub
@@ -30,6 +41,8 @@ __all__ = ["SHUTDOWN", "Broker"]
 
 SHUTDOWN = "server shutting down: reconnect to resume"
 RESTART_DELAY_SECONDS = 1.0
+PRUNE_SECONDS = 300.0  # how often changes past BROKER_RETENTION are deleted
+PRUNER_NAME = "pgsse-pruner"  # its connection, in pg_stat_activity
 
 log = structlog.get_logger(logger_name=__name__)
 
@@ -42,8 +55,15 @@ class BusFeed:
     ) -> None:
         assert settings.bus_url is not None
         self.bus = Bus(settings.bus_url, settings.bus_stream, max_bytes=settings.bus_max_bytes)
-        self.reader = BusReader(self.bus, broker.hub, broker.store.row_key)
-        self.relay = Relay(database_url, self.bus, broker.store, lambda: self.reader.high_id, claim)
+        self.reader = BusReader(self.bus, broker.hub, broker.store.row_key, broker.feeds)
+        self.relay = Relay(
+            database_url,
+            self.bus,
+            broker.store,
+            lambda: self.reader.high_id,
+            broker.feeds.captured,
+            claim,
+        )
 
 
 class Capture:
@@ -58,7 +78,9 @@ class Capture:
 class Broker:
     """What the HTTP layer talks to: the hub, the store and the listener's state."""
 
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, feeds: Sequence[feedspec.Feed] = ()
+    ) -> None:
         if settings.database_url is None:
             raise ValueError("settings.database_url must be resolved before the broker starts")
         self.settings = settings
@@ -72,7 +94,16 @@ class Broker:
         if settings.capture == "wal":
             self.capture = Capture(settings, settings.database_url)
         claim = None if self.capture is None else self.capture.claim
-        self.listener = Listener(settings.database_url, self.hub, store, claim)
+        self.feeds = FeedSet(self.hub, feeds)
+        self.listener = Listener(
+            settings.database_url,
+            self.hub,
+            store,
+            self.feeds.route,
+            self.feeds,
+            self.feeds.captured,
+            claim,
+        )
         self.bus: BusFeed | None = None
         if settings.bus_url is not None:
             self.bus = BusFeed(settings, settings.database_url, self, claim)
@@ -102,16 +133,21 @@ class Broker:
     @asynccontextmanager
     async def running(cls, settings: Settings) -> AsyncIterator[Broker]:
         assert settings.database_url is not None
+        declared: tuple[feedspec.Feed, ...] = ()
+        if settings.config is not None:
+            declared = await asyncio.to_thread(_load_feeds, settings.database_url, settings.config)
         async with Store.open(settings.database_url, max_row_bytes=settings.max_row_bytes) as store:
-            broker = cls(settings, store)
+            broker = cls(settings, store, declared)
             flusher = Flusher(asyncio.get_running_loop(), broker.hub.counters.delivery_latency)
-            broker.hub.on_idle_ready = flusher.mark
+            broker.feeds.set_on_idle_ready(flusher.mark)
             if broker.bus is None:
                 feeds = [("listener", broker.listener.run)]
             else:  # the relay feeds the bus; every broker reads it (feeds/bus.py, feeds/relay.py)
                 feeds = [("relay", broker.bus.relay.run), ("bus", broker.bus.reader.run)]
             if broker.capture is not None:
                 feeds.append(("capture_monitor", broker.capture.monitor.run))
+            if broker.feeds.captured:
+                feeds.append(("pruner", broker._prune))
             tasks = [
                 *(asyncio.create_task(broker._supervise(name, run)) for name, run in feeds),
                 asyncio.create_task(broker._supervise("heartbeat", broker._heartbeat)),
@@ -136,6 +172,7 @@ class Broker:
     ) -> tuple[Subscriber, Replay | None]:
         """Subscribe a new stream and plan its replay (resume or history), in one event-loop
         step. Raises `AtCapacity` at `max_connections`."""
+        self.feeds.admit()
         subscriber = self.hub.subscribe(sessions, robot_id)
         replay = Replay.plan(
             self.hub,
@@ -147,16 +184,56 @@ class Broker:
         )
         return subscriber, replay
 
+    def open_feed_stream(
+        self,
+        feed: FeedHub,
+        keys: tuple[str, ...] | None,
+        filters: Mapping[str, str],
+        *,
+        last_event_id: int | None = None,
+        history: int | None = None,
+    ) -> tuple[Subscriber, FeedReplay | None]:
+        """`open_stream` for a generic feed: subscribe a stream of `keys` (None: all) and
+        `filters`, and plan its replay, in one event-loop step. Raises `AtCapacity` when the
+        streams of every feed together are at `max_connections`."""
+        self.feeds.admit()
+        subscriber = feed.subscribe(keys, filters)
+        replay = FeedReplay.plan(
+            feed,
+            self.store,
+            subscriber,
+            last_event_id=last_event_id,
+            history=history,
+            limit=self.settings.replay_limit,
+        )
+        return subscriber, replay
+
     def close_streams(self, reason: str = SHUTDOWN) -> None:
         """Send every stream an `error` event and end it, so clients move elsewhere."""
-        if len(self.hub):
-            log.info("streams_closing", streams=len(self.hub), reason=reason)
-        self.hub.close_all(reason)
+        if len(self.feeds):
+            log.info("streams_closing", streams=len(self.feeds), reason=reason)
+        self.feeds.close_all(reason)
 
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_seconds)
-            self.hub.heartbeat()
+            self.feeds.heartbeat()
+
+    async def _prune(self) -> None:
+        """Delete changes older than `BROKER_RETENTION`, at start and every `PRUNE_SECONDS`,
+        on a connection of its own (opened each time: a backend held for a query every few
+        minutes would be a waste). A failure is logged and tried again at the next round;
+        several brokers may run this: one prunes at a time (`changelog.prune`)."""
+        assert self.settings.database_url is not None
+        while True:
+            try:
+                async with await dedicated_connection(
+                    self.settings.database_url, PRUNER_NAME
+                ) as conn:
+                    await changelog.prune(conn, self.settings.retention)
+            except CONNECTION_FAILURES as exc:
+                log.warning("prune_failed", error=f"{type(exc).__name__}: {exc}".strip())
+            await asyncio.sleep(PRUNE_SECONDS)
 
     async def _supervise(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
         while True:
@@ -168,3 +245,10 @@ class Broker:
             except Exception:
                 log.exception("task_crashed", task=name)
             await asyncio.sleep(RESTART_DELAY_SECONDS)
+
+
+def _load_feeds(url: str, path: Path) -> tuple[feedspec.Feed, ...]:
+    """The feeds of the file at `path`, checked against the database's catalog (blocking:
+    run in a thread at start-up)."""
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        return feedspec.load(conn, path)

@@ -129,6 +129,17 @@ class Store:
             return self._source.connection()
         return nullcontext(self._source)
 
+    @asynccontextmanager
+    async def borrowed(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A connection of the pool (or the store's one connection) for queries written
+        elsewhere (the change log's reads): a failure in the block raises
+        `DatabaseUnavailable`, as the store's own queries do."""
+        try:
+            async with self._connection() as conn:
+                yield conn
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise DatabaseUnavailable(exc) from exc
+
     @classmethod
     @asynccontextmanager
     async def open(

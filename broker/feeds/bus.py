@@ -24,7 +24,8 @@ and the database it belongs to. A reader routes an entry only if it names this b
 database, its signature verifies with that database's key and its row is well typed; any
 other is refused (counted, logged at most once a second, without its content) and the read
 position moves past it all the same, so a bad entry at the tail cannot hold a reader in a
-loop. Two deployments that share a Redis stream so each ignore the other's rows.
+loop. Two deployments that share a Redis stream so each ignore the other's rows. Changes of
+declared feeds travel the same way, in the same order as rows (`buschanges.py`).
 
 An entry with the largest possible stream id makes every later `XADD *` fail and leaves every
 reader's position past anything the stream can hold. The relay finds it (`exhausted`), says
@@ -41,7 +42,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import redis.asyncio
@@ -50,6 +51,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
+from ..changes import Change
 from ..errors import BrokerError
 from ..events import Message, parse_notification
 from ..hub import JOURNAL_SIZE, Hub
@@ -58,7 +60,12 @@ from ..log import Refusals
 from ..signing import RowKey, refusal_reason
 from ..store import DatabaseUnavailable
 from .backoff import Backoff
+from .buschanges import ChangeEntry, parse_entry
 from .retry import checkpoint, retry_forever
+from .source import CHANGE_PREFIX
+
+if TYPE_CHECKING:
+    from ..feedset import FeedSet
 
 __all__ = ["Bus", "BusDown", "BusReader", "Entry"]
 
@@ -276,11 +283,12 @@ class Bus:
         """XLEN: the entries the stream holds now."""
         return int(await self._call(self._redis.xlen(self.key)))
 
-    async def floor(self, proposed: int) -> int:
+    async def floor(self, proposed: int, feed: str = "") -> int:
         """The bus's floor, set to `proposed` unless it is set already: the table's last id
         when the first relay of this stream LISTENed. Rows up to it predate the bus, and the
-        relay's backfill looks for no row at or below it."""
-        key = self._floor_key()
+        relay's backfill looks for no row at or below it. With `feed`, that feed's floor of
+        change positions."""
+        key = self._floor_key() + (f":{feed}" if feed else "")
         await self._call(self._redis.set(key, proposed, nx=True))
         value = await self._call(self._redis.get(key))
         return int(value) if value is not None else proposed
@@ -292,13 +300,15 @@ class Bus:
     def _floor_key(self) -> str:
         return f"{self.key}:floor:{self._key().database}"  # per database: streams may be shared
 
-    async def tail(self, count: int | None = None) -> list[Entry]:
+    async def tail(self, count: int | None = None) -> list[Entry | ChangeEntry]:
         """The last `count` entries (default `maxlen`) this database signed, oldest first.
         Holds them all: for tests and small counts; `pages` reads in bounded memory."""
         entries = [entry async for page in self.pages(count) for entry, _ in page]
         return entries[::-1]
 
-    async def pages(self, count: int | None = None) -> AsyncIterator[list[tuple[Entry, int]]]:
+    async def pages(
+        self, count: int | None = None
+    ) -> AsyncIterator[list[tuple[Entry | ChangeEntry, int]]]:
         """The last `count` entries (default `maxlen`) this database signed, newest first, a
         bounded page at a time, each with its size in bytes."""
         left = count or self.maxlen
@@ -317,7 +327,7 @@ class Bus:
 
     async def read(
         self, after: str, block_ms: int = READ_BLOCK_MS, pager: Pager | None = None
-    ) -> tuple[list[Entry], str, str | None]:
+    ) -> tuple[list[Entry | ChangeEntry], str, str | None]:
         """Entries after stream id `after` that this database signed, waiting up to
         `block_ms` for the first one; the id of the last entry read, refused or not (`after`
         if none), where the next read starts; and the stream's first id once they were read
@@ -335,19 +345,23 @@ class Bus:
 
     def _verified(
         self, raw: Iterable[tuple[bytes, dict[bytes, bytes]]], last: str = "0-0"
-    ) -> tuple[list[tuple[Entry, int]], str]:
+    ) -> tuple[list[tuple[Entry | ChangeEntry, int]], str]:
         """The entries of `raw` that verify, each with its size, and the id of the last of
         `raw`."""
         row_key = self._key()
         database = row_key.database.encode()
-        entries = []
+        entries: list[tuple[Entry | ChangeEntry, int]] = []
         for raw_id, fields in raw:
             last = _text(raw_id)
             if fields.get(b"db") != database:
                 self.refusals.error("bus_entry_refused", "another database", stream_id=last)
                 continue
             try:
-                parsed = parse_notification(row_key.verify(fields.get(b"row", b"")))
+                verified = row_key.verify(fields.get(b"row", b""))
+                if verified.startswith(CHANGE_PREFIX):
+                    entries.append((parse_entry(last, verified), _size(fields)))
+                    continue
+                parsed = parse_notification(verified)
             except ValueError as exc:  # BadSignature too
                 self.refusals.error(
                     "bus_entry_refused", refusal_reason(exc), stream_id=last, error=str(exc)
@@ -386,10 +400,15 @@ class BusReader:
     """
 
     def __init__(
-        self, bus: Bus, hub: Hub, load_key: Callable[[], Awaitable[RowKey]] | None = None
+        self,
+        bus: Bus,
+        hub: Hub,
+        load_key: Callable[[], Awaitable[RowKey]] | None = None,
+        feeds: FeedSet | None = None,
     ) -> None:
         self._bus = bus
         self._hub = hub
+        self._feeds = feeds  # where changes go; None: they are dropped
         self._load_key = load_key  # None: the bus's key is set already (`Bus.trust`)
         self.resets = 0  # positions found past the stream's end (`bus_position_reset`)
         self.last_id: str | None = None
@@ -456,11 +475,18 @@ class BusReader:
         a bounded page at a time, keeping only each row's routing keys."""
         rows: list[tuple[int, str, str | None, str]] = []
         last_id: str | None = None
+        changes: list[Change] = []
         async for page in self._bus.pages():
             for entry, _ in page:
-                message = entry.message
                 last_id = last_id or entry.stream_id
+                if isinstance(entry, ChangeEntry):
+                    changes.append(entry.change)
+                    continue
+                message = entry.message
                 rows.append((message.id, message.session_id, message.robot_id, message.created_at))
+        if self._feeds is not None:
+            for change in reversed(changes):
+                self._feeds.remember(change)
         journal = self._hub.journal
         for message_id, session_id, robot_id, created_at in reversed(rows):
             if message_id not in journal:
@@ -477,15 +503,22 @@ class BusReader:
         self.gaps += 1
         log.warning("bus_gap", last_id=after, first_id=first_id, streams=len(self._hub))
         self._hub.journal = Journal(JOURNAL_SIZE)
-        self._hub.close_all(GAP)
+        if self._feeds is None:
+            self._hub.close_all(GAP)
+        else:
+            self._feeds.forget_changes()
+            self._feeds.close_all(GAP)
 
-    def route(self, entries: list[Entry]) -> None:
-        """Publish each entry's row (the hub drops a copy of one it routed already)."""
+    def route(self, entries: list[Entry | ChangeEntry]) -> None:
+        """Publish each entry's row or change (the hubs drop a copy of one routed already)."""
         publish = self._hub.publish
         for entry in entries:
-            publish(entry.message)
+            if type(entry) is Entry:
+                publish(entry.message)
+                self.high_id = max(self.high_id or 0, entry.message.id)
+            elif self._feeds is not None and isinstance(entry, ChangeEntry):
+                self._feeds.route(entry.change)
             self.last_id = entry.stream_id
-            self.high_id = max(self.high_id or 0, entry.message.id)
             self.entries += 1
         if entries:
             self.lag_ms = max(0.0, time.time() * 1000 - entries[-1].added_ms)

@@ -9,7 +9,11 @@
   `{"type":"reset","reason":"history expired"}`. Exact in the safe direction: every pruned
   change has a position <= it (a retained one may too, since positions are taken in insert
   order and pruning goes by time).
-- `fetch(conn, feed, position)`: one change, for a notification that is a reference.
+- `fetch(conn, feed, position)`: one change, for a notification that is a reference;
+  `at_positions(conn, feed, positions)`: the changes at given positions (a resume from the
+  journal, which holds positions and route values, not the changes).
+- `oldest_of_last(conn, feed, key, count, match)`: where `history=N` starts;
+  `last_positions(conn, feeds)`: each feed's highest position (a listener's floor).
 - `prune(conn, retention)`: deletes changes older than `retention` seconds in batches of
   `PRUNE_BATCH`, each its own short transaction under a transaction advisory lock that only
   pruners take (one instance prunes at a time; the others skip). Writers only INSERT into the
@@ -45,7 +49,10 @@ __all__ = [
     "Change",
     "Match",
     "Page",
+    "at_positions",
     "fetch",
+    "last_positions",
+    "oldest_of_last",
     "prune",
     "prune_batch",
     "pruned_through",
@@ -97,6 +104,16 @@ def _condition(doc: str, key: str, match: Match) -> tuple[sql.Composable, list[A
     return (sql.SQL(" AND ").join(parts) if parts else sql.SQL("true")), params
 
 
+def _matching(key: str, match: Match) -> tuple[sql.Composable, list[Any]]:
+    """Whether a change of the log matches: its row, or an update's old row."""
+    new, new_params = _condition("data", key, match)
+    old, old_params = _condition("(data || old)", key, match)
+    condition = sql.SQL("{new} OR (op = 'u' AND old IS NOT NULL AND {old})").format(
+        new=new, old=old
+    )
+    return condition, [*new_params, *old_params]
+
+
 async def read(
     conn: psycopg.AsyncConnection[Any],
     feed: str,
@@ -110,18 +127,17 @@ async def read(
 ) -> Page:
     """One page of `feed`'s changes with `after` < position <= `upto` that `match` selects
     (`key`: the feed's key column). At most `limit` changes, `scan` changes of the log read."""
-    new, new_params = _condition("data", key, match)
-    old, old_params = _condition("(data || old)", key, match)
+    matched, match_params = _matching(key, match)
     query = sql.SQL(
         "SELECT w.pruned, c.* FROM (SELECT coalesce((SELECT pruned_through"
         " FROM pgsse.retention WHERE feed = %s), 0) AS pruned) AS w"
         " LEFT JOIN LATERAL (SELECT position, op::text,"
-        " {new} OR (op = 'u' AND old IS NOT NULL AND {old}), data::text, old::text, at"
+        " {matched}, data::text, old::text, at"
         " FROM pgsse.changes WHERE feed = %s AND position > %s AND position <= %s"
         " ORDER BY position LIMIT %s) AS c ON true ORDER BY c.position"
-    ).format(new=new, old=old)
+    ).format(matched=matched)
     bound = upto if upto is not None else 2**63 - 1
-    params = [feed, *new_params, *old_params, feed, after, bound, scan]
+    params = [feed, *match_params, feed, after, bound, scan]
     cursor = conn.cursor(row_factory=tuple_row)
     rows = await (await cursor.execute(query, params)).fetchall()
     pruned = int(rows[0][0])  # one row at least: the LEFT JOIN keeps `w`
@@ -152,6 +168,53 @@ async def fetch(conn: psycopg.AsyncConnection[Any], feed: str, position: int) ->
         return None
     op, data, old, at = row
     return Change(feed, position, OPS[op], _json(data), None if old is None else _json(old), at)
+
+
+async def at_positions(
+    conn: psycopg.AsyncConnection[Any], feed: str, positions: Sequence[int]
+) -> dict[int, Change]:
+    """The changes of `feed` at `positions` that the log holds (pruned ones are absent)."""
+    cursor = conn.cursor(row_factory=tuple_row)
+    await cursor.execute(
+        "SELECT position, op::text, data::text, old::text, at FROM pgsse.changes"
+        " WHERE feed = %s AND position = ANY(%s)",
+        (feed, list(positions)),
+    )
+    return {
+        position: Change(
+            feed, position, OPS[op], _json(data), None if old is None else _json(old), at
+        )
+        for position, op, data, old, at in await cursor.fetchall()
+    }
+
+
+async def oldest_of_last(
+    conn: psycopg.AsyncConnection[Any], feed: str, key: str, count: int, match: Match
+) -> int | None:
+    """The position of the oldest of the last `count` changes of `feed` that `match` selects
+    (`history=N` starts there); None when none does."""
+    matched, match_params = _matching(key, match)
+    query = sql.SQL(
+        "SELECT min(position) FROM (SELECT position FROM pgsse.changes WHERE feed = %s"
+        " AND ({matched}) ORDER BY position DESC LIMIT %s) AS last"
+    ).format(matched=matched)
+    cursor = conn.cursor(row_factory=tuple_row)
+    await cursor.execute(query, [feed, *match_params, count])
+    row = await cursor.fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+async def last_positions(
+    conn: psycopg.AsyncConnection[Any], feeds: Sequence[str]
+) -> dict[str, int]:
+    """Each of `feeds`' highest position in the log (0: none), one index probe each."""
+    cursor = conn.cursor(row_factory=tuple_row)
+    await cursor.execute(
+        "SELECT f, coalesce((SELECT max(position) FROM pgsse.changes WHERE feed = f), 0)"
+        " FROM unnest(%s::text[]) AS f",
+        (list(feeds),),
+    )
+    return {str(feed): int(position) for feed, position in await cursor.fetchall()}
 
 
 def _json(text: str) -> dict[str, Any]:

@@ -2,7 +2,10 @@
 
 A thin end of `source.Source`, which owns the connection, its recovery, the backfill and the
 notifications. What is the listener's own: the floor of its backfill, and when streams may
-start reading.
+start reading. Rows go to the hub; changes of declared feeds to `route_change` (the service's
+`FeedSet.route`). Changes recover as rows do: the first connection records each captured
+feed's last position as its floor, and each reconnect backfills from the change log every
+change above it that the feed's journal does not hold.
 
 `started` is set at the first LISTEN: streams wait for it before they read anything, so no
 row can commit between a stream's read of the table and the first LISTEN unseen. The first
@@ -22,14 +25,24 @@ confirmed when the connection died) the hub's journal drops.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Sequence
 
 import structlog
 
+from ..changes import Change
 from ..events import Message
 from ..hub import Hub
 from ..store import Store
+from . import changelog
 from .backoff import Backoff
-from .source import APPLICATION_NAME, CHANNEL, Source, dedicated_connection
+from .source import (
+    APPLICATION_NAME,
+    CHANNEL,
+    ChangesHeld,
+    Connection,
+    Source,
+    dedicated_connection,
+)
 from .walcapture import SlotClaim
 
 __all__ = ["APPLICATION_NAME", "CHANNEL", "Listener"]
@@ -44,9 +57,22 @@ class Listener(Source):
     down_event = "listener_down"
     failed_event = "listener_connect_failed"
 
-    def __init__(self, url: str, hub: Hub, store: Store, claim: SlotClaim | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        hub: Hub,
+        store: Store,
+        route_change: Callable[[Change], object] | None = None,
+        changes: ChangesHeld | None = None,
+        captured: Sequence[str] = (),
+        claim: SlotClaim | None = None,
+    ) -> None:
         super().__init__(url, store)
         self._hub = hub
+        self._route_change = route_change or hub.publish_change
+        self._changes = changes  # what the hubs hold of the `captured` feeds' changes
+        self._captured = tuple(captured)
+        self._change_floors: dict[str, int] | None = None  # per feed, as `_floor` for rows
         self.claim = claim  # the capture slot to read instead of LISTEN (`BROKER_CAPTURE=wal`)
         self._floor: int | None = None  # rows up to this id committed before the first LISTEN
         self.started = asyncio.Event()
@@ -58,11 +84,7 @@ class Listener(Source):
             return
         async with await dedicated_connection(self._url, APPLICATION_NAME) as conn:
             rows = await self.listen(conn)
-            if self._floor is None:
-                self._floor = await rows.last_id()
-            else:
-                await self.backfill(rows, self._backfill_floor(), self._hub.journal)
-                self.reconnects += 1
+            await self._catch_up(conn, rows, backfill=True)
             self.connected = True
             self.started.set()
             backoff.reset()
@@ -75,7 +97,7 @@ class Listener(Source):
             rows = await self.listen(conn, notify=False)
             await claim.campaign(conn)
             async with claim.read(conn) as transport:
-                await self._catch_up(rows, claim.recreated)
+                await self._catch_up(conn, rows, backfill=claim.recreated)
                 self.connected = True
                 self.started.set()
                 backoff.reset()
@@ -84,17 +106,23 @@ class Listener(Source):
                 )
                 await self.serve(conn, rows, transport)
 
-    async def _catch_up(self, rows: Store, recreated: bool) -> None:
-        """The first read records the floor; later ones backfill only after the slot was
-        made again (the slot kept the rest), and revive the pool."""
+    async def _catch_up(self, conn: Connection, rows: Store, backfill: bool) -> None:
+        """The first connection records the floors (rows, each feed's changes); a later one
+        backfills rows and changes committed meanwhile, or with `backfill` False (the slot
+        kept them) only revives the pool."""
         if self._floor is None:
             self._floor = await rows.last_id()
-            return
-        self.reconnects += 1
-        if recreated:
-            await self.backfill(rows, self._backfill_floor(), self._hub.journal)
         else:
-            self._store.revive()
+            self.reconnects += 1
+            if backfill:
+                await self.backfill(rows, self._backfill_floor(), self._hub.journal)
+            else:
+                self._store.revive()
+        if self._captured and self._changes is not None:
+            if self._change_floors is None:
+                self._change_floors = await changelog.last_positions(conn, self._captured)
+            elif backfill:
+                await self.backfill_changes(conn, self._change_floors, self._changes)
 
     def _backfill_floor(self) -> int:
         """Where the backfill looks from: the first LISTEN's floor (lowered to an id found
@@ -111,3 +139,6 @@ class Listener(Source):
         publish = self._hub.publish
         for message in messages:
             publish(message)
+
+    def emit_change(self, change: Change, signed: str | None) -> None:
+        self._route_change(change)

@@ -58,16 +58,19 @@ import contextlib
 import os
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
 import structlog
 
+from ..changes import Change
 from ..events import Message
 from ..store import Store
+from . import changelog
 from .backoff import Backoff
 from .bus import LEASE_MS, Bus, BusDown
+from .buschanges import ChangeEntry, TailChanges, payload
 from .notifications import HEALTH_CHECK_TIMEOUT
 from .retry import pause
 from .source import APPLICATION_NAME, Source, dedicated_connection
@@ -101,10 +104,13 @@ class Relay(Source):
         bus: Bus,
         store: Store,
         floor_hint: Callable[[], int | None],
+        captured: Sequence[str] = (),
         claim: SlotClaim | None = None,
     ) -> None:
         super().__init__(url, store)
         self._bus = bus
+        self._captured = tuple(captured)  # feeds whose changes the log holds
+        self._tail_changes = TailChanges()
         self.claim = claim  # the capture slot to read instead of LISTEN (`BROKER_CAPTURE=wal`)
         self._floor_hint = floor_hint
         self.role = "follower"
@@ -157,13 +163,15 @@ class Relay(Source):
         await self.serve(conn, rows)
 
     async def _elected(self, conn: psycopg.AsyncConnection[Any], rows: Store) -> None:
-        """Take the role: recover an exhausted stream, backfill, start appending."""
+        """Take the role: recover an exhausted stream, backfill rows and changes, start
+        appending."""
         self.role = "relay"
         self.elections += 1
         log.info("relay_elected", stream=self._bus.key, elections=self.elections)
         await self._recover_exhausted()
         await self._backfill(rows)
         self._appender = Appender(self._bus, lambda exc: _cut(conn, exc), self._count)
+        await self._backfill_changes(conn)  # through the appender, ahead of notifications
 
     async def _drained(self) -> None:
         """Before the slot moves on: every row handed to the appender is in Redis."""
@@ -236,9 +244,13 @@ class Relay(Source):
         """The ids the stream holds, read in bounded pages; the byte budget's sizes with them."""
         ids: set[int] = set()
         sizes: list[int] = []
+        self._tail_changes = TailChanges()
         async for page in self._bus.pages():
             for entry, size in page:
-                ids.add(entry.message.id)
+                if isinstance(entry, ChangeEntry):
+                    self._tail_changes.add(entry.change)
+                else:
+                    ids.add(entry.message.id)
                 sizes.append(size)
         self._bus.sizes.reset(reversed(sizes))
         return ids
@@ -271,6 +283,24 @@ class Relay(Source):
             floor = max(floor, min(tail))
         await self.backfill(rows, floor, tail)
 
+    async def _backfill_changes(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Append every change of a captured feed that the stream lacks (`buschanges.py`):
+        above the feed's floor on the bus (its last position when the stream's first relay
+        took it, kept in Redis), raised to the tail's oldest of the feed once trimmed."""
+        if not self._captured:
+            return
+        tail = self._tail_changes
+        last = await changelog.last_positions(conn, self._captured)
+        trimmed = await self._bus.length() >= self._bus.maxlen
+        floors: dict[str, int] = {}
+        for feed in self._captured:
+            oldest = tail.oldest(feed)
+            floor = await self._bus.floor(last[feed] if oldest is None else oldest, feed)
+            if oldest is not None and trimmed:
+                floor = max(floor, oldest)
+            floors[feed] = floor
+        await self.backfill_changes(conn, floors, tail)
+
     async def emit_page(self, messages: list[Message]) -> None:
         await self._bus.append_many(messages)
         self._count(len(messages))
@@ -280,6 +310,16 @@ class Relay(Source):
         a `Message` (the bus signs it)."""
         if self._appender is not None:
             self._appender.put(message if signed is None else signed.encode())
+
+    def emit_change(self, change: Change, signed: str | None) -> None:
+        """Append a change: a notification as the trigger signed it, a change read from the
+        log signed here with the database's key."""
+        if self._appender is None:
+            return
+        if signed is not None:
+            self._appender.put(signed.encode())
+        elif self._key is not None:
+            self._appender.put(self._key.sign(payload(change)))
 
     def _count(self, appended: int) -> None:
         self.appended += appended

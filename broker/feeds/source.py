@@ -6,7 +6,9 @@ feeds the bus) are two ends of one job, and this module is that job. A `Source`:
 - connects outside the store's pool (`dedicated_connection`: autocommit, TCP keepalives), so
   it is back as soon as PostgreSQL is, whatever the pool is doing, and reconnects after any
   failure with a backoff capped at `RECONNECT_MAX_SECONDS` (`run`, on `retry.retry_forever`);
-- LISTENs on `CHANNEL` and loads the database's key (`signing.py`) on that connection;
+- LISTENs on `CHANNEL` (rows) and `capture.CHANNEL` (changes of declared feeds) on that one
+  connection, so rows and changes arrive together in commit order, and loads the database's
+  key (`signing.py`) on it;
 - backfills: every row above a floor that its end does not hold yet (the hub's journal, the
   stream's tail) is read, `BACKFILL_PAGE` ids at a time, in id order, and handed to its end
   before any notification that queued meanwhile; notifications of the rows it handed are then
@@ -15,17 +17,21 @@ feeds the bus) are two ends of one job, and this module is that job. A `Source`:
 - verifies and parses every notification (`Notifications`, which reads every payload the
   socket holds at each wake-up and health-checks a quiet connection), drops one not signed
   with the database's key or malformed (`notification_refused`, rate-limited), and reads a
-  row too large for NOTIFY by its id, on the connection;
+  row too large for NOTIFY by its id, on the connection; a verified payload that starts with
+  `{"feed":` (the capture trigger writes that first) is a change (`changes.parse_change`),
+  handed to `emit_change`, and a change too large for NOTIFY is read from the change log
+  (`changelog.fetch`) on the connection too;
 - says once, in its end's words, that it went down or could not connect (`set_down`).
 
 The ends give it a name for its log events (`<name>_backfilled`, `<name>_crashed`) and what
-to do with a row (`emit`, `emit_page`); the listener decides its floor against the hub's
-journal, the relay campaigns for its role and decides its floor against the bus.
+to do with a row (`emit`, `emit_page`) and a change (`emit_change`); the listener decides its
+floor against the hub's journal, the relay campaigns for its role and decides its floor
+against the bus.
 """
 
 from __future__ import annotations
 
-from collections.abc import Container
+from collections.abc import Container, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any, ClassVar, Protocol
 
@@ -33,11 +39,13 @@ import psycopg
 import structlog
 from psycopg import sql
 
+from ..changes import Change, ChangeReference, parse_change
 from ..errors import BrokerError
 from ..events import Message, Reference, parse_notification
 from ..log import Refusals
 from ..signing import BadSignature, RowKey, refusal_reason
 from ..store import Store
+from . import capture, changelog
 from .backoff import Backoff
 from .notifications import Notifications
 from .retry import retry_forever
@@ -48,6 +56,7 @@ __all__ = [
     "CHANNEL",
     "CONNECTION_FAILURES",
     "RECONNECT_MAX_SECONDS",
+    "ChangesHeld",
     "Source",
     "Transport",
     "dedicated_connection",
@@ -60,6 +69,7 @@ RECONNECT_MAX_SECONDS = 0.5
 # What ends a dedicated connection's loop when the server goes (retried, not a crash).
 CONNECTION_FAILURES = (psycopg.Error, BrokerError, OSError, TimeoutError)
 BACKFILL_PAGE = 1_000
+CHANGE_PREFIX = b'{"feed":'  # how a change's payload starts (`capture.py` writes it first)
 
 log = structlog.get_logger(logger_name=__name__)
 
@@ -92,6 +102,14 @@ class Transport(Protocol):
     def paused(self) -> AbstractAsyncContextManager[None]: ...
 
     async def confirm(self) -> None: ...
+
+
+class ChangesHeld(Protocol):
+    """What an end holds of each feed's changes (`feedset.FeedSet` for the listener)."""
+
+    def holds(self, feed: str, position: int) -> bool: ...
+
+    def forgotten_up_to(self, feed: str) -> int: ...
 
 
 class Source:
@@ -141,6 +159,11 @@ class Source:
         """Hand on a page of rows a backfill read, in id order."""
         raise NotImplementedError
 
+    def emit_change(self, change: Change, signed: str | None) -> None:
+        """Hand on one change of a declared feed: `signed` is the trigger's payload it came
+        in, None for a change read from the log."""
+        raise NotImplementedError
+
     def is_up(self) -> bool:
         """Whether a failure now loses a live connection (`down_event`) rather than an
         attempt to make one (`failed_event`)."""
@@ -150,7 +173,8 @@ class Source:
         """LISTEN on `conn` (unless `notify` is False: the capture slot brings the payloads)
         and load the key; the store's queries, run on `conn`."""
         if notify:
-            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+            for channel in (CHANNEL, capture.CHANNEL):
+                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         rows = self._store.using(conn)
         self._key = await rows.row_key()
         return rows
@@ -170,23 +194,45 @@ class Source:
         log.info(f"{self.name}_backfilled", after_id=floor, rows=len(missing))
         self._store.revive()
 
+    async def backfill_changes(
+        self, conn: Connection, floors: Mapping[str, int], held: ChangesHeld
+    ) -> None:
+        """Emit every change of each feed of `floors` above its floor (raised to what its
+        journal forgot) that `held` lacks, in position order, read from the change log on
+        `conn` a bounded page at a time: changes committed while no one listened. Their
+        notifications, if any queued meanwhile, are dropped by the hubs (their journals)."""
+        everything = changelog.Match()
+        emitted = 0
+        for feed, floor in floors.items():
+            after = max(floor, held.forgotten_up_to(feed))
+            while True:
+                page = await changelog.read(conn, feed, "", after, everything)
+                for change in page.changes:
+                    if not held.holds(feed, change.position):
+                        self.emit_change(change, None)
+                        emitted += 1
+                if page.done:
+                    break
+                after = page.through
+        log.info(f"{self.name}_changes_backfilled", feeds=len(floors), changes=emitted)
+
     async def serve(
         self, conn: Connection, rows: Store, transport: Transport | None = None
     ) -> None:
-        """Emit every payload's row, in order, until the connection fails (raises): from
-        LISTEN on `conn`, or from `transport` (the capture slot), confirming each batch once
-        it was handed on."""
+        """Emit every payload's row or change, in order, until the connection fails
+        (raises): from LISTEN on `conn`, or from `transport` (the capture slot), confirming
+        each batch once it was handed on."""
         if transport is not None:
-            await self._pump(transport, rows)
+            await self._pump(transport, conn, rows)
             return
         async with Notifications(conn, self._emit_now) as notes:
-            await self._pump(notes, rows)
+            await self._pump(notes, conn, rows)
 
-    async def _pump(self, transport: Transport, rows: Store) -> None:
+    async def _pump(self, transport: Transport, conn: Connection, rows: Store) -> None:
         while True:
             for payload in await transport.next():
                 if not self._emit_now(payload):
-                    await self._emit_reference(payload, rows, transport)
+                    await self._emit_reference(payload, conn, rows, transport)
             await transport.confirm()
 
     def set_down(self, exc: BaseException) -> None:
@@ -199,10 +245,10 @@ class Source:
         self.connected = False
 
     def _emit_now(self, payload: str) -> bool:
-        """Emit a notification's row; False, doing nothing, for a row too large for NOTIFY
-        (a `Reference`: reading it takes a query). A payload not signed with the database's
-        key (a role's own NOTIFY), or malformed, is dropped: counted and logged without its
-        content."""
+        """Emit a notification's row or change; False, doing nothing, for one too large for
+        NOTIFY (a `Reference` or `ChangeReference`: reading it takes a query). A payload not
+        signed with the database's key (a role's own NOTIFY), or malformed, is dropped:
+        counted and logged without its content."""
         try:
             parsed = self._parse(payload)
         except ValueError as exc:  # BadSignature too
@@ -211,22 +257,40 @@ class Source:
                 "notification_refused", refusal_reason(exc), bytes=len(payload), error=str(exc)
             )
             return True
-        if isinstance(parsed, Reference):
-            return False
-        self.notifications += 1
-        if parsed.id not in self._backfilled:
-            self.emit(parsed, payload)
-        return True
+        if isinstance(parsed, Message):
+            self.notifications += 1
+            if parsed.id not in self._backfilled:
+                self.emit(parsed, payload)
+            return True
+        if isinstance(parsed, Change):
+            self.notifications += 1
+            self.emit_change(parsed, payload)  # its hub drops a copy a backfill handed on
+            return True
+        return False
 
-    def _parse(self, payload: str) -> Message | Reference:
+    def _parse(self, payload: str) -> Message | Reference | Change | ChangeReference:
         """The verified, parsed payload. Raises `ValueError` (`BadSignature` included)."""
         if self._key is None:
             raise BadSignature("no key loaded")
-        return parse_notification(self._key.verify(payload))
+        verified = self._key.verify(payload)
+        if verified.startswith(CHANGE_PREFIX):
+            return parse_change(verified)
+        return parse_notification(verified)
 
-    async def _emit_reference(self, payload: str, rows: Store, notes: Transport) -> None:
+    async def _emit_reference(
+        self, payload: str, conn: Connection, rows: Store, notes: Transport
+    ) -> None:
         reference = self._parse(payload)  # verified once already; a rare, short payload
         self.notifications += 1
+        if isinstance(reference, ChangeReference):
+            async with notes.paused():
+                change = await changelog.fetch(conn, reference.feed, reference.position)
+            if change is None:  # pruned meanwhile: a resume from before it gets `reset`
+                log.warning("change_missing", feed=reference.feed, position=reference.position)
+            else:
+                self.emit_change(change, None)
+            return
+        assert isinstance(reference, Reference)
         if reference.id in self._backfilled:
             return
         async with notes.paused():

@@ -21,16 +21,17 @@ from starlette.routing import BaseRoute
 from starlette.staticfiles import StaticFiles
 
 from ..config.settings import Settings
-from ..errors import RequestError, Unavailable
+from ..errors import Forbidden, RequestError, Unavailable
 from ..service import Broker
 from .answers import HANDLERS
-from .auth import Authenticator, authenticate
+from .auth import OPEN, Authenticator, Grant, authenticate
 from .guard import Guard, GuardedApp, OriginWatch
 from .limits import ClientCounter
 from .metrics import create_registry, render
 from .stats import snapshot
 from .stream import EventStreamHead, EventStreamResponse
 from .validation import (
+    check_feed_query,
     check_id,
     check_session_ids,
     parse_history,
@@ -73,6 +74,8 @@ def create_app(settings: Settings, counter: ClientCounter | None = None) -> Star
     routes: list[BaseRoute] = [
         stream_route,
         guard.admin("/api/sse/stats", stats),
+        # After the two above (`stats` is no feed's name: config/feeds.py reserves it).
+        guard.stream("/api/sse/{feed}", stream_feed),
         guard.public("/api/messages", post_message, methods=["POST"]),
         guard.probe("/healthz", healthz),
         guard.probe("/readyz", readyz),
@@ -129,6 +132,7 @@ async def stream_messages(request: Request) -> Response:
     history = parse_history(params.get("history"))
     if request.method == "HEAD":
         # The status and headers a GET would get (503 when full); nothing is held.
+        broker.feeds.admit()
         broker.hub.unsubscribe(broker.hub.subscribe(sessions, robot_id))
         return EventStreamHead()
     subscriber, replay = broker.open_stream(
@@ -142,6 +146,52 @@ async def stream_messages(request: Request) -> Response:
         retry_ms=broker.settings.retry_ms,
         valid_until=grant.valid_until,
     )
+
+
+async def stream_feed(request: Request) -> Response:
+    """`GET /api/sse/<feed>` of a generic feed (the messages feed has `stream_messages`):
+    query parameters are the feed's key and filter columns (docs/feeds.md)."""
+    broker = _broker(request)
+    name = request.path_params["feed"]
+    feed = broker.feeds.get(name)
+    if feed is None:
+        raise RequestError(404, "no such feed")
+    grant = authenticate(request, query=True)
+    spec = feed.feed
+    params = request.query_params
+    keys, filters = check_feed_query(spec.key, spec.filters, params.multi_items())
+    refusal = authorize_feed(grant, name, keys)
+    if refusal is not None:
+        raise Forbidden(refusal)
+    last_event_id = parse_last_event_id(
+        request.headers.get("last-event-id", params.get("lastEventId"))
+    )
+    history = parse_history(params.get("history"))
+    if request.method == "HEAD":
+        broker.feeds.admit()  # the status a GET would get (503 when full); nothing held
+        return EventStreamHead()
+    subscriber, replay = broker.open_feed_stream(
+        feed, keys, filters, last_event_id=last_event_id, history=history
+    )
+    return EventStreamResponse(
+        feed,
+        subscriber,
+        replay,
+        listening=broker.started,
+        retry_ms=broker.settings.retry_ms,
+        valid_until=grant.valid_until,
+        connected=feed.connected(subscriber, broker.settings.retry_ms),
+    )
+
+
+def authorize_feed(grant: Grant, feed: str, keys: tuple[str, ...] | None) -> str | None:
+    """Why `grant` may not stream `feed` for `keys` (None: the global stream), or None if it
+    may: the one place a feed stream's token is checked. Without `BROKER_AUTH_SECRET` every
+    feed is open; a token's `sessions`/`robots` scope the messages feed only, so until tokens
+    carry a `feeds` claim a token allows no other feed."""
+    if grant is OPEN:
+        return None
+    return "token does not allow this feed"
 
 
 async def stats(request: Request) -> Response:

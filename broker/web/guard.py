@@ -92,12 +92,16 @@ class Guard:
         return _Route(path, endpoint, methods=["GET"], served=self._admin, middleware=token)
 
     def stream(self, path: str, endpoint: Endpoint) -> StreamRoute:
+        """A stream route (GET and HEAD); every stream route shares one per-client count."""
         limit = self.max_streams_per_ip
-        counter = self.counter
-        if counter is None and limit is not None:
-            counter = StreamCounter(limit)
+        if self.counter is None and limit is not None:
+            self.counter = StreamCounter(limit)
         return StreamRoute(
-            path, endpoint, served=self._on_public_port, counter=counter, cors=self.cors
+            path,
+            endpoint,
+            served=self._on_public_port,
+            counter=self.counter,
+            cors=self.cors,
         )
 
     def _on_public_port(self, scope: Scope) -> bool:

@@ -9,6 +9,10 @@ loop thread where the counters are written) and turns it into metric families;
 Each app gets its own `CollectorRegistry` (not the library's global one), so several brokers in
 one process, as in tests, never share or clash. No label takes a per-session value: a
 session id would give every session its own time series.
+
+Feeds: the unlabelled families are the process's totals over every feed (with no feeds file,
+the messages feed's numbers, as before feeds); `pgsse_feed_*` give the same per feed, with a
+`feed` label (the feed's name, from the feeds file: a bounded set, never a key value).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from .stats import snapshot
+from .stats import Stats, snapshot
 
 if TYPE_CHECKING:
     from ..service import Broker
@@ -81,6 +85,7 @@ class BrokerCollector(Collector):
             ),
         ):
             yield CounterMetricFamily(name, help_text, value=value)
+        yield from _per_feed(stats)
         yield GaugeMetricFamily(
             "pgsse_listener_up",
             "1 while this process holds a LISTEN connection up, else 0: with a bus, 1 on the "
@@ -133,6 +138,54 @@ class BrokerCollector(Collector):
             buckets=[(_le(bound), count) for bound, count in stats.latency_buckets],
             sum_value=stats.latency_sum,
         )
+
+
+def _per_feed(stats: Stats) -> Iterator[Metric]:
+    """The per-feed families (`feed` label): see the module docstring."""
+    streams = GaugeMetricFamily(
+        "pgsse_feed_open_streams", "Open SSE streams of each feed.", labels=["feed"]
+    )
+    families = [
+        (
+            CounterMetricFamily(
+                "pgsse_feed_routed",
+                "Rows or changes of each feed routed by its hub.",
+                labels=["feed"],
+            ),
+            "routed",
+        ),
+        (
+            CounterMetricFamily(
+                "pgsse_feed_events_delivered",
+                "Live events of each feed queued to streams.",
+                labels=["feed"],
+            ),
+            "events_delivered",
+        ),
+        (
+            CounterMetricFamily(
+                "pgsse_feed_replayed_events",
+                "Events of each feed sent from a resume or history.",
+                labels=["feed"],
+            ),
+            "replayed_events",
+        ),
+        (
+            CounterMetricFamily(
+                "pgsse_feed_slow_consumer_disconnects",
+                "Streams of each feed closed because their queue was full.",
+                labels=["feed"],
+            ),
+            "slow_consumer_disconnects",
+        ),
+    ]
+    for name, feed in stats.feeds.items():
+        streams.add_metric([name], feed.open_streams)
+        for family, attribute in families:
+            family.add_metric([name], getattr(feed, attribute))
+    yield streams
+    for family, _ in families:
+        yield family
 
 
 def _le(bound: float) -> str:

@@ -11,13 +11,34 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ..hub import HubCounters
     from ..service import Broker
 
-__all__ = ["Stats", "snapshot"]
+__all__ = ["FeedStats", "Stats", "snapshot"]
+
+
+@dataclass(frozen=True, slots=True)
+class FeedStats:
+    """One feed's numbers: `routed` counts its rows or changes routed."""
+
+    open_streams: int
+    routed: int
+    events_delivered: int
+    replayed_events: int
+    slow_consumer_disconnects: int
+
+    def as_json(self) -> dict[str, int]:
+        return {
+            "openStreams": self.open_streams,
+            "routed": self.routed,
+            "eventsDelivered": self.events_delivered,
+            "replayedEvents": self.replayed_events,
+            "slowConsumerDisconnects": self.slow_consumer_disconnects,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,10 +75,13 @@ class Stats:
     capture_lag_bytes: int | None = None  # wal: WAL the slot keeps; None: not sampled yet
     capture_lag_seconds: float | None = None  # wal: since the oldest unread commit
     capture_reader: str | None = None  # wal: "self", "other" (another session), None (no one)
+    # Per feed, messages first; the totals above are every feed's together.
+    feeds: dict[str, FeedStats] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
-        """The `data` of `GET /api/sse/stats`."""
-        return {
+        """The `data` of `GET /api/sse/stats`; `feeds` (per feed) only when a feeds file
+        declares feeds besides messages, so the messages-only answer keeps its shape."""
+        data = {
             "totalConnections": self.open_streams,
             "channels": self.channels,
             "bus": None
@@ -96,6 +120,9 @@ class Stats:
             "tasks": self.tasks,
             "pid": self.pid,
         }
+        if len(self.feeds) > 1:
+            data["feeds"] = {name: feed.as_json() for name, feed in self.feeds.items()}
+        return data
 
 
 def snapshot(broker: Broker) -> Stats:
@@ -103,22 +130,29 @@ def snapshot(broker: Broker) -> Stats:
     hub = broker.hub
     counters = hub.counters
     latency = counters.delivery_latency
+    feeds = {"messages": _feed(len(hub), counters)}
+    channels = hub.channels()
+    for generic in broker.feeds:
+        feeds[generic.name] = _feed(len(generic), generic.counters)
+        channels.update(generic.channels())
+    every = feeds.values()
     return Stats(
-        open_streams=len(hub),
+        open_streams=sum(feed.open_streams for feed in every),
         max_streams=hub.max_subscribers,
-        channels=hub.channels(),
+        channels=channels,
         **_listener(broker),
-        messages_routed=counters.messages_routed,
-        events_delivered=counters.events_delivered,
-        slow_consumer_disconnects=counters.slow_consumer_disconnects,
+        messages_routed=sum(feed.routed for feed in every),
+        events_delivered=sum(feed.events_delivered for feed in every),
+        slow_consumer_disconnects=sum(feed.slow_consumer_disconnects for feed in every),
         rejected_connections=counters.rejected_connections,
-        replayed_events=counters.replayed_events,
+        replayed_events=sum(feed.replayed_events for feed in every),
         ids_reused=counters.ids_reused,
         latency_buckets=latency.cumulative(),
         latency_sum=latency.sum,
         uptime_seconds=time.time() - broker.started_at,
         tasks=len(asyncio.all_tasks()),
         pid=os.getpid(),
+        feeds=feeds,
         **_bus(broker),
         **_capture(broker),
     )
@@ -146,6 +180,16 @@ def _capture(broker: Broker) -> dict[str, Any]:
         "capture_lag_seconds": None if seconds is None else round(seconds, 3),
         "capture_reader": reader,
     }
+
+
+def _feed(open_streams: int, counters: HubCounters) -> FeedStats:
+    return FeedStats(
+        open_streams=open_streams,
+        routed=counters.messages_routed,
+        events_delivered=counters.events_delivered,
+        replayed_events=counters.replayed_events,
+        slow_consumer_disconnects=counters.slow_consumer_disconnects,
+    )
 
 
 def _listener(broker: Broker) -> dict[str, Any]:

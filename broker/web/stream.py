@@ -40,7 +40,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from ..events import encode_connected, encode_error
-from ..hub import Hub, Subscriber
+from ..hub import HubCounters, Subscriber
 from ..server.sink import SocketSink, sink_of
 from ..store import DatabaseUnavailable
 from ..subscriber import SLOW_CONSUMER
@@ -81,6 +81,14 @@ class Backlog(Protocol):
     def encode(self, item: Any) -> bytes: ...
 
 
+class StreamHub(Protocol):
+    """What a stream needs of its feed's hub (`hub.Hub`, `feedhub.FeedHub`)."""
+
+    counters: HubCounters
+
+    def unsubscribe(self, subscriber: Subscriber) -> None: ...
+
+
 class EventStreamHead(Response):
     """HEAD of a stream: its status and headers, no body, and nothing held."""
 
@@ -99,13 +107,14 @@ class EventStreamResponse(Response):
 
     def __init__(
         self,
-        hub: Hub,
+        hub: StreamHub,
         subscriber: Subscriber,
         replay: Backlog | None,
         *,
         listening: asyncio.Event,
         retry_ms: int,
         valid_until: float | None = None,
+        connected: bytes | None = None,
     ) -> None:
         # Not Response.__init__: with no body it would declare Content-Length: 0.
         self.status_code = 200
@@ -117,6 +126,8 @@ class EventStreamResponse(Response):
         self.listening = listening
         self.retry_ms = retry_ms
         self.valid_until = valid_until
+        # The first event; None: the messages feed's (`events.encode_connected`).
+        self.connected = connected
         self.events_sent = 0
         self._sink: SocketSink | None = None  # the socket (server/sink.py)
         self.replayed = 0
@@ -186,9 +197,12 @@ class EventStreamResponse(Response):
                 await self.listening.wait()
             if not self.listening.is_set():
                 subscriber.close(REPLAY_FAILED)
-            await self._write(
-                send, encode_connected(subscriber.sessions, subscriber.robot_id, self.retry_ms)
-            )
+            connected = self.connected
+            if connected is None:
+                connected = encode_connected(
+                    subscriber.sessions, subscriber.robot_id, self.retry_ms
+                )
+            await self._write(send, connected)
             if self.replay is not None:
                 try:
                     await self._replay(send, self.replay)

@@ -6,6 +6,7 @@ Each failure raises `RequestError(400, ...)` with a message naming the field.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,8 +18,10 @@ from ..filters import MAX_SESSIONS
 __all__ = [
     "MAX_HISTORY",
     "MAX_ID_LENGTH",
+    "RESERVED_PARAMETERS",
     "RESERVED_SESSION_ID",
     "NewMessage",
+    "check_feed_query",
     "check_id",
     "check_session_id",
     "check_session_ids",
@@ -35,6 +38,8 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc: C0, DEL an
 _LAST_EVENT_ID = re.compile(r"[0-9]{1,19}")
 _MAX_BIGINT = 2**63 - 1
 MAX_HISTORY = 1000
+# Query parameters of every stream that are not a column's equality (`check_feed_query`).
+RESERVED_PARAMETERS = frozenset({"history", "lastEventId", "token"})
 _HISTORY = re.compile(r"[0-9]{1,4}")
 
 
@@ -72,6 +77,34 @@ def check_session_ids(values: list[str]) -> tuple[str, ...] | None:
     for value in sessions:
         check_session_id(value)
     return sessions
+
+
+def check_feed_query(
+    key: str, filters: Sequence[str], params: Iterable[tuple[str, str]]
+) -> tuple[tuple[str, ...] | None, dict[str, str]]:
+    """The key values (None: the feed's global stream) and filter equalities of a generic
+    feed's stream, from its query parameters: the key column may be repeated (several
+    values, as `sessionId`, at most `MAX_SESSIONS`), each filter column given once; every
+    value checked as a session id is (`check_id`). `RESERVED_PARAMETERS` are left to their
+    own checks; any other parameter is 400, naming it."""
+    keys: list[str] = []
+    found: dict[str, str] = {}
+    for name, value in params:
+        if name in RESERVED_PARAMETERS:
+            continue
+        if name == key:
+            keys.append(value)
+        elif name in filters:
+            if name in found:
+                raise RequestError(400, f"{name} may be given once")
+            found[name] = value
+        else:
+            raise RequestError(400, f"unknown parameter {name[:MAX_ID_LENGTH]!r}")
+        check_id(name, value)
+    distinct = tuple(dict.fromkeys(keys))
+    if len(distinct) > MAX_SESSIONS:
+        raise RequestError(400, f"{key} may be given at most {MAX_SESSIONS} times")
+    return distinct or None, found
 
 
 def parse_last_event_id(value: str | None) -> int | None:

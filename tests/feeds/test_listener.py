@@ -9,13 +9,19 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
+import psycopg
 import pytest
 
+from broker.config.feeds import load
 from broker.feeds.listener import CHANNEL, Listener
+from broker.feedset import FeedSet
 from broker.hub import Hub
 from broker.store import Store
 from tests.support.database import Database
+from tests.support.feeds import ORDERS_CONFIG, ORDERS_TABLE, migrated
 from tests.support.inprocess import eventually, received, stop
 from tests.support.pgproxy import PostgresProxy
 
@@ -105,3 +111,48 @@ async def test_after_its_backend_is_terminated_it_reconnects_and_backfills_once_
             assert subscriber.queued == 0
         finally:
             await stop(task)
+
+
+async def test_changes_committed_while_it_is_down_are_backfilled_once_in_order(
+    database: Database, pgproxy: PostgresProxy, tmp_path: Path
+) -> None:
+    """As rows: changes of a declared feed committed while the listener is kept out come
+    from the change log when it is back, once each, before live ones."""
+    with migrated(database, tmp_path, ORDERS_TABLE, ORDERS_CONFIG) as (scratch, config):
+        with psycopg.connect(scratch.url) as conn:
+            declared = load(conn, config)
+        through_proxy = urlunsplit(urlsplit(pgproxy.url)._replace(path=urlsplit(scratch.url).path))
+        hub = Hub(max_subscribers=10, queue_size=100)
+        feeds = FeedSet(hub, declared)
+        orders = feeds.get("orders")
+        assert orders is not None
+        async with Store.open(scratch.url) as store:
+            listener = Listener(through_proxy, hub, store, feeds.route, feeds, ["orders"])
+            task = asyncio.ensure_future(listener.run())
+            try:
+                await asyncio.wait_for(listener.started.wait(), 10)
+                stream = orders.subscribe(("42",), {})
+                insert = "INSERT INTO shop.orders (customer_id, status) VALUES ('42', 'open')"
+                scratch.execute(insert)
+                [first] = await received(stream, 1)
+
+                pgproxy.listener_blocked.set()
+                scratch.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE application_name = 'pgsse-listener' AND datname = current_database()"
+                )
+                await eventually(lambda: not listener.connected, 10, "the listener down")
+                scratch.execute(insert)
+                scratch.execute("UPDATE shop.orders SET status = 'paid'")
+                scratch.execute("DELETE FROM shop.orders WHERE id = 1")
+                await eventually(lambda: pgproxy.refused >= 1, 10, "a reconnect refused")
+                pgproxy.listener_blocked.clear()
+
+                meanwhile = await received(stream, 4)  # insert, 2 updates, delete
+                assert meanwhile == sorted(meanwhile) and meanwhile[0] > first
+                assert orders.counters.messages_routed == 5
+                scratch.execute(insert)
+                assert len(await received(stream, 1)) == 1
+                assert stream.queued == 0
+            finally:
+                await stop(task)

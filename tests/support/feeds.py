@@ -93,6 +93,20 @@ def scratch_database(database: Database) -> Iterator[Scratch]:
             conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
+@contextmanager
+def migrated(
+    database: Database, directory: Path, table: str, config: str
+) -> Iterator[tuple[Scratch, Path]]:
+    """A scratch database holding `table` (SQL), migrated with the feeds file `config`."""
+    from broker.database import migrate
+
+    with scratch_database(database) as scratch:
+        scratch.execute(table)
+        path = write_config(directory, config)
+        migrate(scratch.url, path)
+        yield scratch, path
+
+
 def pgsse(*args: str, url: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """`pgsse ARGS` as a process against `url`."""
     return subprocess.run(

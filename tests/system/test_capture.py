@@ -13,12 +13,15 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
 from psycopg import sql
 
+from broker.database import migrate
 from tests.support.database import Database, invalidate_slots, stored_ids
+from tests.support.feeds import ORDERS_TABLE, scratch_database, write_config
 from tests.support.pgproxy import PostgresProxy
 from tests.support.processes import BrokerProcess
 from tests.support.redis import RedisServer
@@ -187,3 +190,54 @@ async def test_on_the_bus_the_relay_reads_the_slot_and_a_killed_one_is_replaced(
     assert replaced < REPLACED_WITHIN
     expected = stored_ids(database, session_id)
     assert await read_ids(client, expected[-1]) == expected
+
+
+ORDERS = """
+[feeds.orders]
+table = "shop.orders"
+key = "customer_id"
+filters = ["status"]
+columns = ["id", "customer_id", "status"]
+events = ["insert", "update", "delete"]
+"""
+
+
+async def test_a_feeds_changes_travel_the_slot_signed_as_notifications_are(
+    database: Database, start_broker: Callable[..., BrokerProcess], tmp_path: Path
+) -> None:
+    """`capture()` emits its payload as a logical message with prefix `pgsse_changes` in wal
+    mode; the reader hands it to the same dispatch as LISTEN's."""
+    with scratch_database(database) as scratch:
+        slot = f"slot_{uuid.uuid4().hex[:10]}"
+        scratch.execute(ORDERS_TABLE)
+        config = write_config(tmp_path, ORDERS)
+        migrate(scratch.url, config, capture="wal", slot=slot)
+        try:
+            function = scratch.query("SELECT prosrc FROM pg_proc WHERE proname = 'capture'")
+            assert "pg_logical_emit_message(true, 'pgsse_changes'" in function[0][0]
+            assert "pg_notify" not in function[0][0]
+            broker = start_broker(
+                DATABASE_URL=scratch.url,
+                BROKER_CONFIG=str(config),
+                BROKER_CAPTURE="wal",
+                BROKER_CAPTURE_SLOT=slot,
+            )
+            client = await SSEClient.open(broker.port, "/api/sse/orders", params={})
+            assert (await client.event()).type == "connected"
+            order = scratch.query(
+                "INSERT INTO shop.orders (customer_id, status) VALUES ('7', 'open') RETURNING id"
+            )[0][0]
+            scratch.execute("UPDATE shop.orders SET status = 'paid' WHERE id = %s", (order,))
+            scratch.execute("DELETE FROM shop.orders WHERE id = %s", (order,))
+            events = [await client.event(timeout=10) for _ in range(3)]
+            await client.close()
+            assert [e.json["type"] for e in events] == ["insert", "update", "delete"]
+            assert events[1].json["old"] == {"status": "open"}
+            assert broker.stats()["counters"]["refused"] == 0
+            broker.stop()
+        finally:
+            scratch.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+                " WHERE slot_name = %s",
+                (slot,),
+            )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from types import SimpleNamespace
 
+from broker.feedset import FeedSet
 from broker.hub import Hub
 from broker.web.metrics import create_registry, render
 from tests.support.exposition import values
@@ -22,7 +23,14 @@ async def test_collector_reads_the_hub_and_listener_counters_at_scrape_time() ->
         backfilled=3,
         refused=SimpleNamespace(count=0),
     )
-    broker = SimpleNamespace(hub=hub, listener=listener, bus=None, started_at=time.time())
+    broker = SimpleNamespace(
+        hub=hub,
+        feeds=FeedSet(hub),
+        listener=listener,
+        bus=None,
+        capture=None,
+        started_at=time.time(),
+    )
     registry = create_registry(broker)  # type: ignore[arg-type]
     first, second = hub.subscribe("a", None), hub.subscribe(None, None)
     hub.publish(message(1))

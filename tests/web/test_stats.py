@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from broker.errors import AtCapacity
+from broker.feedset import FeedSet
 from broker.hub import Hub
 from broker.web.metrics import create_registry, render
 from broker.web.stats import snapshot
@@ -26,7 +27,12 @@ def broker_of(hub: Hub) -> SimpleNamespace:
         refused=SimpleNamespace(count=0),
     )
     return SimpleNamespace(
-        hub=hub, listener=listener, bus=None, capture=None, started_at=time.time() - 3
+        hub=hub,
+        feeds=FeedSet(hub),
+        listener=listener,
+        bus=None,
+        capture=None,
+        started_at=time.time() - 3,
     )
 
 

@@ -7,6 +7,7 @@ import pytest
 from broker.errors import RequestError
 from broker.filters import MAX_SESSIONS
 from broker.web.validation import (
+    check_feed_query,
     check_id,
     check_session_ids,
     parse_history,
@@ -110,3 +111,43 @@ def test_session_ids_repeated_are_bounded_checked_and_deduplicated() -> None:
     for bad in ("", "global", "x\x00"):
         with pytest.raises(RequestError):
             check_session_ids(["fine", bad])
+
+
+def test_a_feed_query_is_its_key_values_and_filter_equalities() -> None:
+    assert check_feed_query("customer_id", ("status",), []) == (None, {})
+    params = [
+        ("customer_id", "42"),
+        ("history", "5"),  # reserved: checked elsewhere
+        ("customer_id", "43"),
+        ("customer_id", "42"),
+        ("status", "open"),
+        ("token", "t"),
+        ("lastEventId", "9"),
+    ]
+    assert check_feed_query("customer_id", ("status",), params) == (
+        ("42", "43"),
+        {"status": "open"},
+    )
+
+
+@pytest.mark.parametrize(
+    ("params", "error"),
+    [
+        ([("customerId", "42")], "unknown parameter 'customerId'"),
+        ([("sessionId", "a")], "unknown parameter 'sessionId'"),
+        ([("status", "a"), ("status", "b")], "status may be given once"),
+        ([("status", "")], "status must not be empty"),
+        ([("customer_id", "a\x00")], "customer_id must not contain control characters"),
+        ([("customer_id", "x" * 256)], "customer_id must be at most 255 characters"),
+        (
+            [("customer_id", str(n)) for n in range(MAX_SESSIONS + 1)],
+            f"customer_id may be given at most {MAX_SESSIONS} times",
+        ),
+    ],
+)
+def test_a_feed_query_refuses_with_the_parameter_named(
+    params: list[tuple[str, str]], error: str
+) -> None:
+    with pytest.raises(RequestError) as refused:
+        check_feed_query("customer_id", ("status",), params)
+    assert refused.value.status == 400 and str(refused.value) == error
