@@ -9,16 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
-import psycopg
 import pytest
-from psycopg import sql
 
 from broker import slots
 from broker.cli import main
@@ -27,66 +22,11 @@ from broker.database import drop_capture, migrate, sql_dir
 from broker.errors import BrokerError, ConfigError
 from broker.feeds.wal import SlotReader, slot_lag
 from broker.feeds.walstream import SlotStream
-from broker.signing import RowKey
 from tests.support.database import Database, invalidate_slots
+from tests.support.wal import WalDatabase
 
 TIMEOUT = 10.0
 Reader = SlotReader | SlotStream
-
-
-@dataclass
-class WalDatabase:
-    url: str
-    slot: str
-
-    def connect(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.url, autocommit=True)
-
-    def insert(self, session_id: str, content: str = "hello") -> int:
-        with self.connect() as conn:
-            row = conn.execute(
-                "INSERT INTO messages (session_id, content) VALUES (%s, %s) RETURNING id",
-                (session_id, content),
-            ).fetchone()
-        assert row is not None
-        return int(row[0])
-
-    def key(self) -> RowKey:
-        with self.connect() as conn:
-            row = conn.execute("SELECT key FROM pgsse_key").fetchone()
-        assert row is not None
-        return RowKey(bytes(row[0]))
-
-    def reader_connection(self) -> Any:
-        return psycopg.AsyncConnection.connect(self.url, autocommit=True)
-
-
-@pytest.fixture
-def waldb(database: Database) -> Iterator[WalDatabase]:
-    name = f"wal_{uuid.uuid4().hex[:10]}"
-    with database.connect() as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = database.url.replace("/postgres?", f"/{name}?", 1)
-    wal = WalDatabase(url, f"slot_{name}")
-    migrate(url, capture="wal", slot=wal.slot)
-    try:
-        yield wal
-    finally:
-        with database.connect() as conn:
-            deadline = time.monotonic() + TIMEOUT
-            while True:  # a stream's walsender may still be ending
-                try:
-                    conn.execute(
-                        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
-                        " WHERE database = %s",
-                        (name,),
-                    )
-                    break
-                except psycopg.errors.ObjectInUse:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
-            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@
   time of each broker is measured from the moment the server accepts connections again to the
   moment that broker's listener has reconnected and backfilled.
 - `kill_broker`: SIGKILL of one broker (in turn), restarted on the same port at once. In the
-  wal soak (`--capture wal`, brokers on a bus) one of them is the relay, the slot's reader.
+  wal soak (`--capture wal`, brokers on a bus) the relay: the slot's reader.
 - `stall_client`: one global client stops reading for 20 s; the broker must cut it or carry
   it, and it must come back exact either way. Through nginx it is carried: 20 s of a global
   stream (~2.5 MB) fit in the kernel's socket buffers between nginx and the client and
@@ -88,6 +88,10 @@ class Faults:
 
     async def kill_broker(self) -> dict[str, Any]:
         index = self.kills % len(self.cluster.brokers)
+        if self.cluster.redis is not None:  # the wal soak: kill the slot's reader, the relay
+            index = next(
+                (n for n, b in enumerate(self.cluster.brokers) if _role(b) == "relay"), index
+            )
         self.kills += 1
         ready = await asyncio.to_thread(self.cluster.kill_and_restart, index)
         return {"broker": index, "restarted_ready_s": round(ready, 3)}
@@ -136,6 +140,14 @@ def _reconnected(broker: BrokerProcess, before: int) -> Callable[[], bool]:
         return bool(listener["connected"]) and int(listener["reconnects"]) > before
 
     return check
+
+
+def _role(broker: BrokerProcess) -> str | None:
+    try:
+        role = broker.stats()["bus"]["role"]
+    except (OSError, AssertionError, ValueError, KeyError, TypeError):
+        return None
+    return str(role)
 
 
 def _relay_listening(brokers: list[BrokerProcess]) -> bool:
