@@ -31,9 +31,8 @@ against the bus.
 
 from __future__ import annotations
 
-from collections.abc import Container, Mapping
-from contextlib import AbstractAsyncContextManager
-from typing import Any, ClassVar, Protocol
+from collections.abc import Awaitable, Callable, Container, Mapping
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import psycopg
 import structlog
@@ -74,6 +73,7 @@ CHANGE_PREFIX = b'{"feed":'  # how a change's payload starts (`capture.py` write
 log = structlog.get_logger(logger_name=__name__)
 
 Connection = psycopg.AsyncConnection[Any]
+Fetched = TypeVar("Fetched")
 
 
 async def dedicated_connection(url: str, application_name: str) -> Connection:
@@ -93,13 +93,14 @@ async def dedicated_connection(url: str, application_name: str) -> Connection:
 
 class Transport(Protocol):
     """Where a source's payloads come from: LISTEN (`Notifications`) or the capture slot
-    (`walcapture.SlotTransport`). `next()` gives the payloads in commit order; a query on the
-    source's connection runs inside `paused()`; `confirm()` says the last batch was handed on
-    (the slot moves past it; LISTEN has nothing to confirm)."""
+    (`walcapture.SlotTransport`). `next()` gives the payloads in commit order; `read(fetch)`
+    runs `fetch`, a query on the source's connection for a payload just received (a row too
+    large for it); `confirm()` says the last batch was handed on (the slot moves past it;
+    LISTEN has nothing to confirm)."""
 
     async def next(self) -> list[str]: ...
 
-    def paused(self) -> AbstractAsyncContextManager[None]: ...
+    async def read(self, fetch: Callable[[], Awaitable[Fetched | None]]) -> Fetched | None: ...
 
     async def confirm(self) -> None: ...
 
@@ -283,8 +284,9 @@ class Source:
         reference = self._parse(payload)  # verified once already; a rare, short payload
         self.notifications += 1
         if isinstance(reference, ChangeReference):
-            async with notes.paused():
-                change = await changelog.fetch(conn, reference.feed, reference.position)
+            change = await notes.read(
+                lambda: changelog.fetch(conn, reference.feed, reference.position)
+            )
             if change is None:  # pruned meanwhile: a resume from before it gets `reset`
                 log.warning("change_missing", feed=reference.feed, position=reference.position)
             else:
@@ -293,8 +295,7 @@ class Source:
         assert isinstance(reference, Reference)
         if reference.id in self._backfilled:
             return
-        async with notes.paused():
-            message = await rows.get(reference.id)
+        message = await notes.read(lambda: rows.get(reference.id))
         if message is None:
             log.warning("notification_row_missing", id=reference.id)
             return

@@ -10,7 +10,13 @@ from collections.abc import Callable
 import psycopg
 import pytest
 
-from broker.feeds.walcapture import PREFIXES, READER_NAME, CaptureMonitor, SlotClaim
+from broker.feeds.walcapture import (
+    PREFIXES,
+    READER_NAME,
+    VISIBLE_WAIT_SECONDS,
+    CaptureMonitor,
+    SlotClaim,
+)
 from broker.feeds.walstream import SlotStream
 from tests.support.database import Database, invalidate_slots
 from tests.support.wal import WalDatabase
@@ -142,3 +148,26 @@ async def test_the_monitor_samples_lag_and_reader(waldb: WalDatabase) -> None:
         assert missing.lag is None and "no capture slot" in (missing.error or "")
     finally:
         task.cancel()
+
+
+async def test_a_reference_not_visible_yet_is_read_again(waldb: WalDatabase) -> None:
+    """The walsender sends a commit a moment before other sessions see it: a large row's
+    reference read at once found nothing (the wal soak lost 134 rows so), so it is asked
+    again; a row really gone is given up after `VISIBLE_WAIT_SECONDS`."""
+    claim = SlotClaim(waldb.url, waldb.slot)
+    answers: list[str | None] = [None, None, "row"]
+
+    async def fetch() -> str | None:
+        return answers.pop(0)
+
+    async with await connect(waldb) as conn:
+        await claim.campaign(conn)
+        async with claim.read(conn) as transport:
+            assert await transport.read(fetch) == "row" and not answers
+
+            async def gone() -> str | None:
+                return None
+
+            started = asyncio.get_running_loop().time()
+            assert await transport.read(gone) is None
+            assert asyncio.get_running_loop().time() - started >= VISIBLE_WAIT_SECONDS
