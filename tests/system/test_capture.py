@@ -8,7 +8,10 @@ test_resume.py, test_recovery.py, test_bus.py); these are what the wal mode has 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -241,3 +244,34 @@ async def test_a_feeds_changes_travel_the_slot_signed_as_notifications_are(
                 " WHERE slot_name = %s",
                 (slot,),
             )
+
+
+def test_serve_without_migrating_refuses_a_database_not_in_wal_mode(cluster: Database) -> None:
+    """BROKER_MIGRATE=false against a database whose trigger still NOTIFYs: nothing would
+    ever reach the slot, so `serve` stops with one line saying what to run."""
+    done = subprocess.run(
+        [sys.executable, "-m", "broker", "serve", "--port", "0"],
+        env={
+            **os.environ,
+            "DATABASE_URL": cluster.url,
+            "BROKER_MIGRATE": "false",
+            "BROKER_CAPTURE": "wal",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "run `pgsse migrate` with BROKER_CAPTURE=wal" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_workers_in_wal_mode_need_the_bus() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "broker", "serve", "--workers", "2"],
+        env={**os.environ, "BROKER_CAPTURE": "wal", "DATABASE_URL": "postgresql:///x"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "BROKER_BUS_URL" in done.stderr
