@@ -61,7 +61,7 @@ SLOT_LOCK_CLASS = 0x7077  # the advisory lock's first key ('pw'); the second is 
 CAMPAIGN_SECONDS = 1.0
 BUSY_RETRY_SECONDS = 0.2
 MONITOR_SECONDS = 1.0
-VISIBLE_WAIT_SECONDS = 1.0  # a reference's row not visible yet: asked again this long
+VISIBLE_WAIT_SECONDS = 1.0  # a batch's transactions not visible yet: asked again this long
 VISIBLE_FIRST_RETRY_SECONDS = 0.001
 
 Fetched = TypeVar("Fetched")
@@ -76,31 +76,57 @@ class SlotTransport:
     (the same `next`/`paused`/`confirm` as `Notifications`)."""
 
     def __init__(
-        self, stream: SlotStream, before_confirm: Callable[[], Awaitable[None]] | None
+        self,
+        stream: SlotStream,
+        conn: Connection,
+        before_confirm: Callable[[], Awaitable[None]] | None,
     ) -> None:
         self._stream = stream
+        self._conn = conn
         self._before_confirm = before_confirm
 
     async def next(self) -> list[str]:
-        return await self._stream.next()
+        """The next batch, once its transactions are visible to other sessions.
 
-    async def read(self, fetch: Callable[[], Awaitable[Fetched | None]]) -> Fetched | None:
-        """Run `fetch`, a query for a row or change of a payload just received, again while
-        it finds nothing, for up to `VISIBLE_WAIT_SECONDS`.
-
-        The walsender sends a transaction once its commit record is flushed, and the commit
-        becomes visible to other sessions a moment later (PostgreSQL ends the transaction in
-        its process array after the flush): a row read at once can be missing still. The wal
-        soak lost 134 of 36,001 rows (all references: 20-100 kB rows) before this. NOTIFY is
-        sent after that point, so LISTEN needs no retry. A row really gone (deleted at once)
-        costs this wait, once."""
+        The walsender sends a transaction once its commit record is flushed; PostgreSQL ends
+        it in its process array (what a snapshot sees) a moment later. A row routed before
+        that could be in a hub's journal and not yet in the table: a resume at that moment
+        (the journal's ids, read by id) missed it, once in the wal soak's 36,001 rows, and a
+        large row's reference found nothing (134 of them before this). NOTIFY is sent after
+        that point. So: one query per batch, on the source's connection, asked again while a
+        transaction of the batch is still in progress in a fresh snapshot."""
+        batch = await self._stream.next()
+        xids = self._stream.xids
         delay = VISIBLE_FIRST_RETRY_SECONDS
         waited = 0.0
-        while (found := await fetch()) is None and waited < VISIBLE_WAIT_SECONDS:
+        while await self.in_progress(xids) and waited < VISIBLE_WAIT_SECONDS:
             await asyncio.sleep(delay)
             waited += delay
             delay = min(delay * 2, 0.1)
-        return found
+        return batch
+
+    async def in_progress(self, xids: list[int]) -> bool:
+        """Whether a transaction of `xids` (32-bit ids, as pgoutput gives them) is still in
+        progress in a snapshot taken now."""
+        row = await (
+            await self._conn.execute(
+                # In progress: in the snapshot's list, or at or past its xmax (32-bit ids,
+                # compared modulo 2^32 as PostgreSQL does).
+                "SELECT EXISTS (SELECT FROM pg_snapshot_xip(s) AS x"
+                "   WHERE x::text::bigint %% 4294967296 = ANY(%(xids)s::bigint[]))"
+                " OR EXISTS (SELECT FROM unnest(%(xids)s::bigint[]) AS t(xid)"
+                "   WHERE (t.xid - pg_snapshot_xmax(s)::text::bigint %% 4294967296"
+                "     + 4294967296) %% 4294967296 < 2147483648)"
+                " FROM pg_current_snapshot() AS s",
+                {"xids": xids},
+            )
+        ).fetchone()
+        return bool(row and row[0])
+
+    async def read(self, fetch: Callable[[], Awaitable[Fetched | None]]) -> Fetched | None:
+        """Run `fetch`, a query for a row or change of a payload just received (`next()`
+        made its transaction visible first)."""
+        return await fetch()
 
     async def confirm(self) -> None:
         if self._before_confirm is not None:
@@ -157,7 +183,7 @@ class SlotClaim:
         self.recreated = False
         stream = await self._start(conn)
         try:
-            self.reading = SlotTransport(stream, before_confirm)
+            self.reading = SlotTransport(stream, conn, before_confirm)
             yield self.reading
         finally:
             self.reading = None

@@ -58,7 +58,9 @@ class SlotStream:
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._pgconn: pq.abc.PGconn | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._done: deque[tuple[int, datetime.datetime, list[str]]] = deque()
+        # end LSN, commit time, xid, payloads of each transaction received, not yet returned
+        self._done: deque[tuple[int, datetime.datetime, int, list[str]]] = deque()
+        self._xid = 0  # of the transaction being received
         self._payloads: list[str] = []  # of the transaction being received
         self._committed = PG_EPOCH
         self._waiter: asyncio.Future[None] | None = None
@@ -66,6 +68,7 @@ class SlotStream:
         self._confirmed = 0  # what the server was told may go
         self._handed = 0  # the end of the last batch `next()` returned
         self.position: int | None = None  # where `confirm` moves the slot to
+        self.xids: list[int] = []  # the transactions of the last batch `next()` returned
         self.oldest_unconfirmed: datetime.datetime | None = None
 
     async def __aenter__(self) -> SlotStream:
@@ -162,7 +165,8 @@ class SlotStream:
                 await self._waiter
             finally:
                 self._waiter = None
-        batch = [payload for _, _, payloads in self._done for payload in payloads]
+        batch = [payload for _, _, _, payloads in self._done for payload in payloads]
+        self.xids = [xid for _, _, xid, _ in self._done]
         self.position = self._done[-1][0]
         self.oldest_unconfirmed = self._done[0][1]
         self._handed = self.position
@@ -224,7 +228,7 @@ class SlotStream:
     def _on_pgoutput(self, message: bytes) -> None:
         kind = message[:1]
         if kind == b"B":
-            _, micros, _ = struct.unpack_from(">QqI", message, 1)
+            _, micros, self._xid = struct.unpack_from(">QqI", message, 1)
             self._committed = PG_EPOCH + datetime.timedelta(microseconds=micros)
             self._payloads = []
         elif kind == b"M":
@@ -235,7 +239,7 @@ class SlotStream:
         elif kind == b"C":
             _, _, end, _ = struct.unpack_from(">BQQq", message, 1)
             if self._payloads:
-                self._done.append((end, self._committed, self._payloads))
+                self._done.append((end, self._committed, self._xid, self._payloads))
             self._payloads = []
 
     def _send_status(self) -> None:
