@@ -18,6 +18,10 @@ references, backfill) is the same code (`source.Source.serve`). What is the slot
   runs the source's `before_confirm` first: the relay waits for Redis), so a reader killed
   before that loses nothing; what the slot gives again after a restart is dropped by the
   hub's journal (listener) or by the bus's readers (relay).
+- **Visible first.** The walsender sends a transaction once its commit record is flushed,
+  a moment before other sessions can see it; a batch is handed on only once its
+  transactions are visible (`SlotTransport.next`), so a resume reading the journal's ids from
+  the table, or a large row's reference, finds them.
 - **An invalidated slot** (`max_slot_wal_keep_size` exceeded): one `capture_slot_invalidated`
   error line, the source is not ready meanwhile, the slot is dropped and made again, and
   `recreated` tells the source to backfill from the tables what committed meanwhile.
