@@ -77,7 +77,7 @@ Connection = psycopg.AsyncConnection[Any]
 
 class SlotTransport:
     """What `Source.serve` reads in wal mode: the stream's batches, confirmed once handed on
-    (the same `next`/`paused`/`confirm` as `Notifications`)."""
+    (the same `next`/`read`/`confirm` as `Notifications`)."""
 
     def __init__(
         self,
