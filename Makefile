@@ -69,7 +69,8 @@ bench: $(VENV)/.bench-installed
 	$(BIN)/python -m tests.bench $(BENCH_ARGS)
 
 # Two brokers behind nginx, ~300 clients, a writer and a fault a minute; an exact account at
-# the end (tests/soak). Minutes long, so not part of `make test`.
+# the end (tests/soak). Minutes long, so not part of `make test`. `BROKER_CAPTURE=wal make
+# soak`: the same with WAL capture, the brokers on a Redis bus (its relay reads the slot).
 SOAK_ARGS ?= --seconds 360 --seed 1
 soak: $(DEV_STAMP)
 	$(BIN)/python -m tests.soak $(SOAK_ARGS)

@@ -284,11 +284,6 @@ def _serve(settings: Settings) -> int:
     from .workers import run_workers
 
     log = structlog.get_logger(logger_name=__name__)
-    if settings.capture == "wal":  # until the feed core reads the slot
-        raise BrokerError(
-            "BROKER_CAPTURE=wal: `pgsse migrate` prepares it, but `serve` does not read the"
-            " slot yet; unset BROKER_CAPTURE"
-        )
     sockets = listen_sockets(settings)  # public + admin port, if any
     try:
         with _database(settings, create=True) as url:
@@ -296,7 +291,7 @@ def _serve(settings: Settings) -> int:
             if settings.migrate:
                 migrate(url, settings.config, settings.capture, settings.capture_slot)
             else:
-                check_database(url, settings.config)
+                check_database(url, settings.config, settings.capture, settings.capture_slot)
             log.info(
                 "listening",
                 addresses=[_address(sock) for sock in sockets],

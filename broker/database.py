@@ -98,20 +98,25 @@ def migrate(
     declared = feedspec.read(config)
     with connect(url) as conn, _translated():
         conn.autocommit = True  # each `transaction()` below is its own (slots.prepare needs it)
+        if capture == "wal":  # the slot first, then the triggers (slots.py says why)
+            slots.prepare(conn, slot, MIGRATION_LOCK)
+        # One transaction: `sql/` puts the NOTIFY trigger back, and with wal the same
+        # transaction swaps it for the logical message again, so a broker reading the slot
+        # while another instance migrates never misses a row to a NOTIFY no one hears.
         with conn.transaction():
             feeds = _apply_sql(conn, declared)
-            conn.execute(capture_sql(feeds, key_table=_key_table(conn)).encode())
-        if capture == "wal":  # the slot first, then the trigger (slots.py says why)
-            slots.prepare(conn, slot, MIGRATION_LOCK)
-            notify_sql = (sql_dir() / "002_notify.sql").read_text(encoding="utf-8")
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            if capture == "wal":
+                notify_sql = (sql_dir() / "002_notify.sql").read_text(encoding="utf-8")
                 conn.execute(slots.wal_trigger_sql(notify_sql).encode())
-        elif conn.execute(
-            "SELECT 1 FROM pg_replication_slots"
-            " WHERE slot_name = %s AND database = current_database()",
-            (slot,),
-        ).fetchone():
+            conn.execute(capture_sql(feeds, capture, key_table=_key_table(conn)).encode())
+        if (
+            capture != "wal"
+            and conn.execute(
+                "SELECT 1 FROM pg_replication_slots"
+                " WHERE slot_name = %s AND database = current_database()",
+                (slot,),
+            ).fetchone()
+        ):
             log.warning("capture_slot_unused", slot=slot, drop="pgsse migrate --drop-capture")
     names = [path.name for path in sql_files()]
     log.info("migrated", files=names, feeds=[feed.name for feed in feeds], capture=capture)
@@ -176,12 +181,17 @@ def _translated() -> Iterator[None]:
         raise BrokerError(f"migration failed: {reason}") from None
 
 
-def check_database(url: str, config: Path | None = None) -> None:
+def check_database(
+    url: str, config: Path | None = None, capture: str = "notify", slot: str = "pgsse"
+) -> None:
     """What serving needs, checked once at start-up when migrations are off: the database
     answers, holds table `messages` and the signing key (`pgsse_key`, from `sql/`), and the
-    feeds of `config` are valid and installed."""
+    feeds of `config` are valid and installed; with `capture="wal"`, the slot exists and the
+    messages trigger emits logical messages (else no row would ever reach the broker)."""
     declared = feedspec.read(config)
     with connect(url) as conn:
+        if capture == "wal":
+            _check_wal(conn, slot)
         found = conn.execute(
             "SELECT to_regclass('messages') IS NOT NULL AND to_regclass('pgsse_key') IS NOT NULL"
         ).fetchone()
@@ -210,6 +220,22 @@ def check_database(url: str, config: Path | None = None) -> None:
                 f"invalid BROKER_MIGRATE=false: feed {feed.name} is not installed;"
                 " run `pgsse migrate --config` with this file, or unset BROKER_MIGRATE"
             )
+
+
+def _check_wal(conn: psycopg.Connection[Any], slot: str) -> None:
+    found = conn.execute(
+        "SELECT EXISTS (SELECT FROM pg_replication_slots"
+        "  WHERE slot_name = %s AND database = current_database()),"
+        " coalesce((SELECT prosrc LIKE '%%pg_logical_emit_message%%' FROM pg_proc"
+        "  WHERE oid = to_regprocedure('notify_new_message()')), false)",
+        (slot,),
+    ).fetchone()
+    if not found or not found[0] or not found[1]:
+        raise BrokerError(
+            f"invalid BROKER_MIGRATE=false with BROKER_CAPTURE=wal: the database has no"
+            f" capture slot {slot!r} or its trigger still NOTIFYs; run `pgsse migrate` with"
+            " BROKER_CAPTURE=wal once, or unset BROKER_MIGRATE"
+        )
 
 
 def postmaster_alive(data_dir: Path) -> bool:

@@ -28,6 +28,7 @@ from .feeds.bus import Bus, BusReader
 from .feeds.listener import Listener
 from .feeds.relay import Relay
 from .feeds.source import CONNECTION_FAILURES, dedicated_connection
+from .feeds.walcapture import CaptureMonitor, SlotClaim
 from .feedset import FeedSet
 from .filters import Sessions
 from .flusher import Flusher
@@ -49,7 +50,9 @@ log = structlog.get_logger(logger_name=__name__)
 class BusFeed:
     """With `BROKER_BUS_URL`: the bus, this broker's reader of it, and its relay campaign."""
 
-    def __init__(self, settings: Settings, database_url: str, broker: Broker) -> None:
+    def __init__(
+        self, settings: Settings, database_url: str, broker: Broker, claim: SlotClaim | None
+    ) -> None:
         assert settings.bus_url is not None
         self.bus = Bus(settings.bus_url, settings.bus_stream, max_bytes=settings.bus_max_bytes)
         self.reader = BusReader(self.bus, broker.hub, broker.store.row_key, broker.feeds)
@@ -59,7 +62,17 @@ class BusFeed:
             broker.store,
             lambda: self.reader.high_id,
             broker.feeds.captured,
+            claim,
         )
+
+
+class Capture:
+    """With `BROKER_CAPTURE=wal`: this process's claim on the slot (read by the listener, or
+    by the relay with a bus) and the slot's lag monitor (`feeds/walcapture.py`)."""
+
+    def __init__(self, settings: Settings, database_url: str) -> None:
+        self.claim = SlotClaim(database_url, settings.capture_slot)
+        self.monitor = CaptureMonitor(database_url, settings.capture_slot)
 
 
 class Broker:
@@ -78,6 +91,10 @@ class Broker:
             queue_bytes=settings.queue_bytes,
             max_row_bytes=settings.max_row_bytes,
         )
+        self.capture: Capture | None = None
+        if settings.capture == "wal":
+            self.capture = Capture(settings, settings.database_url)
+        claim = None if self.capture is None else self.capture.claim
         self.feeds = FeedSet(self.hub, feeds)
         # The messages feed logs its updates and deletes: replays merge them with its rows.
         self.message_changes = feedspec.MESSAGES in self.feeds.captured
@@ -88,10 +105,11 @@ class Broker:
             self.feeds.route,
             self.feeds,
             self.feeds.captured,
+            claim,
         )
         self.bus: BusFeed | None = None
         if settings.bus_url is not None:
-            self.bus = BusFeed(settings, settings.database_url, self)
+            self.bus = BusFeed(settings, settings.database_url, self, claim)
         self.started_at = time.time()
 
     @property
@@ -102,11 +120,17 @@ class Broker:
     @property
     def ready(self) -> bool:
         """What `/readyz` reports: the listener, or with a bus Redis and PostgreSQL up and a
-        live relay (its lease renewed: feeds/relay.py)."""
+        live relay (its lease renewed: feeds/relay.py). With `BROKER_CAPTURE=wal` the listener
+        is connected only while it reads the slot; with a bus, a follower also needs the
+        slot read by someone (the relay) at the monitor's last sample."""
         if self.bus is None:
             return self.listener.connected
         relay = self.bus.relay
-        return self.bus.reader.connected and relay.connected and relay.lease_live
+        if not (self.bus.reader.connected and relay.connected and relay.lease_live):
+            return False
+        if self.capture is None or relay.listening:
+            return True
+        return self.capture.monitor.reader_active
 
     @classmethod
     @asynccontextmanager
@@ -123,6 +147,8 @@ class Broker:
                 feeds = [("listener", broker.listener.run)]
             else:  # the relay feeds the bus; every broker reads it (feeds/bus.py, feeds/relay.py)
                 feeds = [("relay", broker.bus.relay.run), ("bus", broker.bus.reader.run)]
+            if broker.capture is not None:
+                feeds.append(("capture_monitor", broker.capture.monitor.run))
             if broker.feeds.captured:
                 feeds.append(("pruner", broker._prune))
             tasks = [

@@ -2,10 +2,12 @@
 the publication and the logical replication slot that `pgsse migrate` makes and `pgsse
 migrate --drop-capture` drops. `feeds/wal.py` reads the slot.
 
-Switching to the mode, `migrate` applies `sql/` (the NOTIFY trigger), makes the slot, and only
-then makes the trigger emit logical messages: every message emitted is after the slot's start,
-so none is missed; rows committed before that were notified (and backfill covers a broker
-that was not listening). Dropping goes the other way: NOTIFY trigger first, then the slot.
+Switching to the mode, `migrate` makes the slot, and only then, in one transaction, applies
+`sql/` and makes the triggers emit logical messages: every message emitted is after the
+slot's start, so none is missed; rows committed before that were notified (and backfill
+covers a broker that was not listening). `sql/` and the swap in one transaction: a `serve`
+migrating while another broker reads the slot never leaves a moment of NOTIFY. Dropping
+goes the other way: NOTIFY trigger first, then the slot.
 
 A slot nobody reads keeps every WAL segment written since its position: on a busy database
 that fills the disk, unless `max_slot_wal_keep_size` makes PostgreSQL invalidate the slot

@@ -46,7 +46,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def database() -> Iterator[Database]:
+def cluster() -> Iterator[Database]:
+    """The session's cluster, its database `postgres` migrated with BROKER_CAPTURE=notify."""
     # Not in pytest's numbered temp dirs: pytest prunes old ones, and a concurrent session
     # (two developers' runs on one machine) could prune the directory of a running cluster.
     root = Path(tempfile.mkdtemp(prefix="pgsse-test-"))
@@ -59,6 +60,38 @@ def database() -> Iterator[Database]:
     finally:
         server.destroy()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def wal_cluster_database(cluster: Database) -> Database:
+    """Database `pgsse_wal` of the same cluster, migrated with BROKER_CAPTURE=wal (its own
+    slot): the other tests' NOTIFY trigger is untouched."""
+    with cluster.connect() as conn:
+        conn.execute("CREATE DATABASE pgsse_wal")
+    wal = cluster.sibling("pgsse_wal", capture="wal", slot="pgsse_wal")
+    migrate(wal.url, capture="wal", slot="pgsse_wal")
+    return wal
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test marked `captures` (a whole module: `pytestmark`) runs once per capture mode."""
+    if metafunc.definition.get_closest_marker("captures") and "capture" in metafunc.fixturenames:
+        metafunc.parametrize("capture", ["notify", "wal"], indirect=True)
+
+
+@pytest.fixture
+def capture(request: pytest.FixtureRequest) -> str:
+    """BROKER_CAPTURE of the test's database and brokers: notify unless marked `captures`."""
+    return str(getattr(request, "param", "notify"))
+
+
+@pytest.fixture
+def database(request: pytest.FixtureRequest, cluster: Database, capture: str) -> Database:
+    """The database tests write to: the cluster's, or with capture `wal` its wal database."""
+    if capture == "wal":
+        wal: Database = request.getfixturevalue("wal_cluster_database")
+        return wal
+    return cluster
 
 
 @pytest.fixture(autouse=True)
@@ -104,6 +137,7 @@ def start_broker(database: Database, tmp_path: Path) -> Iterator[Callable[..., B
             "DATABASE_URL": database.url,
             "BROKER_MIGRATE": "false",
             "BROKER_LOG_FORMAT": "json",
+            **database.broker_env(),
             **env,
         }
         broker = BrokerProcess(settings, tmp_path / f"broker-{len(started)}.log")
@@ -118,7 +152,8 @@ def start_broker(database: Database, tmp_path: Path) -> Iterator[Callable[..., B
 @pytest.fixture
 def pgproxy(database: Database) -> Iterator[PostgresProxy]:
     """A proxy to the cluster that can keep brokers' listeners out (`listener_blocked`)."""
-    proxy = PostgresProxy(database.server.socket_dir).start()
+    dbname = database.url.split("?", 1)[0].rsplit("/", 1)[1]
+    proxy = PostgresProxy(database.server.socket_dir, dbname).start()
     yield proxy
     proxy.stop()
 

@@ -243,6 +243,12 @@ class Settings:
                 "invalid BROKER_CORS_ORIGINS='*': refused while BROKER_AUTH_SECRET is set;"
                 " list the exact origins allowed"
             )
+        if self.capture == "wal" and self.workers > 1 and self.bus_url is None:
+            raise ConfigError(
+                f"invalid BROKER_WORKERS={self.workers} with BROKER_CAPTURE=wal: one process"
+                " reads the capture slot and the others would never be ready; set"
+                " BROKER_BUS_URL (the relay reads it for all), or BROKER_WORKERS=1"
+            )
         if self.admin_port is not None and self.admin_port == self.port:
             raise ConfigError(
                 f"invalid BROKER_ADMIN_PORT={self.admin_port}: must differ from BROKER_PORT"

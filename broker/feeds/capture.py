@@ -32,8 +32,10 @@ text), and the notification is the change only when it fits in `NOTIFY_LIMIT` by
 reference `{"feed", "position", "ref": true}` from which the broker reads the change. There is
 no EXCEPTION block: each would cost a subtransaction per row.
 
-Capture mode `notify` (default) notifies channel `CHANNEL`; `wal` notifies nothing,
-as a logical replication reader takes the changes from the log's inserts. Where `sql/` made a
+Capture mode `notify` (default) notifies channel `CHANNEL`; `wal` writes the same signed
+payload as a transactional logical message with prefix `CHANNEL`
+(`pg_logical_emit_message(true, ...)`, no commit lock), which the capture slot's reader
+hands to the same dispatch (`walcapture.py`). Where `sql/` made a
 signing key (table `pgsse_key`), each notification is preceded by its HMAC-SHA256 in 64 hex
 digits, exactly as `notify_new_message` signs its own.
 """
@@ -45,6 +47,7 @@ from collections.abc import Sequence
 from psycopg import sql
 
 from ..config.feeds import Feed
+from ..slots import capture_step
 
 __all__ = [
     "CAPTURE_MODES",
@@ -201,7 +204,7 @@ NOTIFY = """\
     IF octet_length(v_payload) >= {limit} THEN
         v_payload := concat('{{"feed":', to_json(v_feed), ',"position":', v_pos, ',"ref":true}}');
     END IF;
-{sign}    PERFORM pg_notify('{channel}', v_payload);"""
+{sign}    {step}"""
 
 # With a signing key (`sql/`'s pgsse_key, read by the owner only), the payload is preceded by
 # its HMAC-SHA256 in 64 hex digits, as notify_new_message signs its own: a role that may
@@ -248,8 +251,9 @@ def capture_sql(
     if mode not in CAPTURE_MODES:
         raise ValueError(f"unknown capture mode {mode!r}")
     sign = "" if key_table is None else SIGN.format(key_table=key_table.as_string(None))
-    notify = NOTIFY.format(format=TIMESTAMP_FORMAT, limit=NOTIFY_LIMIT, channel=CHANNEL, sign=sign)
-    function = FUNCTION.format(format=TIMESTAMP_FORMAT, notify=notify if mode == "notify" else "")
+    step = capture_step(mode, CHANNEL, "v_payload")
+    notify = NOTIFY.format(format=TIMESTAMP_FORMAT, limit=NOTIFY_LIMIT, step=step, sign=sign)
+    function = FUNCTION.format(format=TIMESTAMP_FORMAT, notify=notify)
     parts = [SCHEMA, function, GRANTS]
     wanted: list[sql.Composable] = []
     for feed in feeds:

@@ -13,6 +13,13 @@ connection records the table's last id as the floor; each reconnect backfills, a
 hub's journal, every row above it that the journal does not hold, down to the journal's
 horizon (rows committed during the outage reach their subscribers once, in order); the hub
 drops the overlap between the backfill and the notifications of rows committed while it ran.
+
+With a `SlotClaim` (`BROKER_CAPTURE=wal` without a bus) the listener reads the capture slot
+instead of LISTENing (`walcapture.py`): it campaigns for the slot's lock first (not connected,
+so not ready, meanwhile), and a reconnect needs no backfill, since the slot kept every payload
+not confirmed, in commit order; only a slot made again (it was invalidated) is backfilled
+from the table, as after a LISTEN outage. What the slot gives again (handed on, not yet
+confirmed when the connection died) the hub's journal drops.
 """
 
 from __future__ import annotations
@@ -28,7 +35,15 @@ from ..hub import Hub
 from ..store import Store
 from . import changelog
 from .backoff import Backoff
-from .source import APPLICATION_NAME, CHANNEL, ChangesHeld, Source, dedicated_connection
+from .source import (
+    APPLICATION_NAME,
+    CHANNEL,
+    ChangesHeld,
+    Connection,
+    Source,
+    dedicated_connection,
+)
+from .walcapture import SlotClaim
 
 __all__ = ["APPLICATION_NAME", "CHANNEL", "Listener"]
 
@@ -50,6 +65,7 @@ class Listener(Source):
         route_change: Callable[[Change], object] | None = None,
         changes: ChangesHeld | None = None,
         captured: Sequence[str] = (),
+        claim: SlotClaim | None = None,
     ) -> None:
         super().__init__(url, store)
         self._hub = hub
@@ -57,28 +73,56 @@ class Listener(Source):
         self._changes = changes  # what the hubs hold of the `captured` feeds' changes
         self._captured = tuple(captured)
         self._change_floors: dict[str, int] | None = None  # per feed, as `_floor` for rows
+        self.claim = claim  # the capture slot to read instead of LISTEN (`BROKER_CAPTURE=wal`)
         self._floor: int | None = None  # rows up to this id committed before the first LISTEN
         self.started = asyncio.Event()
         self.reconnects = 0
 
     async def attempt(self, backoff: Backoff) -> None:
+        if self.claim is not None:
+            await self._read_slot(self.claim, backoff)
+            return
         async with await dedicated_connection(self._url, APPLICATION_NAME) as conn:
             rows = await self.listen(conn)
-            if self._floor is None:
-                self._floor = await rows.last_id()
-            else:
-                await self.backfill(rows, self._backfill_floor(), self._hub.journal)
-                self.reconnects += 1
-            if self._captured and self._changes is not None:
-                if self._change_floors is None:
-                    self._change_floors = await changelog.last_positions(conn, self._captured)
-                else:
-                    await self.backfill_changes(conn, self._change_floors, self._changes)
+            await self._catch_up(conn, rows, backfill=True)
             self.connected = True
             self.started.set()
             backoff.reset()
             log.info("listener_up", channel=CHANNEL, floor=self._floor, reconnects=self.reconnects)
             await self.serve(conn, rows)
+
+    async def _read_slot(self, claim: SlotClaim, backoff: Backoff) -> None:
+        """The wal mode's connection life: the slot's lock, then its stream."""
+        async with await dedicated_connection(self._url, APPLICATION_NAME) as conn:
+            rows = await self.listen(conn, notify=False)
+            await claim.campaign(conn)
+            async with claim.read(conn) as transport:
+                await self._catch_up(conn, rows, backfill=claim.recreated)
+                self.connected = True
+                self.started.set()
+                backoff.reset()
+                log.info(
+                    "listener_up", slot=claim.slot, floor=self._floor, reconnects=self.reconnects
+                )
+                await self.serve(conn, rows, transport)
+
+    async def _catch_up(self, conn: Connection, rows: Store, backfill: bool) -> None:
+        """The first connection records the floors (rows, each feed's changes); a later one
+        backfills rows and changes committed meanwhile, or with `backfill` False (the slot
+        kept them) only revives the pool."""
+        if self._floor is None:
+            self._floor = await rows.last_id()
+        else:
+            self.reconnects += 1
+            if backfill:
+                await self.backfill(rows, self._backfill_floor(), self._hub.journal)
+            else:
+                self._store.revive()
+        if self._captured and self._changes is not None:
+            if self._change_floors is None:
+                self._change_floors = await changelog.last_positions(conn, self._captured)
+            elif backfill:
+                await self.backfill_changes(conn, self._change_floors, self._changes)
 
     def _backfill_floor(self) -> int:
         """Where the backfill looks from: the first LISTEN's floor (lowered to an id found

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import pq
@@ -32,6 +32,8 @@ HEALTH_CHECK_TIMEOUT = 5.0
 MAX_READS_PER_WAKE_UP = 64  # a bound on one callback's time; the rest comes at the next
 READ_AGAIN_BYTES = 8_192
 NOTIFICATION_OVERHEAD = 32  # bytes of a NotificationResponse besides its payload
+
+Fetched = TypeVar("Fetched")
 
 
 class Notifications:
@@ -90,6 +92,14 @@ class Notifications:
         batch = list(self._payloads)
         self._payloads.clear()
         return batch
+
+    async def read(self, fetch: Callable[[], Awaitable[Fetched | None]]) -> Fetched | None:
+        """Run `fetch`, a query on the connection, `paused()` (`source.Transport`)."""
+        async with self.paused():
+            return await fetch()
+
+    async def confirm(self) -> None:
+        """Nothing to confirm: NOTIFY keeps nothing for a listener (`source.Transport`)."""
 
     async def _wait(self) -> bool:
         """Wait until the reader has something (payloads or an error); False when nothing

@@ -35,6 +35,12 @@ notifications, on the relay's own connection (never through the store's pool, wh
 once its backfill is done). What is the relay's own: the campaign and its lease, the floor of
 its backfill against the bus, and appending.
 
+With a `SlotClaim` (`BROKER_CAPTURE=wal`) the relay is the capture slot's one reader: once
+elected it takes the slot's lock too (`walcapture.py`) and reads the slot instead of
+LISTENing; its backfill against the bus is the same. A batch from the slot is confirmed only
+once Redis took it (`Appender.drained`), so a relay that dies loses nothing of the slot; what
+the next relay reads again, the bus's readers drop as a second copy.
+
 What the relay appends is signed with the database's key (`signing.py`), loaded at each
 election on its own connection: a notification's payload, verified there, is forwarded as the
 trigger signed it; a row read from the table is signed by the bus (`Bus.append`). A
@@ -68,6 +74,7 @@ from .buschanges import ChangeEntry, TailChanges, payload
 from .notifications import HEALTH_CHECK_TIMEOUT
 from .retry import pause
 from .source import APPLICATION_NAME, Source, dedicated_connection
+from .walcapture import SlotClaim
 
 __all__ = ["LOCK_CLASS", "Appender", "Relay", "lock_name"]
 
@@ -98,11 +105,13 @@ class Relay(Source):
         store: Store,
         floor_hint: Callable[[], int | None],
         captured: Sequence[str] = (),
+        claim: SlotClaim | None = None,
     ) -> None:
         super().__init__(url, store)
         self._bus = bus
         self._captured = tuple(captured)  # feeds whose changes the log holds
         self._tail_changes = TailChanges()
+        self.claim = claim  # the capture slot to read instead of LISTEN (`BROKER_CAPTURE=wal`)
         self._floor_hint = floor_hint
         self.role = "follower"
         self.elections = 0
@@ -141,9 +150,21 @@ class Relay(Source):
         notification."""
         # From here on pg_stat_activity shows it as the listener it now is.
         await conn.execute("SELECT set_config('application_name', %s, false)", (APPLICATION_NAME,))
-        rows = await self.listen(conn)
+        rows = await self.listen(conn, notify=self.claim is None)
         assert self._key is not None  # loaded by listen
         self._bus.trust(self._key)
+        if self.claim is not None:
+            await self.claim.campaign(conn)
+            async with self.claim.read(conn, self._drained) as transport:
+                await self._elected(conn, rows)
+                await self.serve(conn, rows, transport)
+            return
+        await self._elected(conn, rows)
+        await self.serve(conn, rows)
+
+    async def _elected(self, conn: psycopg.AsyncConnection[Any], rows: Store) -> None:
+        """Take the role: recover an exhausted stream, backfill rows and changes, start
+        appending."""
         self.role = "relay"
         self.elections += 1
         log.info("relay_elected", stream=self._bus.key, elections=self.elections)
@@ -151,7 +172,11 @@ class Relay(Source):
         await self._backfill(rows)
         self._appender = Appender(self._bus, lambda exc: _cut(conn, exc), self._count)
         await self._backfill_changes(conn)  # through the appender, ahead of notifications
-        await self.serve(conn, rows)
+
+    async def _drained(self) -> None:
+        """Before the slot moves on: every row handed to the appender is in Redis."""
+        if self._appender is not None:
+            await self._appender.drained()
 
     async def _won(self, conn: psycopg.AsyncConnection[tuple[object, ...]]) -> bool:
         """Take the lock if Redis answers and no other broker holds it; also a health check.
@@ -336,6 +361,13 @@ class Appender:
         self._queue.append(row)
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._flush())
+
+    async def drained(self) -> None:
+        """Wait until every row `put` so far is in Redis; raises the failure if one failed."""
+        while self._task is not None and not self._task.done():
+            await asyncio.wait([self._task])
+        if self._error is not None:
+            raise self._error
 
     def close(self) -> None:
         """Stop appending; rows still queued are left to the next relay's backfill."""

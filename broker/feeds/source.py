@@ -31,8 +31,8 @@ against the bus.
 
 from __future__ import annotations
 
-from collections.abc import Container, Mapping
-from typing import Any, ClassVar, Protocol
+from collections.abc import Awaitable, Callable, Container, Mapping
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import psycopg
 import structlog
@@ -57,6 +57,7 @@ __all__ = [
     "RECONNECT_MAX_SECONDS",
     "ChangesHeld",
     "Source",
+    "Transport",
     "dedicated_connection",
 ]
 
@@ -72,6 +73,7 @@ CHANGE_PREFIX = b'{"feed":'  # how a change's payload starts (`capture.py` write
 log = structlog.get_logger(logger_name=__name__)
 
 Connection = psycopg.AsyncConnection[Any]
+Fetched = TypeVar("Fetched")
 
 
 async def dedicated_connection(url: str, application_name: str) -> Connection:
@@ -87,6 +89,20 @@ async def dedicated_connection(url: str, application_name: str) -> Connection:
         keepalives_interval=5,
         keepalives_count=3,
     )
+
+
+class Transport(Protocol):
+    """Where a source's payloads come from: LISTEN (`Notifications`) or the capture slot
+    (`walcapture.SlotTransport`). `next()` gives the payloads in commit order; `read(fetch)`
+    runs `fetch`, a query on the source's connection for a payload just received (a row too
+    large for it); `confirm()` says the last batch was handed on (the slot moves past it;
+    LISTEN has nothing to confirm)."""
+
+    async def next(self) -> list[str]: ...
+
+    async def read(self, fetch: Callable[[], Awaitable[Fetched | None]]) -> Fetched | None: ...
+
+    async def confirm(self) -> None: ...
 
 
 class ChangesHeld(Protocol):
@@ -154,10 +170,12 @@ class Source:
         attempt to make one (`failed_event`)."""
         return self.connected
 
-    async def listen(self, conn: Connection) -> Store:
-        """LISTEN on `conn` and load the key; the store's queries, run on `conn`."""
-        for channel in (CHANNEL, capture.CHANNEL):
-            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+    async def listen(self, conn: Connection, notify: bool = True) -> Store:
+        """LISTEN on `conn` (unless `notify` is False: the capture slot brings the payloads)
+        and load the key; the store's queries, run on `conn`."""
+        if notify:
+            for channel in (CHANNEL, capture.CHANNEL):
+                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         rows = self._store.using(conn)
         self._key = await rows.row_key()
         return rows
@@ -199,13 +217,24 @@ class Source:
                 after = page.through
         log.info(f"{self.name}_changes_backfilled", feeds=len(floors), changes=emitted)
 
-    async def serve(self, conn: Connection, rows: Store) -> None:
-        """Emit every notification's row, in order, until the connection fails (raises)."""
+    async def serve(
+        self, conn: Connection, rows: Store, transport: Transport | None = None
+    ) -> None:
+        """Emit every payload's row or change, in order, until the connection fails
+        (raises): from LISTEN on `conn`, or from `transport` (the capture slot), confirming
+        each batch once it was handed on."""
+        if transport is not None:
+            await self._pump(transport, conn, rows)
+            return
         async with Notifications(conn, self._emit_now) as notes:
-            while True:
-                for payload in await notes.next():
-                    if not self._emit_now(payload):
-                        await self._emit_reference(payload, conn, rows, notes)
+            await self._pump(notes, conn, rows)
+
+    async def _pump(self, transport: Transport, conn: Connection, rows: Store) -> None:
+        while True:
+            for payload in await transport.next():
+                if not self._emit_now(payload):
+                    await self._emit_reference(payload, conn, rows, transport)
+            await transport.confirm()
 
     def set_down(self, exc: BaseException) -> None:
         """The connection failed: log it once, in the end's words, and mark it down."""
@@ -250,13 +279,14 @@ class Source:
         return parse_notification(verified)
 
     async def _emit_reference(
-        self, payload: str, conn: Connection, rows: Store, notes: Notifications
+        self, payload: str, conn: Connection, rows: Store, notes: Transport
     ) -> None:
         reference = self._parse(payload)  # verified once already; a rare, short payload
         self.notifications += 1
         if isinstance(reference, ChangeReference):
-            async with notes.paused():
-                change = await changelog.fetch(conn, reference.feed, reference.position)
+            change = await notes.read(
+                lambda: changelog.fetch(conn, reference.feed, reference.position)
+            )
             if change is None:  # pruned meanwhile: a resume from before it gets `reset`
                 log.warning("change_missing", feed=reference.feed, position=reference.position)
             else:
@@ -265,8 +295,7 @@ class Source:
         assert isinstance(reference, Reference)
         if reference.id in self._backfilled:
             return
-        async with notes.paused():
-            message = await rows.get(reference.id)
+        message = await notes.read(lambda: rows.get(reference.id))
         if message is None:
             log.warning("notification_row_missing", id=reference.id)
             return

@@ -43,14 +43,24 @@ class SlotStream:
     Raises `SlotMissing`, `SlotBusy`, `SlotInvalidated` on start, and
     `psycopg.OperationalError` from `next()` when the connection fails."""
 
-    def __init__(self, url: str, slot: str, *, prefixes: tuple[str, ...] = (PREFIX,)) -> None:
+    def __init__(
+        self,
+        url: str,
+        slot: str,
+        *,
+        prefixes: tuple[str, ...] = (PREFIX,),
+        application_name: str = "pgsse-capture",
+    ) -> None:
         self._url = url
         self._slot = slot
+        self._application_name = application_name
         self._prefixes = frozenset(prefixes)
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._pgconn: pq.abc.PGconn | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._done: deque[tuple[int, datetime.datetime, list[str]]] = deque()
+        # end LSN, commit time, xid, payloads of each transaction received, not yet returned
+        self._done: deque[tuple[int, datetime.datetime, int, list[str]]] = deque()
+        self._xid = 0  # of the transaction being received
         self._payloads: list[str] = []  # of the transaction being received
         self._committed = PG_EPOCH
         self._waiter: asyncio.Future[None] | None = None
@@ -58,11 +68,20 @@ class SlotStream:
         self._confirmed = 0  # what the server was told may go
         self._handed = 0  # the end of the last batch `next()` returned
         self.position: int | None = None  # where `confirm` moves the slot to
+        self.xids: list[int] = []  # the transactions of the last batch `next()` returned
         self.oldest_unconfirmed: datetime.datetime | None = None
 
     async def __aenter__(self) -> SlotStream:
         self._conn = await psycopg.AsyncConnection.connect(
-            self._url, autocommit=True, replication="database"
+            self._url,
+            autocommit=True,
+            replication="database",
+            application_name=self._application_name,
+            connect_timeout=5,
+            keepalives=1,
+            keepalives_idle=10,
+            keepalives_interval=5,
+            keepalives_count=3,
         )
         try:
             await self._start()
@@ -112,7 +131,11 @@ class SlotStream:
         assert self._pgconn is not None and self._conn is not None
         if started.done():
             return
-        self._pgconn.consume_input()
+        try:
+            self._pgconn.consume_input()
+        except psycopg.Error as exc:  # the server went while starting
+            started.set_exception(exc)
+            return
         if self._pgconn.is_busy():
             return
         result = self._pgconn.get_result()
@@ -142,12 +165,21 @@ class SlotStream:
                 await self._waiter
             finally:
                 self._waiter = None
-        batch = [payload for _, _, payloads in self._done for payload in payloads]
+        batch = [payload for _, _, _, payloads in self._done for payload in payloads]
+        self.xids = [xid for _, _, xid, _ in self._done]
         self.position = self._done[-1][0]
         self.oldest_unconfirmed = self._done[0][1]
         self._handed = self.position
         self._done.clear()
         return batch
+
+    def unconfirmed_since(self) -> datetime.datetime | None:
+        """The commit time of the oldest transaction received and not yet confirmed (handed
+        out by `next()` or still waiting for it), None when there is none: the slot's lag in
+        time, as its reader sees it."""
+        if self.oldest_unconfirmed is not None:
+            return self.oldest_unconfirmed
+        return self._done[0][1] if self._done else None
 
     async def confirm(self) -> None:
         """The batch `next()` returned was handed on: the slot moves past it."""
@@ -196,7 +228,7 @@ class SlotStream:
     def _on_pgoutput(self, message: bytes) -> None:
         kind = message[:1]
         if kind == b"B":
-            _, micros, _ = struct.unpack_from(">QqI", message, 1)
+            _, micros, self._xid = struct.unpack_from(">QqI", message, 1)
             self._committed = PG_EPOCH + datetime.timedelta(microseconds=micros)
             self._payloads = []
         elif kind == b"M":
@@ -207,7 +239,7 @@ class SlotStream:
         elif kind == b"C":
             _, _, end, _ = struct.unpack_from(">BQQq", message, 1)
             if self._payloads:
-                self._done.append((end, self._committed, self._payloads))
+                self._done.append((end, self._committed, self._xid, self._payloads))
             self._payloads = []
 
     def _send_status(self) -> None:

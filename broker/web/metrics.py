@@ -114,6 +114,24 @@ class BrokerCollector(Collector):
                 "Seconds from XADD to this broker's read, of the last bus entry it read.",
                 value=stats.bus_lag_ms / 1000,
             )
+        if stats.capture_mode == "wal":
+            yield GaugeMetricFamily(
+                "pgsse_capture_reader",
+                "1 while this process reads the capture slot (BROKER_CAPTURE=wal), else 0.",
+                value=int(stats.capture_reader == "self"),
+            )
+            if stats.capture_lag_bytes is not None:
+                yield GaugeMetricFamily(
+                    "pgsse_capture_slot_lag_bytes",
+                    "WAL bytes the capture slot keeps (written since its confirmed position).",
+                    value=stats.capture_lag_bytes,
+                )
+            if stats.capture_lag_seconds is not None:
+                yield GaugeMetricFamily(
+                    "pgsse_capture_slot_lag_seconds",
+                    "Seconds since the oldest transaction the slot holds unread committed.",
+                    value=stats.capture_lag_seconds,
+                )
         yield HistogramMetricFamily(
             "pgsse_delivery_latency_seconds",
             "Seconds from a row's notification being routed to its event being handed to the "

@@ -70,6 +70,11 @@ class Stats:
     bus_takeovers: int = 0  # frozen relays' backends this broker terminated
     refused: int = 0  # notifications and bus entries dropped: unsigned, foreign, malformed
     ids_reused: int = 0  # times the table's ids were found reused (`Hub.publish`)
+    capture_mode: str = "notify"  # BROKER_CAPTURE
+    capture_slot: str | None = None  # wal: the slot's name
+    capture_lag_bytes: int | None = None  # wal: WAL the slot keeps; None: not sampled yet
+    capture_lag_seconds: float | None = None  # wal: since the oldest unread commit
+    capture_reader: str | None = None  # wal: "self", "other" (another session), None (no one)
     # Per feed, messages first; the totals above are every feed's together.
     feeds: dict[str, FeedStats] = field(default_factory=dict)
 
@@ -88,6 +93,13 @@ class Stats:
                 "leaseLive": self.bus_lease_live,
                 "gaps": self.bus_gaps,
                 "takeovers": self.bus_takeovers,
+            },
+            "capture": {
+                "mode": self.capture_mode,
+                "slot": self.capture_slot,
+                "lagBytes": self.capture_lag_bytes,
+                "lagSeconds": self.capture_lag_seconds,
+                "reader": self.capture_reader,
             },
             "listener": {
                 "connected": self.listener_connected,
@@ -142,7 +154,32 @@ def snapshot(broker: Broker) -> Stats:
         pid=os.getpid(),
         feeds=feeds,
         **_bus(broker),
+        **_capture(broker),
     )
+
+
+def _capture(broker: Broker) -> dict[str, Any]:
+    """The capture slot, as the monitor last sampled it (`feeds/walcapture.py`). This
+    process's own reader knows its lag in seconds exactly; another session's reader is not
+    peeked (that would take the slot from it): seconds are null then."""
+    capture = broker.capture
+    if capture is None:
+        return {}
+    reading, lag = capture.claim.reading, capture.monitor.lag
+    seconds: float | None
+    if reading is not None:
+        reader: str | None = "self"
+        seconds = reading.lag_seconds()
+    else:
+        reader = None if lag is None or lag.active_pid is None else "other"
+        seconds = None if lag is None else lag.seconds
+    return {
+        "capture_mode": "wal",
+        "capture_slot": capture.claim.slot,
+        "capture_lag_bytes": None if lag is None else lag.bytes,
+        "capture_lag_seconds": None if seconds is None else round(seconds, 3),
+        "capture_reader": reader,
+    }
 
 
 def _feed(open_streams: int, counters: HubCounters) -> FeedStats:

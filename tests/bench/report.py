@@ -105,22 +105,29 @@ def key_figures(name: str, result: dict[str, Any]) -> list[tuple[str, Any]]:
             )
         )
     elif name == "capture":
-        for phase, data in result["inserts_on_messages"].items():
+        for writers, row in result["inserts"].items():
             figures.append(
                 (
-                    f"messages INSERT rows/s, {phase}: today, change log (ratio), no NOTIFY",
-                    f"{data['today_rows_per_s']}  {data['change_log_rows_per_s']}"
-                    f" ({data['ratio']})  {data['change_log_without_notify_rows_per_s']}",
+                    f"INSERT rows/s at {writers} writers, broker attached: none / notify / wal",
+                    "  ".join(
+                        f"{row[mode]['tps']}"
+                        + (f" ({row[mode]['ratio']})" if mode != "none" else "")
+                        for mode in ("none", "notify", "wal")
+                    ),
                 )
             )
-        for phase, data in result["updates_on_orders"].items():
+        for mode, lat in result["latency"].items():
             figures.append(
-                (
-                    f"orders UPDATE rows/s, {phase}: without, with its feed (ratio), no NOTIFY",
-                    f"{data['without_feed_rows_per_s']}  {data['with_feed_rows_per_s']}"
-                    f" ({data['ratio']})  {data['with_feed_without_notify_rows_per_s']}",
-                )
+                (f"{mode}: delivery p50 / p99 ms at 500 rows/s", _pair(lat, "p50", "p99"))
             )
+        outage = result["outage"]
+        figures.append(
+            (
+                f"slot lag after a {outage['outage_s']} s reader outage (bytes, s), drained in",
+                f"{outage['lag_at_end'].get('bytes')}  {outage['lag_at_end'].get('seconds')}"
+                f"  {outage['drained_s']} s",
+            )
+        )
     return figures
 
 

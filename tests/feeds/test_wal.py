@@ -9,19 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
-import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
-import psycopg
 import pytest
-from psycopg import sql
 
 from broker import slots
 from broker.cli import main
@@ -30,66 +22,11 @@ from broker.database import drop_capture, migrate, sql_dir
 from broker.errors import BrokerError, ConfigError
 from broker.feeds.wal import SlotReader, slot_lag
 from broker.feeds.walstream import SlotStream
-from broker.signing import RowKey
-from tests.support.database import Database
+from tests.support.database import Database, invalidate_slots
+from tests.support.wal import WalDatabase
 
 TIMEOUT = 10.0
 Reader = SlotReader | SlotStream
-
-
-@dataclass
-class WalDatabase:
-    url: str
-    slot: str
-
-    def connect(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.url, autocommit=True)
-
-    def insert(self, session_id: str, content: str = "hello") -> int:
-        with self.connect() as conn:
-            row = conn.execute(
-                "INSERT INTO messages (session_id, content) VALUES (%s, %s) RETURNING id",
-                (session_id, content),
-            ).fetchone()
-        assert row is not None
-        return int(row[0])
-
-    def key(self) -> RowKey:
-        with self.connect() as conn:
-            row = conn.execute("SELECT key FROM pgsse_key").fetchone()
-        assert row is not None
-        return RowKey(bytes(row[0]))
-
-    def reader_connection(self) -> Any:
-        return psycopg.AsyncConnection.connect(self.url, autocommit=True)
-
-
-@pytest.fixture
-def waldb(database: Database) -> Iterator[WalDatabase]:
-    name = f"wal_{uuid.uuid4().hex[:10]}"
-    with database.connect() as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = database.url.replace("/postgres?", f"/{name}?", 1)
-    wal = WalDatabase(url, f"slot_{name}")
-    migrate(url, capture="wal", slot=wal.slot)
-    try:
-        yield wal
-    finally:
-        with database.connect() as conn:
-            deadline = time.monotonic() + TIMEOUT
-            while True:  # a stream's walsender may still be ending
-                try:
-                    conn.execute(
-                        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
-                        " WHERE database = %s",
-                        (name,),
-                    )
-                    break
-                except psycopg.errors.ObjectInUse:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
-            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 @pytest.fixture
@@ -232,20 +169,7 @@ async def test_an_invalidated_slot_is_one_clear_error(
     database: Database, waldb: WalDatabase, reader: SlotReader
 ) -> None:
     waldb.insert("s", "before")
-    with database.connect() as conn:
-        conn.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
-        conn.execute("SELECT pg_reload_conf()")
-        try:
-            for _ in range(4):  # WAL beyond the slot's allowance, then a checkpoint drops it
-                conn.execute("CREATE TEMP TABLE IF NOT EXISTS filler (x text)")
-                conn.execute(
-                    "INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 3000)"
-                )
-                conn.execute("SELECT pg_switch_wal()")
-            conn.execute("CHECKPOINT")
-        finally:
-            conn.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
-            conn.execute("SELECT pg_reload_conf()")
+    invalidate_slots(database)
     async with await waldb.reader_connection() as conn:
         lag = await slot_lag(conn, waldb.slot)
     assert lag.invalidated and lag.seconds is None
@@ -378,20 +302,6 @@ async def test_the_slot_restart_point_follows_the_reader(
     end, lag = wal_and_restart_lag()
     assert end - start > 3 * 300 * 1000
     assert lag < (end - start) / 2  # about one round's: the slot moved while rows flowed
-
-
-def test_serve_refuses_wal_until_it_reads_the_slot(waldb: WalDatabase) -> None:
-    """Serving with the emit trigger and no reader would deliver nothing live."""
-    environ = {**os.environ, "DATABASE_URL": waldb.url, "BROKER_CAPTURE": "wal"}
-    done = subprocess.run(
-        [sys.executable, "-m", "broker", "serve", "--port", "0"],
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 1
-    assert "does not read the slot yet" in done.stderr
 
 
 async def test_others_writes_do_not_hold_the_slot_back(

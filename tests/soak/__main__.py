@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import random
 import resource
 import signal
@@ -41,6 +42,12 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=100, help="rows a second (100)")
     parser.add_argument("--drops", type=float, default=4, help="client drops a second (4)")
     parser.add_argument("--fault-every", type=float, default=60, help="seconds between faults")
+    parser.add_argument(
+        "--capture",
+        choices=("notify", "wal"),
+        default=os.environ.get("BROKER_CAPTURE", "notify"),
+        help="BROKER_CAPTURE of the brokers (the environment's, else notify); wal adds a bus",
+    )
     parser.add_argument("--run-dir", type=Path, default=ROOT / ".run" / "soak")
     options = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -59,7 +66,7 @@ async def soak(options: argparse.Namespace) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):  # stop early, still cleaning up
         loop.add_signal_handler(sig, stop.set)
-    cluster = Cluster(options.run_dir)
+    cluster = Cluster(options.run_dir, options.capture)
     clients: list[Client] = []
     writer: Writer | None = None
     tasks: list[asyncio.Task[None]] = []
@@ -142,6 +149,7 @@ async def soak(options: argparse.Namespace) -> dict[str, Any]:
         end = [cluster.usage(b) for b in cluster.brokers]
         report: dict[str, Any] = {
             "seed": options.seed,
+            "capture": options.capture,
             "seconds": round(elapsed, 1),
             "writer": {
                 "rows": len(rows),

@@ -1,4 +1,6 @@
-"""The soak's processes: one embedded PostgreSQL, broker processes, nginx in front.
+"""The soak's processes: one embedded PostgreSQL, broker processes, nginx in front; with
+`capture="wal"` (BROKER_CAPTURE=wal) also a Redis bus, since without one a single broker
+process reads the slot and the others are not ready: the bus's relay is the slot's reader.
 
 Everything is started here and stopped by `Cluster.stop`, whatever happened before; the run
 directory keeps the logs (broker-N.log, nginx's) and the report.
@@ -20,9 +22,11 @@ import psycopg
 
 from broker.database import EmbeddedPostgres, migrate
 from broker.feeds.listener import APPLICATION_NAME as LISTENER_NAME
+from broker.feeds.walcapture import READER_NAME
 from broker.store import APPLICATION_NAME as STORE_NAME
 from tests.support.nginx import Nginx
 from tests.support.processes import BrokerProcess
+from tests.support.redis import RedisServer
 
 
 @dataclass(frozen=True)
@@ -62,9 +66,11 @@ class Usage:
 @dataclass
 class Cluster:
     run_dir: Path
+    capture: str = "notify"
     brokers: list[BrokerProcess] = field(default_factory=list)
     database: EmbeddedPostgres | None = None
     nginx: Nginx | None = None
+    redis: RedisServer | None = None
     _data: Path | None = None  # the embedded cluster's temporary directory
 
     @property
@@ -81,13 +87,16 @@ class Cluster:
         self._data = Path(tempfile.mkdtemp(prefix="pgsse-soak-"))
         self.database = EmbeddedPostgres(self._data / "data")
         self.database.start()
-        migrate(self.database.url)
+        migrate(self.database.url, capture=self.capture)
         env = {
             "DATABASE_URL": self.database.url,
             "BROKER_MIGRATE": "false",
             "BROKER_LOG_FORMAT": "json",
             "BROKER_HEARTBEAT_SECONDS": "5",
         }
+        if self.capture == "wal":
+            self.redis = RedisServer(fsync="everysec").start()
+            env |= {"BROKER_CAPTURE": "wal", "BROKER_BUS_URL": self.redis.url}
         for n in range(count):
             broker = BrokerProcess(env, self.run_dir / f"broker-{n}.log")
             self.brokers.append(broker.start(wait_ready=False))
@@ -116,9 +125,11 @@ class Cluster:
         return self.backends(STORE_NAME)
 
     def terminate_listeners(self) -> int:
+        """The listening connections, and with wal the slot's stream."""
         rows = self.sql(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
-            (LISTENER_NAME,),
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name IN (%s, %s)",
+            (LISTENER_NAME, READER_NAME),
         )
         return len(rows)
 
@@ -181,6 +192,8 @@ class Cluster:
                 if source.exists():
                     shutil.copy(source, self.run_dir / f"nginx-{name}")
             self.nginx.remove()
+        if self.redis is not None:
+            self.redis.destroy()
         if self.database is not None:
             self.database.stop("fast")
         if self._data is not None:

@@ -4,7 +4,8 @@
 - `postgres_restart`: PostgreSQL stopped (fast) for 3 s, then started; the listener-return
   time of each broker is measured from the moment the server accepts connections again to the
   moment that broker's listener has reconnected and backfilled.
-- `kill_broker`: SIGKILL of one broker (in turn), restarted on the same port at once.
+- `kill_broker`: SIGKILL of one broker (in turn), restarted on the same port at once. In the
+  wal soak (`--capture wal`, brokers on a bus) the relay: the slot's reader.
 - `stall_client`: one global client stops reading for 20 s; the broker must cut it or carry
   it, and it must come back exact either way. Through nginx it is carried: 20 s of a global
   stream (~2.5 MB) fit in the kernel's socket buffers between nginx and the client and
@@ -87,6 +88,10 @@ class Faults:
 
     async def kill_broker(self) -> dict[str, Any]:
         index = self.kills % len(self.cluster.brokers)
+        if self.cluster.redis is not None:  # the wal soak: kill the slot's reader, the relay
+            index = next(
+                (n for n, b in enumerate(self.cluster.brokers) if _role(b) == "relay"), index
+            )
         self.kills += 1
         ready = await asyncio.to_thread(self.cluster.kill_and_restart, index)
         return {"broker": index, "restarted_ready_s": round(ready, 3)}
@@ -100,7 +105,17 @@ class Faults:
 
     async def _listeners_back(self, before: list[int]) -> list[float]:
         """When each broker's listener had reconnected (more reconnects than `before`) and
-        was up again, its backfill done; 0.0 for one that did not within 60 s."""
+        was up again, its backfill done; 0.0 for one that did not within 60 s. On a bus
+        (the wal soak) one time for all: when a relay (any broker) listens again, after none
+        did, and every broker is ready."""
+        if self.cluster.redis is not None:
+            gone = FirstSuccess(lambda: not _relay_listening(self.cluster.brokers), timeout=10)
+            gone.start()
+            await asyncio.to_thread(gone.join, 15)
+            back = FirstSuccess(lambda: _relay_back(self.cluster.brokers), timeout=60)
+            back.start()
+            await asyncio.to_thread(back.join, 70)
+            return [back.at]
         probes = [
             FirstSuccess(_reconnected(broker, count), timeout=60)
             for broker, count in zip(self.cluster.brokers, before, strict=True)
@@ -125,6 +140,28 @@ def _reconnected(broker: BrokerProcess, before: int) -> Callable[[], bool]:
         return bool(listener["connected"]) and int(listener["reconnects"]) > before
 
     return check
+
+
+def _role(broker: BrokerProcess) -> str | None:
+    try:
+        role = broker.stats()["bus"]["role"]
+    except (OSError, AssertionError, ValueError, KeyError, TypeError):
+        return None
+    return str(role)
+
+
+def _relay_listening(brokers: list[BrokerProcess]) -> bool:
+    try:
+        return any(broker.stats()["listener"]["connected"] for broker in brokers)
+    except (OSError, AssertionError, ValueError):
+        return False
+
+
+def _relay_back(brokers: list[BrokerProcess]) -> bool:
+    try:
+        return _relay_listening(brokers) and all(broker.ready() for broker in brokers)
+    except (OSError, RuntimeError):
+        return False
 
 
 def _since(start: float, at: float) -> float:

@@ -26,7 +26,8 @@ LISTENER_MARK = b"application_name\x00" + APPLICATION_NAME.encode() + b"\x00"
 class PostgresProxy:
     """Forwards 127.0.0.1:`port` to the cluster's Unix socket in `socket_dir`."""
 
-    def __init__(self, socket_dir: Path) -> None:
+    def __init__(self, socket_dir: Path, dbname: str = "postgres") -> None:
+        self.dbname = dbname
         self.upstream = str(socket_dir / ".s.PGSQL.5432")
         self.listener_blocked = threading.Event()
         self.refused = 0
@@ -39,7 +40,7 @@ class PostgresProxy:
     def url(self) -> str:
         # No SSL or GSS negotiation: the startup packet is the first thing a client sends.
         return (
-            f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+            f"postgresql://postgres@127.0.0.1:{self.port}/{self.dbname}"
             "?sslmode=disable&gssencmode=disable"
         )
 

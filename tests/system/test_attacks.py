@@ -227,9 +227,9 @@ COVERED_ELSEWHERE = {
 
 
 @pytest.fixture(scope="module")
-def target(database: Database, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+def target(cluster: Database, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     with module_broker(
-        database.url,
+        cluster.url,
         tmp_path_factory.mktemp("attacks") / "broker.log",
         BROKER_AUTH_SECRET=SECRET,
         BROKER_ADMIN_TOKEN=ADMIN,

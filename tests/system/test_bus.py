@@ -12,6 +12,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from broker.feeds.relay import LOCK_CLASS, lock_name
 from tests.support.database import Database, stored_ids
 from tests.support.nginx import Nginx
@@ -20,6 +22,8 @@ from tests.support.processes import BrokerProcess
 from tests.support.redis import RedisServer, bus_identity
 from tests.support.sse import SSEClient, connected
 from tests.support.writers import Writer
+
+pytestmark = pytest.mark.captures  # every test once per capture mode (tests/conftest.py)
 
 
 def scrape(broker: BrokerProcess) -> str:

@@ -77,9 +77,9 @@ class Fuzzed:
 
 
 @pytest.fixture(scope="module")
-def fuzzed(database: Database, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
+def fuzzed(cluster: Database, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
     with module_broker(
-        database.url,
+        cluster.url,
         tmp_path_factory.mktemp("fuzz") / "broker.log",
         BROKER_AUTH_SECRET=SECRET,
         BROKER_ADMIN_TOKEN=ADMIN_TOKEN,
@@ -89,7 +89,7 @@ def fuzzed(database: Database, tmp_path_factory: pytest.TempPathFactory) -> Iter
         BROKER_HEADER_TIMEOUT_SECONDS="5",
         BROKER_MAX_HEADER_BYTES="8192",
     ) as broker:
-        yield Fuzzed(broker, database)
+        yield Fuzzed(broker, cluster)
 
 
 # Requests

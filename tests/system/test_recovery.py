@@ -21,6 +21,8 @@ from tests.support.processes import BrokerProcess
 from tests.support.sse import SSEClient, subscribe
 from tests.support.writers import Writer
 
+pytestmark = pytest.mark.captures  # every test once per capture mode (tests/conftest.py)
+
 
 async def received_ids(client: SSEClient, last: int, timeout: float = 20.0) -> list[int]:
     events = await client.events_until(lambda e: e.id is not None and int(e.id) >= last, timeout)

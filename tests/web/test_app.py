@@ -18,8 +18,8 @@ from tests.support.database import Database
 
 
 @pytest.fixture(scope="module")
-async def app(database: Database) -> AsyncIterator[Starlette]:
-    settings = Settings(database_url=database.url, cors_origins=("https://app.example",))
+async def app(cluster: Database) -> AsyncIterator[Starlette]:
+    settings = Settings(database_url=cluster.url, cors_origins=("https://app.example",))
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         await app.state.broker.started.wait()

@@ -24,7 +24,12 @@ async def test_collector_reads_the_hub_and_listener_counters_at_scrape_time() ->
         refused=SimpleNamespace(count=0),
     )
     broker = SimpleNamespace(
-        hub=hub, feeds=FeedSet(hub), listener=listener, bus=None, started_at=time.time()
+        hub=hub,
+        feeds=FeedSet(hub),
+        listener=listener,
+        bus=None,
+        capture=None,
+        started_at=time.time(),
     )
     registry = create_registry(broker)  # type: ignore[arg-type]
     first, second = hub.subscribe("a", None), hub.subscribe(None, None)

@@ -27,7 +27,12 @@ def broker_of(hub: Hub) -> SimpleNamespace:
         refused=SimpleNamespace(count=0),
     )
     return SimpleNamespace(
-        hub=hub, feeds=FeedSet(hub), listener=listener, bus=None, started_at=time.time() - 3
+        hub=hub,
+        feeds=FeedSet(hub),
+        listener=listener,
+        bus=None,
+        capture=None,
+        started_at=time.time() - 3,
     )
 
 
@@ -43,6 +48,7 @@ async def test_the_stats_json_keeps_its_contract() -> None:
         "totalConnections",
         "channels",
         "bus",
+        "capture",
         "listener",
         "counters",
         "uptimeSeconds",
@@ -51,6 +57,13 @@ async def test_the_stats_json_keeps_its_contract() -> None:
     }
     assert data["pid"] == os.getpid()  # with --workers, which worker answered
     assert data["bus"] is None  # no BROKER_BUS_URL (tests/system/test_bus.py sets it)
+    assert data["capture"] == {  # BROKER_CAPTURE=notify (tests/system/test_capture.py: wal)
+        "mode": "notify",
+        "slot": None,
+        "lagBytes": None,
+        "lagSeconds": None,
+        "reader": None,
+    }
     assert data["listener"] == {
         "connected": True,
         "reconnects": 1,
