@@ -203,7 +203,9 @@ def _migrate(settings: Settings, print_only: bool = False, drop_capture: bool = 
         raise BrokerError("--drop-capture leaves BROKER_CAPTURE=wal: unset BROKER_CAPTURE first")
     with _database(settings) as url:
         if print_only:
-            sys.stdout.write(migration_sql(url, settings.config))
+            sys.stdout.write(
+                migration_sql(url, settings.config, settings.capture, settings.capture_slot)
+            )
             return 0
         if drop_capture:
             dropped = drop(url, settings.capture_slot, settings.config)

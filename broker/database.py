@@ -92,9 +92,10 @@ def migrate(
     the transaction, which then rolls back.
 
     With `capture="wal"` the publication and the replication slot `slot` are made next, then
-    the messages trigger emits logical messages instead of NOTIFY (`slots.py`). With `notify`
-    the files put the NOTIFY trigger back; a capture slot left from the WAL mode is only warned
-    about (it keeps WAL: `pgsse migrate --drop-capture`)."""
+    the messages table joins the publication and loses its NOTIFY trigger (`slots.py`). With
+    `notify` the files put the NOTIFY trigger back and the table leaves the publication; a
+    capture slot left from the WAL mode is only warned about (it keeps WAL: `pgsse migrate
+    --drop-capture`)."""
     declared = feedspec.read(config)
     with connect(url) as conn, _translated():
         conn.autocommit = True  # each `transaction()` below is its own (slots.prepare needs it)
@@ -105,9 +106,7 @@ def migrate(
         # while another instance migrates never misses a row to a NOTIFY no one hears.
         with conn.transaction():
             feeds = _apply_sql(conn, declared)
-            if capture == "wal":
-                notify_sql = (sql_dir() / "002_notify.sql").read_text(encoding="utf-8")
-                conn.execute(slots.wal_trigger_sql(notify_sql).encode())
+            conn.execute(_capture_swap(capture).encode())
             conn.execute(capture_sql(feeds, capture, key_table=_key_table(conn)).encode())
         if (
             capture != "wal"
@@ -133,21 +132,44 @@ def drop_capture(url: str, slot: str = "pgsse", config: Path | None = None) -> b
         return slots.drop(conn, slot)
 
 
-def migration_sql(url: str, config: Path | None = None) -> str:
+def migration_sql(
+    url: str, config: Path | None = None, capture: str = "notify", slot: str = "pgsse"
+) -> str:
     """What `migrate` would run, as one script for psql (`pgsse migrate --print`).
 
     The feeds are checked against the catalog as `migrate` would see it: `sql/` is applied in
-    a transaction that is rolled back, so nothing is changed."""
+    a transaction that is rolled back, so nothing is changed. With `capture="wal"` the
+    publication and the slot come first, each statement of its own (a slot cannot be made in
+    a transaction that wrote), as `slots.prepare` makes them."""
     declared = feedspec.read(config)
     with connect(url) as conn, _translated(), conn.transaction(force_rollback=True):
         feeds = _apply_sql(conn, declared)
         key_table = _key_table(conn)
-    parts = ["BEGIN;", f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK});"]
+        swap = _capture_swap(capture)
+    parts: list[str] = []
+    if capture == "wal":
+        parts += [
+            "-- BROKER_CAPTURE=wal: the publication and the slot, before the transaction",
+            f"CREATE PUBLICATION {slots.PUBLICATION};  -- unless it exists",
+            sql.SQL("SELECT pg_create_logical_replication_slot({}, {});  -- unless it exists")
+            .format(sql.Literal(slot), sql.Literal(slots.PLUGIN))
+            .as_string(None),
+        ]
+    parts += ["BEGIN;", f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK});"]
     for path in sql_files():
         parts += [f"-- sql/{path.name}", path.read_text(encoding="utf-8").rstrip()]
-    script = capture_sql(feeds, key_table=key_table).rstrip()
+    parts += [f"-- the messages table's capture (BROKER_CAPTURE={capture})", swap.rstrip()]
+    script = capture_sql(feeds, capture, key_table=key_table).rstrip()
     parts += ["-- capture of the declared feeds", script, "COMMIT;"]
     return "\n".join(parts) + "\n"
+
+
+def _capture_swap(capture: str) -> str:
+    """After `sql/` in the migration's transaction: the messages table's capture of mode
+    `capture` (`slots.py`)."""
+    if capture == "wal":
+        return slots.wal_capture_sql()
+    return slots.notify_capture_sql()
 
 
 def _apply_sql(
@@ -187,7 +209,7 @@ def check_database(
     """What serving needs, checked once at start-up when migrations are off: the database
     answers, holds table `messages` and the signing key (`pgsse_key`, from `sql/`), and the
     feeds of `config` are valid and installed; with `capture="wal"`, the slot exists and the
-    messages trigger emits logical messages (else no row would ever reach the broker)."""
+    publication holds `messages` (else no row would ever reach the broker)."""
     declared = feedspec.read(config)
     with connect(url) as conn:
         if capture == "wal":
@@ -223,18 +245,19 @@ def check_database(
 
 
 def _check_wal(conn: psycopg.Connection[Any], slot: str) -> None:
+    """The slot exists, and the publication holds `messages` (else no row reaches it)."""
     found = conn.execute(
         "SELECT EXISTS (SELECT FROM pg_replication_slots"
         "  WHERE slot_name = %s AND database = current_database()),"
-        " coalesce((SELECT prosrc LIKE '%%pg_logical_emit_message%%' FROM pg_proc"
-        "  WHERE oid = to_regprocedure('notify_new_message()')), false)",
-        (slot,),
+        " EXISTS (SELECT FROM pg_publication p JOIN pg_publication_rel r ON r.prpubid = p.oid"
+        "  WHERE p.pubname = %s AND p.pubinsert AND r.prrelid = to_regclass(%s))",
+        (slot, slots.PUBLICATION, slots.MESSAGES_TABLE),
     ).fetchone()
     if not found or not found[0] or not found[1]:
         raise BrokerError(
             f"invalid BROKER_MIGRATE=false with BROKER_CAPTURE=wal: the database has no"
-            f" capture slot {slot!r} or its trigger still NOTIFYs; run `pgsse migrate` with"
-            " BROKER_CAPTURE=wal once, or unset BROKER_MIGRATE"
+            f" capture slot {slot!r} or its publication lacks table messages; run `pgsse"
+            " migrate` with BROKER_CAPTURE=wal once, or unset BROKER_MIGRATE"
         )
 
 

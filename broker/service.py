@@ -71,7 +71,7 @@ class Capture:
     by the relay with a bus) and the slot's lag monitor (`feeds/walcapture.py`)."""
 
     def __init__(self, settings: Settings, database_url: str) -> None:
-        self.claim = SlotClaim(database_url, settings.capture_slot)
+        self.claim = SlotClaim(database_url, settings.capture_slot, settings.max_row_bytes)
         self.monitor = CaptureMonitor(database_url, settings.capture_slot)
 
 

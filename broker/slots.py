@@ -1,13 +1,21 @@
-"""The WAL capture's database objects (`BROKER_CAPTURE=wal`): the trigger's step,
-the publication and the logical replication slot that `pgsse migrate` makes and `pgsse
+"""The WAL capture's database objects (`BROKER_CAPTURE=wal`): the publication, the logical
+replication slot and the messages table's capture, which `pgsse migrate` makes and `pgsse
 migrate --drop-capture` drops. `feeds/wal.py` reads the slot.
 
+In wal mode the messages table has no trigger: the publication holds it (inserts only), so
+its inserts reach the slot's reader as rows (`wal.Decoder`). The feeds' triggers
+(`feeds/capture.py`) emit their changes as logical messages (`capture_step`).
+
 Switching to the mode, `migrate` makes the slot, and only then, in one transaction, applies
-`sql/` and makes the triggers emit logical messages: every message emitted is after the
-slot's start, so none is missed; rows committed before that were notified (and backfill
-covers a broker that was not listening). `sql/` and the swap in one transaction: a `serve`
-migrating while another broker reads the slot never leaves a moment of NOTIFY. Dropping
-goes the other way: NOTIFY trigger first, then the slot.
+`sql/`, puts `messages` in the publication and drops its NOTIFY trigger (`wal_capture_sql`):
+every insert committed after that is decoded from the WAL after the slot's start, so none is
+missed; rows committed before were notified (and backfill covers a broker that was not
+listening). The trigger's drop waits for the transactions inserting at that moment (its lock
+conflicts with theirs), so each row is either notified or decoded, never neither. `sql/` and
+the swap in one transaction: a `serve` migrating while another broker reads the slot never
+leaves a moment of NOTIFY. Going back (`notify_capture_sql`) is the same transaction the other
+way: `sql/` makes the trigger again, and `messages` leaves the publication; then
+`--drop-capture` drops the slot.
 
 A slot nobody reads keeps every WAL segment written since its position: on a busy database
 that fills the disk, unless `max_slot_wal_keep_size` makes PostgreSQL invalidate the slot
@@ -26,6 +34,8 @@ from .errors import BrokerError
 
 __all__ = [
     "CAPTURE_MODES",
+    "MESSAGES_TABLE",
+    "NOTIFY_TRIGGER",
     "PLUGIN",
     "PREFIX",
     "PUBLICATION",
@@ -35,13 +45,16 @@ __all__ = [
     "SlotMissing",
     "capture_step",
     "drop",
+    "notify_capture_sql",
     "prepare",
-    "wal_trigger_sql",
+    "wal_capture_sql",
 ]
 
 CAPTURE_MODES = ("notify", "wal")
 PREFIX = "pgsse_messages"  # the messages' logical-message prefix: the NOTIFY channel's name
-PUBLICATION = "pgsse_capture"  # pgoutput needs one; it holds no table
+PUBLICATION = "pgsse_capture"  # pgoutput's: table `messages`, inserts only
+MESSAGES_TABLE = "messages"
+NOTIFY_TRIGGER = "trigger_notify_new_message"  # sql/002_notify.sql's, on `messages`
 PLUGIN = "pgoutput"
 
 log = structlog.get_logger(logger_name=__name__)
@@ -79,17 +92,32 @@ def capture_step(mode: str, prefix: str, payload: str) -> str:
     raise ValueError(f"unknown capture mode {mode!r}; expected one of {CAPTURE_MODES}")
 
 
-def wal_trigger_sql(notify_sql: str) -> str:
-    """`notify_new_message()` of `sql/002_notify.sql` (given as `notify_sql`) with its one
-    `pg_notify` step made a logical message: same signature, payload and signature bytes,
-    same reference path for large rows, so the broker parses both modes' payloads alike."""
-    start = notify_sql.index("CREATE OR REPLACE FUNCTION notify_new_message()")
-    end = notify_sql.index("$$;", start) + len("$$;")
-    function = notify_sql[start:end]
-    step = capture_step("notify", PREFIX, "payload")
-    if function.count(step) != 1:
-        raise BrokerError(f"sql/002_notify.sql: expected one {step!r} in notify_new_message()")
-    return function.replace(step, capture_step("wal", PREFIX, "payload"))
+def wal_capture_sql() -> str:
+    """The wal mode's messages capture, in the migration's transaction after `sql/`: the
+    table in the publication, inserts only, and no trigger (`sql/` just made it again).
+    Idempotent. A role that could write the table could always insert rows; what it cannot
+    do is make the WAL carry a row the table does not hold (docs/security.md)."""
+    return (
+        f"ALTER PUBLICATION {PUBLICATION} SET TABLE {MESSAGES_TABLE};\n"
+        f"ALTER PUBLICATION {PUBLICATION} SET (publish = 'insert');\n"
+        f"DROP TRIGGER IF EXISTS {NOTIFY_TRIGGER} ON {MESSAGES_TABLE};\n"
+    )
+
+
+def notify_capture_sql() -> str:
+    """The notify mode's counterpart, after `sql/` (which makes the NOTIFY trigger): a
+    publication left from the wal mode no longer holds `messages`, so a slot kept meanwhile
+    does not also decode the rows NOTIFY carried. Idempotent."""
+    return f"""\
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_publication_tables
+               WHERE pubname = '{PUBLICATION}' AND tablename = '{MESSAGES_TABLE}') THEN
+        ALTER PUBLICATION {PUBLICATION} DROP TABLE {MESSAGES_TABLE};
+    END IF;
+END;
+$$;
+"""
 
 
 # -- migrate and drop -----------------------------------------------------------------------

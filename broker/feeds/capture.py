@@ -9,8 +9,8 @@ same transaction as `sql/`):
 - one generic trigger function `pgsse.capture()`, SECURITY DEFINER (writers need no grant on
   the log) with its search path pinned;
 - per feed, trigger `pgsse_capture_<feed>` AFTER its declared events FOR EACH ROW (the messages
-  feed: only its updates and deletes; its inserts keep `notify_new_message` and replay from
-  the table);
+  feed: only its updates and deletes; its inserts keep `notify_new_message`, or in wal mode
+  come from the WAL itself, and replay from the table);
 - a block that drops every `pgsse_capture_*` trigger of `pgsse.capture()` that no declared
   feed wants any more (its feed removed, or moved to another table).
 

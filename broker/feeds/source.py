@@ -31,7 +31,7 @@ against the bus.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Container, Mapping
+from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import psycopg
@@ -93,12 +93,13 @@ async def dedicated_connection(url: str, application_name: str) -> Connection:
 
 class Transport(Protocol):
     """Where a source's payloads come from: LISTEN (`Notifications`) or the capture slot
-    (`walcapture.SlotTransport`). `next()` gives the payloads in commit order; `read(fetch)`
+    (`walcapture.SlotTransport`). `next()` gives them in commit order: signed payloads, or
+    (the slot) rows decoded from the WAL, a `Message` or a `Reference`; `read(fetch)`
     runs `fetch`, a query on the source's connection for a payload just received (a row too
     large for it); `confirm()` says the last batch was handed on (the slot moves past it;
     LISTEN has nothing to confirm)."""
 
-    async def next(self) -> list[str]: ...
+    async def next(self) -> Sequence[str | Message | Reference]: ...
 
     async def read(self, fetch: Callable[[], Awaitable[Fetched | None]]) -> Fetched | None: ...
 
@@ -231,9 +232,18 @@ class Source:
 
     async def _pump(self, transport: Transport, conn: Connection, rows: Store) -> None:
         while True:
-            for payload in await transport.next():
-                if not self._emit_now(payload):
-                    await self._emit_reference(payload, conn, rows, transport)
+            for item in await transport.next():
+                if isinstance(item, str):
+                    if not self._emit_now(item):
+                        await self._emit_reference(item, conn, rows, transport)
+                    continue
+                # A row decoded from the WAL: the table's own, so nothing to verify.
+                self.notifications += 1
+                if isinstance(item, Message):
+                    if item.id not in self._backfilled:
+                        self.emit(item, None)
+                else:
+                    await self._emit_row(item, rows, transport)
             await transport.confirm()
 
     def set_down(self, exc: BaseException) -> None:
@@ -293,6 +303,10 @@ class Source:
                 self.emit_change(change, None)
             return
         assert isinstance(reference, Reference)
+        await self._emit_row(reference, rows, notes)
+
+    async def _emit_row(self, reference: Reference, rows: Store, notes: Transport) -> None:
+        """Read the row of `reference` on the source's connection and emit it."""
         if reference.id in self._backfilled:
             return
         message = await notes.read(lambda: rows.get(reference.id))

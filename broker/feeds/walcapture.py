@@ -1,8 +1,10 @@
 """`BROKER_CAPTURE=wal` in the feed core: the one reader of a database's capture slot.
 
-A `Source` (the listener, or with a bus the relay) takes its payloads from a `SlotStream`
-(`walstream.py`) instead of LISTEN; everything after the payload (verify, parse, emit,
-references, backfill) is the same code (`source.Source.serve`). What is the slot's own:
+A `Source` (the listener, or with a bus the relay) takes its items from a `SlotStream`
+(`walstream.py`) instead of LISTEN: the messages table's inserts as rows decoded from the WAL
+(no trigger, nothing to verify) and the feeds' changes as signed payloads; everything after
+that (verify, parse, emit, references, backfill) is the same code (`source.Source.serve`).
+What is the slot's own:
 
 - **One reader per database.** A session advisory lock keyed by the slot's name
   (`SLOT_LOCK_CLASS`, `hashtext(slot)`), held on the source's own connection, says who reads.
@@ -45,9 +47,10 @@ from psycopg import errors
 
 from ..errors import BrokerError
 from ..slots import PLUGIN, PREFIX, SlotBusy, SlotInvalidated
+from ..store import DEFAULT_MAX_ROW_BYTES
 from .capture import CHANNEL as CHANGES_PREFIX
 from .retry import pause
-from .wal import SlotLag, slot_lag
+from .wal import Item, SlotLag, slot_lag
 from .walstream import SlotStream
 
 __all__ = [
@@ -60,7 +63,8 @@ __all__ = [
 
 READER_NAME = "pgsse-capture"  # the stream's walsender in pg_stat_activity
 MONITOR_NAME = "pgsse-capture-monitor"
-PREFIXES = (PREFIX, CHANGES_PREFIX)  # the messages' and the feeds' logical messages
+# The feeds' logical messages, and the messages' from a trigger an older migration left
+PREFIXES = (PREFIX, CHANGES_PREFIX)
 SLOT_LOCK_CLASS = 0x7077  # the advisory lock's first key ('pw'); the second is hashtext(slot)
 CAMPAIGN_SECONDS = 1.0
 BUSY_RETRY_SECONDS = 0.2
@@ -89,7 +93,7 @@ class SlotTransport:
         self._conn = conn
         self._before_confirm = before_confirm
 
-    async def next(self) -> list[str]:
+    async def next(self) -> list[Item]:
         """The next batch, once its transactions are visible to other sessions.
 
         The walsender sends a transaction once its commit record is flushed; PostgreSQL ends
@@ -152,9 +156,10 @@ class SlotClaim:
     `recreated` says that the last `reading()` had to make the slot again (backfill);
     `invalidations` and `takeovers` are counters for stats."""
 
-    def __init__(self, url: str, slot: str) -> None:
+    def __init__(self, url: str, slot: str, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> None:
         self._url = url
         self.slot = slot
+        self._max_row_bytes = max_row_bytes
         self.reading: SlotTransport | None = None
         self.recreated = False
         self.invalidations = 0
@@ -197,7 +202,11 @@ class SlotClaim:
         busy_logged = False
         while True:
             stream = SlotStream(
-                self._url, self.slot, prefixes=PREFIXES, application_name=READER_NAME
+                self._url,
+                self.slot,
+                prefixes=PREFIXES,
+                application_name=READER_NAME,
+                max_row_bytes=self._max_row_bytes,
             )
             try:
                 return await stream.__aenter__()
@@ -258,9 +267,10 @@ class CaptureMonitor:
     `lag` is the last sample (None before the first, or while the database is away), `error`
     why the last one failed (a missing slot, say)."""
 
-    def __init__(self, url: str, slot: str) -> None:
+    def __init__(self, url: str, slot: str, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> None:
         self._url = url
         self.slot = slot
+        self._max_row_bytes = max_row_bytes
         self.lag: SlotLag | None = None
         self.error: str | None = None
 

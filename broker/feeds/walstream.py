@@ -28,7 +28,8 @@ import psycopg
 from psycopg import pq, sql
 
 from ..slots import PREFIX, PUBLICATION
-from .wal import PG_EPOCH, slot_error
+from ..store import DEFAULT_MAX_ROW_BYTES
+from .wal import PG_EPOCH, STREAM_OPTIONS, Decoder, Item, Transaction, slot_error
 
 __all__ = ["SlotStream"]
 
@@ -36,9 +37,9 @@ XLOG_DATA_HEADER = 25  # 'w', start LSN, end LSN, send time
 
 
 class SlotStream:
-    """The payloads committed through the slot, in commit order, in batches, pushed by the
-    server: `async with SlotStream(url, slot) as stream`, then `await stream.next()`, hand
-    the batch on, `await stream.confirm()`; in a loop.
+    """The rows and payloads committed through the slot (`wal.Decoder`), in commit order, in
+    batches, pushed by the server: `async with SlotStream(url, slot) as stream`, then `await
+    stream.next()`, hand the batch on, `await stream.confirm()`; in a loop.
 
     Raises `SlotMissing`, `SlotBusy`, `SlotInvalidated` on start, and
     `psycopg.OperationalError` from `next()` when the connection fails."""
@@ -50,19 +51,17 @@ class SlotStream:
         *,
         prefixes: tuple[str, ...] = (PREFIX,),
         application_name: str = "pgsse-capture",
+        max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
     ) -> None:
         self._url = url
         self._slot = slot
         self._application_name = application_name
-        self._prefixes = frozenset(prefixes)
+        self._decoder = Decoder(frozenset(prefixes), max_row_bytes)
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._pgconn: pq.abc.PGconn | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        # end LSN, commit time, xid, payloads of each transaction received, not yet returned
-        self._done: deque[tuple[int, datetime.datetime, int, list[str]]] = deque()
-        self._xid = 0  # of the transaction being received
-        self._payloads: list[str] = []  # of the transaction being received
-        self._committed = PG_EPOCH
+        self._done: deque[Transaction] = deque()  # received, not yet returned
+        self._receiving = False  # between a transaction's Begin and its Commit
         self._waiter: asyncio.Future[None] | None = None
         self._error: Exception | None = None
         self._confirmed = 0  # what the server was told may go
@@ -77,6 +76,7 @@ class SlotStream:
             autocommit=True,
             replication="database",
             application_name=self._application_name,
+            options=STREAM_OPTIONS,  # rows' values as the decoder reads them
             connect_timeout=5,
             keepalives=1,
             keepalives_idle=10,
@@ -154,8 +154,8 @@ class SlotStream:
         )(message)
         started.set_exception(slot_error(error, self._slot))
 
-    async def next(self) -> list[str]:
-        """The payloads of every transaction received and not yet returned, at least one."""
+    async def next(self) -> list[Item]:
+        """The items of every transaction received and not yet returned, at least one."""
         while not self._done:
             if self._error is not None:
                 raise self._error
@@ -165,10 +165,10 @@ class SlotStream:
                 await self._waiter
             finally:
                 self._waiter = None
-        batch = [payload for _, _, _, payloads in self._done for payload in payloads]
-        self.xids = [xid for _, _, xid, _ in self._done]
-        self.position = self._done[-1][0]
-        self.oldest_unconfirmed = self._done[0][1]
+        batch = [item for txn in self._done for item in txn.payloads]
+        self.xids = [txn.xid for txn in self._done]
+        self.position = self._done[-1].end_lsn
+        self.oldest_unconfirmed = self._done[0].committed
         self._handed = self.position
         self._done.clear()
         return batch
@@ -179,7 +179,7 @@ class SlotStream:
         time, as its reader sees it."""
         if self.oldest_unconfirmed is not None:
             return self.oldest_unconfirmed
-        return self._done[0][1] if self._done else None
+        return self._done[0].committed if self._done else None
 
     async def confirm(self) -> None:
         """The batch `next()` returned was handed on: the slot moves past it."""
@@ -219,7 +219,7 @@ class SlotStream:
             self._on_pgoutput(data[XLOG_DATA_HEADER:])
         elif kind == b"k":  # keepalive: WAL end, send time, reply requested
             wal_end, _, reply = struct.unpack_from(">QqB", data, 1)
-            idle = not self._done and not self._payloads and self.position is None
+            idle = not self._done and not self._receiving and self.position is None
             if idle and wal_end > self._confirmed and self._handed <= self._confirmed:
                 self._confirmed = wal_end  # everything before it was sent: none of ours
             if reply:
@@ -228,19 +228,12 @@ class SlotStream:
     def _on_pgoutput(self, message: bytes) -> None:
         kind = message[:1]
         if kind == b"B":
-            _, micros, self._xid = struct.unpack_from(">QqI", message, 1)
-            self._committed = PG_EPOCH + datetime.timedelta(microseconds=micros)
-            self._payloads = []
-        elif kind == b"M":
-            nul = message.index(b"\0", 10)
-            (length,) = struct.unpack_from(">I", message, nul + 1)
-            if message[1] & 1 and message[10:nul].decode() in self._prefixes:
-                self._payloads.append(message[nul + 5 : nul + 5 + length].decode())
+            self._receiving = True
         elif kind == b"C":
-            _, _, end, _ = struct.unpack_from(">BQQq", message, 1)
-            if self._payloads:
-                self._done.append((end, self._committed, self._xid, self._payloads))
-            self._payloads = []
+            self._receiving = False
+        txn = self._decoder.feed(message)
+        if txn is not None:
+            self._done.append(txn)
 
     def _send_status(self) -> None:
         """Tell the server what may go: written, flushed and applied up to `_confirmed`."""

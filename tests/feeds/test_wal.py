@@ -8,6 +8,7 @@ of its own, so the other tests' NOTIFY trigger is untouched.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,15 +19,26 @@ import pytest
 from broker import slots
 from broker.cli import main
 from broker.config.settings import Settings
-from broker.database import drop_capture, migrate, sql_dir
+from broker.database import drop_capture, migrate
 from broker.errors import BrokerError, ConfigError
-from broker.feeds.wal import SlotReader, slot_lag
+from broker.events import Message, Reference, utc_timestamp
+from broker.feeds.wal import Item, SlotReader, iso_utc, slot_lag
 from broker.feeds.walstream import SlotStream
+from broker.store import DEFAULT_MAX_ROW_BYTES, Store
 from tests.support.database import Database, invalidate_slots
 from tests.support.wal import WalDatabase
 
 TIMEOUT = 10.0
 Reader = SlotReader | SlotStream
+
+
+@pytest.fixture
+def wal_env(waldb: WalDatabase, monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """The CLI's environment for `waldb` in wal mode."""
+    monkeypatch.setenv("DATABASE_URL", waldb.url)
+    monkeypatch.setenv("BROKER_CAPTURE_SLOT", waldb.slot)
+    monkeypatch.setenv("BROKER_CAPTURE", "wal")
+    return monkeypatch
 
 
 @pytest.fixture
@@ -43,12 +55,15 @@ async def any_reader(request: pytest.FixtureRequest, waldb: WalDatabase) -> Asyn
 
 
 @asynccontextmanager
-async def open_reader(waldb: WalDatabase, kind: str) -> AsyncIterator[Reader]:
+async def open_reader(
+    waldb: WalDatabase, kind: str, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES
+) -> AsyncIterator[Reader]:
     if kind == "stream":
         async with asyncio.timeout(TIMEOUT):
             while True:  # the last stream's walsender may still be ending
                 try:
-                    stream = await SlotStream(waldb.url, waldb.slot).__aenter__()
+                    stream = SlotStream(waldb.url, waldb.slot, max_row_bytes=max_row_bytes)
+                    await stream.__aenter__()
                     break
                 except slots.SlotBusy:
                     await asyncio.sleep(0.05)
@@ -58,14 +73,24 @@ async def open_reader(waldb: WalDatabase, kind: str) -> AsyncIterator[Reader]:
             await stream.__aexit__(None, None, None)
         return
     async with await waldb.reader_connection() as conn:
-        yield SlotReader(conn, waldb.slot, poll_seconds=0.005)
+        yield SlotReader(conn, waldb.slot, poll_seconds=0.005, max_row_bytes=max_row_bytes)
 
 
 async def take(reader: Reader) -> list[dict[str, Any]]:
-    """The next batch, bounded in time, as the rows' JSON (signatures stripped)."""
+    """The next batch, bounded in time, as the rows' JSON: a decoded row as its event's
+    `data`, a reference as `{"id", "ref"}`, a payload as its JSON (signature stripped)."""
     async with asyncio.timeout(TIMEOUT):
         batch = await reader.next()
-    return [json.loads(payload[64:]) for payload in batch]
+    return [as_json(item) for item in batch]
+
+
+def as_json(item: Item) -> dict[str, Any]:
+    if isinstance(item, Message):
+        return item.as_json()
+    if isinstance(item, Reference):
+        return {"id": str(item.id), "ref": True}
+    parsed: dict[str, Any] = json.loads(item[64:])
+    return parsed
 
 
 async def nothing_within(reader: Reader, seconds: float) -> bool:
@@ -81,9 +106,7 @@ def test_the_embedded_server_runs_with_logical_wal(database: Database) -> None:
     assert database.query("SHOW wal_level") == [("logical",)]
 
 
-async def test_payloads_are_signed_and_come_in_commit_order(
-    waldb: WalDatabase, any_reader: Reader
-) -> None:
+async def test_rows_come_in_commit_order(waldb: WalDatabase, any_reader: Reader) -> None:
     with waldb.connect() as first:
         first.execute("BEGIN")
         early = first.execute(
@@ -97,8 +120,8 @@ async def test_payloads_are_signed_and_come_in_commit_order(
     while len(batch) < 2:  # two commits may be read in two polls
         await any_reader.confirm()
         batch += await asyncio.wait_for(any_reader.next(), TIMEOUT)
-    key = waldb.key()
-    rows = [json.loads(key.verify(payload)) for payload in batch]
+    assert all(isinstance(item, Message) for item in batch)  # the table's rows: not signed
+    rows = [as_json(item) for item in batch]
     assert [row["id"] for row in rows] == [str(late), str(early[0])]
     assert [row["content"] for row in rows] == ["late", "early"]
 
@@ -140,10 +163,12 @@ async def test_an_unconfirmed_batch_comes_again_and_a_confirmed_one_never(
         assert await nothing_within(later, 0.5)
 
 
-async def test_a_50_mb_row_is_sent_as_a_reference(waldb: WalDatabase, any_reader: Reader) -> None:
+async def test_a_50_mb_row_is_cut_to_the_row_cap(waldb: WalDatabase, any_reader: Reader) -> None:
+    """As `Store` reads it (`BROKER_MAX_ROW_BYTES`, 1 MiB by default)."""
     big = waldb.insert("s", "x" * 50_000_000)
-    rows = await take(any_reader)
-    assert rows == [{"id": str(big), "ref": True, "sessionId": "s", "robotId": None}]
+    [row] = await take(any_reader)
+    assert row["id"] == str(big) and row["content"] == "x" * DEFAULT_MAX_ROW_BYTES
+    assert row["truncated"] is True and row["contentBytes"] == 50_000_000
 
 
 async def test_slot_lag_in_bytes_and_seconds(waldb: WalDatabase, reader: SlotReader) -> None:
@@ -210,14 +235,36 @@ def test_migrate_is_idempotent_and_drop_capture_restores_notify(waldb: WalDataba
         assert row is not None
         return int(row[0]), int(row[1]), str(row[2])
 
+    def capture() -> tuple[list[str], list[tuple[str, bool, bool]]]:
+        """The messages table's triggers, and the publications holding it (insert, update)."""
+        with waldb.connect() as conn:
+            triggers = conn.execute(
+                "SELECT tgname FROM pg_trigger WHERE tgrelid = 'messages'::regclass"
+                " AND NOT tgisinternal"
+            ).fetchall()
+            published = conn.execute(
+                "SELECT p.pubname, p.pubinsert, p.pubupdate FROM pg_publication p"
+                " JOIN pg_publication_rel r ON r.prpubid = p.oid"
+                " WHERE r.prrelid = 'messages'::regclass"
+            ).fetchall()
+        return [str(name) for (name,) in triggers], [tuple(row) for row in published]
+
     count, publications, source = state()
     assert (count, publications) == (1, 1)
-    assert "pg_logical_emit_message" in source and "pg_notify" not in source
+    assert capture() == ([], [(slots.PUBLICATION, True, False)])  # no trigger: inserts only
     assert drop_capture(waldb.url, waldb.slot) is True
     count, publications, source = state()
     assert (count, publications) == (0, 0)
     assert "pg_notify" in source and "pg_logical_emit_message" not in source
+    assert capture() == ([slots.NOTIFY_TRIGGER], [])
     assert drop_capture(waldb.url, waldb.slot) is False
+    migrate(waldb.url, capture="wal", slot=waldb.slot)  # and back: the trigger goes again
+    migrate(waldb.url, capture="wal", slot=waldb.slot)
+    assert capture() == ([], [(slots.PUBLICATION, True, False)])
+    migrate(waldb.url, capture="notify")  # notify keeps the slot (warned), not the table
+    migrate(waldb.url, capture="notify")
+    assert capture() == ([slots.NOTIFY_TRIGGER], [])
+    assert drop_capture(waldb.url, waldb.slot) is True
 
 
 def test_a_slot_of_another_database_is_refused(database: Database, waldb: WalDatabase) -> None:
@@ -233,20 +280,21 @@ def test_a_slot_of_another_database_is_refused(database: Database, waldb: WalDat
     )
 
 
-def test_the_wal_trigger_differs_from_notify_in_its_step_only() -> None:
-    notify_sql = (sql_dir() / "002_notify.sql").read_text()
-    function = slots.wal_trigger_sql(notify_sql)
-    assert function.startswith("CREATE OR REPLACE FUNCTION notify_new_message()")
-    assert function.count("pg_logical_emit_message(true, 'pgsse_messages', payload)") == 1
-    assert (
-        function.replace(
-            slots.capture_step("wal", slots.PREFIX, "payload"),
-            slots.capture_step("notify", slots.PREFIX, "payload"),
-        )
-        in notify_sql
-    )
-    with pytest.raises(BrokerError, match="expected one"):
-        slots.wal_trigger_sql(notify_sql.replace("pg_notify", "pg_notify_other"))
+def test_migrate_print_shows_the_wal_capture(
+    waldb: WalDatabase, wal_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["migrate", "--print"]) == 0
+    script = capsys.readouterr().out
+    assert f"pg_create_logical_replication_slot('{waldb.slot}', 'pgoutput')" in script
+    swap = script.index(slots.wal_capture_sql().rstrip())
+    assert script.index("-- sql/002_notify.sql") < swap < script.index("COMMIT;")
+    assert "DROP TRIGGER IF EXISTS trigger_notify_new_message ON messages" in script
+    wal_env.delenv("BROKER_CAPTURE")
+    assert main(["migrate", "--print"]) == 0
+    script = capsys.readouterr().out
+    assert "-- BROKER_CAPTURE=wal" not in script
+    assert "DROP TRIGGER IF EXISTS trigger_notify_new_message" not in script
+    assert slots.notify_capture_sql().rstrip() in script
 
 
 def test_broker_capture_is_notify_or_wal() -> None:
@@ -259,14 +307,11 @@ def test_broker_capture_is_notify_or_wal() -> None:
 
 
 def test_pgsse_migrate_drop_capture(
-    waldb: WalDatabase, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    waldb: WalDatabase, wal_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("DATABASE_URL", waldb.url)
-    monkeypatch.setenv("BROKER_CAPTURE_SLOT", waldb.slot)
-    monkeypatch.setenv("BROKER_CAPTURE", "wal")
     assert main(["migrate", "--drop-capture"]) == 1  # contradictory: refused
     assert "unset BROKER_CAPTURE" in capsys.readouterr().err
-    monkeypatch.delenv("BROKER_CAPTURE")
+    wal_env.delenv("BROKER_CAPTURE")
     assert main(["migrate", "--drop-capture"]) == 0
     assert capsys.readouterr().out == f"capture slot {waldb.slot}: dropped\n"
 
@@ -321,3 +366,69 @@ async def test_others_writes_do_not_hold_the_slot_back(
     assert row[0] < 65_536  # was 2 MB behind before the poll
     kept = waldb.insert("s", "after")
     assert [row["id"] for row in await take(reader)] == [str(kept)]
+
+
+@pytest.mark.parametrize("kind", ["sql", "stream"])
+async def test_decoded_rows_read_as_the_store_reads_them(waldb: WalDatabase, kind: str) -> None:
+    """pgoutput's Relation and Insert, decoded: a NULL robot_id, unicode, the timestamps (any
+    instant, written in any zone, as `Store` gives it), the row cap cutting a character."""
+    cap = 12
+    rows = [
+        ("s", None, "plain", False, True, None, "2026-12-07 18:03:00.123456+00"),
+        ("sé", "r✓", "héllo ✓ 🚀 ünïcode", True, False, "greet", "2026-12-07 20:03:00.9999+02"),
+        ("s", "r", "exactly12by", False, True, None, "1999-01-01 00:00:00+00"),
+        ("s", "r", "ab🚀🚀🚀", False, False, "i", "2026-06-30 23:59:59.05-07:30"),  # 14 bytes
+        ("s", None, "x" * cap + "é", False, True, None, "2026-12-07 18:03:00.000999+00"),
+    ]
+    with waldb.connect() as conn:  # the database's own settings change nothing either
+        for setting in ("TimeZone = 'Asia/Kolkata'", "DateStyle = 'SQL, DMY'"):
+            statement = conn.execute(
+                "SELECT format('ALTER DATABASE %%I SET ' || %s, current_database())",
+                (setting,),
+            ).fetchone()
+            assert statement is not None
+            conn.execute(str(statement[0]).encode())
+    with waldb.connect() as conn:
+        conn.execute("SET TimeZone = 'America/St_Johns'")  # the writer's zone changes nothing
+        ids = [
+            int(
+                conn.execute(
+                    "INSERT INTO messages (session_id, robot_id, content, is_from_bot, is_human,"
+                    " intent, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id",
+                    row,
+                ).fetchone()[0]  # type: ignore[index]
+            )
+            for row in rows
+        ]
+    decoded: list[Item] = []
+    async with open_reader(waldb, kind, max_row_bytes=cap) as reader:
+        while len(decoded) < len(rows):
+            decoded += await asyncio.wait_for(reader.next(), TIMEOUT)
+            await reader.confirm()
+    async with await waldb.reader_connection() as conn:
+        await conn.execute("SET DateStyle = 'ISO'")
+        stored = await Store(conn, max_row_bytes=cap).by_ids(ids)
+    assert decoded == [stored[i] for i in ids]
+    first, second, exact, cut, cut_e = decoded
+    assert isinstance(first, Message) and first.robot_id is None and first.intent is None
+    assert first.created_at == "2026-12-07T18:03:00.123Z"
+    assert isinstance(second, Message) and second.created_at == "2026-12-07T18:03:00.999Z"
+    assert second.robot_id == "r✓" and second.is_from_bot and not second.is_human
+    assert isinstance(exact, Message) and exact.content_bytes is None
+    assert isinstance(cut, Message) and cut.content == "ab🚀🚀" and cut.content_bytes == 14
+    assert isinstance(cut_e, Message) and cut_e.content == "x" * cap and cut_e.content_bytes == 14
+
+
+def test_iso_utc_writes_what_utc_timestamp_writes() -> None:
+    for text in (
+        "2026-12-07 18:03:00.123456+00",
+        "2026-12-07 18:03:00+00",
+        "2026-12-07 18:03:00.1+00",
+        "2026-12-07 18:03:00.000999+00",
+        "2026-12-07 23:30:00.5+05:30",
+        "0999-01-01 00:00:00.999+00",
+    ):
+        expected = utc_timestamp(datetime.datetime.fromisoformat(text))
+        assert iso_utc(text) == expected, text
+    with pytest.raises(ValueError):
+        iso_utc("infinity")
