@@ -37,10 +37,12 @@ vain) starts again from the stream's start, its journal dropping what it routed 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -67,14 +69,14 @@ from .source import CHANGE_PREFIX
 if TYPE_CHECKING:
     from ..feedset import FeedSet
 
-__all__ = ["Bus", "BusDown", "BusReader", "Entry"]
+__all__ = ["Bus", "BusDown", "BusReader", "Entry", "Lease"]
 
 READ_BLOCK_MS = 1_000
 READ_COUNT = 1_000  # entries a read asks for, at most
 PAGE_BYTES = 4 * 1024 * 1024  # and about this many bytes (one entry at least)
 FIRST_PAGE = 16  # entries asked for before any size is known
 MAX_BYTES = 64 * 1024 * 1024  # BROKER_BUS_MAX_BYTES' default: the stream's byte budget
-LEASE_MS = 3_000  # the relay's lease (`Bus.take_lease`) lapses this long after its renewal
+LEASE_MS = 3_000  # the relay's lease (`Bus.lease`) lapses this long after its renewal
 GAP = "missed rows on the bus: reconnect to resume"
 LAST_POSSIBLE_ID = "18446744073709551615-18446744073709551615"
 SOCKET_TIMEOUT = 5.0  # longer than READ_BLOCK_MS: a blocked XREAD is not a dead server
@@ -181,16 +183,8 @@ class Bus:
         self.sizes = Sizes(max_bytes, maxlen)
         self.row_key: RowKey | None = None  # the database's key (`trust`)
         self.refusals = Refusals(log)  # forged, foreign or malformed entries
-        self._redis = redis.asyncio.Redis.from_url(
-            url,
-            socket_timeout=SOCKET_TIMEOUT,
-            socket_connect_timeout=SOCKET_TIMEOUT,
-            # One retry on a new connection: a pooled one left from before a Redis restart
-            # fails its first command. An XADD whose reply alone was lost may so be appended
-            # twice; readers drop the second (the journal), so no client sees it twice.
-            retry=Retry(NoBackoff(), 1),
-            decode_responses=False,
-        )
+        self._url = url
+        self._redis = _client(url)
         self._renew = self._redis.register_script(_RENEW)
         self.lease_key = f"{key}:relay"
 
@@ -246,13 +240,26 @@ class Bus:
             raise BusDown(f"{key} vanished")
         return _text(value)
 
-    async def take_lease(self, token: str) -> None:
-        """The relay's lease: `token` under `lease_key` for `LEASE_MS`."""
-        await self._call(self._redis.set(self.lease_key, token, px=LEASE_MS))
+    @asynccontextmanager
+    async def lease(self, token: str) -> AsyncIterator[Lease]:
+        """Take the relay's lease, `token` under `lease_key` for `LEASE_MS`, on a Redis
+        connection of its own that lasts as long as the role and is closed with it.
 
-    async def renew_lease(self, token: str) -> bool:
-        """Extend the lease if it is still `token`'s; False if it expired or passed on."""
-        return bool(await self._call(self._renew(keys=[self.lease_key], args=[token, LEASE_MS])))
+        Its own, because the pool keeps every connection it ever opened: a renewal that
+        overlapped an append and the reader's XREAD opened a third one, kept after the
+        role was gone, so a broker held two Redis connections or three depending on its
+        past (the wal soak's "descriptors off the start"). So a follower holds two (the
+        reader's XREAD, the campaign's polls) and the relay three (the reader, its appends,
+        its lease), in any order of roles; and a renewal never waits for a pooled connection
+        behind a batch's pipeline."""
+        client = _client(self._url, single_connection_client=True)
+        try:
+            lease = Lease(self, client, token)
+            await lease.renew(take=True)
+            yield lease
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                await client.aclose()
 
     async def lease_holder(self) -> str | None:
         """The live lease's token, None when no relay renewed it within `LEASE_MS`."""
@@ -376,6 +383,39 @@ class Bus:
             return await awaitable
         except (RedisError, OSError) as exc:
             raise BusDown(f"{type(exc).__name__}: {exc}".strip()) from None
+
+
+class Lease:
+    """The relay's lease on its own connection (`Bus.lease`)."""
+
+    def __init__(self, bus: Bus, client: redis.asyncio.Redis, token: str) -> None:
+        self._bus = bus
+        self._client = client
+        self.token = token
+
+    async def renew(self, take: bool = False) -> bool:
+        """Extend the lease if it is still this token's (False if it expired or passed on);
+        with `take`, set it whoever held it."""
+        key = self._bus.lease_key
+        if take:
+            return bool(await self._bus._call(self._client.set(key, self.token, px=LEASE_MS)))
+        renew = self._bus._renew(keys=[key], args=[self.token, LEASE_MS], client=self._client)
+        return bool(await self._bus._call(renew))
+
+
+def _client(url: str, **options: Any) -> redis.asyncio.Redis:
+    """A Redis client for the bus at `url`; `options` add to redis-py's."""
+    return redis.asyncio.Redis.from_url(
+        url,
+        socket_timeout=SOCKET_TIMEOUT,
+        socket_connect_timeout=SOCKET_TIMEOUT,
+        # One retry on a new connection: a pooled one left from before a Redis restart
+        # fails its first command. An XADD whose reply alone was lost may so be appended
+        # twice; readers drop the second (the journal), so no client sees it twice.
+        retry=Retry(NoBackoff(), 1),
+        decode_responses=False,
+        **options,
+    )
 
 
 def _text(value: bytes | str) -> str:

@@ -20,15 +20,16 @@ deployments on one database with the same stream key on different Redis servers 
 their own relay.
 
 A live relay proves it: it holds a lease in Redis (`Bus.lease_key`, `LEASE_MS`) that it renews
-every `RENEW_SECONDS`. A relay that stops (SIGSTOP, a paused VM, a blocked event loop) keeps
-its PostgreSQL session, hence the lock, but not the lease: every broker sees the lease gone at
-its next campaign poll and reports not ready (`lease_live`), and at the poll after that, with
-the lease still gone, terminates the holder's backend (`pg_terminate_backend`, allowed for a
-backend of the same database role) so the lock passes on and the pool delivers again. Without
-the privilege (the relay's backend runs as another role), brokers stay not ready until the
-relay resumes or dies: `takeover_refused` says so. A frozen relay that wakes finds its lease
-taken (renewal is conditional) and its connection gone, and steps down; rows it had queued are
-in the table, appended by the new relay's backfill too, and readers drop the second copy.
+every `RENEW_SECONDS`, on a Redis connection of its own while the role lasts (`Bus.lease`). A relay
+that stops (SIGSTOP, a paused VM, a blocked event loop) keeps its PostgreSQL session, hence the
+lock, but not the lease: every broker sees the lease gone at its next campaign poll and reports not
+ready (`lease_live`), and at the poll after that, with the lease still gone, terminates the
+holder's backend (`pg_terminate_backend`, allowed for a backend of the same database role) so the
+lock passes on and the pool delivers again. Without the privilege (the relay's backend runs as
+another role), brokers stay not ready until the relay resumes or dies: `takeover_refused` says so.
+A frozen relay that wakes finds its lease taken (renewal is conditional) and its connection gone,
+and steps down; rows it had queued are in the table, appended by the new relay's backfill too, and
+readers drop the second copy.
 
 The relay is a thin end of `source.Source`, which owns the LISTEN, the backfill and the
 notifications, on the relay's own connection (never through the store's pool, which it revives
@@ -69,7 +70,7 @@ from ..events import Message
 from ..store import Store
 from . import changelog
 from .backoff import Backoff
-from .bus import LEASE_MS, Bus, BusDown
+from .bus import LEASE_MS, Bus, BusDown, Lease
 from .buschanges import ChangeEntry, TailChanges, payload
 from .notifications import HEALTH_CHECK_TIMEOUT
 from .retry import pause
@@ -137,13 +138,14 @@ class Relay(Source):
             while not await self._won(conn):
                 await pause(CAMPAIGN_SECONDS)
             token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-            await self._bus.take_lease(token)
-            self.lease_live = True
-            renewing = asyncio.ensure_future(self._renew(conn, token))
-            try:
-                await self._serve(conn)
-            finally:
-                renewing.cancel()
+            async with self._bus.lease(token) as lease:
+                self.lease_live = True
+                renewing = asyncio.ensure_future(self._renew(conn, lease))
+                try:
+                    await self._serve(conn)
+                finally:
+                    renewing.cancel()
+                    await asyncio.wait([renewing])  # off the lease's connection before it closes
 
     async def _serve(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """The relay's work once elected: LISTEN, load the key, backfill, append every
@@ -225,13 +227,13 @@ class Relay(Source):
                 self.takeovers += 1
                 log.warning("relay_stale_terminated", backend_pid=pid, stream=self._bus.key)
 
-    async def _renew(self, conn: psycopg.AsyncConnection[Any], token: str) -> None:
+    async def _renew(self, conn: psycopg.AsyncConnection[Any], lease: Lease) -> None:
         """Renew the lease until cancelled; a lease lost (expired while this process was
         stopped, taken by another) or a Redis that fails gives the role up."""
         while True:
             await asyncio.sleep(RENEW_SECONDS)
             try:
-                kept = await self._bus.renew_lease(token)
+                kept = await lease.renew()
             except BusDown as exc:
                 _cut(conn, exc)
                 return

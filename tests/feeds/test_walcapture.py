@@ -4,6 +4,7 @@ slot made again, a batch confirmed only once handed on; the lag monitor."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 
 import psycopg
@@ -151,6 +152,31 @@ async def test_the_monitor_samples_lag_and_reader(waldb: WalDatabase) -> None:
     try:
         await sampled(lambda: missing.error is not None)
         assert missing.lag is None and "no capture slot" in (missing.error or "")
+    finally:
+        task.cancel()
+
+
+async def test_the_monitor_sees_a_new_reader_within_a_fraction_of_a_second(
+    waldb: WalDatabase,
+) -> None:
+    """A follower is ready again only once the monitor sees the slot read (service.ready):
+    while no reader holds it, the monitor samples every `MONITOR_WAITING_SECONDS`. With a
+    one-second period, a reader that started just after a sample was seen a second later
+    (the wal soak: every broker ready 1.05 s after PostgreSQL returned, over its limit)."""
+    monitor = CaptureMonitor(waldb.url, waldb.slot)
+    task = asyncio.ensure_future(monitor.run())
+    try:
+        await sampled(lambda: monitor.lag is not None)
+        first = monitor.lag
+        await sampled(lambda: monitor.lag is not first)  # a sample just now
+        claim = SlotClaim(waldb.url, waldb.slot)
+        async with await connect(waldb) as conn:
+            await claim.campaign(conn)
+            async with claim.read(conn):
+                started = time.monotonic()
+                await sampled(lambda: monitor.reader_active)
+                seen = time.monotonic() - started
+        assert seen < 0.5, seen
     finally:
         task.cancel()
 

@@ -22,6 +22,8 @@ MAX_LISTENER_RETURN_S = 1.0
 MAX_RSS_GROWTH_MIB = 64
 POOL_SIZE = 4  # the store pool grows from 1 to this: its sockets may differ from the start
 NGINX_KEEPALIVE = 2 * 32  # idle upstream connections nginx may keep: workers x `keepalive`
+RELAY_CONNECTIONS = 1  # the relay's lease connection to Redis, beyond a follower's (`Bus.lease`)
+RELAY_TASKS = 1  # and the task that renews the lease (feeds/relay.py)
 
 
 @dataclass
@@ -113,20 +115,37 @@ def latency(clients: list[Client], commit_times: dict[int, float]) -> dict[str, 
 
 
 def brokers_back(idle: list[Usage], end: list[Usage], loaded: list[Usage]) -> dict[str, Any]:
-    """Each broker at the end (every client gone) against its idle start."""
+    """Each broker at the end (every client gone) against its idle start.
+
+    On a bus the relay holds one Redis connection and one task more than a follower, its
+    lease's and the lease's renewal, for as long as it holds the role (`Bus.lease`); a fault
+    may move the role to the other broker, so each broker's other descriptors and tasks are
+    compared against what its role at each end holds: a follower at idle that is the relay
+    at the end holds one more of each, and no other."""
     return {
         "streams": [u.streams for u in end],
         "channels": [u.channels for u in end],
-        "other_fds_delta": [e.other_fds - i.other_fds for e, i in zip(end, idle, strict=True)],
+        "roles": {"idle": [u.role for u in idle], "end": [u.role for u in end]},
+        "other_fds_delta": [
+            e.other_fds - i.other_fds - RELAY_CONNECTIONS * (_relay(e) - _relay(i))
+            for e, i in zip(end, idle, strict=True)
+        ],
         "unix_sockets_delta": [
             e.unix_sockets - i.unix_sockets for e, i in zip(end, idle, strict=True)
         ],
         "nginx_keepalive": [e.http_connections for e in end],
-        "tasks_delta": [e.tasks - i.tasks for e, i in zip(end, idle, strict=True)],
+        "tasks_delta": [
+            e.tasks - i.tasks - RELAY_TASKS * (_relay(e) - _relay(i))
+            for e, i in zip(end, idle, strict=True)
+        ],
         "rss_growth_mib": [
             round((e.rss_kib - lo.rss_kib) / 1024, 1) for e, lo in zip(end, loaded, strict=True)
         ],
     }
+
+
+def _relay(usage: Usage) -> int:
+    return 1 if usage.role == "relay" else 0
 
 
 def verdict(report: dict[str, Any]) -> list[str]:

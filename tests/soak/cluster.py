@@ -25,7 +25,7 @@ from broker.feeds.listener import APPLICATION_NAME as LISTENER_NAME
 from broker.feeds.walcapture import READER_NAME
 from broker.store import APPLICATION_NAME as STORE_NAME
 from tests.support.nginx import Nginx
-from tests.support.processes import BrokerProcess
+from tests.support.processes import BrokerProcess, tcp_inodes
 from tests.support.redis import RedisServer
 
 
@@ -44,6 +44,7 @@ class Usage:
     channels: int
     tasks: int
     others: tuple[str, ...] = ()  # what the other descriptors are, for a report that differs
+    role: str | None = None  # on a bus (the wal soak): "relay" or "follower"
 
     @property
     def other_fds(self) -> int:
@@ -60,6 +61,7 @@ class Usage:
             "channels": self.channels,
             "tasks": self.tasks,
             "others": list(self.others),
+            "role": self.role,
         }
 
 
@@ -156,13 +158,13 @@ class Cluster:
         stats = broker.stats()
         # The socket tables are read before and after the descriptors, so that a connection
         # closing meanwhile (this very stats request's) is still classed as one.
-        connections, unix = _tcp_connections_on(broker.port), _unix_socket_inodes()
+        connections, unix = tcp_inodes(broker.port), _unix_socket_inodes()
         fd_dir = Path(f"/proc/{broker.process.pid}/fd")
         links = []
         for fd in os.listdir(fd_dir):
             with contextlib.suppress(OSError):  # closed meanwhile
                 links.append(os.readlink(fd_dir / fd))
-        connections |= _tcp_connections_on(broker.port)
+        connections |= tcp_inodes(broker.port)
         unix |= _unix_socket_inodes()
         inodes = {link[8:-1] for link in links if link.startswith("socket:[")}
         classed = connections | unix
@@ -176,6 +178,7 @@ class Cluster:
             channels=len(stats["channels"]),
             tasks=int(stats["tasks"]),
             others=tuple(others),
+            role=(stats.get("bus") or {}).get("role"),
         )
 
     def stop(self) -> None:
@@ -198,19 +201,6 @@ class Cluster:
             self.database.stop("fast")
         if self._data is not None:
             shutil.rmtree(self._data, ignore_errors=True)
-
-
-def _tcp_connections_on(port: int) -> set[str]:
-    """Inodes of the TCP sockets with local port `port`, in any state but LISTEN."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError), open(table) as lines:
-            next(lines)
-            for line in lines:
-                fields = line.split()
-                if fields[3] != "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                    inodes.add(fields[9])
-    return inodes
 
 
 def _unix_socket_inodes() -> set[str]:

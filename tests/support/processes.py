@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -123,6 +124,18 @@ class BrokerProcess:
                 return int(line.split()[1])
         raise RuntimeError("no VmRSS")
 
+    def connections_to(self, port: int) -> int:
+        """The process's TCP connections to `port` on any address (Redis's, say)."""
+        assert self.process is not None
+        fd_dir = Path(f"/proc/{self.process.pid}/fd")
+        inodes = set()
+        for fd in os.listdir(fd_dir):
+            with contextlib.suppress(OSError):  # closed meanwhile
+                link = os.readlink(fd_dir / fd)
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        return len(inodes & tcp_inodes(port, remote=True))
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:]
 
@@ -132,6 +145,21 @@ class BrokerProcess:
             if line.startswith("{"):
                 events.append(json.loads(line))
         return events
+
+
+def tcp_inodes(port: int, remote: bool = False) -> set[str]:
+    """Inodes of the TCP sockets (IPv4 and IPv6) with local port `port`, in any state but
+    LISTEN; with `remote`, of those connected to `port`."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                address = fields[2] if remote else fields[1]
+                if fields[3] != "0A" and int(address.rsplit(":", 1)[1], 16) == port:
+                    inodes.add(fields[9])
+    return inodes
 
 
 def consecutive_free_ports(count: int) -> int:

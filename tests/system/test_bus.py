@@ -6,6 +6,7 @@ In-process tests: tests/feeds/test_bus.py and tests/feeds/test_relay.py.
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 import urllib.request
 import uuid
@@ -249,6 +250,69 @@ async def test_kill_9_of_the_relay_behind_nginx_loses_nothing_and_repeats_nothin
         assert len(follower.ids) == len(set(follower.ids))  # none twice
     # The dead broker's clients, and only they, resumed.
     assert sum(f.reconnects for f in followers) == dead_streams
+
+
+REDIS_CONNECTIONS = {"follower": 2, "relay": 3}  # reader and campaign; reader, appends, lease
+
+
+def redis_connections(broker: BrokerProcess, redis: RedisServer) -> tuple[str, int]:
+    """The broker's role and the Redis connections it holds; the role is read on both sides
+    of the count, and is "changing" when they differ."""
+    before = str(broker.stats()["bus"]["role"])
+    count = broker.connections_to(redis.port)
+    after = str(broker.stats()["bus"]["role"])
+    return (before if before == after else "changing"), count
+
+
+def holds_its_roles(brokers: list[BrokerProcess], redis: RedisServer) -> bool:
+    return all(
+        count == REDIS_CONNECTIONS.get(role)
+        for role, count in (redis_connections(b, redis) for b in brokers)
+    )
+
+
+async def test_each_broker_holds_its_roles_redis_connections_across_a_takeover(
+    start_broker: Callable[..., BrokerProcess],
+    redis: RedisServer,
+    database: Database,
+    session_id: str,
+) -> None:
+    """A broker's Redis connections follow its role (`Bus.lease`): a follower two, the relay
+    one more, its lease's, for as long as it holds the role. The shared pool used to keep a
+    connection opened when a renewal overlapped an append, after the role had passed on too:
+    an idle relay held two, a loaded one three, and the wal soak found its survivor a
+    descriptor off its start. Checked at idle, after a kill -9 of the relay under load (the
+    survivor), and after the new relay's backend is terminated (whoever wins)."""
+    stream = f"test:{uuid.uuid4().hex[:8]}"
+    brokers = [on_bus(start_broker, redis, stream) for _ in range(2)]
+    brokers[0].wait_until(
+        lambda: sorted(str(b.stats()["bus"]["role"]) for b in brokers) == ["follower", "relay"],
+        20,
+        "one relay",
+    )
+    brokers[0].wait_until(lambda: holds_its_roles(brokers, redis), 10, "idle: counts by role")
+    relay, survivor = sorted(brokers, key=lambda b: b.stats()["bus"]["role"] != "relay")
+    writer = Writer(database, session_id, rate=200)
+    writer.start()
+    try:
+        survivor.wait_until(lambda: writer.committed > 100, 10, "rows through the relay")
+        assert redis_connections(relay, redis) == ("relay", REDIS_CONNECTIONS["relay"])
+        relay.signal(signal.SIGKILL)
+        relay.wait(10)
+        survivor.wait_until(lambda: survivor.stats()["bus"]["role"] == "relay", 15, "takeover")
+        taken = writer.committed
+        survivor.wait_until(lambda: writer.committed > taken + 200, 10, "rows after it")
+        assert redis_connections(survivor, redis) == ("relay", REDIS_CONNECTIONS["relay"])
+        relay.start()
+        relay.wait_until(lambda: holds_its_roles(brokers, redis), 10, "restarted: by role")
+        assert database.terminate_listeners() >= 1  # the relay's session: it steps down
+        survivor.wait_until(
+            lambda: "relay" in {b.stats()["bus"]["role"] for b in brokers}, 15, "re-elected"
+        )
+        survivor.wait_until(lambda: holds_its_roles(brokers, redis), 10, "re-elected: by role")
+    finally:
+        writer.stop()
+    assert writer.failures == 0
 
 
 async def test_two_workers_on_the_bus_hold_one_listening_backend_and_both_deliver(
