@@ -11,7 +11,10 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import pytest
 
 SCRIPT = textwrap.dedent(
     """
@@ -28,7 +31,11 @@ SCRIPT = textwrap.dedent(
             return 3
         stop = []
         signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-        first = not os.path.exists(marks)
+        try:  # exactly one worker wins: both may start before either has written a mark
+            os.close(os.open(marks + ".first", os.O_CREAT | os.O_EXCL))
+            first = True
+        except FileExistsError:
+            first = False
         with open(marks, "a") as out:
             out.write(f"{os.getpid()} {os.getpgid(0)}\\n")
         if mode == "die-later" and first:
@@ -43,12 +50,26 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def run(mode: str, startup: float, marks: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-c", SCRIPT, mode, str(startup), str(marks)],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+@pytest.fixture
+def run() -> Iterator[Callable[[str, float, Path], subprocess.Popen[str]]]:
+    """Starts the supervisor; whatever a failing test leaves running is killed, with its
+    process group's workers, so no process outlives its test."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(mode: str, startup: float, marks: Path) -> subprocess.Popen[str]:
+        parent = subprocess.Popen(
+            [sys.executable, "-c", SCRIPT, mode, str(startup), str(marks)],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        started.append(parent)
+        return parent
+
+    yield start
+    for parent in started:
+        if parent.poll() is None:
+            parent.kill()
+        parent.communicate(timeout=10)
 
 
 def wait_for_marks(marks: Path, count: int, timeout: float = 10) -> list[tuple[int, int]]:
@@ -61,12 +82,15 @@ def wait_for_marks(marks: Path, count: int, timeout: float = 10) -> list[tuple[i
         time.sleep(0.02)
 
 
+Runner = Callable[[str, float, Path], subprocess.Popen[str]]
+
+
 def events(stderr: str) -> list[str]:
     return [json.loads(line)["event"] for line in stderr.splitlines() if line.startswith("{")]
 
 
 def test_sigterm_reaches_each_worker_in_its_own_group_and_the_parent_exits_0(
-    tmp_path: Path,
+    tmp_path: Path, run: Runner
 ) -> None:
     marks = tmp_path / "marks"
     parent = run("serve", 5.0, marks)
@@ -78,7 +102,9 @@ def test_sigterm_reaches_each_worker_in_its_own_group_and_the_parent_exits_0(
     assert events(stderr)[-1] == "workers_stopped"
 
 
-def test_a_worker_that_dies_starting_stops_them_all_with_status_1(tmp_path: Path) -> None:
+def test_a_worker_that_dies_starting_stops_them_all_with_status_1(
+    tmp_path: Path, run: Runner
+) -> None:
     parent = run("fail", 5.0, tmp_path / "marks")
     _, stderr = parent.communicate(timeout=10)
     assert parent.returncode == 1
@@ -87,7 +113,7 @@ def test_a_worker_that_dies_starting_stops_them_all_with_status_1(tmp_path: Path
     assert "worker_restarted" not in seen
 
 
-def test_a_worker_that_dies_after_starting_is_forked_again(tmp_path: Path) -> None:
+def test_a_worker_that_dies_after_starting_is_forked_again(tmp_path: Path, run: Runner) -> None:
     marks = tmp_path / "marks"
     parent = run("die-later", 0.2, marks)
     workers = wait_for_marks(marks, 3)  # two, then the one forked again
@@ -98,7 +124,7 @@ def test_a_worker_that_dies_after_starting_is_forked_again(tmp_path: Path) -> No
     assert events(stderr).count("worker_restarted") == 1
 
 
-def test_workers_die_with_a_killed_parent(tmp_path: Path) -> None:
+def test_workers_die_with_a_killed_parent(tmp_path: Path, run: Runner) -> None:
     marks = tmp_path / "marks"
     parent = run("serve", 5.0, marks)
     workers = [pid for pid, _ in wait_for_marks(marks, 2)]
