@@ -185,7 +185,7 @@ class FeedHub:
     def subscribe(self, keys: tuple[str, ...] | None, filters: Mapping[str, str]) -> Subscriber:
         """Register a stream of key values `keys` (None: every key) whose filter columns equal
         `filters`."""
-        subscriber = Subscriber(keys, None, self.queue_size, self.queue_bytes)
+        subscriber = Subscriber(keys, None, self.queue_size, self.queue_bytes, feed=self.feed.name)
         sessions = subscriber.sessions  # the keys, repeats dropped
         wanted = FeedFilter(
             self.feed.key,

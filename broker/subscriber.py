@@ -55,7 +55,8 @@ __all__ = [
     "write_to_sinks",
 ]
 
-GLOBAL_CHANNEL = "session_messages:global"
+MESSAGES_CHANNELS = "session_messages"  # the messages feed's channels' prefix in stats and logs
+GLOBAL_CHANNEL = f"{MESSAGES_CHANNELS}:global"
 SLOW_CONSUMER = "slow consumer: reconnect to resume"
 DEFAULT_QUEUE_BYTES = 4 * 1024 * 1024  # as `BROKER_QUEUE_BYTES`
 
@@ -70,14 +71,17 @@ def extra_slots(size: int, unit: int) -> int:
     return (size - 1) // unit if size > unit else 0
 
 
-def channel_of(session_id: str | None) -> str:
-    """The logical channel a stream is counted under in stats and logs."""
-    return GLOBAL_CHANNEL if session_id is None else f"session_messages:{session_id}"
+def channel_of(session_id: str | None, prefix: str = MESSAGES_CHANNELS) -> str:
+    """The logical channel a stream is counted under in stats and logs: `prefix` is
+    `session_messages` for the messages feed, a feed's name for the others."""
+    return f"{prefix}:{'global' if session_id is None else session_id}"
 
 
-def channels_of(sessions: tuple[str, ...] | None) -> list[str]:
+def channels_of(sessions: tuple[str, ...] | None, prefix: str = MESSAGES_CHANNELS) -> list[str]:
     """Every channel a stream of `sessions` (None: the global stream) is counted under."""
-    return [GLOBAL_CHANNEL] if sessions is None else [channel_of(s) for s in sessions]
+    if sessions is None:
+        return [channel_of(None, prefix)]
+    return [channel_of(s, prefix) for s in sessions]
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +144,7 @@ class Subscriber:
         "close_reason",
         "closed",
         "direct_sent",
+        "feed",
         "filter",
         "on_close",
         "robot_id",
@@ -155,7 +160,9 @@ class Subscriber:
         robot_id: str | None,
         queue_size: int,
         queue_bytes: int = DEFAULT_QUEUE_BYTES,
+        feed: str = MESSAGES_CHANNELS,
     ) -> None:
+        self.feed = feed  # names its channels: `session_messages`, or a feed's name
         self.filter = Filter.of(sessions, robot_id)
         self.sessions = self.filter.sessions
         self.robot_id = robot_id  # read by the hub's routing loop: a slot, not a property
@@ -186,11 +193,11 @@ class Subscriber:
     @property
     def channel(self) -> str:
         """The channel of the first session (for logs); `channels` names them all."""
-        return channel_of(self.session_id)
+        return channel_of(self.session_id, self.feed)
 
     @property
     def channels(self) -> list[str]:
-        return channels_of(self.sessions)
+        return channels_of(self.sessions, self.feed)
 
     def push(self, event: Event) -> bool:
         """Queue `event` for this subscriber alone, as `fan_out` does (waking its task); at a

@@ -44,3 +44,5 @@ def test_drop_seen_keeps_heartbeats_and_unseen_rows() -> None:
 def test_channels() -> None:
     assert channel_of(None) == "session_messages:global"
     assert Subscriber("x", None, 1).channel == "session_messages:x"
+    assert Subscriber(("42", "7"), None, 1, feed="orders").channels == ["orders:42", "orders:7"]
+    assert Subscriber(None, None, 1, feed="orders").channel == "orders:global"
