@@ -229,12 +229,6 @@ class Settings:
         parsers.slot_name,
         "the replication slot of BROKER_CAPTURE=wal (one per database of a cluster)",
     )
-    capture_poll_seconds: float = setting(
-        0.01,
-        "BROKER_CAPTURE_POLL_SECONDS",
-        parsers.positive_float,
-        "seconds between reads of an idle slot with BROKER_CAPTURE=wal",
-    )
 
     def __post_init__(self) -> None:
         """Checks that span settings; each message names the setting to change."""
