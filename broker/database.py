@@ -8,6 +8,9 @@ decides where its files live so that user can reach them.
 `migrate` applies `sql/*.sql` in name order, then the capture of the declared feeds
 (`capture.py`), under a transaction-scoped advisory lock, so instances that start together
 apply them one after the other; every statement is idempotent.
+
+`database_url` is which PostgreSQL a command uses: `DATABASE_URL`, or the embedded server,
+started if stopped; only `serve` creates a cluster (`cli.py` says why).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from psycopg import sql
 
 from . import slots
 from .config import feeds as feedspec
-from .config.settings import redact_url
+from .config.settings import Settings, redact_url
 from .embedded.placement import Placement, absolute, locate, source_file
 from .errors import BrokerError
 from .feeds.capture import capture_sql, captured_events, trigger_name
@@ -38,6 +41,7 @@ __all__ = [
     "EmbeddedPostgres",
     "check_database",
     "connect",
+    "database_url",
     "drop_capture",
     "migrate",
     "migration_sql",
@@ -451,3 +455,26 @@ class EmbeddedPostgres:
                 f"{(result.stderr or result.stdout).strip()[-500:]}"
             )
         return result
+
+
+@contextmanager
+def database_url(settings: Settings, create: bool = False) -> Iterator[str]:
+    """The database URL: the configured one, or the embedded server's (started if needed).
+    Unless `create`, an embedded cluster that does not exist yet is an error, not created."""
+    if settings.database_url is not None:
+        yield settings.database_url
+        return
+    embedded = EmbeddedPostgres(settings.data_dir)
+    if not create and not embedded.exists():
+        raise BrokerError(
+            f"no database: DATABASE_URL is unset and BROKER_DATA_DIR={str(embedded.requested)!r}"
+            " holds no embedded PostgreSQL (`pgsse serve` creates it); set DATABASE_URL, or"
+            " BROKER_DATA_DIR (--data-dir) to the data directory `pgsse serve` uses"
+        )
+    started = not embedded.is_running()
+    embedded.start()
+    try:
+        yield embedded.url
+    finally:
+        if started:
+            embedded.stop()

@@ -24,7 +24,8 @@ from .config.settings import Settings
 from .feedhub import FeedHub
 from .feedreplay import FeedReplay
 from .feeds import changelog
-from .feeds.bus import Bus, BusReader
+from .feeds.bus import Bus
+from .feeds.busreader import BusReader
 from .feeds.listener import Listener
 from .feeds.relay import Relay
 from .feeds.source import CONNECTION_FAILURES, dedicated_connection
@@ -145,7 +146,7 @@ class Broker:
             broker.feeds.set_on_idle_ready(flusher.mark)
             if broker.bus is None:
                 feeds = [("listener", broker.listener.run)]
-            else:  # the relay feeds the bus; every broker reads it (feeds/bus.py, feeds/relay.py)
+            else:  # the relay feeds the bus; every broker reads it (feeds/relay.py, busreader.py)
                 feeds = [("relay", broker.bus.relay.run), ("bus", broker.bus.reader.run)]
             if broker.capture is not None:
                 feeds.append(("capture_monitor", broker.capture.monitor.run))

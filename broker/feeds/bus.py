@@ -2,25 +2,22 @@
 
 With `BROKER_BUS_URL`, the relay (`relay.py`) appends each row it gets from PostgreSQL with
 `XADD ... MAXLEN ~ JOURNAL_SIZE`, the row's JSON as the trigger's notification has it; every
-broker, the relay too, runs a `BusReader` that reads the stream with `XREAD BLOCK` and routes
-each row into its hub. So every broker delivers in the stream's order, and its journal (hence
-resume by `Last-Event-ID`) is that order too: the reader preloads the journal from the stream's
-tail when it starts, so a broker that just started resumes exactly like one up for hours.
+broker, the relay too, reads the stream with a `BusReader` (`busreader.py`) and routes each
+row into its hub. This module owns the stream itself: appends, the floor of the relay's
+backfill, reads and pages, and the relay's lease as the bus holds it (`Bus.lease`, `lease.py`).
 
 Memory is bounded by bytes, not only by rows: the stream is trimmed to `max_bytes`
 (`BROKER_BUS_MAX_BYTES`) besides `maxlen` entries, and every read asks for a page sized from the
 entries' measured size so that one reply holds about `PAGE_BYTES` (`Pager`): 300 rows of 1 MiB
-no longer arrive in one reply. A reader that fell so far behind that the stream was trimmed past
-its position (a gap) cannot know what it missed: it ends every stream with an `error` event and
-forgets its journal, so clients resume by id from the table (`BusReader._gap`).
+no longer arrive in one reply.
 
-Redis errors are translated here, at the boundary, into `BusDown`; their text never holds the
-URL's password (redis-py names only host and port).
+Redis errors are translated here, at the boundary, into `BusDown` (`Bus.call`); their text
+never holds the URL's password (redis-py names only host and port).
 
 Nothing read from Redis is trusted: anyone who can write to it can `XADD`. An entry
 is `{"row": <signed payload>, "db": <database>}`: the payload as the trigger signs it
 (`signing.py`; the relay forwards the trigger's own, or signs a row it read from the table),
-and the database it belongs to. A reader routes an entry only if it names this broker's
+and the database it belongs to. A read returns an entry only if it names this broker's
 database, its signature verifies with that database's key and its row is well typed; any
 other is refused (counted, logged at most once a second, without its content) and the read
 position moves past it all the same, so a bad entry at the tail cannot hold a reader in a
@@ -29,22 +26,19 @@ declared feeds travel the same way, in the same order as rows (`buschanges.py`).
 
 An entry with the largest possible stream id makes every later `XADD *` fail and leaves every
 reader's position past anything the stream can hold. The relay finds it (`exhausted`), says
-so (`bus_stream_exhausted`), deletes the stream and appends again what readers may lack; a
-reader whose position is past the stream's last entry (it finds out when a read waits in
-vain) starts again from the stream's start, its journal dropping what it routed already.
+so (`bus_stream_exhausted`), deletes the stream and appends again what readers may lack; the
+readers start again from the stream's start (`busreader.py`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 import redis.asyncio
@@ -53,31 +47,22 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from ..changes import Change
 from ..errors import BrokerError
 from ..events import Message, parse_notification
-from ..hub import JOURNAL_SIZE, Hub
-from ..journal import Journal
+from ..hub import JOURNAL_SIZE
 from ..log import Refusals
 from ..signing import RowKey, refusal_reason
-from ..store import DatabaseUnavailable
-from .backoff import Backoff
 from .buschanges import ChangeEntry, parse_entry
-from .retry import checkpoint, retry_forever
+from .lease import Lease
 from .source import CHANGE_PREFIX
 
-if TYPE_CHECKING:
-    from ..feedset import FeedSet
-
-__all__ = ["Bus", "BusDown", "BusReader", "Entry", "Lease"]
+__all__ = ["Bus", "BusDown", "Entry", "Pager", "Sizes", "encode_row"]
 
 READ_BLOCK_MS = 1_000
 READ_COUNT = 1_000  # entries a read asks for, at most
 PAGE_BYTES = 4 * 1024 * 1024  # and about this many bytes (one entry at least)
 FIRST_PAGE = 16  # entries asked for before any size is known
 MAX_BYTES = 64 * 1024 * 1024  # BROKER_BUS_MAX_BYTES' default: the stream's byte budget
-LEASE_MS = 3_000  # the relay's lease (`Bus.lease`) lapses this long after its renewal
-GAP = "missed rows on the bus: reconnect to resume"
 LAST_POSSIBLE_ID = "18446744073709551615-18446744073709551615"
 SOCKET_TIMEOUT = 5.0  # longer than READ_BLOCK_MS: a blocked XREAD is not a dead server
 
@@ -106,14 +91,6 @@ _FIRST_ID = """
 local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
 if first then return first[1] end
 return false
-"""
-# Extend the lease only while it is still ours: a relay frozen past its lease must not take it
-# back from the broker that took over.
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
 """
 
 
@@ -185,14 +162,13 @@ class Bus:
         self.refusals = Refusals(log)  # forged, foreign or malformed entries
         self._url = url
         self._redis = _client(url)
-        self._renew = self._redis.register_script(_RENEW)
         self.lease_key = f"{key}:relay"
 
     async def close(self) -> None:
         await self._redis.aclose()
 
     async def ping(self) -> None:
-        await self._call(self._redis.ping())
+        await self.call(self._redis.ping())
 
     def trust(self, row_key: RowKey) -> None:
         """Sign and verify entries with the database's key from now on."""
@@ -225,7 +201,7 @@ class Bus:
         keep = self.sizes.keep()
         if keep is not None:
             pipe.xtrim(self.key, maxlen=keep, approximate=False)
-        replies = await self._call(pipe.execute())
+        replies = await self.call(pipe.execute())
         return [_text(stream_id) for stream_id in replies[: len(entries)]]
 
     async def identity(self) -> str:
@@ -234,15 +210,15 @@ class Bus:
         have different ones (so different relay locks); a Redis that lost its data gets a new
         one."""
         key = f"{self.key}:id"
-        await self._call(self._redis.set(key, uuid.uuid4().hex, nx=True))
-        value = await self._call(self._redis.get(key))
+        await self.call(self._redis.set(key, uuid.uuid4().hex, nx=True))
+        value = await self.call(self._redis.get(key))
         if value is None:
             raise BusDown(f"{key} vanished")
         return _text(value)
 
     @asynccontextmanager
     async def lease(self, token: str) -> AsyncIterator[Lease]:
-        """Take the relay's lease, `token` under `lease_key` for `LEASE_MS`, on a Redis
+        """Take the relay's lease, `token` under `lease_key` for `lease.LEASE_MS`, on a Redis
         connection of its own that lasts as long as the role and is closed with it.
 
         Its own, because the pool keeps every connection it ever opened: a renewal that
@@ -262,8 +238,8 @@ class Bus:
                 await client.aclose()
 
     async def lease_holder(self) -> str | None:
-        """The live lease's token, None when no relay renewed it within `LEASE_MS`."""
-        value = await self._call(self._redis.get(self.lease_key))
+        """The live lease's token, None when no relay renewed it within `lease.LEASE_MS`."""
+        value = await self.call(self._redis.get(self.lease_key))
         return None if value is None else _text(value)
 
     async def exhausted(self) -> bool:
@@ -279,16 +255,16 @@ class Bus:
 
     async def delete(self) -> None:
         """DEL the stream (after `exhausted`): the relay then appends what readers lack."""
-        await self._call(self._redis.delete(self.key))
+        await self.call(self._redis.delete(self.key))
 
     async def top(self) -> str | None:
         """The stream id of the last entry, None when the stream is empty or gone."""
-        raw = await self._call(self._redis.xrevrange(self.key, count=1))
+        raw = await self.call(self._redis.xrevrange(self.key, count=1))
         return _text(raw[0][0]) if raw else None
 
     async def length(self) -> int:
         """XLEN: the entries the stream holds now."""
-        return int(await self._call(self._redis.xlen(self.key)))
+        return int(await self.call(self._redis.xlen(self.key)))
 
     async def floor(self, proposed: int, feed: str = "") -> int:
         """The bus's floor, set to `proposed` unless it is set already: the table's last id
@@ -296,13 +272,13 @@ class Bus:
         relay's backfill looks for no row at or below it. With `feed`, that feed's floor of
         change positions."""
         key = self._floor_key() + (f":{feed}" if feed else "")
-        await self._call(self._redis.set(key, proposed, nx=True))
-        value = await self._call(self._redis.get(key))
+        await self.call(self._redis.set(key, proposed, nx=True))
+        value = await self.call(self._redis.get(key))
         return int(value) if value is not None else proposed
 
     async def set_floor(self, value: int) -> None:
         """Set the bus's floor (`floor`) to `value`, whatever it was."""
-        await self._call(self._redis.set(self._floor_key(), value))
+        await self.call(self._redis.set(self._floor_key(), value))
 
     def _floor_key(self) -> str:
         return f"{self.key}:floor:{self._key().database}"  # per database: streams may be shared
@@ -322,7 +298,7 @@ class Bus:
         pager = Pager()
         end = "+"
         while left > 0:
-            raw = await self._call(
+            raw = await self.call(
                 self._redis.xrevrange(self.key, max=end, count=min(left, pager.count))
             )
             if not raw:
@@ -344,7 +320,7 @@ class Bus:
         pipe = self._redis.pipeline(transaction=False)
         pipe.xread({self.key: after}, count=pager.count, block=block_ms)
         pipe.eval(_FIRST_ID, 1, self.key)  # a hundred bytes; Redis caches it compiled
-        raw, first = await self._call(pipe.execute())
+        raw, first = await self.call(pipe.execute())
         pairs = [entry for _, entries in raw or [] for entry in entries]
         pager.measured(len(pairs), sum(_size(fields) for _, fields in pairs))
         verified, last = self._verified(pairs, after)
@@ -378,29 +354,12 @@ class Bus:
                 entries.append((Entry(last, parsed), _size(fields)))
         return entries, last
 
-    async def _call(self, awaitable: Awaitable[Any]) -> Any:
+    async def call(self, awaitable: Awaitable[Any]) -> Any:
+        """Await a Redis command on the bus; any failure raises `BusDown`."""
         try:
             return await awaitable
         except (RedisError, OSError) as exc:
             raise BusDown(f"{type(exc).__name__}: {exc}".strip()) from None
-
-
-class Lease:
-    """The relay's lease on its own connection (`Bus.lease`)."""
-
-    def __init__(self, bus: Bus, client: redis.asyncio.Redis, token: str) -> None:
-        self._bus = bus
-        self._client = client
-        self.token = token
-
-    async def renew(self, take: bool = False) -> bool:
-        """Extend the lease if it is still this token's (False if it expired or passed on);
-        with `take`, set it whoever held it."""
-        key = self._bus.lease_key
-        if take:
-            return bool(await self._bus._call(self._client.set(key, self.token, px=LEASE_MS)))
-        renew = self._bus._renew(keys=[key], args=[self.token, LEASE_MS], client=self._client)
-        return bool(await self._bus._call(renew))
 
 
 def _client(url: str, **options: Any) -> redis.asyncio.Redis:
@@ -424,149 +383,3 @@ def _text(value: bytes | str) -> str:
 
 def _size(fields: dict[bytes, bytes]) -> int:
     return sum(len(value) for value in fields.values())
-
-
-def stream_position(stream_id: str) -> tuple[int, int]:
-    """A stream id as a comparable pair: `10-2` < `9-5` as text, not as ids."""
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
-class BusReader:
-    """Routes what the stream carries into this broker's hub, in stream order.
-
-    `connected` is what readiness reports with a bus; `last_id` is the last stream id read and
-    `lag_ms` how long its entry took from XADD to here.
-    """
-
-    def __init__(
-        self,
-        bus: Bus,
-        hub: Hub,
-        load_key: Callable[[], Awaitable[RowKey]] | None = None,
-        feeds: FeedSet | None = None,
-    ) -> None:
-        self._bus = bus
-        self._hub = hub
-        self._feeds = feeds  # where changes go; None: they are dropped
-        self._load_key = load_key  # None: the bus's key is set already (`Bus.trust`)
-        self.resets = 0  # positions found past the stream's end (`bus_position_reset`)
-        self.last_id: str | None = None
-        self.high_id: int | None = None  # the highest row id routed
-        self.started = asyncio.Event()  # set at the first read, as the listener's first LISTEN
-        self.lag_ms = 0.0
-        self.connected = False
-        self.entries = 0
-        self.reconnects = 0
-        self.gaps = 0  # times the stream was trimmed past this reader (`_gap`)
-
-    async def run(self) -> None:
-        """Read until cancelled, reconnecting with backoff after any Redis failure."""
-        await retry_forever(
-            self._read,
-            self._set_down,
-            expected=(BusDown, DatabaseUnavailable),
-            crashed="bus_reader_crashed",
-            log=log,
-        )
-
-    def _set_down(self, exc: BaseException) -> None:
-        if self.connected:
-            log.warning("bus_down", error=str(exc))
-        self.connected = False
-
-    async def _read(self, backoff: Backoff) -> None:
-        if self._load_key is not None:
-            self._bus.trust(await self._load_key())
-        if self.last_id is None:
-            await self._preload()
-        else:
-            await self._bus.ping()
-            self.reconnects += 1
-        self.connected = True
-        self.started.set()
-        backoff.reset()
-        log.info("bus_up", stream=self._bus.key, last_id=self.last_id, reconnects=self.reconnects)
-        pager = Pager()
-        while True:
-            after = self.last_id or "0-0"
-            entries, self.last_id, first_id = await self._bus.read(after, pager=pager)
-            if first_id is not None and after != "0-0" and _trimmed(after, first_id):
-                self._gap(after, first_id)
-            self.route(entries)
-            if not entries:
-                await self._check_position()
-            checkpoint()
-
-    async def _check_position(self) -> None:
-        """A read that waited in vain: if the position is past the stream's last entry (the
-        stream was deleted and made again, after an entry with the largest possible id), read
-        again from its start; the journal drops the rows routed already."""
-        if self.last_id in (None, "0-0"):
-            return
-        top = await self._bus.top()
-        if top is None or stream_position(top) < stream_position(self.last_id or "0-0"):
-            self.resets += 1
-            log.error("bus_position_reset", position=self.last_id, stream_top=top)
-            self.last_id = "0-0"
-
-    async def _preload(self) -> None:
-        """The journal from the stream's tail, so resume is exact from the first request; read
-        a bounded page at a time, keeping only each row's routing keys."""
-        rows: list[tuple[int, str, str | None, str]] = []
-        last_id: str | None = None
-        changes: list[Change] = []
-        async for page in self._bus.pages():
-            for entry, _ in page:
-                last_id = last_id or entry.stream_id
-                if isinstance(entry, ChangeEntry):
-                    changes.append(entry.change)
-                    continue
-                message = entry.message
-                rows.append((message.id, message.session_id, message.robot_id, message.created_at))
-        if self._feeds is not None:
-            for change in reversed(changes):
-                self._feeds.remember(change)
-        journal = self._hub.journal
-        for message_id, session_id, robot_id, created_at in reversed(rows):
-            if message_id not in journal:
-                journal.append(message_id, session_id, robot_id, created_at)
-        self.last_id = last_id or "0-0"
-        log.info("bus_preloaded", rows=len(rows), last_id=self.last_id)
-
-    def _gap(self, after: str, first_id: str) -> None:
-        """The stream was trimmed past this reader's position: rows it never read are gone
-        from the bus. They are in the table, so every stream is ended with an `error` event
-        and the journal forgotten: each client resumes by id from the table (replay.py), which
-        sends the rows it missed. Filling the gap here instead would mean reading an unknown
-        number of rows in no known order while streams wait."""
-        self.gaps += 1
-        log.warning("bus_gap", last_id=after, first_id=first_id, streams=len(self._hub))
-        self._hub.journal = Journal(JOURNAL_SIZE)
-        if self._feeds is None:
-            self._hub.close_all(GAP)
-        else:
-            self._feeds.forget_changes()
-            self._feeds.close_all(GAP)
-
-    def route(self, entries: list[Entry | ChangeEntry]) -> None:
-        """Publish each entry's row or change (the hubs drop a copy of one routed already)."""
-        publish = self._hub.publish
-        for entry in entries:
-            if type(entry) is Entry:
-                publish(entry.message)
-                self.high_id = max(self.high_id or 0, entry.message.id)
-            elif self._feeds is not None and isinstance(entry, ChangeEntry):
-                self._feeds.route(entry.change)
-            self.last_id = entry.stream_id
-            self.entries += 1
-        if entries:
-            self.lag_ms = max(0.0, time.time() * 1000 - entries[-1].added_ms)
-
-
-def _trimmed(after: str, first_id: str) -> bool:
-    """Whether entries after `after` may have been trimmed before this reader got them: the
-    stream now starts above `after`. On the safe side: when only the entry at `after` itself
-    went, nothing was lost, but that cannot be told apart without a round trip more; a reader
-    that keeps up is never there (the newest entry is never trimmed)."""
-    return stream_position(first_id) > stream_position(after)

@@ -4,9 +4,10 @@ The relay appends a change as the trigger signed its notification (`{"feed", "po
 "data", "old", "at"}`, forwarded as is), or, for one it read from the change log (too large
 for NOTIFY, or backfilled after an election), that same JSON signed with the database's key
 (`payload`). Readers verify every entry alike; one whose payload starts with `{"feed":` is a
-change (`ChangeEntry`), routed through the service's feed registry (`feedset.FeedSet`), in
-the stream's order with the rows. So on a bus, as without one, every broker delivers changes
-in one order, and a resume is exact in that order on any broker.
+change (`ChangeEntry`), routed by the reader (`busreader.py`) through the service's feed
+registry (`feedset.FeedSet`), in the stream's order with the rows. So on a bus, as without
+one, every broker delivers changes in one order, and a resume is exact in that order on any
+broker.
 
 The relay's backfill after an election covers changes as it does rows: per captured feed, a
 floor kept in Redis (`Bus.floor`, named by the feed), and every change above it that the

@@ -70,8 +70,9 @@ from ..events import Message
 from ..store import Store
 from . import changelog
 from .backoff import Backoff
-from .bus import LEASE_MS, Bus, BusDown, Lease
+from .bus import Bus, BusDown
 from .buschanges import ChangeEntry, TailChanges, payload
+from .lease import LEASE_MS, Lease
 from .notifications import HEALTH_CHECK_TIMEOUT
 from .retry import pause
 from .source import APPLICATION_NAME, Source, dedicated_connection

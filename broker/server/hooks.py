@@ -8,8 +8,8 @@ None of what is listed here is uvicorn's public API:
   body with no `Content-Length` on HTTP/1.1;
 - the event stream (`web/stream.py`) relies on uvicorn's `send` waiting for flow control
   before it writes, so an empty body message returns once the socket has drained;
-- `cli.py` subclasses `uvicorn.Server`: it overrides `handle_exit`, reads `should_exit` and
-  `started`, and ignores the signal uvicorn raises again once it has shut down;
+- `runner.py` subclasses `uvicorn.Server`: it overrides `handle_exit`, reads `should_exit`
+  and `started`, and ignores the signal uvicorn raises again once it has shut down;
 - `log.py` drops two of uvicorn's log messages by their text.
 
 uvicorn is pinned to the range the tests drive over real sockets (`TESTED_UVICORN`); in case a
@@ -34,7 +34,7 @@ PIPELINING = "broker/server/pipelining.py"
 BOTH = "broker/server/protocol.py and pipelining.py"
 SINK = "broker/server/sink.py"
 STREAM = "broker/web/stream.py"
-CLI = "broker/cli.py"
+RUNNER = "broker/server/runner.py"
 LOG = "broker/log.py"
 
 # By owner: each hook and the module that relies on it. A hook is a method (overridden or
@@ -82,12 +82,12 @@ UVICORN_HOOKS: dict[type, dict[str, str]] = {
         'code: msg = "ASGI callable returned without completing response."': LOG,
     },
     uvicorn.Server: {
-        "run": CLI,
-        "handle_exit": CLI,
-        "self.should_exit": CLI,
-        "self.started": CLI,
-        "capture_signals": CLI,
-        "code: signal.raise_signal(captured_signal)": CLI,
+        "run": RUNNER,
+        "handle_exit": RUNNER,
+        "self.should_exit": RUNNER,
+        "self.started": RUNNER,
+        "capture_signals": RUNNER,
+        "code: signal.raise_signal(captured_signal)": RUNNER,
     },
 }
 

@@ -66,7 +66,7 @@ class Stats:
     bus_last_id: str | None = None  # the last stream id this broker read
     bus_lag_ms: float = 0.0  # XADD to this broker's read, of the last entry read
     bus_lease_live: bool = False  # a relay renews its lease (feeds/relay.py)
-    bus_gaps: int = 0  # times the stream was trimmed past this broker's position (feeds/bus.py)
+    bus_gaps: int = 0  # times the stream was trimmed past this broker (feeds/busreader.py)
     bus_takeovers: int = 0  # frozen relays' backends this broker terminated
     refused: int = 0  # notifications and bus entries dropped: unsigned, foreign, malformed
     ids_reused: int = 0  # times the table's ids were found reused (`Hub.publish`)

@@ -1,17 +1,13 @@
-"""broker.feeds.bus in process, on real Redis: the stream and a reader feeding a hub.
+"""broker.feeds.bus in process, on real Redis: the stream.
 
-The relay's in-process tests are in test_relay.py; end to end tests over broker processes
-are in tests/system/test_bus.py.
+A reader feeding a hub is in test_busreader.py, the relay's in-process tests in
+test_relay.py; end to end tests over broker processes are in tests/system/test_bus.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-
-from broker.feeds.bus import Bus, BusReader
-from broker.filters import EVERYTHING
-from broker.hub import Hub
-from tests.support.inprocess import eventually, message, stop
+from broker.feeds.bus import Bus
+from tests.support.inprocess import message
 
 
 async def test_entries_round_trip_in_append_order_and_the_stream_is_trimmed(bus: Bus) -> None:
@@ -26,24 +22,3 @@ async def test_entries_round_trip_in_append_order_and_the_stream_is_trimmed(bus:
         await bus.append(message(i))
     kept = len(await bus.tail(count=10_000))
     assert 1_000 <= kept < 1_500, kept  # MAXLEN ~: about maxlen, trimmed by whole nodes
-
-
-async def test_a_reader_preloads_its_journal_then_routes_new_rows_once(bus: Bus) -> None:
-    for i in (1, 3, 2):
-        await bus.append(message(i))
-    hub = Hub(max_subscribers=10, queue_size=100)
-    reader = BusReader(bus, hub)
-    task = asyncio.ensure_future(reader.run())
-    try:
-        await eventually(lambda: reader.connected, 10, "reader up")
-        assert hub.journal.after(1, EVERYTHING) == [3, 2]  # resume is exact in stream order
-        subscriber = hub.subscribe(None, None)
-        for i in (5, 4, 4):  # 4 twice: a relay that died after XADD, say
-            await bus.append(message(i))
-        await eventually(lambda: subscriber.queued >= 2, 10, "two rows routed")
-        await asyncio.sleep(0.2)  # a third (the duplicate) would be routed by now
-        assert [event.id for event in subscriber.take()] == [5, 4]
-        assert hub.journal.after(3, EVERYTHING) == [2, 5, 4]
-        assert reader.lag_ms < 5_000
-    finally:
-        await stop(task)

@@ -28,12 +28,15 @@ def test_uvicorn_has_every_hook(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_changed_line_of_uvicorn_that_a_module_relies_on_is_named_with_the_module(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The sink's chunk framing, the stream's drain and cli's signal are lines of uvicorn's
+    """The sink's chunk framing, the stream's drain and the runner's signal are lines of uvicorn's
     source, not names: a release that changes one is refused too."""
     server = uvicorn.Server
-    hooks = {"handle_exit": "broker/cli.py", "code: signal.raise_signal(sig)": "broker/cli.py"}
+    runner = "broker/server/runner.py"
+    hooks = {"handle_exit": runner, "code: signal.raise_signal(sig)": runner}
     monkeypatch.setitem(uvicorn_hooks.UVICORN_HOOKS, server, hooks)
-    with pytest.raises(RuntimeError, match=r"Server\.code: signal.*, which broker/cli\.py"):
+    with pytest.raises(
+        RuntimeError, match=r"Server\.code: signal.*, which broker/server/runner\.py"
+    ):
         check_uvicorn()
 
 
