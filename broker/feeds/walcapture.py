@@ -72,6 +72,8 @@ PREFIXES = (PREFIX, CHANGES_PREFIX)
 SLOT_LOCK_CLASS = 0x7077  # the advisory lock's first key ('pw'); the second is hashtext(slot)
 CAMPAIGN_SECONDS = 1.0
 BUSY_RETRY_SECONDS = 0.2
+RELEASE_POLL_SECONDS = 0.02  # an invalidated slot's drop, asked again (`SlotClaim._drop`)
+RELEASE_TIMEOUT_SECONDS = 5.0
 MONITOR_SECONDS = 1.0
 MONITOR_WAITING_SECONDS = 0.1  # the sampling period while no reader holds the slot
 VISIBLE_WAIT_SECONDS = 1.0  # a batch's transactions not visible yet: asked again this long
@@ -257,13 +259,30 @@ class SlotClaim:
         what committed before from the tables."""
         # Dropped meanwhile (`pgsse migrate --drop-capture`), or made again by a migrating
         # instance after the drop (then as new as ours): either is fine.
-        with contextlib.suppress(errors.UndefinedObject):
-            await conn.execute("SELECT pg_drop_replication_slot(%s)", (self.slot,))
+        await self._drop(conn)
         with contextlib.suppress(errors.DuplicateObject):
             await conn.execute(
                 "SELECT pg_create_logical_replication_slot(%s, %s)", (self.slot, PLUGIN)
             )
         log.info("capture_slot_created", slot=self.slot)
+
+    async def _drop(self, conn: Connection) -> None:
+        """Drop the slot once its last reader let go of it. A walsender whose
+        START_REPLICATION failed on the invalidated slot sends the error before it releases
+        the slot (PostgreSQL's error recovery reports first, cleans up after), so a drop
+        right after that error can find the slot active for a moment: asked again every
+        `RELEASE_POLL_SECONDS`, within `RELEASE_TIMEOUT_SECONDS` (then the source's retry)."""
+        deadline = asyncio.get_running_loop().time() + RELEASE_TIMEOUT_SECONDS
+        while True:
+            try:
+                await conn.execute("SELECT pg_drop_replication_slot(%s)", (self.slot,))
+                return
+            except errors.UndefinedObject:
+                return
+            except errors.ObjectInUse:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+            await pause(RELEASE_POLL_SECONDS)
 
 
 class CaptureMonitor:
