@@ -52,6 +52,7 @@ class SlotStream:
         prefixes: tuple[str, ...] = (PREFIX,),
         application_name: str = "pgsse-capture",
         max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
+        idle_limit: int | None = None,
     ) -> None:
         self._url = url
         self._slot = slot
@@ -69,6 +70,11 @@ class SlotStream:
         self.position: int | None = None  # where `confirm` moves the slot to
         self.xids: list[int] = []  # the transactions of the last batch `next()` returned
         self.oldest_unconfirmed: datetime.datetime | None = None
+        # While not None, idle advances stop here (the relay raises it as Redis takes its
+        # marks: the slot is never past what the bus says it holds); `idle_end` is where
+        # they would have gone.
+        self.idle_limit = idle_limit
+        self.idle_end = 0
 
     async def __aenter__(self) -> SlotStream:
         self._conn = await psycopg.AsyncConnection.connect(
@@ -221,7 +227,11 @@ class SlotStream:
             wal_end, _, reply = struct.unpack_from(">QqB", data, 1)
             idle = not self._done and not self._receiving and self.position is None
             if idle and wal_end > self._confirmed and self._handed <= self._confirmed:
-                self._confirmed = wal_end  # everything before it was sent: none of ours
+                self.idle_end = wal_end  # everything before it was sent: none of ours
+                limit = self.idle_limit
+                self._confirmed = max(
+                    self._confirmed, min(wal_end, wal_end if limit is None else limit)
+                )
             if reply:
                 self._send_status()
 
