@@ -12,7 +12,8 @@ Confirming is the same contract as `SlotReader`: the slot's position moves (the 
 update's flush position) only to what `confirm()` was told, so a reader killed before
 confirming loses nothing and the next one gets the batch again. Unlike `SlotReader`, a batch
 not confirmed does not come again on the same stream. While nothing is outstanding, the
-position follows the server's keepalives, so others' WAL never holds the slot back.
+position follows the server's keepalives, so others' WAL never holds the slot back; up to
+`idle_limit` when one is set (the relay: the slot is never past what the bus holds).
 """
 
 from __future__ import annotations
