@@ -17,7 +17,7 @@ from broker.feeds.relay import LOCK_CLASS, Appender, Relay, lock_name
 from broker.feeds.walcapture import SlotClaim
 from broker.slots import PUBLICATION
 from broker.store import Store
-from tests.support.database import Database
+from tests.support.database import Database, invalidate_slots
 from tests.support.inprocess import eventually, message, stop
 from tests.support.redis import RedisServer
 from tests.support.wal import WalDatabase
@@ -172,6 +172,29 @@ async def test_a_wal_takeover_scans_when_the_slot_moved_past_the_mark(
         try:
             await eventually(lambda: second.backfilled == 3, 10, "the gap backfilled")
             assert second.scan == "slot_past_mark"
+            after = waldb.insert(session_id, "after")
+            await eventually(lambda: second.appended == 4, 10, "the next row appended")
+            assert await session_rows(bus, session_id) == [held, *gap, after]
+        finally:
+            await stop(task)
+
+
+async def test_a_wal_takeover_scans_when_the_slot_was_made_again(
+    bus: Bus, database: Database, waldb: WalDatabase, session_id: str
+) -> None:
+    """Rows committed while no relay read the slot, then the slot invalidated: the next relay
+    makes it again, and scans the table for them (the new slot starts after them)."""
+    async with Store.open(waldb.url) as store:
+        first, task = await wal_relay_up(waldb, bus, store)
+        held = waldb.insert(session_id, "held")
+        await eventually(lambda: first.appended == 1, 10, "the row appended")
+        await stop(task)
+        gap = [waldb.insert(session_id, f"gap {i}") for i in range(3)]
+        invalidate_slots(database)
+        second, task = await wal_relay_up(waldb, bus, store)
+        try:
+            await eventually(lambda: second.backfilled == 3, 10, "the gap backfilled")
+            assert second.scan == "slot_recreated"
             after = waldb.insert(session_id, "after")
             await eventually(lambda: second.appended == 4, 10, "the next row appended")
             assert await session_rows(bus, session_id) == [held, *gap, after]
