@@ -331,14 +331,17 @@ class Bus:
     async def wal_mark(self) -> int | None:
         """The WAL position through which the stream holds every transaction of the capture
         slot (`set_wal_mark`), None when none is known."""
-        value = await self._call(self._redis.get(self._floor_key() + ":wal"))
+        value = await self._call(self._redis.get(self._wal_mark_key()))
         return None if value is None else int(value)
 
     async def set_wal_mark(self, lsn: int | None) -> None:
         """Say that the stream holds every transaction committed through `lsn` (the relay, once
         Redis took them, before the slot moves past them); None: nothing known (deleted)."""
-        key = self._floor_key() + ":wal"
+        key = self._wal_mark_key()
         await self._call(self._redis.delete(key) if lsn is None else self._redis.set(key, lsn))
+
+    def _wal_mark_key(self) -> str:
+        return f"{self.key}:wal:{self._key().database}"  # not under :floor: (a feed's floor)
 
     async def sizes_through(self, stream_id: str) -> AsyncIterator[list[int]]:
         """The sizes of the last `maxlen` entries up to `stream_id`, newest first, a page at a
