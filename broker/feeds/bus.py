@@ -348,18 +348,21 @@ class Bus:
         time, read in Redis (the entries never leave it), on a connection of its own closed
         after (the relay appends meanwhile: the pool keeps every connection it opens)."""
         client = _client(self._url, single_connection_client=True)
+        pager = Pager()  # the script copies the entries it reads: pages of about PAGE_BYTES
         try:
             left, end = self.maxlen, stream_id
             while left > 0:
-                page = min(left, SIZES_PAGE)
+                page = min(left, pager.count, SIZES_PAGE)
                 raw = await self._call(
                     self._sizes(keys=[self.key], args=[end, page], client=client)
                 )
                 if not raw:
                     return
-                left -= len(raw) // 2
+                sizes = [int(size) for size in raw[1::2]]
+                pager.measured(len(sizes), sum(sizes))
+                left -= len(sizes)
                 end = "(" + _text(raw[-2])
-                yield [int(size) for size in raw[1::2]]
+                yield sizes
         finally:
             with contextlib.suppress(RedisError, OSError):
                 await client.aclose()
