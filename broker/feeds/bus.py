@@ -92,6 +92,19 @@ local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
 if first then return first[1] end
 return false
 """
+# Each entry's id and size (its fields' values, as `_size`), newest first, from ARGV[1] back,
+# at most ARGV[2]: without the entries themselves (`Bus.sizes_through`).
+_SIZES = """
+local out = {}
+for _, entry in ipairs(redis.call('XREVRANGE', KEYS[1], ARGV[1], '-', 'COUNT', ARGV[2])) do
+  local size = 0
+  for i = 2, #entry[2], 2 do size = size + #entry[2][i] end
+  out[#out + 1] = entry[1]
+  out[#out + 1] = size
+end
+return out
+"""
+SIZES_PAGE = 100  # entries a `_SIZES` call reads: Redis runs a script without a break
 
 
 def encode_row(message: Message) -> bytes:
@@ -135,6 +148,16 @@ class Sizes:
         while len(self._sizes) > self.maxlen:  # XADD's own MAXLEN trims these
             self.total -= self._sizes.popleft()
 
+    def add_older(self, sizes_newest_first: Iterable[int]) -> None:
+        """Sizes of entries older than every one known, newest first (a relay that took the
+        role without reading the stream learns them after its first appends); within
+        `maxlen`, as `add`."""
+        for size in sizes_newest_first:
+            if len(self._sizes) >= self.maxlen:
+                return
+            self._sizes.appendleft(size)
+            self.total += size
+
     def keep(self) -> int | None:
         """Drop the oldest sizes until within budget; the entries to keep, None if all."""
         dropped = 0
@@ -162,6 +185,7 @@ class Bus:
         self.refusals = Refusals(log)  # forged, foreign or malformed entries
         self._url = url
         self._redis = _client(url)
+        self._sizes = self._redis.register_script(_SIZES)
         self.lease_key = f"{key}:relay"
 
     async def close(self) -> None:
@@ -279,6 +303,43 @@ class Bus:
     async def set_floor(self, value: int) -> None:
         """Set the bus's floor (`floor`) to `value`, whatever it was."""
         await self.call(self._redis.set(self._floor_key(), value))
+
+    async def wal_mark(self) -> int | None:
+        """The WAL position through which the stream holds every transaction of the capture
+        slot (`set_wal_mark`), None when none is known."""
+        value = await self.call(self._redis.get(self._wal_mark_key()))
+        return None if value is None else int(value)
+
+    async def set_wal_mark(self, lsn: int | None) -> None:
+        """Say that the stream holds every transaction committed through `lsn` (the relay, once
+        Redis took them, before the slot moves past them); None: nothing known (deleted)."""
+        key = self._wal_mark_key()
+        await self.call(self._redis.delete(key) if lsn is None else self._redis.set(key, lsn))
+
+    def _wal_mark_key(self) -> str:
+        return f"{self.key}:wal:{self._key().database}"  # not under :floor: (a feed's floor)
+
+    async def sizes_through(self, stream_id: str) -> AsyncIterator[list[int]]:
+        """The sizes of the last `maxlen` entries up to `stream_id`, newest first, a page at a
+        time, read in Redis (the entries never leave it), on a connection of its own closed
+        after (the relay appends meanwhile: the pool keeps every connection it opens)."""
+        client = _client(self._url, single_connection_client=True)
+        pager = Pager()  # the script copies the entries it reads: pages of about PAGE_BYTES
+        try:
+            left, end = self.maxlen, stream_id
+            while left > 0:
+                page = min(left, pager.count, SIZES_PAGE)
+                raw = await self.call(self._sizes(keys=[self.key], args=[end, page], client=client))
+                if not raw:
+                    return
+                sizes = [int(size) for size in raw[1::2]]
+                pager.measured(len(sizes), sum(sizes))
+                left -= len(sizes)
+                end = "(" + _text(raw[-2])
+                yield sizes
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                await client.aclose()
 
     def _floor_key(self) -> str:
         return f"{self.key}:floor:{self._key().database}"  # per database: streams may be shared

@@ -38,9 +38,34 @@ its backfill against the bus, and appending.
 
 With a `SlotClaim` (`BROKER_CAPTURE=wal`) the relay is the capture slot's one reader: once
 elected it takes the slot's lock too (`walcapture.py`) and reads the slot instead of
-LISTENing; its backfill against the bus is the same. A batch from the slot is confirmed only
-once Redis took it (`Appender.drained`), so a relay that dies loses nothing of the slot; what
-the next relay reads again, the bus's readers drop as a second copy.
+LISTENing. A batch from the slot is confirmed only once Redis took it (`Appender.drained`),
+so a relay that dies loses nothing of the slot; what the next relay reads again, the bus's
+readers drop as a second copy.
+
+In wal mode a takeover needs no backfill when the slot and the stream are intact, and takes
+none: it neither scans the table nor reads the stream's entries (that read, ~40 MB in the wal
+soak, held every client for 0.5-4 s after each fault). What tells "intact" is the WAL mark
+(`Bus.set_wal_mark`): a position through which the stream holds every transaction of the
+slot's, written on the appends' connection after the rows it covers (`Appender.mark`): before
+each batch is confirmed (its end), after a backfill (the slot's position when it started),
+and while idle (`_mark_idle`: where the slot's keepalives would move it, none of ours before
+it). The slot is held to the mark (`read(held=True)`: its idle advances stop at the last mark
+Redis took), so it is never past the mark unless something else moved it. A relay taking over
+skips the backfill when the slot was not made again, the mark is there, the slot's confirmed
+position is at or below it, and the stream is not empty (nor exhausted). Exact, because every
+transaction committed at or below the slot's position is then in the stream (or trimmed from
+it: readers that had not read it got a gap), and every one after it the slot gives again,
+rows and the feeds' changes alike (logical messages in the same transactions). Every other
+case scans, and deletes the mark first, so a relay that dies mid-backfill leaves none: the
+first relay ever (no mark); Redis restarted empty or lost the stream (no mark, or an empty
+stream; a restore from a snapshot holds an older mark, which the slot is past); an exhausted
+stream (deleted); a slot made again after invalidation or by hand (it starts past the mark,
+or `recreated`); a slot consumed meanwhile by another reader (a broker without the bus: past
+the mark); notify mode (no slot: rows commit while no one listens). The byte budget needs
+the sizes of the stream's entries: they are read in Redis (`Bus.sizes_through`, ids and sizes
+only) while the relay appends, and put under its own (`Sizes.add_older`); until then the
+stream may pass its budget by what it held. The feeds' floors on the bus are set as a backfill
+sets them.
 
 What the relay appends is signed with the database's key (`signing.py`), loaded at each
 election on its own connection: a notification's payload, verified there, is forwarded as the
@@ -49,7 +74,7 @@ notification that does not verify (a role's own NOTIFY) is never appended. On ta
 role the relay also checks that the stream can still take an `XADD *` (`Bus.exhausted`):
 after a forged entry with the largest possible id it deletes the stream and appends again
 every row above the newest this broker routed, and the readers start again from the
-stream's start (`bus.py`).
+stream's start (`busreader.py`).
 """
 
 from __future__ import annotations
@@ -58,6 +83,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -124,6 +150,9 @@ class Relay(Source):
         self._refused = False  # the holder's backend could not be terminated, this lapse
         self.exhaustions = 0  # streams found exhausted and deleted
         self._appender: Appender | None = None
+        self._sizing: asyncio.Future[None] | None = None  # `_learn_sizes`, after a takeover
+        self._marking = False  # whether the stream holds what the slot confirmed (elected)
+        self.scan: str | None = None  # why the last election scanned; None: it did not
 
     @property
     def listening(self) -> bool:
@@ -158,7 +187,7 @@ class Relay(Source):
         self._bus.trust(self._key)
         if self.claim is not None:
             await self.claim.campaign(conn)
-            async with self.claim.read(conn, self._drained) as transport:
+            async with self.claim.read(conn, self._drained, held=True) as transport:
                 await self._elected(conn, rows)
                 await self.serve(conn, rows, transport)
             return
@@ -172,14 +201,101 @@ class Relay(Source):
         self.elections += 1
         log.info("relay_elected", stream=self._bus.key, elections=self.elections)
         await self._recover_exhausted()
-        await self._backfill(rows)
-        self._appender = Appender(self._bus, lambda exc: _cut(conn, exc), self._count)
+        started = time.monotonic()
+        scan, confirmed, mark = await self._must_scan(conn)
+        self.scan = scan
+        if scan is None:
+            await self._take_over(conn, started)
+            self._appender = self._new_appender(conn, mark)
+            self._release(mark)  # the slot may go up to what the bus holds already
+            self._marking = True
+            return
+        await self._bus.set_wal_mark(None)  # until this backfill is in Redis (the docstring)
+        await self._backfill(rows, scan, started)
+        self._appender = self._new_appender(conn, -1)
         await self._backfill_changes(conn)  # through the appender, ahead of notifications
+        if confirmed is not None:  # wal: the stream now holds every transaction through it
+            self._appender.mark(confirmed)
+            await self._appender.drained()
+        self._marking = True
+
+    def _new_appender(self, conn: psycopg.AsyncConnection[Any], marked: int) -> Appender:
+        return Appender(self._bus, lambda exc: _cut(conn, exc), self._count, marked, self._release)
+
+    def _release(self, lsn: int) -> None:
+        """Redis took the mark `lsn`: the slot may go up to it while idle."""
+        if self.claim is not None and self.claim.reading is not None:
+            self.claim.reading.release(lsn)
+
+    async def _must_scan(
+        self, conn: psycopg.AsyncConnection[Any]
+    ) -> tuple[str | None, int | None, int]:
+        """Why this takeover must scan the table and read the stream (None: it need not, the
+        slot brings all the stream lacks: the module's docstring); the slot's confirmed
+        position (wal) and the bus's WAL mark (-1: none)."""
+        if self.claim is None:
+            return "notify", None, -1
+        confirmed = await self.claim.confirmed(conn)
+        if self.claim.recreated or confirmed is None:
+            return "slot_recreated", confirmed, -1
+        mark = await self._bus.wal_mark()
+        if mark is None:
+            return "no_wal_mark", confirmed, -1
+        if confirmed > mark:
+            return "slot_past_mark", confirmed, mark
+        if await self._bus.length() == 0:
+            return "stream_empty", confirmed, mark
+        return None, confirmed, mark
+
+    async def _take_over(self, conn: psycopg.AsyncConnection[Any], started: float) -> None:
+        """Take the role without a backfill (wal, slot and stream intact): what the stream
+        lacks, the slot brings. The feeds' floors are set if new; the byte budget's sizes of
+        the stream's entries are learnt while the relay appends (`_learn_sizes`)."""
+        self._backfilled = set()  # a previous election's: the slot brings those rows again
+        self._tail_changes = TailChanges()
+        top = await self._bus.top()
+        self._bus.sizes.reset(())
+        if top is not None:
+            self._sizing = asyncio.ensure_future(self._learn_sizes(conn, top))
+        if self._captured:
+            last = await changelog.last_positions(conn, self._captured)
+            for feed in self._captured:
+                await self._bus.floor(last[feed], feed)
+        log.info(
+            "relay_backfilled", rows=0, scan="skipped", seconds=round(time.monotonic() - started, 3)
+        )
+        self._store.revive()
+
+    async def _learn_sizes(self, conn: psycopg.AsyncConnection[Any], top: str) -> None:
+        """The sizes of the stream's entries through `top`, the newest before this relay's
+        first append, read in Redis (not the entries), added under those it appended since."""
+        sizes: list[int] = []
+        try:
+            async for page in self._bus.sizes_through(top):
+                sizes.extend(page)
+        except BusDown as exc:
+            _cut(conn, exc)
+            return
+        self._bus.sizes.add_older(sizes)
+        log.info("relay_sizes_learned", entries=len(sizes), bytes=sum(sizes))
 
     async def _drained(self) -> None:
-        """Before the slot moves on: every row handed to the appender is in Redis."""
-        if self._appender is not None:
-            await self._appender.drained()
+        """Before the slot moves on: every row handed to the appender is in Redis, and the
+        bus says so (`Bus.set_wal_mark`), so that the next relay need not scan."""
+        if self._appender is None:
+            return
+        reading = self.claim.reading if self.claim is not None else None
+        if reading is not None and reading.position is not None:
+            self._appender.mark(reading.position)
+        await self._appender.drained()
+
+    def _mark_idle(self) -> None:
+        """Mark where the slot is while idle (its position follows the server's keepalives
+        past others' WAL), so that a relay that stops after a quiet spell or cleanly hands
+        over a mark the slot is not past."""
+        reading = self.claim.reading if self.claim is not None else None
+        if reading is not None and self._appender is not None and self._marking:
+            self._appender.mark(reading.idle_end)
 
     async def _won(self, conn: psycopg.AsyncConnection[tuple[object, ...]]) -> bool:
         """Take the lock if Redis answers and no other broker holds it; also a health check.
@@ -242,6 +358,7 @@ class Relay(Source):
                 self.lease_live = False
                 _cut(conn, BusDown("relay lease lost"))
                 return
+            self._mark_idle()
 
     async def _tail_ids(self) -> set[int]:
         """The ids the stream holds, read in bounded pages; the byte budget's sizes with them."""
@@ -271,20 +388,21 @@ class Relay(Source):
         if hint is not None:
             await self._bus.set_floor(hint)
 
-    async def _backfill(self, rows: Store) -> None:
+    async def _backfill(self, rows: Store, reason: str, started: float) -> None:
         """Append every row committed that the stream lacks, in id order (`Source.backfill`).
 
         Once the stream has been trimmed, ids below its oldest entry cannot be told from
         trimmed ones, so the floor rises to it.
         """
         tail = await self._tail_ids()
+        tail_seconds = round(time.monotonic() - started, 3)
         # A new stream's floor (or one Redis lost): the oldest id it holds, else the newest
         # row this broker routed, else the table's last id now, after LISTEN.
         proposed = min(tail) if tail else self._floor_hint() or await rows.last_id()
         floor = await self._bus.floor(proposed)
         if tail and await self._bus.length() >= self._bus.maxlen:
             floor = max(floor, min(tail))
-        await self.backfill(rows, floor, tail)
+        await self.backfill(rows, floor, tail, scan=reason, tail_seconds=tail_seconds)
 
     async def _backfill_changes(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Append every change of a captured feed that the stream lacks (`buschanges.py`):
@@ -335,9 +453,13 @@ class Relay(Source):
         super().set_down(exc)
         self.role = "follower"
         self.lease_live = False
+        self._marking = False
         if self._appender is not None:
             self._appender.close()
             self._appender = None
+        if self._sizing is not None:
+            self._sizing.cancel()
+            self._sizing = None
 
 
 class Appender:
@@ -348,14 +470,22 @@ class Appender:
     once, and every later `put` raises it."""
 
     def __init__(
-        self, bus: Bus, on_failure: Callable[[BusDown], None], on_appended: Callable[[int], None]
+        self,
+        bus: Bus,
+        on_failure: Callable[[BusDown], None],
+        on_appended: Callable[[int], None],
+        marked: int = -1,
+        on_marked: Callable[[int], None] | None = None,
     ) -> None:
         self._bus = bus
+        self._on_marked = on_marked
         self._on_failure = on_failure
         self._on_appended = on_appended
         self._queue: list[Message | bytes] = []
         self._task: asyncio.Task[None] | None = None
         self._error: BusDown | None = None
+        self._mark: int | None = None  # a WAL mark to write once the queue is in Redis
+        self._marked = marked  # the last mark written (or found, at the election)
 
     def put(self, row: Message | bytes) -> None:
         """Append `row`: a `Message`, or a payload signed already (`Bus.append`)."""
@@ -365,8 +495,20 @@ class Appender:
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._flush())
 
+    def mark(self, lsn: int) -> None:
+        """Once every row `put` so far is in Redis, say that the stream holds every transaction
+        through `lsn` (`Bus.set_wal_mark`), on the appends' connection, after them; a mark
+        not above the last one is dropped."""
+        if self._error is not None:
+            raise self._error
+        if lsn > (self._marked if self._mark is None else self._mark):
+            self._mark = lsn
+            if self._task is None or self._task.done():
+                self._task = asyncio.ensure_future(self._flush())
+
     async def drained(self) -> None:
-        """Wait until every row `put` so far is in Redis; raises the failure if one failed."""
+        """Wait until every row `put` (and mark) so far is in Redis; raises the failure if
+        one failed."""
         while self._task is not None and not self._task.done():
             await asyncio.wait([self._task])
         if self._error is not None:
@@ -377,16 +519,26 @@ class Appender:
         if self._task is not None:
             self._task.cancel()
         self._queue.clear()
+        self._mark = None
 
     async def _flush(self) -> None:
         try:
-            while self._queue:
-                batch, self._queue = self._queue, []
-                await self._bus.append_many(batch)
-                self._on_appended(len(batch))
+            while self._queue or self._mark is not None:
+                if self._queue:  # the rows first: a mark holds only once they are in
+                    batch, self._queue = self._queue, []
+                    await self._bus.append_many(batch)
+                    self._on_appended(len(batch))
+                    continue
+                lsn, self._mark = self._mark, None
+                assert lsn is not None
+                await self._bus.set_wal_mark(lsn)
+                self._marked = lsn
+                if self._on_marked is not None:
+                    self._on_marked(lsn)
         except BusDown as exc:
             self._error = exc
             self._queue.clear()
+            self._mark = None
             self._on_failure(exc)
 
 

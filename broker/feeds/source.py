@@ -31,6 +31,7 @@ against the bus.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -181,11 +182,14 @@ class Source:
         self._key = await rows.row_key()
         return rows
 
-    async def backfill(self, rows: Store, floor: int, held: Container[int]) -> None:
+    async def backfill(
+        self, rows: Store, floor: int, held: Container[int], **logged: object
+    ) -> None:
         """Emit every row above `floor` that `held` lacks, in id order, on `rows`' connection;
         then revive the store's pool. Every missing id is looked for, not only those above
         the newest held: a transaction that drew its id before a held row and committed while
-        no one listened is found too."""
+        no one listened is found too. `logged`: more fields for `<name>_backfilled`."""
+        started = time.monotonic()
         missing = [i for i in await rows.ids_after(floor) if i not in held]
         self._backfilled = set(missing)
         for start in range(0, len(missing), BACKFILL_PAGE):
@@ -193,7 +197,13 @@ class Source:
             found = await rows.by_ids(page)
             await self.emit_page([found[i] for i in page if i in found])
         self.backfilled += len(missing)
-        log.info(f"{self.name}_backfilled", after_id=floor, rows=len(missing))
+        log.info(
+            f"{self.name}_backfilled",
+            after_id=floor,
+            rows=len(missing),
+            scan_seconds=round(time.monotonic() - started, 3),
+            **logged,
+        )
         self._store.revive()
 
     async def backfill_changes(

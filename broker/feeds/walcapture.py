@@ -143,6 +143,24 @@ class SlotTransport:
         made its transaction visible first)."""
         return await fetch()
 
+    @property
+    def position(self) -> int | None:
+        """The WAL position `confirm` moves the slot to (the last batch's end), None when
+        there is nothing to confirm."""
+        return self._stream.position
+
+    @property
+    def idle_end(self) -> int:
+        """Where the slot may go while idle: every transaction of ours before it was handed
+        on and confirmed (`SlotStream.idle_end`)."""
+        return self._stream.idle_end
+
+    def release(self, lsn: int) -> None:
+        """Let idle advances go up to `lsn` (`read(held=True)`)."""
+        limit = self._stream.idle_limit
+        if limit is not None and lsn > limit:
+            self._stream.idle_limit = lsn
+
     async def confirm(self) -> None:
         if self._before_confirm is not None:
             await self._before_confirm()
@@ -190,14 +208,30 @@ class SlotClaim:
                 logged = True
             await pause(CAMPAIGN_SECONDS)
 
+    async def confirmed(self, conn: Connection) -> int | None:
+        """The slot's confirmed position (`confirmed_flush_lsn`): the reader starts after it.
+        None when there is no such slot."""
+        row = await (
+            await conn.execute(
+                "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint FROM pg_replication_slots"
+                " WHERE slot_name = %s AND database = current_database()",
+                (self.slot,),
+            )
+        ).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
     @asynccontextmanager
     async def read(
-        self, conn: Connection, before_confirm: Callable[[], Awaitable[None]] | None = None
+        self,
+        conn: Connection,
+        before_confirm: Callable[[], Awaitable[None]] | None = None,
+        held: bool = False,
     ) -> AsyncIterator[SlotTransport]:
         """Stream the slot, `conn`'s session holding the lock (`campaign`): a stale reader is
-        ended, an invalidated slot made again (`recreated`)."""
+        ended, an invalidated slot made again (`recreated`). `held`: the slot moves only by
+        `confirm`, and while idle up to what `SlotTransport.release` allows."""
         self.recreated = False
-        stream = await self._start(conn)
+        stream = await self._start(conn, held)
         try:
             self.reading = SlotTransport(stream, conn, before_confirm)
             yield self.reading
@@ -205,7 +239,7 @@ class SlotClaim:
             self.reading = None
             await stream.__aexit__(None, None, None)
 
-    async def _start(self, conn: Connection) -> SlotStream:
+    async def _start(self, conn: Connection, held: bool) -> SlotStream:
         busy_logged = False
         while True:
             stream = SlotStream(
@@ -214,6 +248,7 @@ class SlotClaim:
                 prefixes=PREFIXES,
                 application_name=READER_NAME,
                 max_row_bytes=self._max_row_bytes,
+                idle_limit=0 if held else None,
             )
             try:
                 return await stream.__aenter__()

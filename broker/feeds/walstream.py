@@ -12,7 +12,8 @@ Confirming is the same contract as `SlotReader`: the slot's position moves (the 
 update's flush position) only to what `confirm()` was told, so a reader killed before
 confirming loses nothing and the next one gets the batch again. Unlike `SlotReader`, a batch
 not confirmed does not come again on the same stream. While nothing is outstanding, the
-position follows the server's keepalives, so others' WAL never holds the slot back.
+position follows the server's keepalives, so others' WAL never holds the slot back; up to
+`idle_limit` when one is set (the relay: the slot is never past what the bus holds).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class SlotStream:
         prefixes: tuple[str, ...] = (PREFIX,),
         application_name: str = "pgsse-capture",
         max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
+        idle_limit: int | None = None,
     ) -> None:
         self._url = url
         self._slot = slot
@@ -69,6 +71,11 @@ class SlotStream:
         self.position: int | None = None  # where `confirm` moves the slot to
         self.xids: list[int] = []  # the transactions of the last batch `next()` returned
         self.oldest_unconfirmed: datetime.datetime | None = None
+        # While not None, idle advances stop here (the relay raises it as Redis takes its
+        # marks: the slot is never past what the bus says it holds); `idle_end` is where
+        # they would have gone.
+        self.idle_limit = idle_limit
+        self.idle_end = 0
 
     async def __aenter__(self) -> SlotStream:
         self._conn = await psycopg.AsyncConnection.connect(
@@ -221,7 +228,11 @@ class SlotStream:
             wal_end, _, reply = struct.unpack_from(">QqB", data, 1)
             idle = not self._done and not self._receiving and self.position is None
             if idle and wal_end > self._confirmed and self._handed <= self._confirmed:
-                self._confirmed = wal_end  # everything before it was sent: none of ours
+                self.idle_end = wal_end  # everything before it was sent: none of ours
+                limit = self.idle_limit
+                self._confirmed = max(
+                    self._confirmed, min(wal_end, wal_end if limit is None else limit)
+                )
             if reply:
                 self._send_status()
 

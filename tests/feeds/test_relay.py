@@ -1,5 +1,6 @@
 """broker.feeds.relay in process, on real PostgreSQL and Redis: the election, the backfill of
-what the stream lacks, stepping down when its backend dies, and the Appender's batches.
+what the stream lacks, stepping down when its backend dies, the Appender's batches, and the
+wal takeover that needs no backfill (the WAL mark).
 
 End to end tests over broker processes are in tests/system/test_bus.py.
 """
@@ -13,10 +14,13 @@ import pytest
 
 from broker.feeds.bus import Bus, BusDown
 from broker.feeds.relay import LOCK_CLASS, Appender, Relay, lock_name
+from broker.feeds.walcapture import SlotClaim
+from broker.slots import PUBLICATION
 from broker.store import Store
-from tests.support.database import Database
+from tests.support.database import Database, invalidate_slots
 from tests.support.inprocess import eventually, message, stop
 from tests.support.redis import RedisServer
+from tests.support.wal import WalDatabase
 
 
 async def relay_locks(database: Database, bus: Bus) -> int:
@@ -102,3 +106,104 @@ async def test_a_relay_whose_backend_is_terminated_steps_down_and_is_elected_aga
             assert await relay_locks(database, bus) == 1 and relay.listening
         finally:
             await stop(task)
+
+
+async def session_rows(bus: Bus, session_id: str) -> list[int]:
+    return [e.message.id for e in await bus.tail() if e.message.session_id == session_id]
+
+
+async def wal_relay_up(
+    waldb: WalDatabase, bus: Bus, store: Store
+) -> tuple[Relay, asyncio.Task[None]]:
+    relay = Relay(waldb.url, bus, store, lambda: None, claim=SlotClaim(waldb.url, waldb.slot))
+    task = asyncio.ensure_future(relay.run())
+    await eventually(lambda: relay.role == "relay", 10, "elected")
+    return relay, task
+
+
+async def test_a_wal_takeover_with_slot_and_stream_intact_reads_neither_table_nor_stream(
+    bus: Bus, waldb: WalDatabase, session_id: str
+) -> None:
+    """The first relay scans (no WAL mark yet); the next, after a stop with rows committed
+    while no relay read the slot, takes the role without a scan: the slot brings them, each
+    once, after the rows the stream held; the byte budget learns the stream's sizes."""
+    async with Store.open(waldb.url) as store:
+        first, task = await wal_relay_up(waldb, bus, store)
+        await eventually(lambda: first.scan == "no_wal_mark", 10, "the first relay's scan")
+        before = [waldb.insert(session_id, f"before {i}") for i in range(3)]
+        await eventually(lambda: first.appended == 3, 10, "the rows appended")
+        await stop(task)
+        gap = [waldb.insert(session_id, f"gap {i}") for i in range(3)]
+        mark = await bus.wal_mark()
+        assert mark is not None and await slot_confirmed(waldb) <= mark  # held to the mark
+
+        second, task = await wal_relay_up(waldb, bus, store)
+        try:
+            after = waldb.insert(session_id, "after")
+            await eventually(lambda: second.appended == 4, 10, "the gap and the next row")
+            assert second.scan is None and second.backfilled == 0
+            assert await session_rows(bus, session_id) == [*before, *gap, after]  # each once
+            sizes = [size async for page in bus.pages() for _, size in page]
+            await eventually(lambda: bus.sizes.total == sum(sizes), 10, "the stream's sizes")
+            assert (await bus.wal_mark() or 0) > mark  # moved on
+        finally:
+            await stop(task)
+
+
+async def test_a_wal_takeover_scans_when_the_slot_moved_past_the_mark(
+    bus: Bus, waldb: WalDatabase, session_id: str
+) -> None:
+    """Rows committed while no relay read the slot, and the slot consumed by another reader
+    (a broker without the bus, say): the slot is past the bus's mark, so the next relay scans
+    the table and appends them once."""
+    async with Store.open(waldb.url) as store:
+        first, task = await wal_relay_up(waldb, bus, store)
+        held = waldb.insert(session_id, "held")
+        await eventually(lambda: first.appended == 1, 10, "the row appended")
+        await stop(task)
+        gap = [waldb.insert(session_id, f"gap {i}") for i in range(3)]
+        with waldb.connect() as conn:
+            conn.execute(
+                "SELECT count(*) FROM pg_logical_slot_get_binary_changes(%s, NULL, NULL,"
+                " 'proto_version', '1', 'publication_names', %s, 'messages', 'true')",
+                (waldb.slot, PUBLICATION),
+            )
+        second, task = await wal_relay_up(waldb, bus, store)
+        try:
+            await eventually(lambda: second.backfilled == 3, 10, "the gap backfilled")
+            assert second.scan == "slot_past_mark"
+            after = waldb.insert(session_id, "after")
+            await eventually(lambda: second.appended == 4, 10, "the next row appended")
+            assert await session_rows(bus, session_id) == [held, *gap, after]
+        finally:
+            await stop(task)
+
+
+async def test_a_wal_takeover_scans_when_the_slot_was_made_again(
+    bus: Bus, database: Database, waldb: WalDatabase, session_id: str
+) -> None:
+    """Rows committed while no relay read the slot, then the slot invalidated: the next relay
+    makes it again, and scans the table for them (the new slot starts after them)."""
+    async with Store.open(waldb.url) as store:
+        first, task = await wal_relay_up(waldb, bus, store)
+        held = waldb.insert(session_id, "held")
+        await eventually(lambda: first.appended == 1, 10, "the row appended")
+        await stop(task)
+        gap = [waldb.insert(session_id, f"gap {i}") for i in range(3)]
+        invalidate_slots(database)
+        second, task = await wal_relay_up(waldb, bus, store)
+        try:
+            await eventually(lambda: second.backfilled == 3, 10, "the gap backfilled")
+            assert second.scan == "slot_recreated"
+            after = waldb.insert(session_id, "after")
+            await eventually(lambda: second.appended == 4, 10, "the next row appended")
+            assert await session_rows(bus, session_id) == [held, *gap, after]
+        finally:
+            await stop(task)
+
+
+async def slot_confirmed(waldb: WalDatabase) -> int:
+    async with await waldb.reader_connection() as conn:
+        confirmed = await SlotClaim(waldb.url, waldb.slot).confirmed(conn)
+    assert confirmed is not None
+    return confirmed

@@ -204,3 +204,30 @@ async def test_a_batch_waits_until_its_transactions_are_visible(waldb: WalDataba
             batch = await asyncio.wait_for(transport.next(), TIMEOUT)
             assert len(batch) == 1
             assert transport.lag_seconds() >= 0.0
+
+
+async def test_a_held_slot_moves_while_idle_only_as_far_as_released(
+    database: Database, waldb: WalDatabase
+) -> None:
+    """`read(held=True)` (the relay): the server's keepalives past others' WAL do not move the
+    slot beyond what `release` allowed (the bus's mark), though `idle_end` follows them."""
+    claim = SlotClaim(waldb.url, waldb.slot)
+    row = waldb.insert("s", "handed on")
+    async with await connect(waldb) as conn:
+        await claim.campaign(conn)
+        async with claim.read(conn, held=True) as transport:
+            assert ids(await asyncio.wait_for(transport.next(), TIMEOUT)) == [row]
+            handed = transport.position
+            assert handed is not None
+            await transport.confirm()
+            for _ in range(int(TIMEOUT / 0.05)):  # WAL of another database, until a keepalive
+                with database.connect() as other:
+                    other.execute("SELECT pg_logical_emit_message(false, 'other', 'x')")
+                if transport.idle_end > handed:
+                    break
+                await asyncio.sleep(0.05)
+            assert transport.idle_end > handed
+            assert (await claim.confirmed(conn) or 0) <= handed  # moved by the confirm only
+            transport.release(handed + 1)
+    async with await connect(waldb) as conn:
+        assert (await claim.confirmed(conn) or 0) <= handed + 1  # no further, even at the end

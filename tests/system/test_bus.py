@@ -400,6 +400,54 @@ async def test_a_smaller_id_committed_while_no_relay_listens_is_backfilled_once(
     await client.close()
 
 
+async def test_a_takeover_backfills_in_notify_mode_and_reads_only_the_slot_in_wal_mode(
+    start_broker: Callable[..., BrokerProcess],
+    redis: RedisServer,
+    database: Database,
+    session_id: str,
+    capture: str,
+) -> None:
+    """The relay is killed with -9 and rows commit while no broker holds the role (the test
+    holds the lock). The next relay's `relay_backfilled` says how it took over: in notify mode
+    by a scan of the table against the stream, in wal mode (slot and stream intact) without
+    one, the slot bringing those rows; either way a client on the survivor gets every row once,
+    in order."""
+    stream = f"test:{uuid.uuid4().hex[:8]}"
+    brokers = [on_bus(start_broker, redis, stream) for _ in range(2)]
+    brokers[0].wait_until(
+        lambda: any(b.stats()["bus"]["role"] == "relay" for b in brokers), 20, "a relay"
+    )
+    relay = next(b for b in brokers if b.stats()["bus"]["role"] == "relay")
+    survivor = next(b for b in brokers if b is not relay)
+    client = await connected(await SSEClient.open(survivor.port, params={"sessionId": session_id}))
+    before = [database.insert(session_id, f"before {i}") for i in range(3)]
+    for row in before:
+        assert (await client.message(timeout=10)).id == str(row)
+    assert relay.process is not None
+    relay.process.kill()
+    took = "SELECT pg_try_advisory_lock(%s, hashtext(%s))"
+    name = lock_name(stream, await bus_identity(redis, stream))
+    with database.connect() as lock:
+        survivor.wait_until(
+            lambda: lock.execute(took, (LOCK_CLASS, name)).fetchone() == (True,),
+            10,
+            "the dead relay's lock, for the test",
+        )
+        meanwhile = [database.insert(session_id, f"meanwhile {i}") for i in range(3)]
+        lock.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (LOCK_CLASS, name))
+        survivor.wait_until(lambda: survivor.stats()["bus"]["role"] == "relay", 10, "takeover")
+    after = database.insert(session_id, "after")
+    got = [int((await client.message(timeout=10)).id or 0) for _ in range(4)]
+    assert got == [*meanwhile, after]
+    with pytest.raises(TimeoutError):  # none twice
+        await client.message(timeout=1)
+    await client.close()
+    (took_over,) = [e for e in survivor.log_events() if e["event"] == "relay_backfilled"]
+    print("\ntakeover:", {k: v for k, v in took_over.items() if k not in ("logger", "level")})
+    assert took_over["scan"] == ("skipped" if capture == "wal" else "notify")
+    assert took_over["rows"] == (0 if capture == "wal" else 3)
+
+
 async def test_the_relay_backfills_and_a_follower_delivers_within_a_second_of_postgres(
     start_broker: Callable[..., BrokerProcess],
     redis: RedisServer,
