@@ -23,10 +23,12 @@ A live relay proves it: it holds a lease in Redis (`Bus.lease_key`, `LEASE_MS`) 
 every `RENEW_SECONDS`, on a Redis connection of its own while the role lasts (`Bus.lease`). A relay
 that stops (SIGSTOP, a paused VM, a blocked event loop) keeps its PostgreSQL session, hence the
 lock, but not the lease: every broker sees the lease gone at its next campaign poll and reports not
-ready (`lease_live`), and at the poll after that, with the lease still gone, terminates the
-holder's backend (`pg_terminate_backend`, allowed for a backend of the same database role) so the
-lock passes on and the pool delivers again. Without the privilege (the relay's backend runs as
-another role), brokers stay not ready until the relay resumes or dies: `takeover_refused` says so.
+ready (`lease_live`), asks again every `CAMPAIGN_WAITING_SECONDS` (a relay elected a moment ago
+takes its lease within a round trip: followers are ready again at once), and once the lease has
+stayed gone for `TAKEOVER_GRACE_SECONDS`, terminates the holder's backend
+(`pg_terminate_backend`, allowed for a backend of the same database role) so the lock passes on
+and the pool delivers again. Without the privilege (the relay's backend runs as another role),
+brokers stay not ready until the relay resumes or dies: `takeover_refused` says so.
 A frozen relay that wakes finds its lease taken (renewal is conditional) and its connection gone,
 and steps down; rows it had queued are in the table, appended by the new relay's backfill too, and
 readers drop the second copy.
@@ -107,6 +109,14 @@ from .walcapture import SlotClaim
 __all__ = ["LOCK_CLASS", "Appender", "Relay", "lock_name"]
 
 CAMPAIGN_SECONDS = 1.0
+# While the lock is held and no lease seen (a relay elected a moment ago takes its lease next,
+# or a stale one lost it), a follower asks this often: it is ready again as soon as the new
+# relay's lease is there, not up to a second later (the wal soak once measured 1.17 s from
+# PostgreSQL's return to every broker ready).
+CAMPAIGN_WAITING_SECONDS = 0.1
+# How long the lease must stay missing, the lock held, before a follower ends the holder's
+# backend: a just-elected relay takes its lease within a round trip to Redis.
+TAKEOVER_GRACE_SECONDS = CAMPAIGN_SECONDS
 RENEW_SECONDS = LEASE_MS / 1000 / 6  # six renewals per lease: a busy loop may miss a few
 LOCK_CLASS = 0x7067  # the advisory lock's first key ('pg'); the second is hashtext(lock_name)
 CANDIDATE_NAME = "pgsse-relay-candidate"  # a follower's campaign connection, in pg_stat_activity
@@ -146,7 +156,8 @@ class Relay(Source):
         self.appended = 0
         self.takeovers = 0  # stale relays' backends this broker terminated
         self.lease_live = False  # whether a relay (this broker or another) holds a live lease
-        self._lease_missing = False  # seen gone at the previous poll, the lock held
+        self._lease_missing_since: float | None = None  # monotonic; the lock held meanwhile
+        self._waiting = False  # the lock held, no lease seen: poll every CAMPAIGN_WAITING_SECONDS
         self._refused = False  # the holder's backend could not be terminated, this lapse
         self.exhaustions = 0  # streams found exhausted and deleted
         self._appender: Appender | None = None
@@ -166,7 +177,7 @@ class Relay(Source):
             backoff.reset()
             # A poll, not an event: the lock's holder is another process, maybe another host.
             while not await self._won(conn):
-                await pause(CAMPAIGN_SECONDS)
+                await pause(CAMPAIGN_WAITING_SECONDS if self._waiting else CAMPAIGN_SECONDS)
             token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
             async with self._bus.lease(token) as lease:
                 self.lease_live = True
@@ -304,7 +315,7 @@ class Relay(Source):
             name = lock_name(self._bus.key, await self._bus.identity())
             holder = await self._bus.lease_holder()
         except BusDown:
-            self.lease_live = False
+            self.lease_live = self._waiting = False
             return False
         async with asyncio.timeout(HEALTH_CHECK_TIMEOUT):  # not wait_for: see retry.checkpoint
             cursor = await conn.execute(
@@ -312,20 +323,27 @@ class Relay(Source):
             )
             row = await cursor.fetchone()
             if row and row[0]:
-                self._lease_missing = self._refused = False
+                self._lease_missing_since = None
+                self._refused = self._waiting = False
                 return True
             self.lease_live = holder is not None
+            self._waiting = holder is None
             self._refused = self._refused and holder is None
-            if holder is None and self._lease_missing:
+            now = time.monotonic()
+            if holder is not None:
+                self._lease_missing_since = None
+            elif self._lease_missing_since is None:
+                self._lease_missing_since = now
+            elif now - self._lease_missing_since >= TAKEOVER_GRACE_SECONDS:
                 await self._terminate_holder(conn, name)
-            self._lease_missing = holder is None
+                self._waiting = not self._refused  # refused: ask at the usual pace
         return False
 
     async def _terminate_holder(
         self, conn: psycopg.AsyncConnection[tuple[object, ...]], name: str
     ) -> None:
-        """The lock's holder let its lease lapse twice in a row: end its backend, so the lock
-        passes on. Refused (another role's backend, no pg_signal_backend): log and wait."""
+        """The lock's holder left its lease gone for `TAKEOVER_GRACE_SECONDS`: end its backend,
+        so the lock passes on. Refused (another role's backend, no pg_signal_backend): log, wait."""
         try:
             cursor = await conn.execute(
                 "SELECT pid, pg_terminate_backend(pid) FROM pg_locks"

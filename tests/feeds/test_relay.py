@@ -10,10 +10,19 @@ from __future__ import annotations
 import asyncio
 import time
 
+import psycopg
 import pytest
 
 from broker.feeds.bus import Bus, BusDown
-from broker.feeds.relay import LOCK_CLASS, Appender, Relay, lock_name
+from broker.feeds.relay import (
+    CAMPAIGN_SECONDS,
+    CANDIDATE_NAME,
+    LOCK_CLASS,
+    TAKEOVER_GRACE_SECONDS,
+    Appender,
+    Relay,
+    lock_name,
+)
 from broker.feeds.walcapture import SlotClaim
 from broker.slots import PUBLICATION
 from broker.store import Store
@@ -106,6 +115,45 @@ async def test_a_relay_whose_backend_is_terminated_steps_down_and_is_elected_aga
             assert await relay_locks(database, bus) == 1 and relay.listening
         finally:
             await stop(task)
+
+
+async def test_a_follower_sees_a_just_elected_relays_lease_at_once_and_leaves_it_be(
+    bus: Bus, database: Database
+) -> None:
+    """The lock held and no lease yet (a relay elected a moment ago): the follower asks again
+    every `CAMPAIGN_WAITING_SECONDS`, so it is ready as soon as the lease is there (it waited
+    a whole `CAMPAIGN_SECONDS` before: the wal soak's 1.17 s back), and it does not end the
+    holder's backend before `TAKEOVER_GRACE_SECONDS`."""
+    name = lock_name(bus.key, await bus.identity())
+    async with (
+        await psycopg.AsyncConnection.connect(database.url, autocommit=True) as holder,
+        Store.open(database.url) as store,
+    ):
+        await holder.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (LOCK_CLASS, name))
+        follower = Relay(database.url, bus, store, lambda: None)
+        task = asyncio.ensure_future(follower.run())
+        try:
+            await eventually(lambda: campaign_polled(database), 10, "the follower's first poll")
+            # Gone for a few of its polls, not for the grace: a poll-counting rule would end it.
+            await asyncio.sleep(TAKEOVER_GRACE_SECONDS / 5)
+            async with bus.lease("just-elected"):
+                started = time.monotonic()
+                await eventually(lambda: follower.lease_live, 10, "the lease seen")
+                assert time.monotonic() - started < CAMPAIGN_SECONDS * 0.4
+            assert follower.takeovers == 0 and follower.role == "follower"
+            await holder.execute("SELECT 1")  # its backend was left alone
+        finally:
+            await stop(task)
+
+
+def campaign_polled(database: Database) -> bool:
+    """Whether a follower's campaign connection asked for the lock at least once."""
+    rows = database.query(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+        " AND query LIKE 'SELECT pg_try_advisory_lock%%'",
+        (CANDIDATE_NAME,),
+    )
+    return int(rows[0][0]) > 0
 
 
 async def session_rows(bus: Bus, session_id: str) -> list[int]:
