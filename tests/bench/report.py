@@ -105,14 +105,26 @@ def key_figures(name: str, result: dict[str, Any]) -> list[tuple[str, Any]]:
             )
         )
     elif name == "capture":
+        modes = ("none", "notify", "wal", "wal-recvlogical")
         for writers, row in result["inserts"].items():
+            present = [mode for mode in modes if mode in row]
             figures.append(
                 (
-                    f"INSERT rows/s at {writers} writers, broker attached: none / notify / wal",
+                    f"INSERT rows/s at {writers} writers: " + " / ".join(present),
                     "  ".join(
                         f"{row[mode]['tps']}"
-                        + (f" ({row[mode]['ratio']})" if mode != "none" else "")
-                        for mode in ("none", "notify", "wal")
+                        + (f" ({row[mode].get('ratio')})" if mode != "none" else "")
+                        for mode in present
+                    ),
+                )
+            )
+            figures.append(
+                (
+                    f"  walsender's share of CPU 1 at {writers} writers: wal / recvlogical",
+                    " / ".join(
+                        str((row[mode].get("cpu") or {}).get("walsender"))
+                        for mode in ("wal", "wal-recvlogical")
+                        if mode in row
                     ),
                 )
             )
