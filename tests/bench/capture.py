@@ -263,14 +263,19 @@ def _figures(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "rows": sum(phase["rows"] for phase in phases),
             "delivered": None if None in delivered else sum(delivered),
             "cpu": cpu,
-            "walsender_us_per_row": round(cpu["walsender"] * 1e6 / tps, 1)
-            if tps and cpu.get("walsender")
-            else None,
+            "walsender_us_per_row": _per_row(cpu, "walsender", tps, 1e6),
+            "walsender_wakeups_per_row": _per_row(cpu, "walsender_wakeups_per_s", tps),
         }
     floor = row["none"]["tps"]
     for mode in MODES[1:]:
         row[mode]["ratio"] = round(row[mode]["tps"] / floor, 2) if floor else None
     return row
+
+
+def _per_row(cpu: dict[str, Any], key: str, tps: float, scale: float = 1.0) -> float | None:
+    """A per-second figure of `cpu` per row written (times `scale`)."""
+    value = cpu.get(key)
+    return round(value * scale / tps, 3 if scale == 1.0 else 1) if tps and value else None
 
 
 def _brief(phase: dict[str, Any]) -> str:
@@ -280,7 +285,7 @@ def _brief(phase: dict[str, Any]) -> str:
         f" CPU 1 busy {cpu.get('cpu1_busy')}, walsender {cpu.get('walsender')},"
         f" writers' backends {cpu.get('writer_backends')}, pgbench {cpu.get('pgbench')},"
         f" pgsse backends {cpu.get('pgsse_backends')}, SSE clients {cpu.get('sse_clients')},"
-        f" rest {cpu.get('cpu1_rest')}"
+        f" rest {cpu.get('cpu1_rest')}; walsender wake-ups/s {cpu.get('walsender_wakeups_per_s')}"
     )
 
 

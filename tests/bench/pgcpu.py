@@ -14,7 +14,10 @@ one core over the window:
   pg_recvlogical);
 - `cpu0_busy`, `cpu1_busy` from /proc/stat (every process on that CPU, other people's too),
   and `cpu1_rest`: CPU 1's busy time that none of the roles on it accounts for (other work
-  on the machine, interrupts).
+  on the machine, interrupts);
+- the walsender's wake-ups (voluntary context switches) and read and write system calls per
+  second (/proc/PID/status, /proc/PID/io): how often it sleeps and sends, which a reader's
+  pace changes.
 
 The bench runs as the server's user or as root, so every backend's /proc/PID/stat is
 readable. A process that exits inside the window is left out of its role.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -59,6 +63,23 @@ def _cpu(pid: int) -> float | None:
         return None
 
 
+def _activity(pid: int) -> tuple[int, int] | None:
+    """Voluntary context switches and read + write system calls of `pid` so far."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        io = Path(f"/proc/{pid}/io").read_text()
+    except OSError:
+        return None
+    switches = calls = 0
+    for line in status.splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            switches = int(line.split()[1])
+    for line in io.splitlines():
+        if line.startswith(("syscr:", "syscw:")):
+            calls += int(line.split()[1])
+    return switches, calls
+
+
 @dataclass
 class CpuWindow:
     """`start()` then `stop()` inside a phase; `shares()` the CPU of each role meanwhile."""
@@ -68,6 +89,7 @@ class CpuWindow:
     _roles: dict[int, str] = field(default_factory=dict)
     _before: dict[int, float] = field(default_factory=dict)
     _after: dict[int, float] = field(default_factory=dict)
+    _walsender: list[tuple[int, int] | None] = field(default_factory=list)  # before, after
     _ticks: tuple[dict[str, tuple[int, int, int]], dict[str, tuple[int, int, int]]] | None = None
     _span: tuple[float, float] = (0.0, 0.0)
 
@@ -83,8 +105,13 @@ class CpuWindow:
             value = _cpu(pid)
             if value is not None:
                 self._before[pid] = value
+        self._walsender = [self._walsender_activity()]
         self._ticks = (ticks, {})
         self._span = (began, began)
+
+    def _walsender_activity(self) -> tuple[int, int] | None:
+        pids = [pid for pid, role in self._roles.items() if role == "walsender"]
+        return _activity(pids[0]) if len(pids) == 1 else None
 
     def stop(self) -> None:
         assert self._ticks is not None
@@ -94,6 +121,7 @@ class CpuWindow:
                 self._after[pid] = value
         self._ticks = (self._ticks[0], cpu_ticks())
         self._span = (self._span[0], time.monotonic())
+        self._walsender.append(self._walsender_activity())
 
     def shares(self) -> dict[str, Any]:
         """Each role's CPU seconds over the window divided by its length (shares of one
@@ -113,6 +141,11 @@ class CpuWindow:
             before = first.get(name)
             if before is not None and total > before[2]:
                 result[f"{name}_busy"] = round((busy - before[0]) / (total - before[2]), 3)
+        sender = [*self._walsender, None, None]
+        if sender[0] is not None and sender[1] is not None:
+            (switches, calls), (switches_after, calls_after) = sender[0], sender[1]
+            result["walsender_wakeups_per_s"] = round((switches_after - switches) / span)
+            result["walsender_syscalls_per_s"] = round((calls_after - calls) / span)
         if "cpu1_busy" in result:
             on_load = ON_LOAD_CPU + tuple(r for r in self.processes if r in LOAD_CPU_PROCESSES)
             accounted = sum(result[role] for role in on_load)
