@@ -251,7 +251,8 @@ def _wait_slot_idle(url: str) -> None:
 
 def _figures(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Each mode's mean rate over its runs, its ratio to none's, rows and deliveries summed,
-    the mean CPU shares, and the walsender's CPU per row."""
+    the mean CPU shares, the walsender's and the writers' backends' CPU per row, the
+    `cpu_ratio`, and each run's rate and CPU."""
     row: dict[str, Any] = {}
     for mode, phases in runs.items():
         tps = round(sum(phase["tps"] for phase in phases) / len(phases))
@@ -265,11 +266,26 @@ def _figures(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "cpu": cpu,
             "walsender_us_per_row": _per_row(cpu, "walsender", tps, 1e6),
             "walsender_wakeups_per_row": _per_row(cpu, "walsender_wakeups_per_s", tps),
+            "writer_backends_us_per_row": _per_row(cpu, "writer_backends", tps, 1e6),
+            "cpu_ratio": _cpu_ratio(cpu),
+            "phases": [{"tps": phase["tps"], "cpu": phase["cpu"]} for phase in phases],
         }
     floor = row["none"]["tps"]
     for mode in MODES[1:]:
         row[mode]["ratio"] = round(row[mode]["tps"] / floor, 2) if floor else None
     return row
+
+
+def _cpu_ratio(cpu: dict[str, Any]) -> float | None:
+    """The ratio to none if the capture cost the writers only the CPU 1 time its own
+    processes took (the walsender, the broker's backends, the SSE clients): the writers'
+    share (their backends and pgbench) over that plus the capture's. Measured inside one
+    phase, so the machine's drift between phases does not enter it; the measured ratio
+    below it is what the capture costs the writers besides (their own work slower per row
+    beside a walsender, or drift)."""
+    writers = (cpu.get("writer_backends") or 0.0) + (cpu.get("pgbench") or 0.0)
+    capture = sum(cpu.get(key) or 0.0 for key in ("walsender", "pgsse_backends", "sse_clients"))
+    return round(writers / (writers + capture), 2) if writers else None
 
 
 def _per_row(cpu: dict[str, Any], key: str, tps: float, scale: float = 1.0) -> float | None:

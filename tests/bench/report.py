@@ -120,9 +120,10 @@ def key_figures(name: str, result: dict[str, Any]) -> list[tuple[str, Any]]:
             )
             figures.append(
                 (
-                    f"  walsender's share of CPU 1 at {writers} writers: wal / recvlogical",
+                    f"  {writers} writers: walsender share of CPU 1, cpu_ratio: wal / recvlogical",
                     " / ".join(
-                        str((row[mode].get("cpu") or {}).get("walsender"))
+                        f"{(row[mode].get('cpu') or {}).get('walsender')},"
+                        f" {row[mode].get('cpu_ratio')}"
                         for mode in ("wal", "wal-recvlogical")
                         if mode in row
                     ),
