@@ -13,8 +13,8 @@ one core over the window:
 - the named processes the caller passes (pgbench itself, the SSE clients, the broker,
   pg_recvlogical);
 - `cpu0_busy`, `cpu1_busy` from /proc/stat (every process on that CPU, other people's too),
-  and `cpu1_rest`: CPU 1's busy time that none of the roles on it accounts for (other work
-  on the machine, interrupts);
+  `cpu0_steal`, `cpu1_steal` (the hypervisor's), and `cpu1_rest`: CPU 1's busy time that
+  none of the roles on it accounts for (other work on the machine, interrupts);
 - the walsender's wake-ups (voluntary context switches) and read and write system calls per
   second (/proc/PID/status, /proc/PID/io): how often it sleeps and sends, which a reader's
   pace changes.
@@ -137,10 +137,11 @@ class CpuWindow:
         result: dict[str, Any] = {"window_s": round(span, 2)}
         result.update({role: round(value / span, 3) for role, value in seconds.items()})
         first, last = self._ticks
-        for name, (busy, _steal, total) in last.items():
+        for name, (busy, steal, total) in last.items():
             before = first.get(name)
             if before is not None and total > before[2]:
                 result[f"{name}_busy"] = round((busy - before[0]) / (total - before[2]), 3)
+                result[f"{name}_steal"] = round((steal - before[1]) / (total - before[2]), 3)
         sender = [*self._walsender, None, None]
         if sender[0] is not None and sender[1] is not None:
             (switches, calls), (switches_after, calls_after) = sender[0], sender[1]
