@@ -118,8 +118,10 @@ class SlotTransport:
         rate in the bench, more than the query's own CPU (a backend woken on the database's
         CPU, a snapshot taken against their commits). Waiting up to 5 ms gathers what arrives
         meanwhile into one batch, one query: 16 writers 6,718 -> 7,979 rows/s (means of four
-        mirrored runs each), as many as with no query at all. The price is up to 5 ms more
-        delivery latency under load; a transaction after a pause is not delayed."""
+        mirrored runs each), as many as with no query at all; 32 writers +2.5% (noise), the
+        queries' backend down from 6% of the database's CPU to 2%. The price is up to 5 ms
+        more delivery latency under load (p50 at 500 rows/s 0.5 -> 3.3 ms); a transaction
+        after a pause is not delayed."""
         loop = asyncio.get_running_loop()
         wait = self._last_batch + BATCH_INTERVAL_SECONDS - loop.time()
         if wait > 0:
