@@ -78,6 +78,9 @@ MONITOR_SECONDS = 1.0
 MONITOR_WAITING_SECONDS = 0.1  # the sampling period while no reader holds the slot
 VISIBLE_WAIT_SECONDS = 1.0  # a batch's transactions not visible yet: asked again this long
 VISIBLE_FIRST_RETRY_SECONDS = 0.001
+# Batches (each one visibility query) handed out at least this far apart: what arrives
+# meanwhile waits and joins the next batch (docs/capture.md, "Where the WAL gap goes").
+BATCH_INTERVAL_SECONDS = 0.005
 
 Fetched = TypeVar("Fetched")
 
@@ -99,6 +102,7 @@ class SlotTransport:
         self._stream = stream
         self._conn = conn
         self._before_confirm = before_confirm
+        self._last_batch = -BATCH_INTERVAL_SECONDS  # loop time the last batch was handed out
 
     async def next(self) -> list[Item]:
         """The next batch, once its transactions are visible to other sessions.
@@ -109,7 +113,21 @@ class SlotTransport:
         (the journal's ids, read by id) missed it, once in the wal soak's 36,001 rows, and a
         large row's reference found nothing (134 of them before this). NOTIFY is sent after
         that point. So: one query per batch, on the source's connection, asked again while a
-        transaction of the batch is still in progress in a fresh snapshot."""
+        transaction of the batch is still in progress in a fresh snapshot.
+
+        Batches are handed out at least `BATCH_INTERVAL_SECONDS` apart: under load the stream
+        gives a batch for every few commits, and a query each cost the writers 12-18% of their
+        rate in the bench, more than the query's own CPU (a backend woken on the database's
+        CPU, a snapshot taken against their commits). Waiting up to 5 ms gathers what arrives
+        meanwhile into one batch, one query: 16 writers 6,718 -> 7,979 rows/s (means of four
+        mirrored runs each), as many as with no query at all; 32 writers +2.5% (noise), the
+        queries' backend down from 6% of the database's CPU to 2%. The price is up to 5 ms
+        more delivery latency under load (p50 at 500 rows/s 0.5 -> 3.3 ms); a transaction
+        after a pause is not delayed."""
+        loop = asyncio.get_running_loop()
+        wait = self._last_batch + BATCH_INTERVAL_SECONDS - loop.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
         batch = await self._stream.next()
         xids = self._stream.xids
         delay = VISIBLE_FIRST_RETRY_SECONDS
@@ -118,6 +136,7 @@ class SlotTransport:
             await asyncio.sleep(delay)
             waited += delay
             delay = min(delay * 2, 0.1)
+        self._last_batch = loop.time()
         return batch
 
     async def in_progress(self, xids: list[int]) -> bool:

@@ -105,14 +105,27 @@ def key_figures(name: str, result: dict[str, Any]) -> list[tuple[str, Any]]:
             )
         )
     elif name == "capture":
+        modes = ("none", "notify", "wal", "wal-recvlogical")
         for writers, row in result["inserts"].items():
+            present = [mode for mode in modes if mode in row]
             figures.append(
                 (
-                    f"INSERT rows/s at {writers} writers, broker attached: none / notify / wal",
+                    f"INSERT rows/s at {writers} writers: " + " / ".join(present),
                     "  ".join(
                         f"{row[mode]['tps']}"
-                        + (f" ({row[mode]['ratio']})" if mode != "none" else "")
-                        for mode in ("none", "notify", "wal")
+                        + (f" ({row[mode].get('ratio')})" if mode != "none" else "")
+                        for mode in present
+                    ),
+                )
+            )
+            figures.append(
+                (
+                    f"  {writers} writers: walsender share of CPU 1, cpu_ratio: wal / recvlogical",
+                    " / ".join(
+                        f"{(row[mode].get('cpu') or {}).get('walsender')},"
+                        f" {row[mode].get('cpu_ratio')}"
+                        for mode in ("wal", "wal-recvlogical")
+                        if mode in row
                     ),
                 )
             )

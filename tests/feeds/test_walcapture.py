@@ -13,6 +13,7 @@ import pytest
 from broker.events import Message
 from broker.feeds.wal import Item
 from broker.feeds.walcapture import (
+    BATCH_INTERVAL_SECONDS,
     PREFIXES,
     READER_NAME,
     CaptureMonitor,
@@ -136,6 +137,36 @@ async def test_confirm_waits_for_the_batch_to_be_handed_on(waldb: WalDatabase) -
         await again.campaign(conn)
         async with again.read(conn) as transport:
             assert ids(await asyncio.wait_for(transport.next(), TIMEOUT)) == [row]
+
+
+async def test_batches_come_at_most_one_per_interval(waldb: WalDatabase) -> None:
+    """A visibility query per batch cost the writers 12-18% of their rate in the bench: under
+    load the batches are handed out at least `BATCH_INTERVAL_SECONDS` apart, what arrives
+    meanwhile joining the next one; nothing is lost or reordered by the wait."""
+    insert = "INSERT INTO messages (session_id, content) VALUES ('s', 'x') RETURNING id"
+    with waldb.connect() as writer:  # open beforehand: each insert a millisecond or two
+
+        def row() -> int:
+            found = writer.execute(insert).fetchone()
+            assert found is not None
+            return int(found[0])
+
+        claim = SlotClaim(waldb.url, waldb.slot)
+        async with await connect(waldb) as conn:
+            await claim.campaign(conn)
+            async with claim.read(conn) as transport:
+                first = row()
+                assert ids(await asyncio.wait_for(transport.next(), TIMEOUT)) == [first]
+                taken = time.monotonic()
+                await transport.confirm()
+                rest = [row() for _ in range(3)]
+                got: list[int] = []
+                while len(got) < len(rest):
+                    got += ids(await asyncio.wait_for(transport.next(), TIMEOUT))
+                    assert time.monotonic() - taken >= BATCH_INTERVAL_SECONDS * 0.99
+                    taken = time.monotonic()
+                    await transport.confirm()
+                assert got == rest
 
 
 async def test_the_monitor_samples_lag_and_reader(waldb: WalDatabase) -> None:
