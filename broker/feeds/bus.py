@@ -104,6 +104,15 @@ for _, entry in ipairs(redis.call('XREVRANGE', KEYS[1], ARGV[1], '-', 'COUNT', A
 end
 return out
 """
+# The WAL mark, set only while ARGV[2] holds the relay's lease (KEYS[2]): a relay frozen past
+# its lease that wakes mid-drain cannot write a mark over a new relay's backfill.
+_MARK = """
+if redis.call('GET', KEYS[2]) == ARGV[2] then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"""
 SIZES_PAGE = 100  # entries a `_SIZES` call reads: Redis runs a script without a break
 
 
@@ -186,6 +195,7 @@ class Bus:
         self._url = url
         self._redis = _client(url)
         self._sizes = self._redis.register_script(_SIZES)
+        self._mark = self._redis.register_script(_MARK)
         self.lease_key = f"{key}:relay"
 
     async def close(self) -> None:
@@ -310,11 +320,19 @@ class Bus:
         value = await self.call(self._redis.get(self._wal_mark_key()))
         return None if value is None else int(value)
 
-    async def set_wal_mark(self, lsn: int | None) -> None:
+    async def set_wal_mark(self, lsn: int | None, holder: str | None = None) -> bool:
         """Say that the stream holds every transaction committed through `lsn` (the relay, once
-        Redis took them, before the slot moves past them); None: nothing known (deleted)."""
+        Redis took them, before the slot moves past them); None: nothing known (deleted,
+        whoever asks). With `holder`, the mark is set only while `holder` is the lease's token:
+        False when it is not (the relay lost its role)."""
         key = self._wal_mark_key()
-        await self.call(self._redis.delete(key) if lsn is None else self._redis.set(key, lsn))
+        if lsn is None:
+            await self.call(self._redis.delete(key))
+            return True
+        if holder is None:
+            await self.call(self._redis.set(key, lsn))
+            return True
+        return bool(await self.call(self._mark(keys=[key, self.lease_key], args=[lsn, holder])))
 
     def _wal_mark_key(self) -> str:
         return f"{self.key}:wal:{self._key().database}"  # not under :floor: (a feed's floor)

@@ -63,11 +63,14 @@ first relay ever (no mark); Redis restarted empty or lost the stream (no mark, o
 stream; a restore from a snapshot holds an older mark, which the slot is past); an exhausted
 stream (deleted); a slot made again after invalidation or by hand (it starts past the mark,
 or `recreated`); a slot consumed meanwhile by another reader (a broker without the bus: past
-the mark); notify mode (no slot: rows commit while no one listens). The byte budget needs
-the sizes of the stream's entries: they are read in Redis (`Bus.sizes_through`, ids and sizes
-only) while the relay appends, and put under its own (`Sizes.add_older`); until then the
-stream may pass its budget by what it held. The feeds' floors on the bus are set as a backfill
-sets them.
+the mark); notify mode (no slot: rows commit while no one listens). A mark is written only
+while the writer holds the relay's lease (checked in Redis with the write, `Bus.set_wal_mark`'s
+`holder`): a relay frozen past its lease that wakes mid-drain cannot set one during a new
+relay's backfill, which a third relay would then trust; refused, it steps down. The byte
+budget needs the sizes of the stream's entries: they are read in Redis (`Bus.sizes_through`,
+ids and sizes only) while the relay appends, and put under its own (`Sizes.add_older`); until
+then the stream may pass its budget by what it held. The feeds' floors on the bus are set as a
+backfill sets them.
 
 What the relay appends is signed with the database's key (`signing.py`), loaded at each
 election on its own connection: a notification's payload, verified there, is forwarded as the
@@ -163,6 +166,7 @@ class Relay(Source):
         self._appender: Appender | None = None
         self._sizing: asyncio.Future[None] | None = None  # `_learn_sizes`, after a takeover
         self._marking = False  # whether the stream holds what the slot confirmed (elected)
+        self._token: str | None = None  # the lease's token while elected
         self.scan: str | None = None  # why the last election scanned; None: it did not
 
     @property
@@ -179,6 +183,7 @@ class Relay(Source):
             while not await self._won(conn):
                 await pause(CAMPAIGN_WAITING_SECONDS if self._waiting else CAMPAIGN_SECONDS)
             token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+            self._token = token  # its marks are written only while the lease is this token's
             async with self._bus.lease(token) as lease:
                 self.lease_live = True
                 renewing = asyncio.ensure_future(self._renew(conn, lease))
@@ -231,7 +236,9 @@ class Relay(Source):
         self._marking = True
 
     def _new_appender(self, conn: psycopg.AsyncConnection[Any], marked: int) -> Appender:
-        return Appender(self._bus, lambda exc: _cut(conn, exc), self._count, marked, self._release)
+        return Appender(
+            self._bus, lambda exc: _cut(conn, exc), self._count, marked, self._release, self._token
+        )
 
     def _release(self, lsn: int) -> None:
         """Redis took the mark `lsn`: the slot may go up to it while idle."""
@@ -494,8 +501,10 @@ class Appender:
         on_appended: Callable[[int], None],
         marked: int = -1,
         on_marked: Callable[[int], None] | None = None,
+        holder: str | None = None,
     ) -> None:
         self._bus = bus
+        self._holder = holder  # the lease's token: a mark is written only while it holds it
         self._on_marked = on_marked
         self._on_failure = on_failure
         self._on_appended = on_appended
@@ -549,7 +558,8 @@ class Appender:
                     continue
                 lsn, self._mark = self._mark, None
                 assert lsn is not None
-                await self._bus.set_wal_mark(lsn)
+                if not await self._bus.set_wal_mark(lsn, self._holder):
+                    raise BusDown("relay lease lost: WAL mark not written")
                 self._marked = lsn
                 if self._on_marked is not None:
                     self._on_marked(lsn)

@@ -93,6 +93,30 @@ async def test_the_appender_pipelines_rows_in_order_and_reports_a_failure_once(
     appender.close()
 
 
+async def test_only_the_leases_holder_writes_a_wal_mark_and_a_refused_one_fails_the_appender(
+    bus: Bus,
+) -> None:
+    """A relay frozen past its lease that wakes mid-drain must not mark the stream while a new
+    relay backfills it: the mark is written only while the writer's token holds the lease."""
+    marked: list[int] = []
+    failures: list[BusDown] = []
+    async with bus.lease("new-relay"):
+        assert await bus.set_wal_mark(100, "new-relay")
+        assert not await bus.set_wal_mark(200, "woke-up")
+        assert await bus.wal_mark() == 100
+        stale = Appender(bus, failures.append, lambda _: None, 100, marked.append, "woke-up")
+        stale.put(message(1))
+        stale.mark(300)
+        with pytest.raises(BusDown, match="lease lost"):
+            await stale.drained()
+        assert failures and not marked and await bus.wal_mark() == 100
+        live = Appender(bus, failures.append, lambda _: None, 100, marked.append, "new-relay")
+        live.mark(400)
+        await live.drained()
+        assert marked == [400] and await bus.wal_mark() == 400
+    assert await bus.set_wal_mark(None, "anyone") and await bus.wal_mark() is None
+
+
 async def test_a_relay_whose_backend_is_terminated_steps_down_and_is_elected_again(
     bus: Bus, database: Database, session_id: str
 ) -> None:
