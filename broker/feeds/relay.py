@@ -160,7 +160,6 @@ class Relay(Source):
         self.takeovers = 0  # stale relays' backends this broker terminated
         self.lease_live = False  # whether a relay (this broker or another) holds a live lease
         self._lease_missing_since: float | None = None  # monotonic; the lock held meanwhile
-        self._waiting = False  # the lock held, no lease seen: poll every CAMPAIGN_WAITING_SECONDS
         self._refused = False  # the holder's backend could not be terminated, this lapse
         self.exhaustions = 0  # streams found exhausted and deleted
         self._appender: Appender | None = None
@@ -181,7 +180,7 @@ class Relay(Source):
             backoff.reset()
             # A poll, not an event: the lock's holder is another process, maybe another host.
             while not await self._won(conn):
-                await pause(CAMPAIGN_WAITING_SECONDS if self._waiting else CAMPAIGN_SECONDS)
+                await pause(CAMPAIGN_WAITING_SECONDS if self._waiting() else CAMPAIGN_SECONDS)
             token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
             self._token = token  # its marks are written only while the lease is this token's
             async with self._bus.lease(token) as lease:
@@ -322,7 +321,8 @@ class Relay(Source):
             name = lock_name(self._bus.key, await self._bus.identity())
             holder = await self._bus.lease_holder()
         except BusDown:
-            self.lease_live = self._waiting = False
+            self.lease_live = False
+            self._lease_missing_since = None  # unknown: the grace starts again once it answers
             return False
         async with asyncio.timeout(HEALTH_CHECK_TIMEOUT):  # not wait_for: see retry.checkpoint
             cursor = await conn.execute(
@@ -331,10 +331,9 @@ class Relay(Source):
             row = await cursor.fetchone()
             if row and row[0]:
                 self._lease_missing_since = None
-                self._refused = self._waiting = False
+                self._refused = False
                 return True
             self.lease_live = holder is not None
-            self._waiting = holder is None
             self._refused = self._refused and holder is None
             now = time.monotonic()
             if holder is not None:
@@ -343,8 +342,12 @@ class Relay(Source):
                 self._lease_missing_since = now
             elif now - self._lease_missing_since >= TAKEOVER_GRACE_SECONDS:
                 await self._terminate_holder(conn, name)
-                self._waiting = not self._refused  # refused: ask at the usual pace
         return False
+
+    def _waiting(self) -> bool:
+        """The lock held and no lease seen (an election or a takeover under way): ask every
+        `CAMPAIGN_WAITING_SECONDS`; not once the holder's backend could not be ended."""
+        return self._lease_missing_since is not None and not self._refused
 
     async def _terminate_holder(
         self, conn: psycopg.AsyncConnection[tuple[object, ...]], name: str

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import psycopg
 import pytest
@@ -222,51 +223,47 @@ async def test_a_wal_takeover_with_slot_and_stream_intact_reads_neither_table_no
             await stop(task)
 
 
-async def test_a_wal_takeover_scans_when_the_slot_moved_past_the_mark(
-    bus: Bus, waldb: WalDatabase, session_id: str
+def consume_the_slot(database: Database, waldb: WalDatabase) -> None:
+    """Another reader (a broker without the bus, say) reads and confirms the slot."""
+    with waldb.connect() as conn:
+        conn.execute(
+            "SELECT count(*) FROM pg_logical_slot_get_binary_changes(%s, NULL, NULL,"
+            " 'proto_version', '1', 'publication_names', %s, 'messages', 'true')",
+            (waldb.slot, PUBLICATION),
+        )
+
+
+def invalidate_the_slot(database: Database, waldb: WalDatabase) -> None:
+    """PostgreSQL invalidates the slot: the next relay makes it again, starting after now."""
+    invalidate_slots(database)
+
+
+@pytest.mark.parametrize(
+    ("disturb", "reason"),
+    [(consume_the_slot, "slot_past_mark"), (invalidate_the_slot, "slot_recreated")],
+)
+async def test_a_wal_takeover_scans_when_the_slot_no_longer_holds_the_gap(
+    bus: Bus,
+    database: Database,
+    waldb: WalDatabase,
+    session_id: str,
+    disturb: Callable[[Database, WalDatabase], None],
+    reason: str,
 ) -> None:
-    """Rows committed while no relay read the slot, and the slot consumed by another reader
-    (a broker without the bus, say): the slot is past the bus's mark, so the next relay scans
-    the table and appends them once."""
+    """Rows committed while no relay read the slot, then the slot moved past the bus's mark
+    or made again: it no longer brings them, so the next relay scans the table and appends
+    them once."""
     async with Store.open(waldb.url) as store:
         first, task = await wal_relay_up(waldb, bus, store)
         held = waldb.insert(session_id, "held")
         await eventually(lambda: first.appended == 1, 10, "the row appended")
         await stop(task)
         gap = [waldb.insert(session_id, f"gap {i}") for i in range(3)]
-        with waldb.connect() as conn:
-            conn.execute(
-                "SELECT count(*) FROM pg_logical_slot_get_binary_changes(%s, NULL, NULL,"
-                " 'proto_version', '1', 'publication_names', %s, 'messages', 'true')",
-                (waldb.slot, PUBLICATION),
-            )
+        disturb(database, waldb)
         second, task = await wal_relay_up(waldb, bus, store)
         try:
             await eventually(lambda: second.backfilled == 3, 10, "the gap backfilled")
-            assert second.scan == "slot_past_mark"
-            after = waldb.insert(session_id, "after")
-            await eventually(lambda: second.appended == 4, 10, "the next row appended")
-            assert await session_rows(bus, session_id) == [held, *gap, after]
-        finally:
-            await stop(task)
-
-
-async def test_a_wal_takeover_scans_when_the_slot_was_made_again(
-    bus: Bus, database: Database, waldb: WalDatabase, session_id: str
-) -> None:
-    """Rows committed while no relay read the slot, then the slot invalidated: the next relay
-    makes it again, and scans the table for them (the new slot starts after them)."""
-    async with Store.open(waldb.url) as store:
-        first, task = await wal_relay_up(waldb, bus, store)
-        held = waldb.insert(session_id, "held")
-        await eventually(lambda: first.appended == 1, 10, "the row appended")
-        await stop(task)
-        gap = [waldb.insert(session_id, f"gap {i}") for i in range(3)]
-        invalidate_slots(database)
-        second, task = await wal_relay_up(waldb, bus, store)
-        try:
-            await eventually(lambda: second.backfilled == 3, 10, "the gap backfilled")
-            assert second.scan == "slot_recreated"
+            assert second.scan == reason
             after = waldb.insert(session_id, "after")
             await eventually(lambda: second.appended == 4, 10, "the next row appended")
             assert await session_rows(bus, session_id) == [held, *gap, after]

@@ -13,10 +13,11 @@ import ssl
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from broker.feeds.bus import Bus
-from tests.support.processes import free_port
+from tests.support.processes import BrokerProcess, free_port
 
 REDIS_SERVER = "redis-server"
 
@@ -148,3 +149,21 @@ async def bus_identity(redis: RedisServer, stream: str) -> str:
         return await bus.identity()
     finally:
         await bus.close()
+
+
+def on_bus(
+    start_broker: Callable[..., BrokerProcess], redis: RedisServer, stream: str, **env: str
+) -> BrokerProcess:
+    """A broker on `stream` of `redis`."""
+    return start_broker(BROKER_BUS_URL=redis.url, BROKER_BUS_STREAM=stream, **env)
+
+
+def bus_role(broker: BrokerProcess) -> str:
+    """ "relay" or "follower", as its stats say."""
+    return str(broker.stats()["bus"]["role"])
+
+
+def the_relay(brokers: list[BrokerProcess]) -> BrokerProcess:
+    """The broker of `brokers` elected relay, waited for."""
+    brokers[0].wait_until(lambda: any(bus_role(b) == "relay" for b in brokers), 20, "a relay")
+    return next(b for b in brokers if bus_role(b) == "relay")

@@ -10,7 +10,8 @@ import signal
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from tests.support.database import Database, stored_ids
 from tests.support.nginx import Nginx
 from tests.support.probes import FirstSuccess, postgres_outage
 from tests.support.processes import BrokerProcess
-from tests.support.redis import RedisServer, bus_identity
+from tests.support.redis import RedisServer, bus_identity, bus_role, on_bus, the_relay
 from tests.support.sse import SSEClient, connected
 from tests.support.writers import Writer
 
@@ -32,10 +33,24 @@ def scrape(broker: BrokerProcess) -> str:
         return str(response.read().decode())
 
 
-def on_bus(
-    start_broker: Callable[..., BrokerProcess], redis: RedisServer, stream: str
-) -> BrokerProcess:
-    return start_broker(BROKER_BUS_URL=redis.url, BROKER_BUS_STREAM=stream)
+@asynccontextmanager
+async def the_role_held_by_the_test(
+    database: Database, redis: RedisServer, stream: str, survivor: BrokerProcess
+) -> AsyncIterator[None]:
+    """The relay's lock taken by the test once the dead relay's session let it go: what
+    commits inside commits while no broker holds the role. On exit the lock is let go and
+    `survivor` takes the role over."""
+    took = "SELECT pg_try_advisory_lock(%s, hashtext(%s))"
+    name = lock_name(stream, await bus_identity(redis, stream))
+    with database.connect() as lock:
+        survivor.wait_until(
+            lambda: lock.execute(took, (LOCK_CLASS, name)).fetchone() == (True,),
+            10,
+            "the dead relay's lock, for the test",
+        )
+        yield
+        lock.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (LOCK_CLASS, name))
+        survivor.wait_until(lambda: bus_role(survivor) == "relay", 10, "takeover")
 
 
 async def test_three_brokers_hold_one_listening_backend_and_all_deliver(
@@ -47,10 +62,7 @@ async def test_three_brokers_hold_one_listening_backend_and_all_deliver(
     stream = f"test:{uuid.uuid4().hex[:8]}"
     brokers = [on_bus(start_broker, redis, stream) for _ in range(3)]
     brokers[0].wait_until(
-        lambda: (
-            sorted(str(b.stats()["bus"]["role"]) for b in brokers)
-            == ["follower", "follower", "relay"]
-        ),
+        lambda: sorted(bus_role(b) for b in brokers) == ["follower", "follower", "relay"],
         20,
         "one relay, two followers",
     )
@@ -205,10 +217,7 @@ async def test_kill_9_of_the_relay_behind_nginx_loses_nothing_and_repeats_nothin
         )
         for _ in range(3)
     ]
-    brokers[0].wait_until(
-        lambda: any(b.stats()["bus"]["role"] == "relay" for b in brokers), 20, "a relay"
-    )
-    relay = next(b for b in brokers if b.stats()["bus"]["role"] == "relay")
+    relay = the_relay(brokers)
     survivors = [b for b in brokers if b is not relay]
     nginx = Nginx.render([b.port for b in brokers]).start()
     final: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -226,7 +235,7 @@ async def test_kill_9_of_the_relay_behind_nginx_loses_nothing_and_repeats_nothin
         relay.process.kill()
         killed_at = time.monotonic()
         survivors[0].wait_until(
-            lambda: any(b.stats()["bus"]["role"] == "relay" for b in survivors), 5, "takeover"
+            lambda: any(bus_role(b) == "relay" for b in survivors), 5, "takeover"
         )
         took_over = time.monotonic() - killed_at
         await asyncio.sleep(2)  # two seconds of rows after it
@@ -258,9 +267,9 @@ REDIS_CONNECTIONS = {"follower": 2, "relay": 3}  # reader and campaign; reader, 
 def redis_connections(broker: BrokerProcess, redis: RedisServer) -> tuple[str, int]:
     """The broker's role and the Redis connections it holds; the role is read on both sides
     of the count, and is "changing" when they differ."""
-    before = str(broker.stats()["bus"]["role"])
+    before = bus_role(broker)
     count = broker.connections_to(redis.port)
-    after = str(broker.stats()["bus"]["role"])
+    after = bus_role(broker)
     return (before if before == after else "changing"), count
 
 
@@ -286,12 +295,12 @@ async def test_each_broker_holds_its_roles_redis_connections_across_a_takeover(
     stream = f"test:{uuid.uuid4().hex[:8]}"
     brokers = [on_bus(start_broker, redis, stream) for _ in range(2)]
     brokers[0].wait_until(
-        lambda: sorted(str(b.stats()["bus"]["role"]) for b in brokers) == ["follower", "relay"],
+        lambda: sorted(bus_role(b) for b in brokers) == ["follower", "relay"],
         20,
         "one relay",
     )
     brokers[0].wait_until(lambda: holds_its_roles(brokers, redis), 10, "idle: counts by role")
-    relay, survivor = sorted(brokers, key=lambda b: b.stats()["bus"]["role"] != "relay")
+    relay, survivor = sorted(brokers, key=lambda b: bus_role(b) != "relay")
     writer = Writer(database, session_id, rate=200)
     writer.start()
     try:
@@ -299,16 +308,14 @@ async def test_each_broker_holds_its_roles_redis_connections_across_a_takeover(
         assert redis_connections(relay, redis) == ("relay", REDIS_CONNECTIONS["relay"])
         relay.signal(signal.SIGKILL)
         relay.wait(10)
-        survivor.wait_until(lambda: survivor.stats()["bus"]["role"] == "relay", 15, "takeover")
+        survivor.wait_until(lambda: bus_role(survivor) == "relay", 15, "takeover")
         taken = writer.committed
         survivor.wait_until(lambda: writer.committed > taken + 200, 10, "rows after it")
         assert redis_connections(survivor, redis) == ("relay", REDIS_CONNECTIONS["relay"])
         relay.start()
         relay.wait_until(lambda: holds_its_roles(brokers, redis), 10, "restarted: by role")
         assert database.terminate_listeners() >= 1  # the relay's session: it steps down
-        survivor.wait_until(
-            lambda: "relay" in {b.stats()["bus"]["role"] for b in brokers}, 15, "re-elected"
-        )
+        survivor.wait_until(lambda: "relay" in {bus_role(b) for b in brokers}, 15, "re-elected")
         survivor.wait_until(lambda: holds_its_roles(brokers, redis), 10, "re-elected: by role")
     finally:
         writer.stop()
@@ -368,13 +375,10 @@ async def test_a_smaller_id_committed_while_no_relay_listens_is_backfilled_once(
     though the stream holds only ids above it, and a client on the survivor receives it once."""
     stream = f"test:{uuid.uuid4().hex[:8]}"
     brokers = [on_bus(start_broker, redis, stream) for _ in range(2)]
-    brokers[0].wait_until(
-        lambda: any(b.stats()["bus"]["role"] == "relay" for b in brokers), 20, "a relay"
-    )
-    relay = next(b for b in brokers if b.stats()["bus"]["role"] == "relay")
+    relay = the_relay(brokers)
     survivor = next(b for b in brokers if b is not relay)
     client = await connected(await SSEClient.open(survivor.port, params={"sessionId": session_id}))
-    with database.connect() as a, database.connect() as lock:
+    with database.connect() as a:
         a.autocommit = False
         (id_a,) = a.execute(
             "INSERT INTO messages (session_id, content) VALUES (%s, 'A') RETURNING id",
@@ -384,16 +388,8 @@ async def test_a_smaller_id_committed_while_no_relay_listens_is_backfilled_once(
         assert (await client.message(timeout=10)).json["data"]["id"] == str(id_b)
         assert relay.process is not None
         relay.process.kill()
-        took = "SELECT pg_try_advisory_lock(%s, hashtext(%s))"
-        name = lock_name(stream, await bus_identity(redis, stream))
-        survivor.wait_until(
-            lambda: lock.execute(took, (LOCK_CLASS, name)).fetchone() == (True,),
-            10,
-            "the dead relay's lock, for the test",
-        )
-        a.commit()  # no relay LISTENs now: only a backfill can find A
-        lock.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (LOCK_CLASS, name))
-        survivor.wait_until(lambda: survivor.stats()["bus"]["role"] == "relay", 10, "takeover")
+        async with the_role_held_by_the_test(database, redis, stream, survivor):
+            a.commit()  # no relay LISTENs now: only a backfill can find A
     assert (await client.message(timeout=10)).json["data"]["id"] == str(id_a)
     later = database.insert(session_id, "C")
     assert (await client.message(timeout=10)).json["data"]["id"] == str(later)  # not A again
@@ -414,10 +410,7 @@ async def test_a_takeover_backfills_in_notify_mode_and_reads_only_the_slot_in_wa
     in order."""
     stream = f"test:{uuid.uuid4().hex[:8]}"
     brokers = [on_bus(start_broker, redis, stream) for _ in range(2)]
-    brokers[0].wait_until(
-        lambda: any(b.stats()["bus"]["role"] == "relay" for b in brokers), 20, "a relay"
-    )
-    relay = next(b for b in brokers if b.stats()["bus"]["role"] == "relay")
+    relay = the_relay(brokers)
     survivor = next(b for b in brokers if b is not relay)
     client = await connected(await SSEClient.open(survivor.port, params={"sessionId": session_id}))
     before = [database.insert(session_id, f"before {i}") for i in range(3)]
@@ -425,17 +418,8 @@ async def test_a_takeover_backfills_in_notify_mode_and_reads_only_the_slot_in_wa
         assert (await client.message(timeout=10)).id == str(row)
     assert relay.process is not None
     relay.process.kill()
-    took = "SELECT pg_try_advisory_lock(%s, hashtext(%s))"
-    name = lock_name(stream, await bus_identity(redis, stream))
-    with database.connect() as lock:
-        survivor.wait_until(
-            lambda: lock.execute(took, (LOCK_CLASS, name)).fetchone() == (True,),
-            10,
-            "the dead relay's lock, for the test",
-        )
+    async with the_role_held_by_the_test(database, redis, stream, survivor):
         meanwhile = [database.insert(session_id, f"meanwhile {i}") for i in range(3)]
-        lock.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (LOCK_CLASS, name))
-        survivor.wait_until(lambda: survivor.stats()["bus"]["role"] == "relay", 10, "takeover")
     after = database.insert(session_id, "after")
     got = [int((await client.message(timeout=10)).id or 0) for _ in range(4)]
     assert got == [*meanwhile, after]
@@ -460,10 +444,7 @@ async def test_the_relay_backfills_and_a_follower_delivers_within_a_second_of_po
     connections (the listener's bound without a bus, test_recovery)."""
     stream = f"test:{uuid.uuid4().hex[:8]}"
     brokers = [on_bus(start_broker, redis, stream) for _ in range(2)]
-    brokers[0].wait_until(
-        lambda: any(b.stats()["bus"]["role"] == "relay" for b in brokers), 20, "a relay"
-    )
-    follower = next(b for b in brokers if b.stats()["bus"]["role"] == "follower")
+    follower = next(b for b in brokers if b is not the_relay(brokers))
     client = await connected(await SSEClient.open(follower.port, params={"sessionId": session_id}))
     first = database.insert(session_id, "before")
     assert (await client.message(timeout=10)).id == str(first)

@@ -25,7 +25,7 @@ from broker.signing import SIGNATURE_CHARS
 from tests.support.database import Database
 from tests.support.nginx import ClusterScript, require_nginx
 from tests.support.processes import BrokerProcess, consecutive_free_ports, free_port, http_json
-from tests.support.redis import RedisServer, available, bus_identity
+from tests.support.redis import RedisServer, available, bus_identity, bus_role
 from tests.support.sse import SSEClient, connected
 
 
@@ -61,10 +61,6 @@ def newest_row(check: redis_client.Redis, stream: str) -> int | None:
     newest = check.xrevrange(stream, count=1)
     # An entry's row is its payload after the signature (broker.signing).
     return int(orjson.loads(newest[0][1][b"row"][SIGNATURE_CHARS:])["id"]) if newest else None
-
-
-def role(broker: BrokerProcess) -> str:
-    return str(broker.stats()["bus"]["role"])
 
 
 async def delivers_and_refuses(
@@ -153,11 +149,11 @@ async def test_a_starting_broker_reads_a_stream_of_large_rows_in_bounded_memory(
     finally:
         check.close()
     second = start_broker(**env)
-    assert role(second) == "follower"
+    assert bus_role(second) == "follower"
     started = peak_rss_mib(second)
     first.stop()
     second.wait_until(
-        lambda: role(second) == "relay" and second.stats()["bus"]["lastId"] is not None,
+        lambda: bus_role(second) == "relay" and second.stats()["bus"]["lastId"] is not None,
         30,
         "the second broker relaying",
     )
@@ -182,8 +178,10 @@ async def test_a_follower_stopped_while_the_stream_is_trimmed_past_it_loses_no_r
         "BROKER_BUS_MAX_BYTES": str(budget),
     }
     brokers = [start_broker(**env) for _ in range(2)]
-    brokers[0].wait_until(lambda: sorted(map(role, brokers)) == ["follower", "relay"], 20, "roles")
-    follower = next(b for b in brokers if role(b) == "follower")
+    brokers[0].wait_until(
+        lambda: sorted(map(bus_role, brokers)) == ["follower", "relay"], 20, "roles"
+    )
+    follower = next(b for b in brokers if bus_role(b) == "follower")
     client = await connected(await SSEClient.open(follower.port, params={"sessionId": session_id}))
     before = database.insert(session_id, "before")
     assert (await client.message(timeout=10)).json["data"]["id"] == str(before)
@@ -240,9 +238,9 @@ async def test_a_stopped_relay_is_noticed_within_5s_and_replaced(
     stream = f"test:{uuid.uuid4().hex[:8]}"
     brokers = [start_broker(BROKER_BUS_URL=redis.url, BROKER_BUS_STREAM=stream) for _ in range(3)]
     brokers[0].wait_until(
-        lambda: sorted(map(role, brokers)) == ["follower", "follower", "relay"], 20, "roles"
+        lambda: sorted(map(bus_role, brokers)) == ["follower", "follower", "relay"], 20, "roles"
     )
-    relay = next(b for b in brokers if role(b) == "relay")
+    relay = next(b for b in brokers if bus_role(b) == "relay")
     others = [b for b in brokers if b is not relay]
     client = await connected(await SSEClient.open(others[0].port, params={"sessionId": session_id}))
     relay.signal(signal.SIGSTOP)
@@ -252,7 +250,7 @@ async def test_a_stopped_relay_is_noticed_within_5s_and_replaced(
         for broker in others:
             broker.wait_until(lambda b=broker: b.get("/readyz")[0] == 503, 8, "readyz 503")
         noticed = time.monotonic() - stopped
-        others[0].wait_until(lambda: "relay" in map(role, others), 20, "a takeover")
+        others[0].wait_until(lambda: "relay" in map(bus_role, others), 20, "a takeover")
         took_over = time.monotonic() - stopped
         assert (await client.message(timeout=15)).json["data"]["id"] == str(during)
         after = database.insert(session_id, "after the takeover")
@@ -260,7 +258,7 @@ async def test_a_stopped_relay_is_noticed_within_5s_and_replaced(
     finally:
         relay.signal(signal.SIGCONT)
     await client.close()
-    relay.wait_until(lambda: role(relay) == "follower" and relay.ready(), 20, "old relay back")
+    relay.wait_until(lambda: bus_role(relay) == "follower" and relay.ready(), 20, "old relay back")
     for broker in others:
         broker.wait_until(broker.ready, 10, "ready")
     print(f"\nstopped relay noticed after {noticed:.2f} s, replaced after {took_over:.2f} s")
@@ -286,7 +284,7 @@ async def test_two_redis_servers_on_one_database_each_elect_a_relay(
         for server in (redis, second_redis)
     ]
     for broker in brokers:
-        broker.wait_until(lambda b=broker: role(b) == "relay", 15, "its own relay")
+        broker.wait_until(lambda b=broker: bus_role(b) == "relay", 15, "its own relay")
     clients = [
         await connected(await SSEClient.open(b.port, params={"sessionId": session_id}))
         for b in brokers
@@ -372,4 +370,4 @@ async def test_a_stale_relay_of_another_role_is_reported_not_terminated(
         assert not broker.ready()
         events = [e["event"] for e in broker.log_events()]
         assert events.count("takeover_refused") == 1
-    broker.wait_until(lambda: role(broker) == "relay" and broker.ready(), 15, "the role")
+    broker.wait_until(lambda: bus_role(broker) == "relay" and broker.ready(), 15, "the role")

@@ -27,7 +27,7 @@ from tests.support.database import Database, invalidate_slots, stored_ids
 from tests.support.feeds import ORDERS_TABLE, scratch_database, write_config
 from tests.support.pgproxy import PostgresProxy
 from tests.support.processes import BrokerProcess
-from tests.support.redis import RedisServer
+from tests.support.redis import RedisServer, on_bus, the_relay
 from tests.support.sse import SSEClient, connected, subscribe
 from tests.support.writers import Writer
 
@@ -57,6 +57,27 @@ async def read_ids(client: SSEClient, last: int, timeout: float = 20.0) -> list[
     return [int(e.id) for e in events if e.id is not None and e.type == "message"]
 
 
+async def killed_while_writing(
+    reader: BrokerProcess,
+    next_reader: BrokerProcess,
+    reading: Callable[[], bool],
+    database: Database,
+    session_id: str,
+) -> float:
+    """`reader` killed with -9 while a writer commits 100 rows/s; the seconds until
+    `next_reader` is `reading`. The writer stops once rows committed after the takeover."""
+    writer = Writer(database, session_id, rate=100)
+    writer.start()
+    reader.wait_until(lambda: writer.committed > 30, 10, "rows written")
+    reader.signal(signal.SIGKILL)
+    killed = time.monotonic()
+    await asyncio.to_thread(next_reader.wait_until, reading, 15, "the next reader reading")
+    replaced = time.monotonic() - killed
+    next_reader.wait_until(lambda: writer.committed > 200, 10, "rows after the takeover")
+    writer.stop()
+    return replaced
+
+
 async def test_one_reader_per_database_and_a_killed_one_is_replaced_within_5s(
     start_broker: Callable[..., BrokerProcess], database: Database, session_id: str
 ) -> None:
@@ -78,15 +99,7 @@ async def test_one_reader_per_database_and_a_killed_one_is_replaced_within_5s(
     assert "pgsse_capture_slot_lag_bytes " in metrics
     assert "pgsse_capture_slot_lag_seconds " in metrics
 
-    writer = Writer(database, session_id, rate=100)
-    writer.start()
-    first.wait_until(lambda: writer.committed > 30, 10, "rows written")
-    first.signal(signal.SIGKILL)
-    killed = time.monotonic()
-    await asyncio.to_thread(second.wait_until, second.ready, 15, "second broker reading")
-    replaced = time.monotonic() - killed
-    second.wait_until(lambda: writer.committed > 200, 10, "rows after the takeover")
-    writer.stop()
+    replaced = await killed_while_writing(first, second, second.ready, database, session_id)
     print(f"\nreader replaced {replaced:.2f}s after kill -9")
     assert replaced < REPLACED_WITHIN
     expected = stored_ids(database, session_id)
@@ -172,26 +185,20 @@ async def test_on_the_bus_the_relay_reads_the_slot_and_a_killed_one_is_replaced(
     session_id: str,
 ) -> None:
     stream = f"test:{uuid.uuid4().hex[:8]}"
-    brokers = [start_broker(BROKER_BUS_URL=redis.url, BROKER_BUS_STREAM=stream) for _ in range(2)]
-    brokers[0].wait_until(
-        lambda: sorted(str(b.stats()["bus"]["role"]) for b in brokers) == ["follower", "relay"],
-        20,
-        "one relay",
-    )
-    relay, follower = sorted(brokers, key=lambda b: b.stats()["bus"]["role"] != "relay")
+    brokers = [on_bus(start_broker, redis, stream) for _ in range(2)]
+    relay = the_relay(brokers)
+    follower = next(b for b in brokers if b is not relay)
     assert relay.stats()["capture"]["reader"] == "self"
     follower.wait_until(lambda: follower.stats()["capture"]["reader"] == "other", 5, "sampled")
     client = await SSEClient.open(follower.port, params={"sessionId": session_id})
     await connected(client)
-    writer = Writer(database, session_id, rate=100)
-    writer.start()
-    follower.wait_until(lambda: writer.committed > 30, 10, "rows written")
-    relay.signal(signal.SIGKILL)
-    killed = time.monotonic()
-    follower.wait_until(lambda: follower.stats()["capture"]["reader"] == "self", 15, "takeover")
-    replaced = time.monotonic() - killed
-    follower.wait_until(lambda: writer.committed > 200, 10, "rows after the takeover")
-    writer.stop()
+    replaced = await killed_while_writing(
+        relay,
+        follower,
+        lambda: follower.stats()["capture"]["reader"] == "self",
+        database,
+        session_id,
+    )
     print(f"\nrelay and reader replaced {replaced:.2f}s after kill -9")
     assert replaced < REPLACED_WITHIN
     expected = stored_ids(database, session_id)

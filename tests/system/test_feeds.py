@@ -27,7 +27,7 @@ from tests.support.database import Database
 from tests.support.exposition import values
 from tests.support.feeds import ORDERS_TABLE, Scratch, migrated, write_config
 from tests.support.processes import BrokerProcess, free_port
-from tests.support.redis import RedisServer
+from tests.support.redis import RedisServer, bus_role
 from tests.support.sse import SSEClient, SSEEvent
 
 CONFIG = """
@@ -346,7 +346,7 @@ async def test_on_a_bus_changes_reach_every_broker_resume_anywhere_and_survive_t
     }
     brokers = [start_broker(**env) for _ in range(2)]
     brokers[0].wait_until(
-        lambda: sorted(str(b.stats()["bus"]["role"]) for b in brokers) == ["follower", "relay"],
+        lambda: sorted(bus_role(b) for b in brokers) == ["follower", "relay"],
         20,
         "one relay",
     )
@@ -362,7 +362,7 @@ async def test_on_a_bus_changes_reach_every_broker_resume_anywhere_and_survive_t
     resumed = await stream(brokers[1], {"Last-Event-ID": seen[0].id or ""}, customer_id="42")
     assert [e.id for e in await changes(resumed, 2)] == [e.id for e in seen[1:]]
 
-    relay = next(b for b in brokers if b.stats()["bus"]["role"] == "relay")
+    relay = next(b for b in brokers if bus_role(b) == "relay")
     survivor = next(b for b in brokers if b is not relay)
     watcher = await stream(survivor, customer_id="42")
     assert relay.process is not None
@@ -371,7 +371,7 @@ async def test_on_a_bus_changes_reach_every_broker_resume_anywhere_and_survive_t
     meanwhile = insert(scratch, "42", "open")
     got = await changes(watcher, 1, timeout=20)
     assert summary(got) == [("insert", meanwhile, None)]
-    survivor.wait_until(lambda: survivor.stats()["bus"]["role"] == "relay", 20, "a new relay")
+    survivor.wait_until(lambda: bus_role(survivor) == "relay", 20, "a new relay")
     after = insert(scratch, "42", "open")
     assert summary(await changes(watcher, 1)) == [("insert", after, None)]
 

@@ -23,7 +23,7 @@ from broker.database import migrate
 from broker.signing import RowKey
 from tests.support.database import Database
 from tests.support.processes import BrokerProcess
-from tests.support.redis import RedisServer
+from tests.support.redis import RedisServer, bus_role, on_bus, the_relay
 from tests.support.sse import SSEClient, SSEEvent
 
 INTRUDER = "pgsse_intruder"
@@ -185,7 +185,7 @@ async def test_ids_reused_after_a_restart_identity_reach_their_own_session_only(
     if feed == "bus":
         redis: RedisServer = request.getfixturevalue("redis")
         broker = on_bus(start_broker, redis, f"test:{uuid.uuid4().hex[:8]}")
-        broker.wait_until(lambda: broker.stats()["bus"]["role"] == "relay", 20, "the relay")
+        broker.wait_until(lambda: bus_role(broker) == "relay", 20, "the relay")
     else:
         broker = start_broker()
     victim = f"{session_id}-b"
@@ -235,12 +235,6 @@ def database_insert(conn: psycopg.Connection[Any], session: str, content: str) -
 # Bus entries are signed and name their database ---------------------------------------------
 
 
-def on_bus(
-    start_broker: Callable[..., BrokerProcess], redis: RedisServer, stream: str, **env: str
-) -> BrokerProcess:
-    return start_broker(BROKER_BUS_URL=redis.url, BROKER_BUS_STREAM=stream, **env)
-
-
 def log_count(broker: BrokerProcess, event: str) -> int:
     return sum(1 for e in broker.log_events() if e["event"] == event)
 
@@ -257,7 +251,7 @@ async def test_forged_and_malformed_bus_entries_are_refused_and_passed(
     put the reader in a hot loop (thousands of log lines a second)."""
     stream = f"test:{uuid.uuid4().hex[:8]}"
     broker = on_bus(start_broker, redis, stream)
-    broker.wait_until(lambda: broker.stats()["bus"]["role"] == "relay", 20, "the relay")
+    broker.wait_until(lambda: bus_role(broker) == "relay", 20, "the relay")
     victim = f"{session_id}-b"
     mine = await opened(broker.port, session_id)
     theirs = await opened(broker.port, victim)
@@ -300,9 +294,7 @@ async def test_an_entry_with_the_largest_stream_id_is_recovered_from(
     Before the fix nothing was delivered again on any broker, even after DEL of the stream."""
     stream = f"test:{uuid.uuid4().hex[:8]}"
     brokers = [on_bus(start_broker, redis, stream) for _ in range(2)]
-    brokers[0].wait_until(
-        lambda: any(b.stats()["bus"]["role"] == "relay" for b in brokers), 20, "a relay"
-    )
+    the_relay(brokers)
     clients = [await opened(b.port, session_id) for b in brokers]
     before = database.insert(session_id, "before")
     for client in clients:
@@ -338,7 +330,7 @@ async def test_two_databases_sharing_a_stream_do_not_deliver_each_others_rows(
     ours = on_bus(start_broker, redis, stream)
     theirs = on_bus(start_broker, redis, stream, DATABASE_URL=other_url)
     for broker in (ours, theirs):
-        broker.wait_until(lambda b=broker: b.stats()["bus"]["role"] == "relay", 20, "relays")
+        broker.wait_until(lambda b=broker: bus_role(b) == "relay", 20, "relays")
     our_client = await opened(ours.port, session_id)
     their_client = await opened(theirs.port, session_id)
     with psycopg.connect(other_url, autocommit=True) as conn:
