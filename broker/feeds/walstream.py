@@ -14,14 +14,25 @@ confirming loses nothing and the next one gets the batch again. Unlike `SlotRead
 not confirmed does not come again on the same stream. While nothing is outstanding, the
 position follows the server's keepalives, so others' WAL never holds the slot back; up to
 `idle_limit` when one is set (the relay: the slot is never past what the bus holds).
+
+**The loop watches a descriptor of its own.** libpq closes its socket inside whichever call
+reads the end of the connection (`consume_input`, and `flush` when a write fails), and the
+number is free for the next socket at once. A reader left on that number watches someone
+else's socket, and under uvloop the next change to it aborts the process: libuv's
+`epoll_ctl` fails on a descriptor the kernel forgot, and libuv calls abort() (seen in CI:
+the walsender terminated 50 times a second, the broker died with SIGABRT). So the stream
+watches a `dup` of the socket that it closes only after the reader is gone, and stops
+watching as soon as a call fails or leaves the connection bad.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
+import os
 import struct
 from collections import deque
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -62,6 +73,8 @@ class SlotStream:
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._pgconn: pq.abc.PGconn | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._fd = -1  # the loop's descriptor: a dup of the socket, closed after the reader
+        self._watching = False
         self._done: deque[Transaction] = deque()  # received, not yet returned
         self._receiving = False  # between a transaction's Begin and its Commit
         self._waiter: asyncio.Future[None] | None = None
@@ -93,7 +106,10 @@ class SlotStream:
         try:
             await self._start()
         except BaseException:
-            await self._conn.close()
+            try:
+                await self._conn.close()
+            finally:
+                self._close_descriptor()
             raise
         return self
 
@@ -107,31 +123,58 @@ class SlotStream:
         ).format(sql.Identifier(self._slot), sql.Literal(PUBLICATION))
         pgconn.send_query(command.as_bytes(self._conn))
         self._loop = asyncio.get_running_loop()
-        fd = pgconn.socket
+        self._fd = os.dup(pgconn.socket)
         started: asyncio.Future[None] = self._loop.create_future()
-        self._loop.add_reader(fd, self._on_starting, started)
+        self._watch(self._on_starting, started)
         try:
             self._on_starting(started)
             await started
         finally:
-            self._loop.remove_reader(fd)
-        self._loop.add_reader(fd, self._on_readable)
+            self._unwatch()
+        self._watch(self._on_readable)
         self._on_readable()  # what libpq read with the answer is in its buffer, not the socket
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._loop is not None and self._pgconn is not None:
-            self._loop.remove_reader(self._pgconn.socket)
-            if self._error is None:  # the last status first, then the end of the copy
-                try:
-                    self._send_status()
-                    self._pgconn.put_copy_end()
-                    self._pgconn.flush()
-                except psycopg.Error:
-                    pass  # the connection is gone: the server keeps what it was told
-        if self._conn is not None:
-            await self._conn.close()
+        self._unwatch()
+        if self._pgconn is not None and self._error is None:
+            try:  # the last status first, then the end of the copy
+                self._send_status()
+                self._pgconn.put_copy_end()
+                self._pgconn.flush()
+            except psycopg.Error:
+                pass  # the connection is gone: the server keeps what it was told
+        try:
+            if self._conn is not None:
+                await self._conn.close()
+        finally:
+            self._close_descriptor()
+
+    def _watch(self, callback: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        self._loop.add_reader(self._fd, callback, *args)
+        self._watching = True
+
+    def _unwatch(self) -> None:
+        if self._watching:
+            assert self._loop is not None
+            self._watching = False
+            self._loop.remove_reader(self._fd)
+
+    def _close_descriptor(self) -> None:
+        self._unwatch()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _fail(self, exc: psycopg.Error) -> None:
+        """The connection failed: no more reading, and `next()` raises `exc`."""
+        self._error = exc
+        self._unwatch()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _on_starting(self, started: asyncio.Future[None]) -> None:
         """Wait for START_REPLICATION's answer: copy-both, or the error."""
@@ -141,6 +184,7 @@ class SlotStream:
         try:
             self._pgconn.consume_input()
         except psycopg.Error as exc:  # the server went while starting
+            self._unwatch()
             started.set_exception(exc)
             return
         if self._pgconn.is_busy():
@@ -213,11 +257,10 @@ class SlotStream:
                     )
                 self._on_message(bytes(data))
         except psycopg.Error as exc:
-            self._error = exc
-            assert self._loop is not None
-            self._loop.remove_reader(pgconn.socket)
+            self._fail(exc)
+            return
         waiter = self._waiter
-        if waiter is not None and not waiter.done() and (self._done or self._error is not None):
+        if waiter is not None and not waiter.done() and self._done:
             waiter.set_result(None)
 
     def _on_message(self, data: bytes) -> None:
@@ -253,5 +296,12 @@ class SlotStream:
         now = datetime.datetime.now(datetime.UTC) - PG_EPOCH
         micros = (now.days * 86_400 + now.seconds) * 1_000_000 + now.microseconds
         lsn = self._confirmed
-        pgconn.put_copy_data(b"r" + struct.pack(">QQQqB", lsn, lsn, lsn, micros, 0))
-        pgconn.flush()
+        try:
+            pgconn.put_copy_data(b"r" + struct.pack(">QQQqB", lsn, lsn, lsn, micros, 0))
+            pgconn.flush()
+            if pgconn.status == pq.ConnStatus.BAD:  # a failed write can end it quietly
+                raise psycopg.OperationalError("the replication connection was lost")
+        except psycopg.Error as exc:
+            if self._error is None:
+                self._fail(exc)
+            raise

@@ -10,7 +10,6 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -121,7 +120,7 @@ async def test_changes_committed_while_it_is_down_are_backfilled_once_in_order(
     with migrated(database, tmp_path, ORDERS_TABLE, ORDERS_CONFIG) as (scratch, config):
         with psycopg.connect(scratch.url) as conn:
             declared = load(conn, config)
-        through_proxy = urlunsplit(urlsplit(pgproxy.url)._replace(path=urlsplit(scratch.url).path))
+        through_proxy = pgproxy.to(scratch.url)
         hub = Hub(max_subscribers=10, queue_size=100)
         feeds = FeedSet(hub, declared)
         orders = feeds.get("orders")

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import psycopg
 import pytest
 
 from broker import slots
@@ -26,6 +27,7 @@ from broker.feeds.wal import Item, SlotReader, iso_utc, slot_lag
 from broker.feeds.walstream import SlotStream
 from broker.store import DEFAULT_MAX_ROW_BYTES, Store
 from tests.support.database import Database, invalidate_slots
+from tests.support.pgproxy import PostgresProxy
 from tests.support.wal import WalDatabase
 
 TIMEOUT = 10.0
@@ -219,6 +221,31 @@ async def test_a_second_stream_on_the_slot_is_busy(waldb: WalDatabase) -> None:
         with pytest.raises(slots.SlotBusy, match="another session"):
             async with SlotStream(waldb.url, waldb.slot):
                 pass
+
+
+async def test_a_stream_cut_off_without_a_word_fails_at_once(
+    waldb: WalDatabase, pgproxy: PostgresProxy
+) -> None:
+    """The connection ends with no error message before it (a network path or a proxy gone):
+    libpq closes its socket as it reads the end, and `next()` raises at once. It hung: the
+    reader's callback asked libpq for the closed socket's number, failed, and left the reader
+    on that number (under uvloop that aborted the broker). A new stream reads on, from the
+    last confirmation the server got."""
+    url = pgproxy.to(waldb.url)
+    async with SlotStream(url, waldb.slot) as stream:
+        first = waldb.insert("s", "before the cut")
+        assert [row["id"] for row in await take(stream)] == [str(first)]
+        await stream.confirm()
+        assert pgproxy.cut() >= 1
+        with pytest.raises(psycopg.OperationalError):
+            await asyncio.wait_for(stream.next(), TIMEOUT)
+    after = waldb.insert("s", "after the cut")
+    async with open_reader(waldb, "stream") as reader:
+        ids: list[str] = []
+        while str(after) not in ids:
+            ids += [row["id"] for row in await take(reader)]
+    # The first row again too, when the cut beat the confirmation to the server.
+    assert ids in ([str(after)], [str(first), str(after)])
 
 
 def test_migrate_is_idempotent_and_drop_capture_restores_notify(waldb: WalDatabase) -> None:

@@ -4,7 +4,9 @@ The broker's listening connection announces itself as `application_name=pgsse-li
 startup packet; the pool's connections do not. While `listener_blocked` is set the proxy closes
 every listener connection right after reading that packet, and forwards all others, so a test
 can hold a broker with a working pool and no listener: before its first LISTEN, or during an
-outage of the listener alone. Everything else is real: PostgreSQL, the broker, the bytes.
+outage of the listener alone. `cut()` closes every connection it forwards without a word from
+PostgreSQL, as a failed network path or a proxy's crash would. Everything else is real:
+PostgreSQL, the broker, the bytes.
 
 The proxy runs its own event loop in a thread, so tests that block theirs (sync psycopg,
 `BrokerProcess.wait_until`) never stall the broker's queries.
@@ -17,6 +19,7 @@ import contextlib
 import struct
 import threading
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from broker.feeds.listener import APPLICATION_NAME
 
@@ -34,6 +37,7 @@ class PostgresProxy:
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
+        self._forwarded: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
     @property
@@ -43,6 +47,10 @@ class PostgresProxy:
             f"postgresql://postgres@127.0.0.1:{self.port}/{self.dbname}"
             "?sslmode=disable&gssencmode=disable"
         )
+
+    def to(self, url: str) -> str:
+        """The proxy's URL for the database `url` names."""
+        return urlunsplit(urlsplit(self.url)._replace(path=urlsplit(url).path))
 
     def start(self) -> PostgresProxy:
         self._thread.start()
@@ -66,6 +74,19 @@ class PostgresProxy:
             self._thread.join(10)
         self._loop.close()
 
+    def cut(self) -> int:
+        """Close every forwarded connection at once, both ends; how many there were. The
+        client reads the end of its stream with no error message before it."""
+
+        async def cut() -> int:
+            forwarded = list(self._forwarded)
+            for client, upstream in forwarded:
+                client.transport.abort()
+                upstream.transport.abort()
+            return len(forwarded)
+
+        return asyncio.run_coroutine_threadsafe(cut(), self._loop).result(10)
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await reader.readexactly(4)
@@ -79,7 +100,12 @@ class PostgresProxy:
             writer.close()
             return
         up_writer.write(packet)
-        await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
+        pair = (writer, up_writer)
+        self._forwarded.add(pair)
+        try:
+            await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
+        finally:
+            self._forwarded.discard(pair)
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

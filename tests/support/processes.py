@@ -72,7 +72,16 @@ class BrokerProcess:
             return False
 
     def get(self, path: str) -> tuple[int, dict[str, Any]]:
-        return http_json(self.base_url + path)
+        """GET `path`; a refused connection from a broker that has exited says so, with its
+        log (a dead broker is the finding, not the socket error)."""
+        try:
+            return http_json(self.base_url + path)
+        except OSError:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(
+                    f"broker exited {self.process.returncode}:\n{self.log()}"
+                ) from None
+            raise
 
     def stats(self) -> dict[str, Any]:
         status, body = self.get("/api/sse/stats")
