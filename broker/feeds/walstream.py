@@ -21,8 +21,9 @@ number is free for the next socket at once. A reader left on that number watches
 else's socket, and under uvloop the next change to it aborts the process: libuv's
 `epoll_ctl` fails on a descriptor the kernel forgot, and libuv calls abort() (seen in CI:
 the walsender terminated 50 times a second, the broker died with SIGABRT). So the stream
-watches a `dup` of the socket that it closes only after the reader is gone, and stops
-watching as soon as a call fails or leaves the connection bad.
+watches a `dup` of the socket that it closes only after the reader is gone: libpq's close
+never reaches it. At the end of the connection the dup stays readable, so the first failed
+read stops the watch (`_fail`).
 """
 
 from __future__ import annotations
@@ -74,7 +75,6 @@ class SlotStream:
         self._pgconn: pq.abc.PGconn | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fd = -1  # the loop's descriptor: a dup of the socket, closed after the reader
-        self._watching = False
         self._done: deque[Transaction] = deque()  # received, not yet returned
         self._receiving = False  # between a transaction's Begin and its Commit
         self._waiter: asyncio.Future[None] | None = None
@@ -137,7 +137,6 @@ class SlotStream:
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._unwatch()
         if self._pgconn is not None and self._error is None:
             try:  # the last status first, then the end of the copy
                 self._send_status()
@@ -154,12 +153,9 @@ class SlotStream:
     def _watch(self, callback: Callable[..., None], *args: Any) -> None:
         assert self._loop is not None
         self._loop.add_reader(self._fd, callback, *args)
-        self._watching = True
 
     def _unwatch(self) -> None:
-        if self._watching:
-            assert self._loop is not None
-            self._watching = False
+        if self._loop is not None and self._fd >= 0:
             self._loop.remove_reader(self._fd)
 
     def _close_descriptor(self) -> None:
@@ -184,7 +180,6 @@ class SlotStream:
         try:
             self._pgconn.consume_input()
         except psycopg.Error as exc:  # the server went while starting
-            self._unwatch()
             started.set_exception(exc)
             return
         if self._pgconn.is_busy():
@@ -296,12 +291,5 @@ class SlotStream:
         now = datetime.datetime.now(datetime.UTC) - PG_EPOCH
         micros = (now.days * 86_400 + now.seconds) * 1_000_000 + now.microseconds
         lsn = self._confirmed
-        try:
-            pgconn.put_copy_data(b"r" + struct.pack(">QQQqB", lsn, lsn, lsn, micros, 0))
-            pgconn.flush()
-            if pgconn.status == pq.ConnStatus.BAD:  # a failed write can end it quietly
-                raise psycopg.OperationalError("the replication connection was lost")
-        except psycopg.Error as exc:
-            if self._error is None:
-                self._fail(exc)
-            raise
+        pgconn.put_copy_data(b"r" + struct.pack(">QQQqB", lsn, lsn, lsn, micros, 0))
+        pgconn.flush()
