@@ -206,9 +206,17 @@ class ClusterScript:
             try:
                 self.process.wait(30)
             except subprocess.TimeoutExpired:
+                alive = subprocess.run(
+                    ["ps", "-o", "pid,stat,etime,args", "-s", str(self.process.pid)],
+                    capture_output=True,
+                    text=True,
+                ).stdout
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(5)
-                raise
+                raise TimeoutError(
+                    f"cluster.sh still running 30 s after SIGTERM; its processes:\n{alive}\n"
+                    f"{self.run_report()}"
+                ) from None
         return self.process.returncode
 
     def output(self) -> str:
